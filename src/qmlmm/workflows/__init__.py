@@ -1,0 +1,1 @@
+"""Workflows: parallel labelling, end-to-end recipes."""

@@ -1,0 +1,139 @@
+"""QM/MM engines (PySCF DFT, GFN2-xTB): real tiny calculations, forces vs finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import central_difference, cluster_frame, water_shell
+from qmlmm.engines import label_frame, make_engine, parse_spec
+from qmlmm.environment import EmbeddingSettings
+from qmlmm.errors import InputError, SCFNotConvergedError
+
+# tight settings so that finite differences resolve the analytic forces
+SPECS = {
+    "dft": ("dft:pbe/sto-3g,conv=1e-11", 1e-4, 0.5),  # spec, FD step (nm), QM-force tolerance (kJ/mol/nm)
+    "xtb": ("xtb:gfn2,acc=0.0001", 1e-4, 0.05),
+}
+
+
+@pytest.fixture(scope="module")
+def shell() -> tuple[np.ndarray, ...]:
+    return water_shell("water", n_waters=3, radius=0.3, seed=4)
+
+
+@pytest.mark.parametrize("name", ["dft", "xtb"])
+def test_forces_equal_minus_finite_differences(name: str, shell: tuple[np.ndarray, ...]) -> None:
+    spec, h, tol_qm = SPECS[name]
+    eng = make_engine(spec)
+    z, p, mm, q, zn = shell
+    res = eng.compute(z, p, mm, q, mm_numbers=zn)
+    assert res.qm_forces.shape == (3, 3) and res.mm_forces.shape == mm.shape
+
+    def e_qm(x: np.ndarray) -> float:
+        return eng.compute(z, x, mm, q, mm_numbers=zn).energy
+
+    def e_mm(x: np.ndarray) -> float:
+        return eng.compute(z, p, x, q, mm_numbers=zn).energy
+
+    f_qm = -central_difference(e_qm, p, h)
+    mm_sub = slice(0, 6)  # two waters suffice; the rest follow the same code path
+
+    def e_mm_sub(x: np.ndarray) -> float:
+        full = mm.copy()
+        full[mm_sub] = x
+        return e_mm(full)
+
+    f_mm = -central_difference(e_mm_sub, mm[mm_sub], h)
+    assert np.abs(f_qm - res.qm_forces).max() < tol_qm, (f_qm, res.qm_forces)
+    assert np.abs(f_mm - res.mm_forces[mm_sub]).max() < 2e-3 * max(1.0, np.abs(f_mm).max())
+    # the forces are not trivially small: the test can fail
+    assert np.abs(res.mm_forces).max() > 10.0
+    # Newton's third law for the whole QM+MM system (the DFT grid breaks it slightly)
+    net = res.qm_forces.sum(0) + res.mm_forces.sum(0)
+    assert np.abs(net).max() < (0.5 if name == "dft" else 1e-6)
+
+
+@pytest.mark.parametrize("name", ["dft", "xtb"])
+def test_energy_invariant_under_translation_and_wrapping(name: str) -> None:
+    eng = make_engine(SPECS[name][0])
+    fr = cluster_frame("water", n_waters=6, radius=0.35, seed=2, box=2.4)
+    s = EmbeddingSettings(cutoff=1.0)
+    ref, _ = label_frame(eng, fr, s)
+    moved = fr.copy()
+    moved.positions = (fr.positions + np.array([1.15, 0.7, 2.3])) % 2.4  # molecules split across faces
+    lab, _ = label_frame(eng, moved, s)
+    assert lab.energy == pytest.approx(ref.energy, abs=1e-4)  # kJ/mol; SCC convergence noise
+    assert np.allclose(lab.forces, ref.forces, atol=2e-3)
+
+
+def test_dft_potential_at_charges_is_dE_dq(shell: tuple[np.ndarray, ...]) -> None:
+    eng = make_engine(SPECS["dft"][0])
+    z, p, mm, q, zn = shell
+    res = eng.compute(z, p, mm, q, mm_numbers=zn, need_potential=True)
+    assert res.mm_potential is not None
+    dq = 1e-4
+    for j in (0, 4):
+        qp, qm = q.copy(), q.copy()
+        qp[j] += dq
+        qm[j] -= dq
+        fd = (eng.compute(z, p, mm, qp).energy - eng.compute(z, p, mm, qm).energy) / (2 * dq)
+        assert res.mm_potential[j] == pytest.approx(fd, abs=1e-3)
+
+
+def test_smooth_embedding_forces_with_dft() -> None:
+    """With switched charges the frame forces include the switching term: still -dE/dR."""
+    eng = make_engine(SPECS["dft"][0])
+    fr = cluster_frame("water", n_waters=5, radius=0.45, seed=3)
+    s = EmbeddingSettings(cutoff=0.55, switch_width=0.3)
+    lab, _ = label_frame(eng, fr, s)
+    from qmlmm.environment import select_embedding
+
+    emb = select_embedding(fr, s)
+    assert len(emb.switch_mm) >= 2  # molecules in the switching shell
+    atoms = [int(emb.mm_index[emb.switch_mm[0]]), int(emb.mm_index[emb.switch_mm[1]]), 0]
+    h = 1e-4
+    for a in atoms:
+        for k in range(3):
+            pos = fr.positions.copy()
+            pos[a, k] += h
+            fp = fr.copy()
+            fp.positions = pos
+            ep = label_frame(eng, fp, s)[0].energy
+            pos[a, k] -= 2 * h
+            fm = fr.copy()
+            fm.positions = pos
+            em = label_frame(eng, fm, s)[0].energy
+            assert -(ep - em) / (2 * h) == pytest.approx(lab.forces[a, k], abs=0.5)
+
+
+def test_scf_not_converged_raises(shell: tuple[np.ndarray, ...]) -> None:
+    z, p, mm, q, zn = shell
+    with pytest.raises(SCFNotConvergedError):
+        make_engine("dft:pbe/sto-3g,maxcycle=2,reuse=no").compute(z, p, mm, q)
+    with pytest.raises(SCFNotConvergedError):
+        make_engine("xtb:gfn2,maxiter=2").compute(z, p, mm, q, mm_numbers=zn)
+
+
+def test_bad_input_errors(shell: tuple[np.ndarray, ...]) -> None:
+    z, p, mm, q, _ = shell
+    with pytest.raises(InputError, match="impossible"):
+        make_engine("xtb:gfn2").compute(z, p, mm, q, charge=0, mult=2)
+    with pytest.raises(InputError, match="unknown engine family"):
+        parse_spec("mp2:cc-pvdz")
+    with pytest.raises(InputError, match="functional/basis"):
+        make_engine("dft:b3lyp")
+    with pytest.raises(InputError, match="unknown functional"):
+        make_engine("dft:notafunctional/sto-3g")
+    with pytest.raises(InputError, match="unknown xtb option"):
+        make_engine("xtb:gfn2,foo=1")
+    with pytest.raises(InputError, match="basis"):
+        make_engine("dft:pbe/no-such-basis").compute(z, p)
+
+
+def test_open_shell_dft_runs() -> None:
+    # OH radical: doublet, UKS
+    z = np.array([8, 1])
+    p = np.array([[0.0, 0.0, 0.0], [0.0571, 0.0571, 0.0571]])
+    res = make_engine("dft:pbe/sto-3g").compute(z, p, charge=0, mult=2)
+    assert np.isfinite(res.energy) and res.qm_forces.shape == (2, 3)
