@@ -1,0 +1,393 @@
+"""SCC-DFTB2 / DFTB3 with electrostatic embedding, batched over frames of one molecule (PyTorch).
+
+Energy (atomic units), with Mulliken populations q_A and dq_A = q_A - q0_A (excess electrons):
+
+    E = sum_{mu nu} P H0 + 1/2 sum_AB gamma_AB dq_A dq_B + 1/3 sum_AB Gamma_AB dq_A^2 dq_B
+        + E_rep - sum_A dq_A phi_A,        phi_A = sum_J Q_J / |R_A - R_J|
+
+The last term is the interaction of the net Mulliken charges (-dq) with the MM point charges by
+bare 1/r, which also enters the SCC Hamiltonian through the shifts (DFTB+ convention).
+
+Forces: after self-consistency, the gradient of the "force functional"
+
+    G(R) = sum P H0(R) - sum W S(R) + sum P S(R) (V_mu + V_nu)/2 + E2(R) + E3(R) + E_rep(R) + E_ext(R)
+
+with the density P, energy-weighted density W, shifts V and charges dq held fixed, equals the
+gradient of E (the SCC energy is variational in dq, and W accounts for the overlap's dependence
+on R). PyTorch autograd differentiates G once, giving forces on QM atoms, on MM charges, and
+dE/dQ_J (the potential at the charges) in one backward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qmlmm.engines.dftb.gamma import gamma_offdiag, third_order_offdiag
+from qmlmm.engines.dftb.parameters import DFTBParameters
+from qmlmm.engines.dftb.slater_koster import real_sh_rotations, sk_block
+from qmlmm.errors import InputError, SCFNotConvergedError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DFTBCalculator", "DFTBResult", "SCCOptions"]
+
+_FAR_BOHR = 1.0e6  # position of padding point charges (charge zero)
+
+
+@dataclass
+class SCCOptions:
+    """Self-consistent-charge settings.
+
+    Attributes:
+        tol: convergence when max |dq_out - dq_in| < tol (e) for every frame.
+        maxiter: iterations before SCFNotConvergedError.
+        mixing: Anderson (Pulay) mixing parameter.
+        history: number of previous iterations Anderson mixing uses.
+        reuse_charges: start from the previous call's converged charges (same number of frames).
+    """
+
+    tol: float = 1e-8
+    maxiter: int = 200
+    mixing: float = 0.4
+    history: int = 8
+    reuse_charges: bool = True
+
+
+@dataclass
+class DFTBResult:
+    """Per-frame results in atomic units (Hartree, Bohr, e); leading dimension B (frames)."""
+
+    energy: torch.Tensor
+    gradient: torch.Tensor | None
+    mm_gradient: torch.Tensor | None
+    mm_potential: torch.Tensor | None
+    charges: torch.Tensor
+    iterations: int
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _BlockIndex:
+    """Scatter indices of one (species pair, shell pair) block type."""
+
+    za: int
+    zb: int
+    l1: int
+    l2: int
+    pairs: torch.Tensor  # (Pg,) indices into the pair list
+    rows: torch.Tensor  # (Pg * (2l1+1) * (2l2+1),)
+    cols: torch.Tensor
+
+
+class DFTBCalculator:
+    """DFTB2/DFTB3 for one molecule (fixed atoms and total charge), any number of frames."""
+
+    def __init__(self, params: DFTBParameters, numbers: Sequence[int], charge: int = 0,
+                 options: SCCOptions | None = None) -> None:
+        self.p = params
+        self.numbers = [int(z) for z in numbers]
+        self.opts = options or SCCOptions()
+        params.check_elements(self.numbers)
+        dev, dt = params.device, params.dtype
+        self.device, self.dtype = dev, dt
+        n = len(self.numbers)
+        self.n = n
+        sp = [params.species(z) for z in self.numbers]
+        norb = [s.n_orb for s in sp]
+        offs = [0]
+        for k in norb:
+            offs.append(offs[-1] + k)
+        self.n_orb = offs[-1]
+        self.atom_of_orb = torch.tensor([a for a in range(n) for _ in range(norb[a])], device=dev)
+        onsite = []
+        for s in sp:
+            for l in range(s.lmax + 1):
+                onsite += [s.onsite[l]] * (2 * l + 1)
+        self.onsite = torch.tensor(onsite, dtype=dt, device=dev)
+        self.U = torch.tensor([s.hubbard for s in sp], dtype=dt, device=dev)
+        self.Ud = torch.tensor([s.hubbard_deriv for s in sp], dtype=dt, device=dev)
+        self.q0 = torch.tensor([s.n_valence for s in sp], dtype=dt, device=dev)
+        self.is_h = torch.tensor([z == 1 for z in self.numbers], device=dev)
+        nel = float(self.q0.sum()) - charge
+        if abs(nel - round(nel)) > 1e-8 or round(nel) % 2 != 0 or nel <= 0:
+            raise InputError(f"DFTB engine is closed-shell only: charge {charge} leaves {nel:g} valence electrons")
+        self.charge = charge
+        self.n_occ = round(nel) // 2
+        if self.n_occ > self.n_orb:
+            raise InputError(f"charge {charge} needs {self.n_occ} occupied orbitals, the basis has {self.n_orb}")
+        # atom pairs, each once, ordered so that Z_i <= Z_j: fewer (element pair, shell pair) block types
+        ii, jj = torch.triu_indices(n, n, offset=1, device=dev)
+        zt = torch.tensor(self.numbers, device=dev)
+        swap = zt[ii] > zt[jj]
+        ii, jj = torch.where(swap, jj, ii), torch.where(swap, ii, jj)
+        self.pi, self.pj = ii, jj
+        self.blocks: list[_BlockIndex] = []
+        zi = [self.numbers[int(a)] for a in ii]
+        zj = [self.numbers[int(b)] for b in jj]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, (a, b) in enumerate(zip(zi, zj, strict=True)):
+            groups.setdefault((a, b), []).append(k)
+        self.groups = {key: torch.tensor(v, device=dev) for key, v in groups.items()}
+        for (za, zb), idx in self.groups.items():
+            la, lb = params.species(za).lmax, params.species(zb).lmax
+            oa = torch.tensor(offs[:-1], device=dev)[ii[idx]]
+            ob = torch.tensor(offs[:-1], device=dev)[jj[idx]]
+            sa = 0
+            for l1 in range(la + 1):
+                sb = 0
+                for l2 in range(lb + 1):
+                    r1 = oa[:, None] + sa + torch.arange(2 * l1 + 1, device=dev)[None, :]
+                    c2 = ob[:, None] + sb + torch.arange(2 * l2 + 1, device=dev)[None, :]
+                    rows = r1[:, :, None].expand(-1, -1, 2 * l2 + 1).reshape(-1)
+                    cols = c2[:, None, :].expand(-1, 2 * l1 + 1, -1).reshape(-1)
+                    self.blocks.append(_BlockIndex(za, zb, l1, l2, idx, rows, cols))
+                    sb += 2 * l2 + 1
+                sa += 2 * l1 + 1
+        self.hpair = (self.is_h[ii] | self.is_h[jj]) & (params.zeta is not None)
+        self._last_dq: dict[tuple[int, ...], torch.Tensor] = {}
+
+    # ---- geometry-dependent matrices ----------------------------------------------------------
+    def _matrices(self, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                  torch.Tensor]:
+        """H0, S (B, N, N), gamma, Gamma (B, n, n) and E_rep (B,) for positions R (B, n, 3) Bohr."""
+        B, n, N = R.shape[0], self.n, self.n_orb
+        d = R[:, self.pj] - R[:, self.pi]  # (B, P, 3), from i to j
+        r = torch.linalg.norm(d, dim=-1)
+        u = d / r.unsqueeze(-1)
+        lmax = max(b.l1 for b in self.blocks) if self.blocks else 0
+        lmax = max(lmax, max((b.l2 for b in self.blocks), default=0))
+        D = real_sh_rotations(u, lmax)
+        vals_h, vals_s, rows, cols = [], [], [], []
+        e_rep = torch.zeros(B, dtype=R.dtype, device=R.device)
+        cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
+        for (za, zb), idx in self.groups.items():
+            rg = r[:, idx]
+            v_ab = self.p.pair(za, zb).integrals(rg)
+            v_ba = v_ab if za == zb else self.p.pair(zb, za).integrals(rg)
+            cache[(za, zb)] = (v_ab, v_ba, [Dl[:, idx] for Dl in D])
+            e_rep = e_rep + self.p.pair(za, zb).repulsive(rg).sum(-1)
+        for blk in self.blocks:
+            v_ab, v_ba, Dg = cache[(blk.za, blk.zb)]
+            vals_h.append(sk_block(blk.l1, blk.l2, Dg, v_ab, v_ba, overlap=False).reshape(B, -1))
+            vals_s.append(sk_block(blk.l1, blk.l2, Dg, v_ab, v_ba, overlap=True).reshape(B, -1))
+            rows.append(blk.rows)
+            cols.append(blk.cols)
+        zeros = torch.zeros(B, N, N, dtype=R.dtype, device=R.device)
+        eye = torch.eye(N, dtype=R.dtype, device=R.device).expand(B, N, N)
+        if rows:
+            rr, cc = torch.cat(rows), torch.cat(cols)
+            bidx = torch.arange(B, device=R.device)[:, None]
+            hu = zeros.index_put((bidx, rr[None, :], cc[None, :]), torch.cat(vals_h, dim=1))
+            su = zeros.index_put((bidx, rr[None, :], cc[None, :]), torch.cat(vals_s, dim=1))
+        else:
+            hu = su = zeros
+        H0 = hu + hu.transpose(-1, -2) + torch.diag_embed(self.onsite).expand(B, N, N)
+        S = su + su.transpose(-1, -2) + eye
+        # charge kernels
+        ua, ub = self.U[self.pi], self.U[self.pj]
+        g = gamma_offdiag(r, ua, ub, self.hpair, self.p.zeta)  # (B, P)
+        gam = torch.zeros(B, n, n, dtype=R.dtype, device=R.device)
+        gam = _scatter_sym(gam, self.pi, self.pj, g)
+        gam = gam + torch.diag_embed(self.U).expand(B, n, n)
+        G3 = None
+        if self.p.third_order:
+            # both directions (Gamma_ij uses U^d_i, Gamma_ji uses U^d_j) in one evaluation
+            g2 = third_order_offdiag(torch.cat([r, r], -1), torch.cat([ua, ub]), torch.cat([ub, ua]),
+                                     torch.cat([self.Ud[self.pi], self.Ud[self.pj]]),
+                                     torch.cat([self.hpair, self.hpair]), self.p.zeta)
+            g_ij, g_ji = g2[..., : r.shape[-1]], g2[..., r.shape[-1]:]
+            G3 = torch.zeros(B, n, n, dtype=R.dtype, device=R.device)
+            bidx = torch.arange(B, device=R.device)[:, None]
+            G3 = G3.index_put((bidx, self.pi[None], self.pj[None]), g_ij)
+            G3 = G3.index_put((bidx, self.pj[None], self.pi[None]), g_ji)
+            G3 = G3 + torch.diag_embed(0.5 * self.Ud).expand(B, n, n)
+        return H0, S, gam, G3, e_rep
+
+    @staticmethod
+    def _potential(R: torch.Tensor, Rm: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+        """phi_A = sum_J Q_J / |R_A - R_J| (B, n)."""
+        if Rm.shape[1] == 0:
+            return torch.zeros(R.shape[:2], dtype=R.dtype, device=R.device)
+        dist = torch.cdist(R, Rm)
+        return (Q[:, None, :] / dist).sum(-1)
+
+    def _shifts(self, dq: torch.Tensor, gam: torch.Tensor, G3: torch.Tensor | None, phi: torch.Tensor
+                ) -> torch.Tensor:
+        V = torch.einsum("bij,bj->bi", gam, dq) - phi
+        if G3 is not None:
+            V = V + (2.0 * dq * torch.einsum("bij,bj->bi", G3, dq)
+                     + torch.einsum("bji,bj->bi", G3, dq * dq)) / 3.0
+        return V
+
+    def _solve(self, H0p: torch.Tensor, L: torch.Tensor, Linv: torch.Tensor, V: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Orbital energies (B, N), occupied coefficients C_occ (B, N, n_occ) and orbital Mulliken
+        populations (B, N) of H = H0 + S (V_mu + V_nu)/2, with S = L L^T.
+
+        In the orthogonal basis (X = L^-T): X^T H X = H0' + (A + A^T)/2 with A = L^-1 diag(V) L, one
+        matrix product per iteration; populations (P S)_mumu = 2 sum_k (L^-T C')_mu k (L C')_mu k.
+        """
+        Vo = V[:, self.atom_of_orb]
+        A = Linv @ (Vo[:, :, None] * L)
+        Hp = H0p + 0.5 * (A + A.transpose(-1, -2))
+        eps, Cp = torch.linalg.eigh(Hp)
+        Co = Cp[:, :, : self.n_occ]
+        C_occ = Linv.transpose(-1, -2) @ Co
+        pop = 2.0 * (C_occ * (L @ Co)).sum(-1)
+        return eps, C_occ, pop
+
+    def _charges(self, pop: torch.Tensor) -> torch.Tensor:
+        """dq (B, n): atomic Mulliken populations minus the neutral-atom valence electrons."""
+        q = torch.zeros(pop.shape[0], self.n, dtype=pop.dtype, device=pop.device).index_add_(1, self.atom_of_orb, pop)
+        return q - self.q0
+
+    # ---- main entry ---------------------------------------------------------------------------
+    def __call__(self, positions: torch.Tensor, mm_positions: torch.Tensor | None = None,
+                 mm_charges: torch.Tensor | None = None, forces: bool = True, potential: bool = False
+                 ) -> DFTBResult:
+        """Energies (and gradients) for frames.
+
+        Args:
+            positions: (B, n, 3) or (n, 3) QM positions in Bohr.
+            mm_positions: (B, m, 3) point-charge positions in Bohr (pad with charge 0 for ragged).
+            mm_charges: (B, m) charges in e.
+            forces: also compute gradients w.r.t. QM and MM positions.
+            potential: also compute dE/dQ_J (the potential at the charges, Hartree/e).
+        """
+        dt, dev = self.dtype, self.device
+        R = torch.as_tensor(positions, dtype=dt, device=dev)
+        single = R.dim() == 2
+        if single:
+            R = R.unsqueeze(0)
+        B = R.shape[0]
+        if R.shape[1:] != (self.n, 3):
+            raise InputError(f"positions have shape {tuple(R.shape)}, expected (B, {self.n}, 3)")
+        if mm_positions is None or mm_charges is None:
+            Rm = torch.zeros(B, 0, 3, dtype=dt, device=dev)
+            Q = torch.zeros(B, 0, dtype=dt, device=dev)
+        else:
+            Rm = torch.as_tensor(mm_positions, dtype=dt, device=dev).reshape(B, -1, 3)
+            Q = torch.as_tensor(mm_charges, dtype=dt, device=dev).reshape(B, -1)
+        need_grad = forces or potential
+        R = R.detach().requires_grad_(forces)
+        Rm = Rm.detach().requires_grad_(forces and Rm.shape[1] > 0)
+        Q = Q.detach().requires_grad_(potential and Q.shape[1] > 0)
+        with torch.set_grad_enabled(need_grad):
+            H0, S, gam, G3, e_rep = self._matrices(R)
+            phi = self._potential(R, Rm, Q)
+        G3d = None if G3 is None else G3.detach()
+        dq_in, eps, C_occ, dq, it = self._scc(H0.detach(), S.detach(), gam.detach(), G3d, phi.detach(),
+                                              key=self._guess_key(Rm))
+        with torch.no_grad():
+            # the last SCC diagonalisation (shifts of dq_in) is the final one; its Mulliken charges dq
+            # differ from dq_in by less than the tolerance, and the energy is evaluated with them (a
+            # functional of the density matrix P alone: errors quadratic in the tolerance)
+            V = self._shifts(dq_in, gam.detach(), G3d, phi.detach())
+            P = 2.0 * C_occ @ C_occ.transpose(-1, -2)
+            W = 2.0 * (C_occ * eps[:, None, : self.n_occ]) @ C_occ.transpose(-1, -2)
+            e_band = (P * H0.detach()).sum((-1, -2))
+            e2 = 0.5 * torch.einsum("bi,bij,bj->b", dq, gam.detach(), dq)
+            e3 = (torch.einsum("bi,bij,bj->b", dq * dq, G3.detach(), dq) / 3.0 if G3 is not None
+                  else torch.zeros_like(e2))
+            e_ext = -(dq * phi.detach()).sum(-1)
+            energy = e_band + e2 + e3 + e_rep.detach() + e_ext
+        grad = mm_grad = pot = None
+        if need_grad:
+            Vo = V[:, self.atom_of_orb]
+            G = ((P * H0).sum((-1, -2)) - (W * S).sum((-1, -2))
+                 + 0.5 * (P * S * (Vo[:, :, None] + Vo[:, None, :])).sum((-1, -2))
+                 + 0.5 * torch.einsum("bi,bij,bj->b", dq, gam, dq) + e_rep - (dq * phi).sum(-1))
+            if G3 is not None:
+                G = G + torch.einsum("bi,bij,bj->b", dq * dq, G3, dq) / 3.0
+            inputs = [t for t in (R, Rm, Q) if t.requires_grad]
+            grads = torch.autograd.grad(G.sum(), inputs, allow_unused=True)
+            gmap = {id(t): g for t, g in zip(inputs, grads, strict=True)}
+            grad = gmap.get(id(R))
+            mm_grad = gmap.get(id(Rm), torch.zeros_like(Rm)) if forces else None
+            pot = gmap.get(id(Q)) if potential else None
+            if forces and mm_grad is None:
+                mm_grad = torch.zeros_like(Rm)
+        res = DFTBResult(
+            energy=energy, gradient=grad, mm_gradient=mm_grad, mm_potential=pot, charges=-dq, iterations=it,
+            terms={"band": e_band, "scc2": e2, "scc3": e3, "rep": e_rep.detach(), "ext": e_ext},
+        )
+        return res
+
+    def _guess_key(self, Rm: torch.Tensor) -> tuple[int, ...]:
+        return (int(Rm.shape[0]),)
+
+    def _scc(self, H0: torch.Tensor, S: torch.Tensor, gam: torch.Tensor, G3: torch.Tensor | None,
+             phi: torch.Tensor, key: tuple[int, ...] = ()
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Self-consistent charges by Anderson mixing; raises SCFNotConvergedError.
+
+        Returns the converged input charges dq_in (B, n), the orbital energies (B, N) and occupied
+        coefficients (B, N, n_occ) of the Hamiltonian they define, its Mulliken charges dq (B, n)
+        and the iteration count. The previous call's charges (same number of frames) are the starting
+        guess when ``opts.reuse_charges`` (consecutive MD steps or frames).
+        """
+        B = H0.shape[0]
+        o = self.opts
+        L = torch.linalg.cholesky(S)
+        Linv = torch.linalg.solve_triangular(L, torch.eye(self.n_orb, dtype=S.dtype, device=S.device).expand_as(S),
+                                             upper=False)
+        H0p = Linv @ H0 @ Linv.transpose(-1, -2)
+        prev = self._last_dq.get(key) if o.reuse_charges else None
+        dq = prev.clone() if prev is not None else torch.zeros(B, self.n, dtype=S.dtype, device=S.device)
+        hist_x: list[torch.Tensor] = []
+        hist_f: list[torch.Tensor] = []
+        done = torch.zeros(B, dtype=torch.bool, device=S.device)
+        err = torch.full((B,), float("inf"), dtype=S.dtype, device=S.device)
+        keep: list[torch.Tensor] = []
+        for it in range(1, o.maxiter + 1):
+            V = self._shifts(dq, gam, G3, phi)
+            eps, C_occ, pop = self._solve(H0p, L, Linv, V)
+            dq_out = self._charges(pop)
+            f = dq_out - dq
+            err = f.abs().amax(-1)
+            newly = (err < o.tol) & ~done
+            # keep each frame's results from the iteration where it converged
+            now = [dq, eps, C_occ, dq_out]
+            if not keep:
+                keep = [t.clone() for t in now]
+            else:
+                keep = [torch.where(newly.view(-1, *([1] * (t.dim() - 1))), t, k_) for t, k_ in zip(now, keep, strict=True)]
+            done = done | newly
+            if bool(done.all()):
+                if o.reuse_charges:
+                    self._last_dq = {key: keep[0].detach().clone()}
+                return keep[0], keep[1], keep[2], keep[3], it
+            hist_x.append(dq)
+            hist_f.append(f)
+            hist_x, hist_f = hist_x[-o.history:], hist_f[-o.history:]
+            if len(hist_f) > 1:
+                F = torch.stack(hist_f, 1)  # (B, k, n)
+                X = torch.stack(hist_x, 1)
+                M = F @ F.transpose(-1, -2)
+                k = M.shape[-1]
+                reg = 1e-12 * torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) + 1e-300
+                M = M + reg[:, None, None] * torch.eye(k, dtype=M.dtype, device=M.device)
+                c, _ = torch.linalg.solve_ex(M, torch.ones(B, k, 1, dtype=M.dtype, device=M.device))
+                c = c[..., 0] / c[..., 0].sum(-1, keepdim=True)
+                new = torch.einsum("bk,bkn->bn", c, X + o.mixing * F)
+                ok = torch.isfinite(new).all(-1, keepdim=True)  # degenerate history: plain linear mixing
+                new = torch.where(ok, new, dq + o.mixing * f)
+            else:
+                new = dq + o.mixing * f
+            dq = torch.where(done[:, None], dq, new)  # converged frames keep their charges
+        bad = torch.nonzero(~done).flatten().tolist()
+        raise SCFNotConvergedError(
+            f"DFTB SCC not converged in {o.maxiter} iterations for frame(s) {bad[:10]} (max |dq change| "
+            f"{float(err.max()):.2e} e, tolerance {o.tol:g})"
+        )
+
+
+def _scatter_sym(m: torch.Tensor, i: torch.Tensor, j: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """m (B, n, n) with vals (B, P) put at (i, j) and (j, i)."""
+    bidx = torch.arange(m.shape[0], device=m.device)[:, None]
+    m = m.index_put((bidx, i[None], j[None]), vals)
+    return m.index_put((bidx, j[None], i[None]), vals)

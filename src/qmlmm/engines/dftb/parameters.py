@@ -1,0 +1,164 @@
+"""DFTB parameter sets (3ob-3-1 for DFTB3, mio-1-1 for DFTB2) as PyTorch tensors.
+
+Integrals are interpolated by cubic splines on the SKF grid and, beyond the last grid point, by
+DFTB+'s smooth tail that brings value, slope and curvature to zero over 1 Bohr. Repulsive
+energies follow the spline block of each file. Everything is in atomic units.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qmlmm.elements import symbol
+from qmlmm.engines.dftb.params import parameter_dir
+from qmlmm.engines.dftb.skf import SKTable, read_skf
+from qmlmm.errors import MissingParametersError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TAIL_BOHR", "DFTBParameters", "TorchPair", "load_parameters"]
+
+#: length of the smooth tail beyond an SK table's last point (Bohr), as DFTB+'s distFudge
+TAIL_BOHR = 1.0
+
+# Hubbard derivatives (Hartree) and maximal angular momenta of 3ob-3-1, from its README
+_HUBBARD_DERIV_3OB = {35: -0.0573, 6: -0.1492, 20: -0.0340, 17: -0.0697, 9: -0.1623, 1: -0.1857, 53: -0.0433,
+                      19: -0.0339, 12: -0.02, 7: -0.1535, 11: -0.0454, 8: -0.1575, 15: -0.14, 16: -0.11,
+                      30: -0.03}
+_LMAX_3OB = {35: 2, 6: 1, 20: 1, 17: 2, 9: 1, 1: 0, 53: 2, 19: 1, 12: 1, 7: 1, 11: 1, 8: 1, 15: 2, 16: 2, 30: 2}
+_LMAX_MIO = {1: 0, 6: 1, 7: 1, 8: 1, 15: 2, 16: 2}
+
+
+@dataclass
+class Species:
+    """Per-element constants: on-site energies per shell, Hubbard U, valence electrons."""
+
+    z: int
+    lmax: int
+    onsite: tuple[float, ...]  # per shell s, p, d up to lmax
+    hubbard: float  # U of the s shell, used for all shells (not orbital-resolved, as DFTB+ default)
+    hubbard_deriv: float
+    n_valence: float
+
+    @property
+    def n_orb(self) -> int:
+        return (self.lmax + 1) ** 2
+
+
+class TorchPair:
+    """Integral and repulsive tables of one ordered element pair as tensors."""
+
+    def __init__(self, tab: SKTable, device: torch.device, dtype: torch.dtype) -> None:
+        self.dr = tab.dr
+        self.n = tab.n_grid
+        self.r_max = tab.r_max
+        self.coef = torch.as_tensor(tab.spline_coef, device=device, dtype=dtype)  # (n-1, 4, 20)
+        ends = np.stack([tab.end_value, tab.end_d1, tab.end_d2])
+        self.end = torch.as_tensor(ends, device=device, dtype=dtype)  # (3, 20)
+        self.rep_exp = tab.rep_exp
+        self.rep_knots = torch.as_tensor(tab.rep_knots, device=device, dtype=dtype)
+        self.rep_coef = torch.as_tensor(tab.rep_coef, device=device, dtype=dtype)
+        self.rep_cutoff = tab.rep_cutoff
+
+    def integrals(self, r: torch.Tensor) -> torch.Tensor:
+        """(…, 20) Hamiltonian (first 10) and overlap (last 10) integrals at distances r (…) Bohr."""
+        k = torch.clamp(torch.floor(r / self.dr).long() - 1, 0, self.n - 2)
+        x = (r - (k + 1).to(r.dtype) * self.dr).unsqueeze(-1)
+        c = self.coef[k]  # (…, 4, 20)
+        inside = ((c[..., 0, :] * x + c[..., 1, :]) * x + c[..., 2, :]) * x + c[..., 3, :]
+        t = (r - self.r_max).clamp(min=0.0).unsqueeze(-1)
+        a, f1, f2 = self.end[0], self.end[1], self.end[2]
+        L = TAIL_BOHR
+        b = f1 + 3.0 * a / L
+        cc = 0.5 * (f2 + 6.0 * b / L - 6.0 * a / L**2)
+        tt = t.clamp(max=L)
+        tail = (1.0 - tt / L) ** 3 * (a + b * tt + cc * tt * tt)
+        return torch.where((r <= self.r_max).unsqueeze(-1), inside, tail)
+
+    def repulsive(self, r: torch.Tensor) -> torch.Tensor:
+        """Repulsive pair energy (Hartree) at distances r (…) Bohr."""
+        a1, a2, a3 = self.rep_exp
+        knots = self.rep_knots
+        k = torch.clamp(torch.searchsorted(knots, r.detach().contiguous(), right=True) - 1, 0, len(knots) - 2)
+        x = r - knots[k]
+        c = self.rep_coef[k]  # (…, 6)
+        poly = c[..., 5]
+        for i in range(4, -1, -1):
+            poly = poly * x + c[..., i]
+        expo = torch.exp(-a1 * r + a2) + a3
+        e = torch.where(r < knots[0], expo, poly)
+        return torch.where(r < self.rep_cutoff, e, torch.zeros_like(e))
+
+
+@dataclass
+class DFTBParameters:
+    """A parameter set: species constants and pair tables, created lazily per element."""
+
+    name: str
+    directory: Path
+    third_order: bool
+    zeta: float | None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float64
+    _species: dict[int, Species] = field(default_factory=dict, repr=False)
+    _pairs: dict[tuple[int, int], TorchPair] = field(default_factory=dict, repr=False)
+    _raw: dict[tuple[int, int], SKTable] = field(default_factory=dict, repr=False)
+
+    def _lmax(self, z: int) -> int:
+        table = _LMAX_3OB if self.name.startswith("3ob") else _LMAX_MIO
+        if z not in table:
+            raise MissingParametersError(f"element {symbol(z)} is not in the {self.name} parameter set "
+                                         f"(elements: {', '.join(symbol(k) for k in sorted(table))})")
+        return table[z]
+
+    def raw(self, za: int, zb: int) -> SKTable:
+        key = (za, zb)
+        if key not in self._raw:
+            path = self.directory / f"{symbol(za)}-{symbol(zb)}.skf"
+            if not path.exists() and Path(str(path) + ".gz").exists():
+                path = Path(str(path) + ".gz")
+            if not path.exists():
+                raise MissingParametersError(f"no Slater-Koster file {path.name} in {self.directory}: the pair "
+                                             f"{symbol(za)}-{symbol(zb)} is not covered by {self.name}")
+            self._raw[key] = read_skf(path, homonuclear=za == zb)
+        return self._raw[key]
+
+    def species(self, z: int) -> Species:
+        if z not in self._species:
+            lmax = self._lmax(z)
+            tab = self.raw(z, z)
+            assert tab.onsite is not None and tab.hubbard is not None and tab.occupation is not None
+            ud = _HUBBARD_DERIV_3OB.get(z, 0.0) if self.third_order else 0.0
+            self._species[z] = Species(z=z, lmax=lmax, onsite=tab.onsite[: lmax + 1], hubbard=tab.hubbard[0],
+                                       hubbard_deriv=ud, n_valence=float(sum(tab.occupation[: lmax + 1])))
+        return self._species[z]
+
+    def pair(self, za: int, zb: int) -> TorchPair:
+        key = (za, zb)
+        if key not in self._pairs:
+            self._pairs[key] = TorchPair(self.raw(za, zb), self.device, self.dtype)
+        return self._pairs[key]
+
+    def check_elements(self, numbers: list[int]) -> None:
+        """Raise MissingParametersError unless every element and element pair is covered."""
+        zs = sorted(set(numbers))
+        for za in zs:
+            self._lmax(za)
+        for za in zs:
+            self.species(za)
+            for zb in zs:
+                self.raw(za, zb)
+
+
+def load_parameters(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
+                    ) -> DFTBParameters:
+    """Parameter set "3ob" (DFTB3: third order, zeta = 4.0) or "mio" (DFTB2)."""
+    d = parameter_dir(name)
+    if name == "3ob":
+        return DFTBParameters("3ob-3-1", d, third_order=True, zeta=4.0, device=torch.device(device), dtype=dtype)
+    return DFTBParameters("mio-1-1", d, third_order=False, zeta=None, device=torch.device(device), dtype=dtype)
