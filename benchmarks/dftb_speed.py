@@ -122,23 +122,38 @@ def main() -> None:
     t_dftb = rows["qmlmm dftb3:3ob + point charges"]["median_ms"]
     t_xtb = rows["xtb:gfn2 + point charges"]["median_ms"]
     result = {
-        "date": time.strftime("%Y-%m-%d"), "frame": source, "n_qm": len(z), "n_charges": len(q),
+        "date": time.strftime("%Y-%m-%d"),
+        "frame": source,
+        "n_qm": len(z),
+        "n_charges": len(q),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "threads": args.threads, "device": args.device, "rows": rows,
+        "threads": args.threads,
+        "device": args.device,
+        "rows": rows,
         "ratio_xtb_over_dftb3": t_xtb / t_dftb,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
-    md = [f"# DFTB speed ({result['date']})", "",
-          f"Frame: {source}: {len(z)} QM atoms, {len(q)} embedded point charges (1.4 nm). "
-          f"Machine: {result['machine']}; {args.threads} threads; device {args.device}.", "",
-          "| case | median ms | min ms | frames/s |", "|---|---|---|---|"]
+    md = [
+        f"# DFTB speed ({result['date']})",
+        "",
+        f"Frame: {source}: {len(z)} QM atoms, {len(q)} embedded point charges (1.4 nm). "
+        f"Machine: {result['machine']}; {args.threads} threads; device {args.device}.",
+        "",
+        "| case | median ms | min ms | frames/s |",
+        "|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        md.append(f"| {name} | {r.get('median_ms', float('nan')):.1f} | {r.get('min_ms', float('nan')):.1f} | "
-                  f"{r.get('frames_per_s', float('nan')):.1f} |")
-    md += ["", f"xtb:gfn2 / dftb3:3ob time ratio on the same frame: **{result['ratio_xtb_over_dftb3']:.2f}** "
-           "(> 1: DFTB3 is faster). Both start their SCC from scratch here (`reuse=no`); the MD-step row "
-           "starts from the previous step's charges, as `qmlmm md` and labelling of consecutive frames do."]
+        md.append(
+            f"| {name} | {r.get('median_ms', float('nan')):.1f} | {r.get('min_ms', float('nan')):.1f} | "
+            f"{r.get('frames_per_s', float('nan')):.1f} |"
+        )
+    md += [
+        "",
+        f"xtb:gfn2 / dftb3:3ob time ratio on the same frame: **{result['ratio_xtb_over_dftb3']:.2f}** "
+        "(> 1: DFTB3 is faster). Both start their SCC from scratch here (`reuse=no`); the MD-step row "
+        "starts from the previous step's charges, as `qmlmm md` and labelling of consecutive frames do.",
+    ]
     (RESULTS / f"{args.out}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -75,8 +75,15 @@ def workflow_speed(spec: str, frames: list[Frame], workers: int, threads: int) -
         src = Path(tmp) / "f.extxyz"
         write_extxyz(src, frames)
         t0 = time.perf_counter()
-        rep = label_dataset(src, Path(tmp) / "o.h5", [LevelRequest.from_spec(spec)], EmbeddingSettings(1.4),
-                            workers=workers, threads=threads, progress=False)
+        rep = label_dataset(
+            src,
+            Path(tmp) / "o.h5",
+            [LevelRequest.from_spec(spec)],
+            EmbeddingSettings(1.4),
+            workers=workers,
+            threads=threads,
+            progress=False,
+        )
         wall = time.perf_counter() - t0
         assert rep.ok, rep.failed
     return wall / len(frames)
@@ -95,7 +102,9 @@ def main() -> None:
         "system": f"aspirin (21 QM atoms) + {emb.n_mm} embedded TIP3P charges (1.4 nm), {n} consecutive frames",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
-        "workflow": {}, "breakdown": {}, "cheap_wins": {},
+        "workflow": {},
+        "breakdown": {},
+        "cheap_wins": {},
     }
     for spec in specs:
         for workers, threads in ((1, 2), (2, 1)):
@@ -117,17 +126,29 @@ def main() -> None:
 
 
 def to_markdown(r: dict) -> str:  # type: ignore[type-arg]
-    lines = [f"# Labelling speed ({r['date']})", "", f"System: {r['system']}. Machine: {r['machine']}.", "",
-             "## Workflow throughput (label_dataset on a Dask LocalCluster, wall s per frame)", "",
-             "| method | workers x threads | s/frame |", "|---|---|---|"]
+    lines = [
+        f"# Labelling speed ({r['date']})",
+        "",
+        f"System: {r['system']}. Machine: {r['machine']}.",
+        "",
+        "## Workflow throughput (label_dataset on a Dask LocalCluster, wall s per frame)",
+        "",
+        "| method | workers x threads | s/frame |",
+        "|---|---|---|",
+    ]
     for k, v in r["workflow"].items():
         spec, wt = k.split(" | ")
         lines.append(f"| {spec} | {wt} | {v:.2f} |")
-    lines += ["", "## Where one frame's time goes (1 process, 2 threads; s)", "",
-              "| method | frame | total | SCF | QM gradient | MM gradient | SCF cycles |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Where one frame's time goes (1 process, 2 threads; s)",
+        "",
+        "| method | frame | total | SCF | QM gradient | MM gradient | SCF cycles |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for spec, b in r["breakdown"].items():
         for which, label in (("first", "first (fresh guess)"), ("rest", "next (previous density)")):
+
             def get(key: str, b: dict = b, which: str = which) -> float:  # type: ignore[type-arg]
                 return float(b.get(f"{which}_{key}", float("nan")))
 
@@ -136,7 +157,8 @@ def to_markdown(r: dict) -> str:  # type: ignore[type-arg]
                 continue
             lines.append(
                 f"| {spec} | {label} | {tot:.2f} | {get('time_scf_s'):.2f} | {get('time_grad_qm_s'):.2f} | "
-                f"{get('time_grad_mm_s'):.2f} | {get('scf_cycles'):.0f} |")
+                f"{get('time_grad_mm_s'):.2f} | {get('scf_cycles'):.0f} |"
+            )
     if r["cheap_wins"]:
         lines += ["", "## Density fitting (one frame, fresh guess, 2 threads)", "", "| spec | s |", "|---|---|"]
         for k, v in r["cheap_wins"].items():

@@ -24,8 +24,9 @@ def central_difference(f: Callable[[np.ndarray], float], x: np.ndarray, h: float
     return g
 
 
-def water_shell(name: str = "water", n_waters: int = 4, radius: float = 0.32, seed: int = 1
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def water_shell(
+    name: str = "water", n_waters: int = 4, radius: float = 0.32, seed: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A solute with ``n_waters`` TIP3P waters around it at about ``radius`` nm (isolated cluster).
 
     Returns numbers (n,), qm positions (n, 3) nm, mm positions (m, 3) nm, mm charges (m,), mm numbers (m,).
@@ -42,16 +43,21 @@ def water_shell(name: str = "water", n_waters: int = 4, radius: float = 0.32, se
     return z, p, np.concatenate(mm), np.concatenate(q), np.concatenate(zn)
 
 
-def cluster_frame(name: str = "water", n_waters: int = 4, radius: float = 0.32, seed: int = 1,
-                  box: float | None = None) -> Frame:
+def cluster_frame(
+    name: str = "water", n_waters: int = 4, radius: float = 0.32, seed: int = 1, box: float | None = None
+) -> Frame:
     """``water_shell`` as a Frame (QM atoms first, one molecule id per water)."""
     z, p, mm, q, zn = water_shell(name, n_waters, radius, seed)
     n = len(z)
     offset = 0.0 if box is None else box / 2
-    return Frame(numbers=np.concatenate([z, zn]), positions=np.concatenate([p, mm]) + offset,
-                 is_qm=np.arange(n + len(zn)) < n, charges=np.concatenate([np.zeros(n), q]),
-                 mol_ids=np.concatenate([np.zeros(n, int), 1 + np.arange(len(zn)) // 3]),
-                 box=None if box is None else np.eye(3) * box)
+    return Frame(
+        numbers=np.concatenate([z, zn]),
+        positions=np.concatenate([p, mm]) + offset,
+        is_qm=np.arange(n + len(zn)) < n,
+        charges=np.concatenate([np.zeros(n), q]),
+        mol_ids=np.concatenate([np.zeros(n, int), 1 + np.arange(len(zn)) // 3]),
+        box=None if box is None else np.eye(3) * box,
+    )
 
 
 @pytest.fixture

@@ -63,8 +63,17 @@ def test_extxyz_hdf5_roundtrip_lossless(tmp_path: Path) -> None:
     text1 = (tmp_path / "a.extxyz").read_text()
     # the file follows the exchange convention
     header = text1.splitlines()[1]
-    for key in ("qm:I:1", "mm_charge:R:1", "mol_id:I:1", "forces_dft:R:3", "energy_dft=", "qm_charge=0",
-                "qm_mult=1", "Lattice=", 'pbc="T T T"'):
+    for key in (
+        "qm:I:1",
+        "mm_charge:R:1",
+        "mol_id:I:1",
+        "forces_dft:R:3",
+        "energy_dft=",
+        "qm_charge=0",
+        "qm_mult=1",
+        "Lattice=",
+        'pbc="T T T"',
+    ):
         assert key in header
     # extxyz -> h5 -> extxyz is textually identical
     write_dataset(tmp_path / "a.h5", read_extxyz(tmp_path / "a.extxyz")).close()
@@ -90,8 +99,7 @@ def test_ase_reads_our_file_with_units(tmp_path: Path) -> None:
 def test_interleaved_atom_order_preserved(tmp_path: Path) -> None:
     fr = _frames(1, labelled=False)[0]
     perm = np.random.default_rng(1).permutation(fr.n_atoms)
-    shuffled = Frame(fr.numbers[perm], fr.positions[perm], fr.is_qm[perm], fr.charges[perm], fr.mol_ids[perm],
-                     fr.box)
+    shuffled = Frame(fr.numbers[perm], fr.positions[perm], fr.is_qm[perm], fr.charges[perm], fr.mol_ids[perm], fr.box)
     write_extxyz(tmp_path / "s.extxyz", [shuffled])
     write_dataset(tmp_path / "s.h5", read_extxyz(tmp_path / "s.extxyz")).close()
     _assert_frames_equal(shuffled, load_frames(tmp_path / "s.h5")[0], atol=0.51e-9)

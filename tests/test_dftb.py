@@ -35,8 +35,7 @@ DFTB3_SET = {
 DFTB2_SET = {"H2O": "O", "CH4": "C", "NH3": "N", "HCN": "C#N", "C2H6": "CC", "CH3OH": "CO", "H2S": "S"}
 
 
-def _sparrow(z: np.ndarray, pos_nm: np.ndarray, method: str, params: str, charge: int = 0
-             ) -> tuple[float, np.ndarray]:
+def _sparrow(z: np.ndarray, pos_nm: np.ndarray, method: str, params: str, charge: int = 0) -> tuple[float, np.ndarray]:
     calc = su.core.ModuleManager.get_instance().get("calculator", method)
     calc.log = su.core.Log.silent()
     calc.settings["method_parameters"] = params
@@ -116,6 +115,7 @@ def test_qmmm_forces_equal_finite_differences(spec: str, qmmm_system: tuple[np.n
     h = 1e-5  # nm
     f_qm = -central_difference(lambda x: eng.compute(z, x, mm, q).energy, p, h)
     sub = slice(0, 9)
+
     def e_mm(x: np.ndarray) -> float:
         full = mm.copy()
         full[sub] = x

@@ -19,9 +19,14 @@ def _two_atom_frame(dist: float, box: float | None = 4.0) -> Frame:
     o = h1 + np.array([0.09572, 0.0, 0.0])
     h2 = o + 0.09572 * np.array([np.cos(np.deg2rad(75.48)), np.sin(np.deg2rad(75.48)), 0.0])
     pos = np.array([*qm, o, h1, h2]) + (0.0 if box is None else 0.5)
-    return Frame(numbers=[1, 1, 8, 1, 1], positions=pos, is_qm=[1, 1, 0, 0, 0],
-                 charges=[0, 0, -0.834, 0.417, 0.417], mol_ids=[0, 0, 1, 1, 1],
-                 box=None if box is None else np.eye(3) * box)
+    return Frame(
+        numbers=[1, 1, 8, 1, 1],
+        positions=pos,
+        is_qm=[1, 1, 0, 0, 0],
+        charges=[0, 0, -0.834, 0.417, 0.417],
+        mol_ids=[0, 0, 1, 1, 1],
+        box=None if box is None else np.eye(3) * box,
+    )
 
 
 @pytest.mark.parametrize("box", [None, 4.0])
@@ -108,8 +113,9 @@ def test_switching_gradient_matches_finite_difference() -> None:
 
     emb = select_embedding(fr, s)
     assert len(emb.switch_mm) > 10
-    forces = embedding_forces_to_frame(fr, emb, np.zeros((len(emb.qm_index), 3)), np.zeros((emb.n_mm, 3)),
-                                       mm_potential=phi[emb.mm_index])
+    forces = embedding_forces_to_frame(
+        fr, emb, np.zeros((len(emb.qm_index), 3)), np.zeros((emb.n_mm, 3)), mm_potential=phi[emb.mm_index]
+    )
     atoms = list(emb.mm_index[emb.switch_mm[:5]]) + list(fr.qm_indices[:2])
     h = 1e-6
     for a in atoms:

@@ -60,11 +60,18 @@ def test_other_settings_on_existing_level_is_an_error(tmp_path: Path) -> None:
     req = [LevelRequest.from_spec("xtb:gfn2")]
     label_dataset(tmp_path / "f.extxyz", tmp_path / "o.h5", req, CUT, workers=0, progress=False)
     with pytest.raises(LevelConflictError):
-        label_dataset(tmp_path / "f.extxyz", tmp_path / "o.h5", req, EmbeddingSettings(cutoff=0.8), workers=0,
-                      progress=False)
+        label_dataset(
+            tmp_path / "f.extxyz", tmp_path / "o.h5", req, EmbeddingSettings(cutoff=0.8), workers=0, progress=False
+        )
     # a different level name is fine
-    rep = label_dataset(tmp_path / "f.extxyz", tmp_path / "o.h5", [LevelRequest.from_spec("xtb:gfn2", "xtb08")],
-                        EmbeddingSettings(cutoff=0.8), workers=0, progress=False)
+    rep = label_dataset(
+        tmp_path / "f.extxyz",
+        tmp_path / "o.h5",
+        [LevelRequest.from_spec("xtb:gfn2", "xtb08")],
+        EmbeddingSettings(cutoff=0.8),
+        workers=0,
+        progress=False,
+    )
     assert rep.computed == {"xtb08": 2}
 
 
@@ -80,8 +87,18 @@ def test_output_with_other_frames_is_refused(tmp_path: Path) -> None:
 def test_failures_recorded_and_exit_code(tmp_path: Path) -> None:
     _write_frames(tmp_path / "f.extxyz", 3, bad=(1,))
     runner = CliRunner()
-    args = ["label", str(tmp_path / "f.extxyz"), "-o", str(tmp_path / "f.h5"), "-m", "xtb:gfn2", "--cutoff", "0.9",
-            "--workers", "0"]
+    args = [
+        "label",
+        str(tmp_path / "f.extxyz"),
+        "-o",
+        str(tmp_path / "f.h5"),
+        "-m",
+        "xtb:gfn2",
+        "--cutoff",
+        "0.9",
+        "--workers",
+        "0",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 1, res.output
     assert "1 frame(s) failed" in res.output and "frame 1" in res.output and "impossible" in res.output
@@ -102,8 +119,9 @@ def test_failures_recorded_and_exit_code(tmp_path: Path) -> None:
 
 def test_cli_bad_spec_is_a_clear_error(tmp_path: Path) -> None:
     _write_frames(tmp_path / "f.extxyz", 1)
-    res = CliRunner().invoke(app, ["label", str(tmp_path / "f.extxyz"), "-o", str(tmp_path / "x.h5"), "-m",
-                                   "hf:sto-3g"])
+    res = CliRunner().invoke(
+        app, ["label", str(tmp_path / "f.extxyz"), "-o", str(tmp_path / "x.h5"), "-m", "hf:sto-3g"]
+    )
     assert res.exit_code == 2 and "unknown engine family" in res.output
 
 
@@ -119,8 +137,21 @@ def test_resume_after_kill_labels_every_frame_once(tmp_path: Path) -> None:
     n = 14
     _write_frames(tmp_path / "f.extxyz", n)
     out = tmp_path / "k.h5"
-    cmd = [sys.executable, "-m", "qmlmm.cli", "label", str(tmp_path / "f.extxyz"), "-o", str(out), "-m",
-           "dft:pbe/sto-3g", "--cutoff", "0.9", "--workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qmlmm.cli",
+        "label",
+        str(tmp_path / "f.extxyz"),
+        "-o",
+        str(out),
+        "-m",
+        "dft:pbe/sto-3g",
+        "--cutoff",
+        "0.9",
+        "--workers",
+        "0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     t0 = time.time()
@@ -133,8 +164,9 @@ def test_resume_after_kill_labels_every_frame_once(tmp_path: Path) -> None:
         done_before = np.flatnonzero(st == 1)
         assert 3 <= len(done_before) < n
         kept = {int(i): (ds.energies("dft")[i], ds.label("dft", int(i)).forces.copy()) for i in done_before}  # type: ignore[union-attr]
-    rep = label_dataset(tmp_path / "f.extxyz", out, [LevelRequest.from_spec("dft:pbe/sto-3g")], CUT, workers=0,
-                        progress=False)
+    rep = label_dataset(
+        tmp_path / "f.extxyz", out, [LevelRequest.from_spec("dft:pbe/sto-3g")], CUT, workers=0, progress=False
+    )
     assert rep.computed == {"dft": n - len(done_before)}  # each missing frame once, nothing twice
     with Dataset(out) as ds:
         assert (ds.status("dft") == 1).all()

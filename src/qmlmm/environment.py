@@ -116,8 +116,8 @@ def make_qm_whole(positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
         return positions.copy()
     d = minimum_image(positions - positions[0], box)
     whole = positions[0] + d
-    half_height = 0.5 * abs(np.linalg.det(box)) / np.max(
-        np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
+    half_height = (
+        0.5 * abs(np.linalg.det(box)) / np.max(np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1))
     )
     if np.max(np.linalg.norm(d, axis=1)) > half_height:
         raise InputError(
@@ -127,8 +127,7 @@ def make_qm_whole(positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
     return whole
 
 
-def select_embedding(frame: Frame, settings: EmbeddingSettings | None = None,
-                     chunk: int = 8192) -> Embedding:
+def select_embedding(frame: Frame, settings: EmbeddingSettings | None = None, chunk: int = 8192) -> Embedding:
     """Embedded MM environment of ``frame`` (see module docstring for the rule).
 
     Cost is O(n_qm * n_mm), processed in chunks of ``chunk`` MM atoms to bound memory.
@@ -147,13 +146,18 @@ def select_embedding(frame: Frame, settings: EmbeddingSettings | None = None,
                 "a molecule could be embedded twice"
             )
 
-    # nearest QM atom and nearest image for every MM atom
+    # nearest QM atom and nearest image for every MM atom that can be within the cutoff: an atom
+    # farther than cutoff + (QM radius) from the QM centre cannot (cheap pre-filter, then exact)
     m_all = len(mm_all)
-    dmin = np.empty(m_all)
-    near_qm = np.empty(m_all, dtype=np.int64)
-    image_pos = np.empty((m_all, 3))
-    for s0 in range(0, m_all, chunk):
-        sl = slice(s0, min(s0 + chunk, m_all))
+    dmin = np.full(m_all, np.inf)
+    near_qm = np.zeros(m_all, dtype=np.int64)
+    image_pos = np.zeros((m_all, 3))
+    centre = qm_pos.mean(0)
+    radius = float(np.sqrt(((qm_pos - centre) ** 2).sum(1)).max())
+    dc = minimum_image(frame.positions[mm_all] - centre, box)
+    cand = np.flatnonzero((dc * dc).sum(1) < (rc + radius + 1e-9) ** 2)
+    for s0 in range(0, len(cand), chunk):
+        sl = cand[s0 : s0 + chunk]
         r_mm = frame.positions[mm_all[sl]]
         d = minimum_image(r_mm[:, None, :] - qm_pos[None, :, :], box)  # (c, n, 3)
         r2 = np.einsum("cnk,cnk->cn", d, d)
@@ -198,9 +202,16 @@ def select_embedding(frame: Frame, settings: EmbeddingSettings | None = None,
     group = row_of_mol[inv[sel_atoms]]
 
     return Embedding(
-        qm_index=qm_index, qm_positions=qm_pos, mm_index=mm_all[sel_atoms], mm_positions=mm_pos,
-        mm_charges=charges, mm_weights=weights, switch_mm=sw_mm, switch_qm=sw_qm,
-        switch_grad=sw_grad, switch_group=group,
+        qm_index=qm_index,
+        qm_positions=qm_pos,
+        mm_index=mm_all[sel_atoms],
+        mm_positions=mm_pos,
+        mm_charges=charges,
+        mm_weights=weights,
+        switch_mm=sw_mm,
+        switch_qm=sw_qm,
+        switch_grad=sw_grad,
+        switch_group=group,
     )
 
 

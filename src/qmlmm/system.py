@@ -63,7 +63,14 @@ class Frame:
     info: dict[str, float | int | str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.numbers = to_numbers(np.asarray(self.numbers).tolist())
+        nums = np.asarray(self.numbers)
+        if nums.dtype.kind in "iu":  # fast path: validate atomic numbers vectorised
+            if nums.size and (nums.min() < 1 or nums.max() > 118):
+                bad = nums[(nums < 1) | (nums > 118)][0]
+                raise InputError(f"unknown element: atomic number {int(bad)}")
+            self.numbers = nums.astype(np.int64).reshape(-1)
+        else:
+            self.numbers = to_numbers(nums.tolist())
         n = len(self.numbers)
         self.positions = np.asarray(self.positions, dtype=np.float64).reshape(n, 3)
         self.is_qm = np.asarray(self.is_qm, dtype=bool).reshape(n)
@@ -114,9 +121,15 @@ class Frame:
 
     def copy(self) -> Frame:
         return Frame(
-            self.numbers.copy(), self.positions.copy(), self.is_qm.copy(), self.charges.copy(),
-            self.mol_ids.copy(), None if self.box is None else self.box.copy(), self.qm_charge,
-            self.qm_mult, {k: Label(v.energy, v.forces.copy()) for k, v in self.labels.items()},
+            self.numbers.copy(),
+            self.positions.copy(),
+            self.is_qm.copy(),
+            self.charges.copy(),
+            self.mol_ids.copy(),
+            None if self.box is None else self.box.copy(),
+            self.qm_charge,
+            self.qm_mult,
+            {k: Label(v.energy, v.forces.copy()) for k, v in self.labels.items()},
             dict(self.info),
         )
 
@@ -158,6 +171,9 @@ def minimum_image(d: np.ndarray, box: np.ndarray | None) -> np.ndarray:
     """
     if box is None:
         return d
+    if not np.any(box - np.diag(np.diagonal(box))):  # orthorhombic: per-axis, no matrix products
+        lengths = np.diagonal(box)
+        return d - lengths * np.round(d / lengths)
     frac = d @ np.linalg.inv(box)
     frac -= np.round(frac)
     return frac @ box

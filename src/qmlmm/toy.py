@@ -20,20 +20,48 @@ TIP3P_CHARGES = np.array([-0.834, 0.417, 0.417])
 #: Small solutes: atomic numbers and positions in Angstrom (approximate equilibrium geometries).
 SOLUTES: dict[str, tuple[list[int], list[list[float]]]] = {
     "water": ([8, 1, 1], [[0.0, 0.0, 0.1173], [0.0, 0.7572, -0.4692], [0.0, -0.7572, -0.4692]]),
-    "methanol": ([6, 8, 1, 1, 1, 1], [[-0.0465, 0.6640, 0.0], [-0.0465, -0.7560, 0.0],
-                                      [-1.0865, 0.9800, 0.0], [0.4377, 1.0797, 0.8872],
-                                      [0.4377, 1.0797, -0.8872], [0.8695, -1.0585, 0.0]]),
-    "formaldehyde": ([6, 8, 1, 1], [[0.0, 0.0, -0.529], [0.0, 0.0, 0.676], [0.0, 0.9418, -1.1165],
-                                    [0.0, -0.9418, -1.1165]]),
-    "ammonia": ([7, 1, 1, 1], [[0.0, 0.0, 0.1162], [0.0, 0.9377, -0.2711], [0.8121, -0.4689, -0.2711],
-                               [-0.8121, -0.4689, -0.2711]]),
-    "methylamine": ([6, 7, 1, 1, 1, 1, 1], [[0.0512, 0.7045, 0.0], [0.0512, -0.7581, 0.0],
-                                            [-0.9902, 1.0629, 0.0], [0.5519, 1.0990, 0.8848],
-                                            [0.5519, 1.0990, -0.8848], [-0.4459, -1.0931, 0.8168],
-                                            [-0.4459, -1.0931, -0.8168]]),
-    "methanethiol": ([6, 16, 1, 1, 1, 1], [[-0.0474, 1.1499, 0.0], [-0.0474, -0.6701, 0.0],
-                                           [-1.0904, 1.4668, 0.0], [0.4408, 1.5462, 0.8913],
-                                           [0.4408, 1.5462, -0.8913], [1.2866, -0.8712, 0.0]]),
+    "methanol": (
+        [6, 8, 1, 1, 1, 1],
+        [
+            [-0.0465, 0.6640, 0.0],
+            [-0.0465, -0.7560, 0.0],
+            [-1.0865, 0.9800, 0.0],
+            [0.4377, 1.0797, 0.8872],
+            [0.4377, 1.0797, -0.8872],
+            [0.8695, -1.0585, 0.0],
+        ],
+    ),
+    "formaldehyde": (
+        [6, 8, 1, 1],
+        [[0.0, 0.0, -0.529], [0.0, 0.0, 0.676], [0.0, 0.9418, -1.1165], [0.0, -0.9418, -1.1165]],
+    ),
+    "ammonia": (
+        [7, 1, 1, 1],
+        [[0.0, 0.0, 0.1162], [0.0, 0.9377, -0.2711], [0.8121, -0.4689, -0.2711], [-0.8121, -0.4689, -0.2711]],
+    ),
+    "methylamine": (
+        [6, 7, 1, 1, 1, 1, 1],
+        [
+            [0.0512, 0.7045, 0.0],
+            [0.0512, -0.7581, 0.0],
+            [-0.9902, 1.0629, 0.0],
+            [0.5519, 1.0990, 0.8848],
+            [0.5519, 1.0990, -0.8848],
+            [-0.4459, -1.0931, 0.8168],
+            [-0.4459, -1.0931, -0.8168],
+        ],
+    ),
+    "methanethiol": (
+        [6, 16, 1, 1, 1, 1],
+        [
+            [-0.0474, 1.1499, 0.0],
+            [-0.0474, -0.6701, 0.0],
+            [-1.0904, 1.4668, 0.0],
+            [0.4408, 1.5462, 0.8913],
+            [0.4408, 1.5462, -0.8913],
+            [1.2866, -0.8712, 0.0],
+        ],
+    ),
 }
 
 
@@ -81,9 +109,16 @@ def solute_from_smiles(smiles: str, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return z, pos - pos.mean(0), int(Chem.GetFormalCharge(mol))
 
 
-def solvated_frame(name: str | tuple[np.ndarray, np.ndarray] = "water", box: float = 2.0, spacing: float = 0.31,
-                   min_dist: float = 0.25, seed: int = 0, center: tuple[float, float, float] | None = None,
-                   periodic: bool = True, qm_charge: int = 0) -> Frame:
+def solvated_frame(
+    name: str | tuple[np.ndarray, np.ndarray] = "water",
+    box: float = 2.0,
+    spacing: float = 0.31,
+    min_dist: float = 0.25,
+    seed: int = 0,
+    center: tuple[float, float, float] | None = None,
+    periodic: bool = True,
+    qm_charge: int = 0,
+) -> Frame:
     """A solute at ``center`` (default box centre) in a cubic box of TIP3P waters.
 
     Args:
@@ -124,5 +159,13 @@ def solvated_frame(name: str | tuple[np.ndarray, np.ndarray] = "water", box: flo
     p_all = np.asarray(pos)
     if periodic:
         p_all[: len(z_s)] %= box  # the QM region may be split across the box edge: that is the point
-    return Frame(numbers=np.asarray(nums), positions=p_all, is_qm=is_qm, charges=np.asarray(charges),
-                 mol_ids=np.asarray(mol), box=boxm if periodic else None, qm_charge=qm_charge, qm_mult=1)
+    return Frame(
+        numbers=np.asarray(nums),
+        positions=p_all,
+        is_qm=is_qm,
+        charges=np.asarray(charges),
+        mol_ids=np.asarray(mol),
+        box=boxm if periodic else None,
+        qm_charge=qm_charge,
+        qm_mult=1,
+    )

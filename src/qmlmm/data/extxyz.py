@@ -38,8 +38,10 @@ def atoms_to_frame(atoms: object, where: str = "") -> Frame:
     assert isinstance(atoms, Atoms)
     missing = [k for k in _REQUIRED_ARRAYS if k not in atoms.arrays]
     if missing:
-        raise SchemaError(f"{where}: missing per-atom field(s) {missing}; extended XYZ for qmlmm needs "
-                          "qm (1/0), mm_charge (e) and mol_id per atom")
+        raise SchemaError(
+            f"{where}: missing per-atom field(s) {missing}; extended XYZ for qmlmm needs "
+            "qm (1/0), mm_charge (e) and mol_id per atom"
+        )
     info = dict(atoms.info)
     for key in ("qm_charge", "qm_mult"):
         if key not in info:
@@ -54,18 +56,25 @@ def atoms_to_frame(atoms: object, where: str = "") -> Frame:
     if not np.isin(qm, (0, 1)).all():
         raise SchemaError(f"{where}: per-atom field qm must be 0 or 1")
     fr = Frame(
-        numbers=atoms.numbers, positions=atoms.positions * NM_PER_ANGSTROM, is_qm=qm.astype(bool),
-        charges=np.asarray(atoms.arrays["mm_charge"], dtype=float), mol_ids=atoms.arrays["mol_id"],
-        box=box, qm_charge=int(info.pop("qm_charge")), qm_mult=int(info.pop("qm_mult")),
+        numbers=atoms.numbers,
+        positions=atoms.positions * NM_PER_ANGSTROM,
+        is_qm=qm.astype(bool),
+        charges=np.asarray(atoms.arrays["mm_charge"], dtype=float),
+        mol_ids=atoms.arrays["mol_id"],
+        box=box,
+        qm_charge=int(info.pop("qm_charge")),
+        qm_mult=int(info.pop("qm_mult")),
     )
     for key in list(info):
         if key.startswith("energy_"):
-            level = key[len("energy_"):]
+            level = key[len("energy_") :]
             fkey = f"forces_{level}"
             if fkey not in atoms.arrays:
                 raise SchemaError(f"{where}: {key} given without per-atom {fkey}")
-            fr.labels[level] = Label(float(info.pop(key)) * KJMOL_PER_EV,
-                                     np.asarray(atoms.arrays[fkey], dtype=float) * KJMOLNM_PER_EVANGSTROM)
+            fr.labels[level] = Label(
+                float(info.pop(key)) * KJMOL_PER_EV,
+                np.asarray(atoms.arrays[fkey], dtype=float) * KJMOLNM_PER_EVANGSTROM,
+            )
     for key, val in info.items():
         if isinstance(val, (int, float, str, np.integer, np.floating)) and not isinstance(val, bool):
             fr.info[key] = val.item() if isinstance(val, np.generic) else val
@@ -119,8 +128,9 @@ def frame_to_atoms(frame: Frame, levels: Sequence[str] | None = None) -> object:
     return atoms
 
 
-def write_extxyz(path: str | Path, frames: Sequence[Frame] | Iterator[Frame],
-                 levels: Sequence[str] | None = None) -> int:
+def write_extxyz(
+    path: str | Path, frames: Sequence[Frame] | Iterator[Frame], levels: Sequence[str] | None = None
+) -> int:
     """Write frames (with their labels) to ``path`` atomically; returns the number written."""
     import os
     import tempfile

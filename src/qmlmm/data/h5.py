@@ -84,8 +84,9 @@ def _atomic_create(path: Path, fill: Any) -> None:
         raise
 
 
-def write_dataset(path: str | Path, frames: Sequence[Frame], overwrite: bool = False,
-                  level_methods: dict[str, str] | None = None) -> Dataset:
+def write_dataset(
+    path: str | Path, frames: Sequence[Frame], overwrite: bool = False, level_methods: dict[str, str] | None = None
+) -> Dataset:
     """Write ``frames`` (with any labels they carry) to a new dataset file at ``path``.
 
     Labels found in the frames become levels whose method is ``level_methods[name]`` (default
@@ -141,8 +142,11 @@ def _write_frames(g: h5py.Group, frames: Sequence[Frame]) -> None:
             if all(isinstance(v, (int, float, np.integer, np.floating)) or v is None for v in vals):
                 gi.create_dataset(k, data=np.array([np.nan if v is None else float(v) for v in vals]))
             else:
-                gi.create_dataset(k, data=np.array(["" if v is None else str(v) for v in vals], dtype=object),
-                                  dtype=h5py.string_dtype())
+                gi.create_dataset(
+                    k,
+                    data=np.array(["" if v is None else str(v) for v in vals], dtype=object),
+                    dtype=h5py.string_dtype(),
+                )
 
 
 class Dataset:
@@ -182,14 +186,26 @@ class Dataset:
         schema = f.attrs.get("schema")
         if schema != SCHEMA:
             self.close()
-            raise SchemaError(f"{self.path} is not a qmlmm dataset (schema attribute {schema!r}, "
-                              f"expected {SCHEMA!r})")
+            raise SchemaError(f"{self.path} is not a qmlmm dataset (schema attribute {schema!r}, expected {SCHEMA!r})")
         ver = int(f.attrs.get("schema_version", -1))
         if ver > SCHEMA_VERSION:
             self.close()
             raise SchemaError(f"{self.path} has schema version {ver}, newer than this qmlmm ({SCHEMA_VERSION})")
-        missing = [k for k in ("atom_offset", "numbers", "positions", "is_qm", "charges", "mol_id", "box",
-                               "qm_charge", "qm_mult") if k not in f.get("frames", {})]
+        missing = [
+            k
+            for k in (
+                "atom_offset",
+                "numbers",
+                "positions",
+                "is_qm",
+                "charges",
+                "mol_id",
+                "box",
+                "qm_charge",
+                "qm_mult",
+            )
+            if k not in f.get("frames", {})
+        ]
         if missing or "levels" not in f:
             self.close()
             raise SchemaError(f"{self.path} lacks required datasets: {missing or ['levels']}")
@@ -222,10 +238,15 @@ class Dataset:
                 v = d[i]
                 info[k] = v.decode() if isinstance(v, bytes) else (v if isinstance(v, str) else float(v))
         fr = Frame(
-            numbers=self._arr("numbers")[s], positions=self._arr("positions")[s], is_qm=self._arr("is_qm")[s],
-            charges=self._arr("charges")[s], mol_ids=self._arr("mol_id")[s],
-            box=None if not np.any(box) else box, qm_charge=int(self._arr("qm_charge")[i]),
-            qm_mult=int(self._arr("qm_mult")[i]), info=info,
+            numbers=self._arr("numbers")[s],
+            positions=self._arr("positions")[s],
+            is_qm=self._arr("is_qm")[s],
+            charges=self._arr("charges")[s],
+            mol_ids=self._arr("mol_id")[s],
+            box=None if not np.any(box) else box,
+            qm_charge=int(self._arr("qm_charge")[i]),
+            qm_mult=int(self._arr("qm_mult")[i]),
+            info=info,
         )
         for name in self.levels() if levels is None else levels:
             lab = self.label(name, i)
@@ -247,17 +268,24 @@ class Dataset:
     def level_info(self, name: str) -> LevelInfo:
         g = self._level(name)
         st = g["status"][()]
-        return LevelInfo(name=name, method=str(g.attrs["method"]), settings=json.loads(g.attrs["settings"]),
-                         versions=json.loads(g.attrs["versions"]), n_done=int((st == STATUS_DONE).sum()),
-                         n_failed=int((st == STATUS_FAILED).sum()), n_frames=len(st))
+        return LevelInfo(
+            name=name,
+            method=str(g.attrs["method"]),
+            settings=json.loads(g.attrs["settings"]),
+            versions=json.loads(g.attrs["versions"]),
+            n_done=int((st == STATUS_DONE).sum()),
+            n_failed=int((st == STATUS_FAILED).sum()),
+            n_frames=len(st),
+        )
 
     def _level(self, name: str) -> h5py.Group:
         if name not in self._f["levels"]:
             raise KeyError(f"level {name!r} not in {self.path}; levels: {self.levels()}")
         return self._f["levels"][name]
 
-    def add_level(self, name: str, method: str, settings: dict[str, Any], versions: dict[str, str],
-                  overwrite: bool = False) -> None:
+    def add_level(
+        self, name: str, method: str, settings: dict[str, Any], versions: dict[str, str], overwrite: bool = False
+    ) -> None:
         """Create label arrays for level ``name``, or check an existing one has the same settings.
 
         Raises LevelConflictError when the level exists with another method or settings.
@@ -321,8 +349,7 @@ class Dataset:
         e[g["status"][()] != STATUS_DONE] = np.nan
         return e
 
-    def write_label(self, name: str, i: int, label: Label, time_s: float = float("nan"),
-                    flush: bool = True) -> None:
+    def write_label(self, name: str, i: int, label: Label, time_s: float = float("nan"), flush: bool = True) -> None:
         """Record a result: energy and forces first, then status=done; flush."""
         g = self._level(name)
         s = self.atom_slice(i)

@@ -46,8 +46,10 @@ class EngineSpec:
 def parse_spec(spec: str) -> EngineSpec:
     """Parse an engine spec string; raise InputError naming what is wrong."""
     if ":" not in spec:
-        raise InputError(f"engine spec {spec!r} needs the form family:method, e.g. dft:b3lyp/def2-svp, "
-                         f"xtb:gfn2, dftb3:3ob (families: {', '.join(FAMILIES)})")
+        raise InputError(
+            f"engine spec {spec!r} needs the form family:method, e.g. dft:b3lyp/def2-svp, "
+            f"xtb:gfn2, dftb3:3ob (families: {', '.join(FAMILIES)})"
+        )
     family, rest = spec.split(":", 1)
     family = family.strip().lower()
     if family not in FAMILIES:

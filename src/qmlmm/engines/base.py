@@ -83,15 +83,31 @@ class Engine(abc.ABC):
             mm_numbers = np.full(len(mm_charges), 8, dtype=np.int64)
         check_charge_multiplicity(numbers, charge, mult)
         t0 = time.perf_counter()
-        res = self._compute(numbers, qm_positions, mm_positions, mm_charges, int(charge), int(mult),
-                            np.asarray(mm_numbers, dtype=np.int64), need_potential)
+        res = self._compute(
+            numbers,
+            qm_positions,
+            mm_positions,
+            mm_charges,
+            int(charge),
+            int(mult),
+            np.asarray(mm_numbers, dtype=np.int64),
+            need_potential,
+        )
         res.info.setdefault("time_s", time.perf_counter() - t0)
         return res
 
     @abc.abstractmethod
-    def _compute(self, numbers: np.ndarray, qm_positions: np.ndarray, mm_positions: np.ndarray,
-                 mm_charges: np.ndarray, charge: int, mult: int, mm_numbers: np.ndarray,
-                 need_potential: bool) -> EngineResult:
+    def _compute(
+        self,
+        numbers: np.ndarray,
+        qm_positions: np.ndarray,
+        mm_positions: np.ndarray,
+        mm_charges: np.ndarray,
+        charge: int,
+        mult: int,
+        mm_numbers: np.ndarray,
+        need_potential: bool,
+    ) -> EngineResult:
         """Engine-specific computation, inputs already checked and in qmlmm units."""
 
     @abc.abstractmethod
@@ -108,8 +124,13 @@ class Engine(abc.ABC):
     def compute_frame(self, frame: Frame, embedding: Embedding) -> EngineResult:
         """Run the engine on ``frame`` with a precomputed ``embedding``."""
         return self.compute(
-            frame.numbers[embedding.qm_index], embedding.qm_positions, embedding.mm_positions,
-            embedding.mm_charges, frame.qm_charge, frame.qm_mult, frame.numbers[embedding.mm_index],
+            frame.numbers[embedding.qm_index],
+            embedding.qm_positions,
+            embedding.mm_positions,
+            embedding.mm_charges,
+            frame.qm_charge,
+            frame.qm_mult,
+            frame.numbers[embedding.mm_index],
             need_potential=len(embedding.switch_mm) > 0,
         )
 
@@ -117,8 +138,7 @@ class Engine(abc.ABC):
         return f"{type(self).__name__}({self.spec!r})"
 
 
-def label_frame(engine: Engine, frame: Frame, settings: EmbeddingSettings | None = None
-                ) -> tuple[Label, EngineResult]:
+def label_frame(engine: Engine, frame: Frame, settings: EmbeddingSettings | None = None) -> tuple[Label, EngineResult]:
     """Label one frame: select its embedding, run ``engine``, return forces on all N atoms.
 
     Returns the :class:`~qmlmm.system.Label` (energy kJ/mol, forces (N, 3) kJ/mol/nm, zero on

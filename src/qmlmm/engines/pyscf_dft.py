@@ -79,21 +79,40 @@ class PySCFEngine(Engine):
         return {"pyscf": pyscf.__version__}
 
     def settings(self) -> dict[str, object]:
-        return {"xc": self.xc, "basis": self.basis, "density_fit": self.density_fit,
-                "conv_tol": self.conv_tol, "grids_level": self.grids_level}
+        return {
+            "xc": self.xc,
+            "basis": self.basis,
+            "density_fit": self.density_fit,
+            "conv_tol": self.conv_tol,
+            "grids_level": self.grids_level,
+        }
 
     def _mol(self, numbers: np.ndarray, pos_bohr: np.ndarray, charge: int, mult: int) -> Any:
         from pyscf import gto
 
         try:
-            return gto.M(atom=[(int(z), tuple(p)) for z, p in zip(numbers, pos_bohr, strict=True)],
-                         unit="Bohr", basis=self.basis, charge=charge, spin=mult - 1, verbose=0)
+            return gto.M(
+                atom=[(int(z), tuple(p)) for z, p in zip(numbers, pos_bohr, strict=True)],
+                unit="Bohr",
+                basis=self.basis,
+                charge=charge,
+                spin=mult - 1,
+                verbose=0,
+            )
         except (KeyError, RuntimeError, ValueError) as e:
             raise InputError(f"PySCF cannot build the molecule with basis {self.basis!r}: {e}") from e
 
-    def _compute(self, numbers: np.ndarray, qm_positions: np.ndarray, mm_positions: np.ndarray,
-                 mm_charges: np.ndarray, charge: int, mult: int, mm_numbers: np.ndarray,
-                 need_potential: bool) -> EngineResult:
+    def _compute(
+        self,
+        numbers: np.ndarray,
+        qm_positions: np.ndarray,
+        mm_positions: np.ndarray,
+        mm_charges: np.ndarray,
+        charge: int,
+        mult: int,
+        mm_numbers: np.ndarray,
+        need_potential: bool,
+    ) -> EngineResult:
         from pyscf import dft, lib, qmmm
 
         lib.num_threads(self.threads)
@@ -147,14 +166,19 @@ class PySCFEngine(Engine):
             qm_forces=-np.asarray(grad_qm) * KJMOLNM_PER_HARTREEBOHR,
             mm_forces=-np.asarray(grad_mm) * KJMOLNM_PER_HARTREEBOHR,
             mm_potential=potential,
-            info={"scf_cycles": int(getattr(mf, "cycles", -1)), "time_scf_s": t_scf,
-                  "time_grad_qm_s": t_grad, "time_grad_mm_s": t_mm,
-                  "guess": "previous" if dm0 is not None else "minao"},
+            info={
+                "scf_cycles": int(getattr(mf, "cycles", -1)),
+                "time_scf_s": t_scf,
+                "time_grad_qm_s": t_grad,
+                "time_grad_mm_s": t_mm,
+                "guess": "previous" if dm0 is not None else "minao",
+            },
         )
 
     @staticmethod
-    def _grad_mm_electrons(mol: Any, dm: np.ndarray, points_bohr: np.ndarray, charges: np.ndarray,
-                           block: int = 200) -> np.ndarray:
+    def _grad_mm_electrons(
+        mol: Any, dm: np.ndarray, points_bohr: np.ndarray, charges: np.ndarray, block: int = 200
+    ) -> np.ndarray:
         """dE_el/dR_j (m, 3) Hartree/Bohr of the electron-charge attraction, from <nabla p|1/|r-R_j||q>.
 
         Same numbers as PySCF's ``grad_hcore_mm`` (which uses 3-centre integrals), 3-4x faster:
@@ -163,8 +187,8 @@ class PySCFEngine(Engine):
         """
         out = np.empty_like(points_bohr)
         for i0 in range(0, len(points_bohr), block):
-            ip = mol.intor("int1e_grids_ip", grids=points_bohr[i0:i0 + block])  # (3, k, nao, nao)
-            out[i0:i0 + block] = -2.0 * np.einsum("xkpq,pq->kx", ip, dm) * charges[i0:i0 + block, None]
+            ip = mol.intor("int1e_grids_ip", grids=points_bohr[i0 : i0 + block])  # (3, k, nao, nao)
+            out[i0 : i0 + block] = -2.0 * np.einsum("xkpq,pq->kx", ip, dm) * charges[i0 : i0 + block, None]
         return out
 
     @staticmethod
@@ -175,6 +199,6 @@ class PySCFEngine(Engine):
         d = np.linalg.norm(points_bohr[:, None, :] - rq[None, :, :], axis=2)
         v = (z[None, :] / d).sum(1)
         for i0 in range(0, len(points_bohr), block):
-            ints = mol.intor("int1e_grids", hermi=1, grids=points_bohr[i0:i0 + block])
-            v[i0:i0 + block] -= np.einsum("kpq,qp->k", ints, dm)
+            ints = mol.intor("int1e_grids", hermi=1, grids=points_bohr[i0 : i0 + block])
+            v[i0 : i0 + block] -= np.einsum("kpq,qp->k", ints, dm)
         return v

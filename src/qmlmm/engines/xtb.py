@@ -95,12 +95,24 @@ class XTBEngine(Engine):
         return {"xtb-python": version("xtb"), "libxtb": "6.5.1"}
 
     def settings(self) -> dict[str, object]:
-        return {"method": self.method, "accuracy": self.accuracy, "etemp": self.etemp,
-                "point_charge_hardness": "element of the MM atom"}
+        return {
+            "method": self.method,
+            "accuracy": self.accuracy,
+            "etemp": self.etemp,
+            "point_charge_hardness": "element of the MM atom",
+        }
 
-    def _compute(self, numbers: np.ndarray, qm_positions: np.ndarray, mm_positions: np.ndarray,
-                 mm_charges: np.ndarray, charge: int, mult: int, mm_numbers: np.ndarray,
-                 need_potential: bool) -> EngineResult:
+    def _compute(
+        self,
+        numbers: np.ndarray,
+        qm_positions: np.ndarray,
+        mm_positions: np.ndarray,
+        mm_charges: np.ndarray,
+        charge: int,
+        mult: int,
+        mm_numbers: np.ndarray,
+        need_potential: bool,
+    ) -> EngineResult:
         from xtb.interface import Calculator, XTBException
         from xtb.libxtb import VERBOSITY_MUTED
 
@@ -113,9 +125,11 @@ class XTBEngine(Engine):
         m = len(mm_charges)
         mm_pos = mm_positions * BOHR_PER_NM
         if m:
-            calc.set_external_charges(np.ascontiguousarray(mm_numbers, dtype=np.int32),
-                                      np.ascontiguousarray(mm_charges, dtype=np.float64),
-                                      np.ascontiguousarray(mm_pos, dtype=np.float64))
+            calc.set_external_charges(
+                np.ascontiguousarray(mm_numbers, dtype=np.int32),
+                np.ascontiguousarray(mm_charges, dtype=np.float64),
+                np.ascontiguousarray(mm_pos, dtype=np.float64),
+            )
         try:
             res = calc.singlepoint()
         except XTBException as e:

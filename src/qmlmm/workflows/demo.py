@@ -26,9 +26,15 @@ class LabelDemoResult:
     rows: list[dict[str, float]]
 
 
-def run_label_demo(out_dir: Path, n_frames: int = 3, reference: str = "dft:b3lyp/6-31g*",
-                   baseline: str = "xtb:gfn2", workers: int = 1, threads: int = 2,
-                   progress: bool = True) -> LabelDemoResult:
+def run_label_demo(
+    out_dir: Path,
+    n_frames: int = 3,
+    reference: str = "dft:b3lyp/6-31g*",
+    baseline: str = "xtb:gfn2",
+    workers: int = 1,
+    threads: int = 2,
+    progress: bool = True,
+) -> LabelDemoResult:
     """Label ``n_frames`` frames of methanol in water at ``reference`` and ``baseline`` levels."""
     out_dir.mkdir(parents=True, exist_ok=True)
     src = out_dir / "methanol_in_water.extxyz"
@@ -36,8 +42,9 @@ def run_label_demo(out_dir: Path, n_frames: int = 3, reference: str = "dft:b3lyp
         write_extxyz(src, [solvated_frame("methanol", box=3.0, seed=s) for s in range(n_frames)])
     out = out_dir / "labels.h5"
     reqs = [LevelRequest.from_spec(reference), LevelRequest.from_spec(baseline)]
-    rep = label_dataset(src, out, reqs, EmbeddingSettings(cutoff=1.4), workers=workers, threads=threads,
-                        progress=progress)
+    rep = label_dataset(
+        src, out, reqs, EmbeddingSettings(cutoff=1.4), workers=workers, threads=threads, progress=progress
+    )
     rows = []
     ref, base = reqs[0].level, reqs[1].level
     with Dataset(out) as ds:
@@ -49,11 +56,16 @@ def run_label_demo(out_dir: Path, n_frames: int = 3, reference: str = "dft:b3lyp
             f_ref, f_base = fr.labels[ref].forces, fr.labels[base].forces
             emb = np.any(f_ref != 0, axis=1) & ~fr.is_qm
             d = f_ref - f_base
-            rows.append({
-                "frame": i, "n_qm": int(fr.is_qm.sum()), "n_mm_embedded": int(emb.sum()),
-                "E_ref": float(e_ref[i]), "E_base": float(e_base[i]),
-                "rms_dF_qm": float(np.sqrt(np.mean(d[fr.is_qm] ** 2))),
-                "rms_dF_mm": float(np.sqrt(np.mean(d[emb] ** 2))) if emb.any() else float("nan"),
-                "rms_F_mm_ref": float(np.sqrt(np.mean(f_ref[emb] ** 2))) if emb.any() else float("nan"),
-            })
+            rows.append(
+                {
+                    "frame": i,
+                    "n_qm": int(fr.is_qm.sum()),
+                    "n_mm_embedded": int(emb.sum()),
+                    "E_ref": float(e_ref[i]),
+                    "E_base": float(e_base[i]),
+                    "rms_dF_qm": float(np.sqrt(np.mean(d[fr.is_qm] ** 2))),
+                    "rms_dF_mm": float(np.sqrt(np.mean(d[emb] ** 2))) if emb.any() else float("nan"),
+                    "rms_F_mm_ref": float(np.sqrt(np.mean(f_ref[emb] ** 2))) if emb.any() else float("nan"),
+                }
+            )
     return LabelDemoResult(out, rep, rows)

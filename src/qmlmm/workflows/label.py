@@ -148,20 +148,36 @@ def _dask_client(workers: int, threads: int, scheduler: str | None) -> Any:
         return Client(scheduler)
     import dask
 
-    env = {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": str(threads),
-           "OPENBLAS_NUM_THREADS": str(threads)}
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "MKL_NUM_THREADS": str(threads),
+        "OPENBLAS_NUM_THREADS": str(threads),
+    }
     dask.config.set({"distributed.nanny.pre-spawn-environ": env})
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("distributed"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR)
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard": False},
+        silence_logs=logging.ERROR,
+    )
     return Client(cluster)
 
 
-def _run_tasks(tasks: list[tuple[str, int]], load: Callable[[int], Frame], requests: dict[str, LevelRequest],
-               settings: dict[str, float], workers: int, threads: int, scheduler: str | None
-               ) -> Iterator[tuple[str, int, dict[str, Any]]]:
+def _run_tasks(
+    tasks: list[tuple[str, int]],
+    load: Callable[[int], Frame],
+    requests: dict[str, LevelRequest],
+    settings: dict[str, float],
+    workers: int,
+    threads: int,
+    scheduler: str | None,
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """Yield (level, frame index, result) as results arrive."""
     if workers == 0 and not scheduler:
         for level, i in tasks:
@@ -248,26 +264,38 @@ def label_dataset(
         sel = np.arange(len(ds)) if frames is None else np.asarray(frames, dtype=int)
         for r in requests:
             eng = make_engine(r.spec, threads=threads)
-            ds.add_level(r.level, method=r.spec, settings={"engine": eng.settings(), "embedding": settings},
-                         versions=eng.versions(), overwrite=overwrite)
+            ds.add_level(
+                r.level,
+                method=r.spec,
+                settings={"engine": eng.settings(), "embedding": settings},
+                versions=eng.versions(),
+                overwrite=overwrite,
+            )
             st = ds.status(r.level)[sel]
             want = (st == STATUS_MISSING) | ((st == STATUS_FAILED) if retry_failed else False)
             tasks += [(r.level, int(i)) for i in sel[want]]
             report.skipped_done[r.level] = int((st == STATUS_DONE).sum())
             report.computed[r.level] = 0
             # frames that failed before and are not retried stay failures of this run's result
-            report.failed[r.level] = {} if retry_failed else {
-                i: msg for i, msg in ds.errors(r.level).items() if frames is None or i in set(sel.tolist())}
+            report.failed[r.level] = (
+                {}
+                if retry_failed
+                else {i: msg for i, msg in ds.errors(r.level).items() if frames is None or i in set(sel.tolist())}
+            )
             if report.failed[r.level]:
-                log.warning("level %s: %d frame(s) failed before and are skipped (use --retry-failed)",
-                            r.level, len(report.failed[r.level]))
+                log.warning(
+                    "level %s: %d frame(s) failed before and are skipped (use --retry-failed)",
+                    r.level,
+                    len(report.failed[r.level]),
+                )
         if not tasks:
             log.info("nothing to label: every requested frame is done")
         times: dict[str, list[float]] = {r.level: [] for r in requests}
         bar = _progress(len(tasks), progress)
         try:
-            results = _run_tasks(tasks, lambda i: ds.frame(i, levels=()), by_level, settings, workers, threads,
-                                 scheduler)
+            results = _run_tasks(
+                tasks, lambda i: ds.frame(i, levels=()), by_level, settings, workers, threads, scheduler
+            )
             for level, i, res in results:
                 if res["ok"]:
                     from qmlmm.system import Label
@@ -291,5 +319,4 @@ def label_dataset(
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="labelling", unit="frame", disable=not enabled or total == 0,
-                dynamic_ncols=True)
+    return tqdm(total=total, desc="labelling", unit="frame", disable=not enabled or total == 0, dynamic_ncols=True)

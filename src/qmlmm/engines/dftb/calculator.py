@@ -86,8 +86,9 @@ class _BlockIndex:
 class DFTBCalculator:
     """DFTB2/DFTB3 for one molecule (fixed atoms and total charge), any number of frames."""
 
-    def __init__(self, params: DFTBParameters, numbers: Sequence[int], charge: int = 0,
-                 options: SCCOptions | None = None) -> None:
+    def __init__(
+        self, params: DFTBParameters, numbers: Sequence[int], charge: int = 0, options: SCCOptions | None = None
+    ) -> None:
         self.p = params
         self.numbers = [int(z) for z in numbers]
         self.opts = options or SCCOptions()
@@ -151,8 +152,9 @@ class DFTBCalculator:
         self._last_dq: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ---- geometry-dependent matrices ----------------------------------------------------------
-    def _matrices(self, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                  torch.Tensor]:
+    def _matrices(
+        self, R: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """H0, S (B, N, N), gamma, Gamma (B, n, n) and E_rep (B,) for positions R (B, n, 3) Bohr."""
         B, n, N = R.shape[0], self.n, self.n_orb
         d = R[:, self.pj] - R[:, self.pi]  # (B, P, 3), from i to j
@@ -196,10 +198,15 @@ class DFTBCalculator:
         G3 = None
         if self.p.third_order:
             # both directions (Gamma_ij uses U^d_i, Gamma_ji uses U^d_j) in one evaluation
-            g2 = third_order_offdiag(torch.cat([r, r], -1), torch.cat([ua, ub]), torch.cat([ub, ua]),
-                                     torch.cat([self.Ud[self.pi], self.Ud[self.pj]]),
-                                     torch.cat([self.hpair, self.hpair]), self.p.zeta)
-            g_ij, g_ji = g2[..., : r.shape[-1]], g2[..., r.shape[-1]:]
+            g2 = third_order_offdiag(
+                torch.cat([r, r], -1),
+                torch.cat([ua, ub]),
+                torch.cat([ub, ua]),
+                torch.cat([self.Ud[self.pi], self.Ud[self.pj]]),
+                torch.cat([self.hpair, self.hpair]),
+                self.p.zeta,
+            )
+            g_ij, g_ji = g2[..., : r.shape[-1]], g2[..., r.shape[-1] :]
             G3 = torch.zeros(B, n, n, dtype=R.dtype, device=R.device)
             bidx = torch.arange(B, device=R.device)[:, None]
             G3 = G3.index_put((bidx, self.pi[None], self.pj[None]), g_ij)
@@ -215,16 +222,15 @@ class DFTBCalculator:
         dist = torch.cdist(R, Rm)
         return (Q[:, None, :] / dist).sum(-1)
 
-    def _shifts(self, dq: torch.Tensor, gam: torch.Tensor, G3: torch.Tensor | None, phi: torch.Tensor
-                ) -> torch.Tensor:
+    def _shifts(self, dq: torch.Tensor, gam: torch.Tensor, G3: torch.Tensor | None, phi: torch.Tensor) -> torch.Tensor:
         V = torch.einsum("bij,bj->bi", gam, dq) - phi
         if G3 is not None:
-            V = V + (2.0 * dq * torch.einsum("bij,bj->bi", G3, dq)
-                     + torch.einsum("bji,bj->bi", G3, dq * dq)) / 3.0
+            V = V + (2.0 * dq * torch.einsum("bij,bj->bi", G3, dq) + torch.einsum("bji,bj->bi", G3, dq * dq)) / 3.0
         return V
 
-    def _solve(self, H0p: torch.Tensor, L: torch.Tensor, Linv: torch.Tensor, V: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _solve(
+        self, H0p: torch.Tensor, L: torch.Tensor, Linv: torch.Tensor, V: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Orbital energies (B, N), occupied coefficients C_occ (B, N, n_occ) and orbital Mulliken
         populations (B, N) of H = H0 + S (V_mu + V_nu)/2, with S = L L^T.
 
@@ -246,9 +252,14 @@ class DFTBCalculator:
         return q - self.q0
 
     # ---- main entry ---------------------------------------------------------------------------
-    def __call__(self, positions: torch.Tensor, mm_positions: torch.Tensor | None = None,
-                 mm_charges: torch.Tensor | None = None, forces: bool = True, potential: bool = False
-                 ) -> DFTBResult:
+    def __call__(
+        self,
+        positions: torch.Tensor,
+        mm_positions: torch.Tensor | None = None,
+        mm_charges: torch.Tensor | None = None,
+        forces: bool = True,
+        potential: bool = False,
+    ) -> DFTBResult:
         """Energies (and gradients) for frames.
 
         Args:
@@ -280,8 +291,9 @@ class DFTBCalculator:
             H0, S, gam, G3, e_rep = self._matrices(R)
             phi = self._potential(R, Rm, Q)
         G3d = None if G3 is None else G3.detach()
-        dq_in, eps, C_occ, dq, it = self._scc(H0.detach(), S.detach(), gam.detach(), G3d, phi.detach(),
-                                              key=self._guess_key(Rm))
+        dq_in, eps, C_occ, dq, it = self._scc(
+            H0.detach(), S.detach(), gam.detach(), G3d, phi.detach(), key=self._guess_key(Rm)
+        )
         with torch.no_grad():
             # the last SCC diagonalisation (shifts of dq_in) is the final one; its Mulliken charges dq
             # differ from dq_in by less than the tolerance, and the energy is evaluated with them (a
@@ -291,16 +303,22 @@ class DFTBCalculator:
             W = 2.0 * (C_occ * eps[:, None, : self.n_occ]) @ C_occ.transpose(-1, -2)
             e_band = (P * H0.detach()).sum((-1, -2))
             e2 = 0.5 * torch.einsum("bi,bij,bj->b", dq, gam.detach(), dq)
-            e3 = (torch.einsum("bi,bij,bj->b", dq * dq, G3.detach(), dq) / 3.0 if G3 is not None
-                  else torch.zeros_like(e2))
+            e3 = (
+                torch.einsum("bi,bij,bj->b", dq * dq, G3.detach(), dq) / 3.0 if G3 is not None else torch.zeros_like(e2)
+            )
             e_ext = -(dq * phi.detach()).sum(-1)
             energy = e_band + e2 + e3 + e_rep.detach() + e_ext
         grad = mm_grad = pot = None
         if need_grad:
             Vo = V[:, self.atom_of_orb]
-            G = ((P * H0).sum((-1, -2)) - (W * S).sum((-1, -2))
-                 + 0.5 * (P * S * (Vo[:, :, None] + Vo[:, None, :])).sum((-1, -2))
-                 + 0.5 * torch.einsum("bi,bij,bj->b", dq, gam, dq) + e_rep - (dq * phi).sum(-1))
+            G = (
+                (P * H0).sum((-1, -2))
+                - (W * S).sum((-1, -2))
+                + 0.5 * (P * S * (Vo[:, :, None] + Vo[:, None, :])).sum((-1, -2))
+                + 0.5 * torch.einsum("bi,bij,bj->b", dq, gam, dq)
+                + e_rep
+                - (dq * phi).sum(-1)
+            )
             if G3 is not None:
                 G = G + torch.einsum("bi,bij,bj->b", dq * dq, G3, dq) / 3.0
             inputs = [t for t in (R, Rm, Q) if t.requires_grad]
@@ -312,7 +330,12 @@ class DFTBCalculator:
             if forces and mm_grad is None:
                 mm_grad = torch.zeros_like(Rm)
         res = DFTBResult(
-            energy=energy, gradient=grad, mm_gradient=mm_grad, mm_potential=pot, charges=-dq, iterations=it,
+            energy=energy,
+            gradient=grad,
+            mm_gradient=mm_grad,
+            mm_potential=pot,
+            charges=-dq,
+            iterations=it,
             terms={"band": e_band, "scc2": e2, "scc3": e3, "rep": e_rep.detach(), "ext": e_ext},
         )
         return res
@@ -320,9 +343,15 @@ class DFTBCalculator:
     def _guess_key(self, Rm: torch.Tensor) -> tuple[int, ...]:
         return (int(Rm.shape[0]),)
 
-    def _scc(self, H0: torch.Tensor, S: torch.Tensor, gam: torch.Tensor, G3: torch.Tensor | None,
-             phi: torch.Tensor, key: tuple[int, ...] = ()
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def _scc(
+        self,
+        H0: torch.Tensor,
+        S: torch.Tensor,
+        gam: torch.Tensor,
+        G3: torch.Tensor | None,
+        phi: torch.Tensor,
+        key: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Self-consistent charges by Anderson mixing; raises SCFNotConvergedError.
 
         Returns the converged input charges dq_in (B, n), the orbital energies (B, N) and occupied
@@ -333,8 +362,9 @@ class DFTBCalculator:
         B = H0.shape[0]
         o = self.opts
         L = torch.linalg.cholesky(S)
-        Linv = torch.linalg.solve_triangular(L, torch.eye(self.n_orb, dtype=S.dtype, device=S.device).expand_as(S),
-                                             upper=False)
+        Linv = torch.linalg.solve_triangular(
+            L, torch.eye(self.n_orb, dtype=S.dtype, device=S.device).expand_as(S), upper=False
+        )
         H0p = Linv @ H0 @ Linv.transpose(-1, -2)
         prev = self._last_dq.get(key) if o.reuse_charges else None
         dq = prev.clone() if prev is not None else torch.zeros(B, self.n, dtype=S.dtype, device=S.device)
@@ -355,7 +385,9 @@ class DFTBCalculator:
             if not keep:
                 keep = [t.clone() for t in now]
             else:
-                keep = [torch.where(newly.view(-1, *([1] * (t.dim() - 1))), t, k_) for t, k_ in zip(now, keep, strict=True)]
+                keep = [
+                    torch.where(newly.view(-1, *([1] * (t.dim() - 1))), t, k_) for t, k_ in zip(now, keep, strict=True)
+                ]
             done = done | newly
             if bool(done.all()):
                 if o.reuse_charges:
@@ -363,7 +395,7 @@ class DFTBCalculator:
                 return keep[0], keep[1], keep[2], keep[3], it
             hist_x.append(dq)
             hist_f.append(f)
-            hist_x, hist_f = hist_x[-o.history:], hist_f[-o.history:]
+            hist_x, hist_f = hist_x[-o.history :], hist_f[-o.history :]
             if len(hist_f) > 1:
                 F = torch.stack(hist_f, 1)  # (B, k, n)
                 X = torch.stack(hist_x, 1)

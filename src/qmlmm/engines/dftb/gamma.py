@@ -37,8 +37,9 @@ def short_range(r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, equal: torc
     return torch.where(equal, s_eq, s_ne)
 
 
-def _damping(r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, hpair: torch.Tensor,
-             zeta: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _damping(
+    r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, hpair: torch.Tensor, zeta: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """h_AB(r) and dh/dU_A (…)."""
     if zeta is None:
         one = torch.ones_like(r)
@@ -49,16 +50,18 @@ def _damping(r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, hpair: torch.T
     return torch.where(hpair, h, torch.ones_like(h)), torch.where(hpair, dh, torch.zeros_like(dh))
 
 
-def gamma_offdiag(r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, hpair: torch.Tensor,
-                  zeta: float | None) -> torch.Tensor:
+def gamma_offdiag(
+    r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, hpair: torch.Tensor, zeta: float | None
+) -> torch.Tensor:
     """gamma_AB for distinct atoms at distance r > 0 (…)."""
     equal = (ua - ub).abs() < EQUAL_U
     h, _ = _damping(r, ua, ub, hpair, zeta)
     return 1.0 / r - short_range(r, ua, ub, equal) * h
 
 
-def third_order_offdiag(r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, uda: torch.Tensor,
-                        hpair: torch.Tensor, zeta: float | None) -> torch.Tensor:
+def third_order_offdiag(
+    r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, uda: torch.Tensor, hpair: torch.Tensor, zeta: float | None
+) -> torch.Tensor:
     """Gamma_AB = U^d_A dgamma_AB/dU_A for distinct atoms (…); not symmetric in A, B."""
     equal = (ua - ub).abs() < EQUAL_U
     ub_p = torch.where(equal, ub + _DU, ub)

@@ -27,9 +27,23 @@ __all__ = ["TAIL_BOHR", "DFTBParameters", "TorchPair", "load_parameters"]
 TAIL_BOHR = 1.0
 
 # Hubbard derivatives (Hartree) and maximal angular momenta of 3ob-3-1, from its README
-_HUBBARD_DERIV_3OB = {35: -0.0573, 6: -0.1492, 20: -0.0340, 17: -0.0697, 9: -0.1623, 1: -0.1857, 53: -0.0433,
-                      19: -0.0339, 12: -0.02, 7: -0.1535, 11: -0.0454, 8: -0.1575, 15: -0.14, 16: -0.11,
-                      30: -0.03}
+_HUBBARD_DERIV_3OB = {
+    35: -0.0573,
+    6: -0.1492,
+    20: -0.0340,
+    17: -0.0697,
+    9: -0.1623,
+    1: -0.1857,
+    53: -0.0433,
+    19: -0.0339,
+    12: -0.02,
+    7: -0.1535,
+    11: -0.0454,
+    8: -0.1575,
+    15: -0.14,
+    16: -0.11,
+    30: -0.03,
+}
 _LMAX_3OB = {35: 2, 6: 1, 20: 1, 17: 2, 9: 1, 1: 0, 53: 2, 19: 1, 12: 1, 7: 1, 11: 1, 8: 1, 15: 2, 16: 2, 30: 2}
 _LMAX_MIO = {1: 0, 6: 1, 7: 1, 8: 1, 15: 2, 16: 2}
 
@@ -112,8 +126,10 @@ class DFTBParameters:
     def _lmax(self, z: int) -> int:
         table = _LMAX_3OB if self.name.startswith("3ob") else _LMAX_MIO
         if z not in table:
-            raise MissingParametersError(f"element {symbol(z)} is not in the {self.name} parameter set "
-                                         f"(elements: {', '.join(symbol(k) for k in sorted(table))})")
+            raise MissingParametersError(
+                f"element {symbol(z)} is not in the {self.name} parameter set "
+                f"(elements: {', '.join(symbol(k) for k in sorted(table))})"
+            )
         return table[z]
 
     def raw(self, za: int, zb: int) -> SKTable:
@@ -123,8 +139,10 @@ class DFTBParameters:
             if not path.exists() and Path(str(path) + ".gz").exists():
                 path = Path(str(path) + ".gz")
             if not path.exists():
-                raise MissingParametersError(f"no Slater-Koster file {path.name} in {self.directory}: the pair "
-                                             f"{symbol(za)}-{symbol(zb)} is not covered by {self.name}")
+                raise MissingParametersError(
+                    f"no Slater-Koster file {path.name} in {self.directory}: the pair "
+                    f"{symbol(za)}-{symbol(zb)} is not covered by {self.name}"
+                )
             self._raw[key] = read_skf(path, homonuclear=za == zb)
         return self._raw[key]
 
@@ -134,8 +152,14 @@ class DFTBParameters:
             tab = self.raw(z, z)
             assert tab.onsite is not None and tab.hubbard is not None and tab.occupation is not None
             ud = _HUBBARD_DERIV_3OB.get(z, 0.0) if self.third_order else 0.0
-            self._species[z] = Species(z=z, lmax=lmax, onsite=tab.onsite[: lmax + 1], hubbard=tab.hubbard[0],
-                                       hubbard_deriv=ud, n_valence=float(sum(tab.occupation[: lmax + 1])))
+            self._species[z] = Species(
+                z=z,
+                lmax=lmax,
+                onsite=tab.onsite[: lmax + 1],
+                hubbard=tab.hubbard[0],
+                hubbard_deriv=ud,
+                n_valence=float(sum(tab.occupation[: lmax + 1])),
+            )
         return self._species[z]
 
     def pair(self, za: int, zb: int) -> TorchPair:
@@ -155,8 +179,9 @@ class DFTBParameters:
                 self.raw(za, zb)
 
 
-def load_parameters(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
-                    ) -> DFTBParameters:
+def load_parameters(
+    name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
+) -> DFTBParameters:
     """Parameter set "3ob" (DFTB3: third order, zeta = 4.0) or "mio" (DFTB2)."""
     d = parameter_dir(name)
     if name == "3ob":

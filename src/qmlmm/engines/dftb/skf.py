@@ -25,8 +25,16 @@ __all__ = ["COLUMN", "SKTable", "read_skf"]
 
 #: (l1, l2, |m|) with l1 <= l2 -> column of the Hamiltonian table (overlap: + 10)
 COLUMN: dict[tuple[int, int, int], int] = {
-    (2, 2, 0): 0, (2, 2, 1): 1, (2, 2, 2): 2, (1, 2, 0): 3, (1, 2, 1): 4,
-    (1, 1, 0): 5, (1, 1, 1): 6, (0, 2, 0): 7, (0, 1, 0): 8, (0, 0, 0): 9,
+    (2, 2, 0): 0,
+    (2, 2, 1): 1,
+    (2, 2, 2): 2,
+    (1, 2, 0): 3,
+    (1, 2, 1): 4,
+    (1, 1, 0): 5,
+    (1, 1, 1): 6,
+    (0, 2, 0): 7,
+    (0, 1, 0): 8,
+    (0, 0, 0): 9,
 }
 
 
@@ -133,7 +141,17 @@ def read_skf(path: str | Path, homonuclear: bool) -> SKTable:
         c = s[2:]
         rep[k, : len(c)] = c
     return SKTable(
-        path=path, dr=dr, table=table, spline_coef=coef, end_value=spl(r[-1]), end_d1=spl(r[-1], 1),
-        end_d2=spl(r[-1], 2), onsite=onsite, hubbard=hubbard, occupation=occ, rep_exp=(a1, a2, a3),
-        rep_knots=knots, rep_coef=rep,
+        path=path,
+        dr=dr,
+        table=table,
+        spline_coef=coef,
+        end_value=spl(r[-1]),
+        end_d1=spl(r[-1], 1),
+        end_d2=spl(r[-1], 2),
+        onsite=onsite,
+        hubbard=hubbard,
+        occupation=occ,
+        rep_exp=(a1, a2, a3),
+        rep_knots=knots,
+        rep_coef=rep,
     )

@@ -61,8 +61,9 @@ def real_sh_rotations(u: torch.Tensor, lmax: int) -> list[torch.Tensor]:
     return out
 
 
-def sk_block(l1: int, l2: int, D: list[torch.Tensor], v_ab: torch.Tensor, v_ba: torch.Tensor,
-             overlap: bool) -> torch.Tensor:
+def sk_block(
+    l1: int, l2: int, D: list[torch.Tensor], v_ab: torch.Tensor, v_ba: torch.Tensor, overlap: bool
+) -> torch.Tensor:
     """Block (…, 2l1+1, 2l2+1) between shell l1 of atom A and shell l2 of atom B.
 
     Args:
