@@ -1,0 +1,1 @@
+"""Analysis: error metrics and plots, learning curves, MD observables."""

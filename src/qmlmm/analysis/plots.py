@@ -1,0 +1,87 @@
+"""Plots people would rather look at than read: parity plots, learning curves (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmlmm.training.metrics import Collected
+
+__all__ = ["parity_plot", "learning_curve_plot"]
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def parity_plot(c: Collected, path: str | Path, title: str = "") -> Path:
+    """Three panels: energies (shifted by the reference mean), QM forces, MM forces; prediction vs reference."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    e0 = float(np.mean(c.e_ref)) if len(c.e_ref) else 0.0
+    panels = [
+        (c.e_ref - e0, c.e_pred - e0, "energy - mean (kJ/mol)"),
+        (c.fq_ref.ravel(), c.fq_pred.ravel(), "QM forces (kJ/mol/nm)"),
+        (c.fm_ref.ravel(), c.fm_pred.ravel(), "MM forces (kJ/mol/nm)"),
+    ]
+    for ax, (ref, pred, label) in zip(axes, panels, strict=True):
+        if ref.size:
+            lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+            ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
+            ax.scatter(ref, pred, s=4, alpha=0.5, rasterized=True)
+            mae = float(np.mean(np.abs(pred - ref)))
+            rmse = float(np.sqrt(np.mean((pred - ref) ** 2)))
+            ax.set_title(f"MAE {mae:.3g}, RMSE {rmse:.3g}", fontsize=10)
+        ax.set_xlabel(f"reference {label}")
+        ax.set_ylabel(f"model {label}")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def learning_curve_plot(
+    curves: dict[str, Sequence[dict[str, float]]],
+    path: str | Path,
+    keys: Sequence[tuple[str, str]] = (
+        ("energy_mae", "energy MAE (kJ/mol)"),
+        ("qm_forces_mae", "QM force MAE (kJ/mol/nm)"),
+        ("mm_forces_mae", "MM force MAE (kJ/mol/nm)"),
+    ),
+    baseline: dict[str, float] | None = None,
+    title: str = "",
+) -> Path:
+    """Errors against training-set size (log-log), one line per curve (e.g. direct, delta)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 4))
+    for ax, (key, label) in zip(np.atleast_1d(axes), keys, strict=True):
+        for name, pts in curves.items():
+            n = [p["n_train"] for p in pts]
+            y = [p[key] for p in pts]
+            ax.plot(n, y, "o-", label=name)
+        if baseline and key in baseline:
+            ax.axhline(baseline[key], color="0.4", ls="--", label="baseline alone")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training frames")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    np.atleast_1d(axes)[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,91 @@
+"""Neighbour lists within frames of a batch (non-periodic: positions come from the embedding,
+which already resolved periodic images and made the QM region whole).
+
+Index construction runs without gradients; distances are recomputed from positions by the
+callers, so forces flow through positions only. Frames never see each other's atoms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["pairs_within", "triples_from_pairs"]
+
+
+@torch.no_grad()
+def pairs_within(
+    pos_a: torch.Tensor,
+    frame_a: torch.Tensor,
+    pos_b: torch.Tensor,
+    frame_b: torch.Tensor,
+    cutoff: float,
+    exclude_self: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (i, j) with i in set a, j in set b, same frame, |r_i - r_j| < cutoff.
+
+    Args:
+        pos_a (Na, 3), frame_a (Na,), pos_b (Nb, 3), frame_b (Nb,): positions and frame indices.
+        exclude_self: the sets are the same; drop i == j.
+    Returns index tensors i (P,), j (P,), sorted by i.
+    """
+    dev = pos_a.device
+    out_i, out_j = [], []
+    n_frames = int(max(frame_a.max().item() if len(frame_a) else -1, frame_b.max().item() if len(frame_b) else -1)) + 1
+    for f in range(n_frames):
+        ia = torch.nonzero(frame_a == f).flatten()
+        ib = torch.nonzero(frame_b == f).flatten()
+        if len(ia) == 0 or len(ib) == 0:
+            continue
+        d = torch.cdist(pos_a[ia], pos_b[ib])
+        mask = d < cutoff
+        if exclude_self:
+            mask &= ia[:, None] != ib[None, :]
+        ii, jj = torch.nonzero(mask, as_tuple=True)
+        out_i.append(ia[ii])
+        out_j.append(ib[jj])
+    if not out_i:
+        e = torch.zeros(0, dtype=torch.long, device=dev)
+        return e, e.clone()
+    i, j = torch.cat(out_i), torch.cat(out_j)
+    order = torch.sort(i, stable=True).indices
+    return i[order], j[order]
+
+
+@torch.no_grad()
+def triples_from_pairs(
+    center: torch.Tensor, nb: torch.Tensor, center2: torch.Tensor | None = None, nb2: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs of pair indices (p, q) sharing the same centre atom.
+
+    With one pair list: all p < q with center[p] == center[q] (unordered neighbour pairs).
+    With a second list: all (p, q), p in list 1, q in list 2, center[p] == center2[q].
+    Returns (p (T,), q (T,)).
+    """
+    dev = center.device
+    if center2 is None:
+        center2, same = center, True
+    else:
+        same = False
+    if len(center) == 0 or len(center2) == 0:
+        e = torch.zeros(0, dtype=torch.long, device=dev)
+        return e, e.clone()
+    n = int(max(center.max().item(), center2.max().item())) + 1
+    c1 = torch.bincount(center, minlength=n)
+    c2 = torch.bincount(center2, minlength=n)
+    s1 = torch.cumsum(c1, 0) - c1  # start of each centre's block (lists sorted by centre)
+    s2 = torch.cumsum(c2, 0) - c2
+    per = c1 * c2  # candidate combinations per centre
+    tot = int(per.sum().item())
+    if tot == 0:
+        e = torch.zeros(0, dtype=torch.long, device=dev)
+        return e, e.clone()
+    cen = torch.repeat_interleave(torch.arange(n, device=dev), per)
+    local = torch.arange(tot, device=dev) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+    a = local // c2[cen]
+    b = local % c2[cen]
+    p = s1[cen] + a
+    q = s2[cen] + b
+    if same:
+        keep = a < b
+        p, q = p[keep], q[keep]
+    return p, q

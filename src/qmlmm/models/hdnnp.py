@@ -1,0 +1,180 @@
+"""High-dimensional neural network potential (Behler-Parrinello) with the MM environment as an element.
+
+E = sum_i [ shift_{e(i)} + scale * NN_{e(i)}((x_i - mean_e) / std_e) ] over QM atoms i, where x_i are
+the ACSF features (QM neighbours and charge-weighted MM atoms) and e(i) the element of atom i.
+Forces on QM and MM atoms are minus the autograd gradient of E with respect to their positions.
+
+With smooth embedding (switch_width > 0) the MM charges are scaled inside the model by the same
+molecule switching function as in the labels, computed from positions, so autograd includes the
+switching force exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qmlmm.data.batch import FrameBatch
+from qmlmm.descriptors.acsf import ACSF, DescriptorConfig
+from qmlmm.environment import EmbeddingSettings
+
+__all__ = ["ModelConfig", "HDNNP", "switch_weights", "energy_and_forces"]
+
+_ACT = {"silu": nn.SiLU, "tanh": nn.Tanh, "celu": nn.CELU, "softplus": nn.Softplus}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one network of the ensemble."""
+
+    descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    activation: str = "silu"
+    cutoff: float = 1.4  # embedding cutoff (nm) of the labels the model learns
+    switch_width: float = 0.0  # smooth embedding width (nm), as in the labels
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "descriptor": self.descriptor.to_dict(),
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "cutoff": self.cutoff,
+            "switch_width": self.switch_width,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> ModelConfig:
+        return cls(
+            descriptor=DescriptorConfig.from_dict(d["descriptor"]),  # type: ignore[arg-type]
+            hidden=list(d.get("hidden", [64, 64])),
+            activation=str(d.get("activation", "silu")),  # type: ignore[call-overload]
+            cutoff=float(d.get("cutoff", 1.4)),
+            switch_width=float(d.get("switch_width", 0.0)),
+        )  # type: ignore[arg-type]
+
+    @property
+    def embedding(self) -> EmbeddingSettings:
+        return EmbeddingSettings(self.cutoff, self.switch_width)
+
+
+def switch_weights(b: FrameBatch, cutoff: float, width: float) -> torch.Tensor:
+    """(Nm,) molecule switching weight of every MM atom, differentiable in positions.
+
+    S(d_J) with d_J the shortest distance between an atom of molecule J and a QM atom of its frame,
+    the quintic smoothstep of :func:`qmlmm.environment.switch`.
+    """
+    nm = len(b.mm_q)
+    if width <= 0 or nm == 0:
+        return torch.ones(nm, dtype=b.mm_pos.dtype, device=b.mm_pos.device)
+    dmin = torch.empty(nm, dtype=b.mm_pos.dtype, device=b.mm_pos.device)
+    parts = []
+    for f in range(b.n_frames):
+        im = torch.nonzero(b.mm_frame == f).flatten()
+        iq = torch.nonzero(b.qm_frame == f).flatten()
+        if len(im) == 0:
+            continue
+        parts.append((im, torch.cdist(b.mm_pos[im], b.qm_pos[iq]).amin(dim=1)))
+    for im, d in parts:
+        dmin = dmin.index_copy(0, im, d)
+    n_mol = int(b.mm_mol.max().item()) + 1
+    dmol = torch.full((n_mol,), float("inf"), dtype=dmin.dtype, device=dmin.device)
+    dmol = dmol.scatter_reduce(0, b.mm_mol, dmin, reduce="amin", include_self=True)
+    x = ((dmol - (cutoff - width)) / width).clamp(0.0, 1.0)
+    s = 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x * x)
+    return s[b.mm_mol]
+
+
+class HDNNP(nn.Module):
+    """One HDNNP: descriptor, per-element feature scaling, per-element MLPs, per-element shifts."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.acsf = ACSF(cfg.descriptor)
+        ne, nf = self.acsf.n_el, self.acsf.n_features
+        self.register_buffer("feat_mean", torch.zeros(ne, nf))
+        self.register_buffer("feat_std", torch.ones(ne, nf))
+        self.register_buffer("e_shift", torch.zeros(ne))
+        self.register_buffer("e_scale", torch.ones(()))
+        act = _ACT[cfg.activation]
+        nets = []
+        for _ in range(ne):
+            layers: list[nn.Module] = []
+            width = nf
+            for h in cfg.hidden:
+                layers += [nn.Linear(width, h), act()]
+                width = h
+            layers.append(nn.Linear(width, 1))
+            nets.append(nn.Sequential(*layers))
+        self.nets = nn.ModuleList(nets)
+
+    @property
+    def elements(self) -> list[int]:
+        return self.acsf.elements
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def features(self, b: FrameBatch) -> torch.Tensor:
+        """Raw (unscaled) features (Nq, F).
+
+        With smooth embedding the raw MM charges are switched here, unless the batch says its charges
+        are already the switched ones (``b.meta["switched"]``, as engines receive them).
+        """
+        w = None
+        if self.cfg.switch_width > 0 and not b.meta.get("switched"):
+            w = switch_weights(b, self.cfg.cutoff, self.cfg.switch_width)
+        return self.acsf(b, mm_weight=w)
+
+    def atomic_energies(self, b: FrameBatch, feats: torch.Tensor | None = None) -> torch.Tensor:
+        """(Nq,) atomic energies in kJ/mol."""
+        x = self.features(b) if feats is None else feats
+        sp = self.acsf.species(b.qm_z)
+        out = torch.zeros(len(sp), dtype=x.dtype, device=x.device)
+        for e, net in enumerate(self.nets):
+            idx = torch.nonzero(sp == e).flatten()
+            if len(idx) == 0:
+                continue
+            xe = (x[idx] - self.feat_mean[e]) / self.feat_std[e]
+            out = out.index_copy(0, idx, net(xe).squeeze(-1) * self.e_scale + self.e_shift[e])
+        return out
+
+    def forward(self, b: FrameBatch, feats: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) energies in kJ/mol."""
+        ea = self.atomic_energies(b, feats)
+        return torch.zeros(b.n_frames, dtype=ea.dtype, device=ea.device).index_add(0, b.qm_frame, ea)
+
+
+def energy_and_forces(
+    model: nn.Module, b: FrameBatch, create_graph: bool = False, potential: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Energies (B,), QM forces (Nq, 3), MM forces (Nm, 3) and optionally dE/dq (Nm,) of a model.
+
+    ``create_graph`` keeps the graph for a force loss (training).
+    """
+    qm = b.qm_pos.detach().requires_grad_(True)
+    mm = b.mm_pos.detach().requires_grad_(True)
+    q = b.mm_q.detach().requires_grad_(potential)
+    bb = FrameBatch(
+        qm_z=b.qm_z,
+        qm_pos=qm,
+        qm_frame=b.qm_frame,
+        mm_pos=mm,
+        mm_q=q,
+        mm_frame=b.mm_frame,
+        mm_mol=b.mm_mol,
+        n_frames=b.n_frames,
+        meta=b.meta,
+    )
+    with torch.enable_grad():
+        e = model(bb)
+        inputs = [qm, mm] + ([q] if potential else [])
+        grads = torch.autograd.grad(e.sum(), inputs, create_graph=create_graph, allow_unused=True)
+    gq = grads[0] if grads[0] is not None else torch.zeros_like(qm)
+    gm = grads[1] if grads[1] is not None else torch.zeros_like(mm)
+    pot = None
+    if potential:
+        pot = grads[2] if grads[2] is not None else torch.zeros_like(q)
+    return e, -gq, -gm, pot

@@ -1,0 +1,333 @@
+"""A trained qmlmm model: ensemble + everything needed to use it, in one self-describing file.
+
+The file (``torch.save`` of a plain dict, loaded with ``weights_only=True``) holds: format and
+version, the qmlmm version, the architecture (:class:`ModelConfig`), every member's weights and
+scaling buffers, the embedding settings of the labels, the target level and, for delta learning,
+the baseline level and its engine spec, units, training configuration and test metrics.
+``qmlmm md``, ``evaluate`` and ``predict`` need nothing else.
+
+As an engine (:class:`ModelEngine`), a direct model returns E_nn; a delta model returns
+E_baseline + E_nn, running its baseline engine in the same call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qmlmm import __version__
+from qmlmm.data.batch import FrameBatch, FrameTensors, collate, frame_tensors
+from qmlmm.engines.base import Engine, EngineResult
+from qmlmm.environment import EmbeddingSettings
+from qmlmm.errors import InputError, SchemaError
+from qmlmm.models.ensemble import Ensemble
+from qmlmm.models.hdnnp import HDNNP, ModelConfig
+from qmlmm.system import Frame
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelMeta", "QMLMMModel", "ModelEngine", "Prediction", "MODEL_FORMAT"]
+
+MODEL_FORMAT = "qmlmm-model"
+MODEL_VERSION = 1
+
+
+@dataclass
+class ModelMeta:
+    """What the model predicts and how it was made."""
+
+    target: str
+    target_method: str = ""
+    baseline: str | None = None
+    baseline_method: str | None = None
+    dtype: str = "float32"
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    qmlmm_version: str = __version__
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
+
+    @property
+    def delta(self) -> bool:
+        return self.baseline is not None
+
+
+@dataclass
+class Prediction:
+    """Model prediction for one frame: energy (kJ/mol), forces (N, 3) on all atoms (kJ/mol/nm),
+    ensemble spreads of both, and the baseline part (delta models)."""
+
+    energy: float
+    forces: np.ndarray
+    energy_std: float
+    forces_std: np.ndarray | None = None
+    baseline_energy: float | None = None
+
+
+class QMLMMModel:
+    """An ensemble with its metadata; use :meth:`load` / :meth:`save`."""
+
+    def __init__(self, ensemble: Ensemble, meta: ModelMeta) -> None:
+        self.ensemble = ensemble
+        self.meta = meta
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.ensemble.cfg
+
+    @property
+    def embedding(self) -> EmbeddingSettings:
+        return self.config.embedding
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.ensemble.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.ensemble.parameters()).device
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> QMLMMModel:
+        if device is not None:
+            self.ensemble.to(device)
+        if dtype is not None:
+            self.ensemble.to(dtype)
+            self.meta.dtype = str(dtype).replace("torch.", "")
+        return self
+
+    # ---- file ----------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": MODEL_FORMAT,
+            "version": MODEL_VERSION,
+            "qmlmm_version": __version__,
+            "config": self.config.to_dict(),
+            "members": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.ensemble.members],
+            "meta": {k: getattr(self.meta, k) for k in self.meta.__dataclass_fields__},
+            "units": {"length": "nm", "energy": "kJ/mol", "force": "kJ/mol/nm", "charge": "e"},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model file atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(self.state(), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return path
+
+    @classmethod
+    def from_state(
+        cls, st: dict[str, Any], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> QMLMMModel:
+        if not isinstance(st, dict) or st.get("format") != MODEL_FORMAT:
+            raise SchemaError("not a qmlmm model file")
+        if int(st.get("version", 0)) > MODEL_VERSION:
+            raise SchemaError(f"model file version {st.get('version')} is newer than this qmlmm supports")
+        cfg = ModelConfig.from_dict(st["config"])
+        members = []
+        for sd in st["members"]:
+            m = HDNNP(cfg)
+            m.load_state_dict(sd)
+            members.append(m)
+        meta = ModelMeta(**st["meta"])
+        model = cls(Ensemble(cfg, members), meta)
+        want = dtype or getattr(torch, meta.dtype)
+        return model.to(device, want)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> QMLMMModel:
+        """Load a model file (``device``: cpu, cuda, auto)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SchemaError(f"{path} is not a qmlmm model file: {e}") from e
+        try:
+            return cls.from_state(st, device, dtype)
+        except SchemaError as e:
+            raise SchemaError(f"{path}: {e}") from e
+
+    # ---- prediction ----------------------------------------------------------------------------
+    def batch(self, items: Sequence[FrameTensors]) -> FrameBatch:
+        return collate(items, dtype=self.dtype, device=self.device)
+
+    def predict_tensors(
+        self, items: Sequence[FrameTensors], batch_size: int = 8, force_spread: bool = False
+    ) -> list[dict[str, np.ndarray]]:
+        """Network-only predictions (no baseline) for prepared frames, one dict per frame."""
+        out: list[dict[str, np.ndarray]] = []
+        self.ensemble.eval()
+        for s0 in range(0, len(items), batch_size):
+            chunk = items[s0 : s0 + batch_size]
+            b = self.batch(chunk)
+            p = self.ensemble.predict(b, force_spread=force_spread)
+            qf = b.qm_frame.cpu().numpy()
+            mf = b.mm_frame.cpu().numpy()
+            for k in range(len(chunk)):
+                d = {
+                    "energy": float(p.energy[k]),
+                    "energy_std": float(p.energy_std[k]),
+                    "qm_forces": p.qm_forces[qf == k].double().cpu().numpy(),
+                    "mm_forces": p.mm_forces[mf == k].double().cpu().numpy(),
+                }
+                if p.qm_forces_std is not None and p.mm_forces_std is not None:
+                    d["qm_forces_std"] = p.qm_forces_std[qf == k].double().cpu().numpy()
+                    d["mm_forces_std"] = p.mm_forces_std[mf == k].double().cpu().numpy()
+                out.append(d)  # type: ignore[arg-type]
+        return out
+
+    def predict_frames(
+        self,
+        frames: Sequence[Frame],
+        batch_size: int = 8,
+        force_spread: bool = True,
+        baseline: Engine | None = None,
+        baseline_level: str | None = None,
+        use_labels: bool = True,
+    ) -> list[Prediction]:
+        """Total predictions for frames: network, plus the baseline for delta models.
+
+        With ``use_labels`` the baseline is taken from each frame's label ``baseline_level`` (default:
+        the model's baseline level) when present, as in a dataset labelled with the same embedding;
+        otherwise it is computed with ``baseline`` (default: the model's baseline engine).
+        """
+        items = [frame_tensors(fr, self.embedding) for fr in frames]
+        nn_pred = self.predict_tensors(items, batch_size, force_spread)
+        preds = []
+        base_engine = baseline
+        for fr, it, p in zip(frames, items, nn_pred, strict=True):
+            forces = np.zeros((fr.n_atoms, 3))
+            forces[it.qm_index] = p["qm_forces"]
+            forces[it.mm_index] = p["mm_forces"]
+            fstd = None
+            if "qm_forces_std" in p:
+                fstd = np.zeros((fr.n_atoms, 3))
+                fstd[it.qm_index] = p["qm_forces_std"]
+                fstd[it.mm_index] = p["mm_forces_std"]
+            energy, e_base = float(p["energy"]), None
+            if self.meta.delta:
+                lvl = baseline_level or self.meta.baseline
+                if use_labels and lvl in fr.labels:
+                    lab = fr.labels[lvl]  # type: ignore[index]
+                else:
+                    if base_engine is None:
+                        base_engine = self.baseline_engine()
+                    from qmlmm.engines import label_frame
+
+                    lab, _ = label_frame(base_engine, fr, self.embedding)
+                e_base = float(lab.energy)
+                energy += e_base
+                forces = forces + lab.forces
+            preds.append(Prediction(energy, forces, float(p["energy_std"]), fstd, e_base))
+        return preds
+
+    def baseline_engine(self, threads: int = 1) -> Engine:
+        if not self.meta.delta or not self.meta.baseline_method:
+            raise InputError("this model is not a delta model")
+        from qmlmm.engines import make_engine
+
+        return make_engine(self.meta.baseline_method, threads=threads)
+
+    def engine(self, threads: int = 1) -> ModelEngine:
+        """The model as a QM/MM engine (baseline included for delta models)."""
+        return ModelEngine(self, threads)
+
+    def describe(self) -> str:
+        m = self.meta
+        kind = f"delta ({m.target} - {m.baseline}, baseline {m.baseline_method})" if m.delta else f"direct ({m.target})"
+        n_par = sum(p.numel() for p in self.ensemble.parameters()) // max(1, self.ensemble.size)
+        return (
+            f"qmlmm HDNNP ensemble of {self.ensemble.size}, {kind}; elements {self.ensemble.elements}; "
+            f"{n_par} parameters per network; embedding cutoff {self.embedding.cutoff} nm, switch "
+            f"{self.embedding.switch_width} nm; {m.dtype}"
+        )
+
+
+class ModelEngine(Engine):
+    """A model behind the engine interface (QM/MM energy and forces from the network)."""
+
+    family = "model"
+
+    def __init__(self, model: QMLMMModel, threads: int = 1) -> None:
+        self.model = model
+        self.spec = "model" + (f"+{model.meta.baseline_method}" if model.meta.delta else "")
+        self.base = model.baseline_engine(threads) if model.meta.delta else None
+        self.set_threads(threads)
+
+    def set_threads(self, n: int) -> None:
+        torch.set_num_threads(max(1, int(n)))
+        if self.base is not None:
+            self.base.set_threads(n)
+
+    def versions(self) -> dict[str, str]:
+        v = {"qmlmm-model": self.model.meta.qmlmm_version, "torch": torch.__version__}
+        if self.base is not None:
+            v.update(self.base.versions())
+        return v
+
+    def settings(self) -> dict[str, object]:
+        return {"model": self.model.describe()}
+
+    def _compute(
+        self,
+        numbers: np.ndarray,
+        qm_positions: np.ndarray,
+        mm_positions: np.ndarray,
+        mm_charges: np.ndarray,
+        charge: int,
+        mult: int,
+        mm_numbers: np.ndarray,
+        need_potential: bool,
+    ) -> EngineResult:
+        m = self.model
+        dt, dev = m.dtype, m.device
+        b = FrameBatch(
+            qm_z=torch.as_tensor(numbers, device=dev),
+            qm_pos=torch.as_tensor(qm_positions, dtype=dt, device=dev),
+            qm_frame=torch.zeros(len(numbers), dtype=torch.long, device=dev),
+            mm_pos=torch.as_tensor(mm_positions, dtype=dt, device=dev).reshape(-1, 3),
+            mm_q=torch.as_tensor(mm_charges, dtype=dt, device=dev),
+            mm_frame=torch.zeros(len(mm_charges), dtype=torch.long, device=dev),
+            mm_mol=torch.zeros(len(mm_charges), dtype=torch.long, device=dev),
+            n_frames=1,
+            meta={"switched": True},  # engines receive already switched charges
+        )
+        p = m.ensemble.predict(b, potential=need_potential)
+        res = EngineResult(
+            energy=float(p.energy[0]),
+            qm_forces=p.qm_forces.double().cpu().numpy(),
+            mm_forces=p.mm_forces.double().cpu().numpy(),
+            mm_potential=None if p.mm_potential is None else p.mm_potential.double().cpu().numpy(),
+            info={"energy_std": float(p.energy_std[0])},
+        )
+        if self.base is not None:
+            rb = self.base.compute(
+                numbers, qm_positions, mm_positions, mm_charges, charge, mult, mm_numbers, need_potential
+            )
+            res.info["baseline_energy"] = rb.energy
+            res.energy += rb.energy
+            res.qm_forces = res.qm_forces + rb.qm_forces
+            res.mm_forces = res.mm_forces + rb.mm_forces
+            if need_potential and res.mm_potential is not None and rb.mm_potential is not None:
+                res.mm_potential = res.mm_potential + rb.mm_potential
+        return res

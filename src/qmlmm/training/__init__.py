@@ -1,0 +1,7 @@
+"""Training HDNNP ensembles: configuration, data and splits, loss, trainer, metrics."""
+
+from qmlmm.training.config import TrainConfig, load_config
+from qmlmm.training.data import TrainingData, block_split, load_training_data
+from qmlmm.training.trainer import TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingData", "block_split", "load_config", "load_training_data", "train"]

@@ -1,0 +1,84 @@
+"""Error metrics of energies and forces (MAE, RMSE), overall and per element."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qmlmm.elements import symbol
+
+__all__ = ["ErrorStats", "compute_metrics", "Collected"]
+
+
+@dataclass
+class Collected:
+    """Predictions and references gathered over frames (all kJ/mol or kJ/mol/nm)."""
+
+    e_pred: np.ndarray
+    e_ref: np.ndarray
+    fq_pred: np.ndarray
+    fq_ref: np.ndarray
+    fq_z: np.ndarray
+    fm_pred: np.ndarray
+    fm_ref: np.ndarray
+    n_qm: np.ndarray
+    e_std: np.ndarray | None = None
+
+    @classmethod
+    def concat(cls, parts: Sequence[Collected]) -> Collected:
+        cat = np.concatenate
+        std = None if any(p.e_std is None for p in parts) else cat([p.e_std for p in parts])  # type: ignore[misc]
+        return cls(
+            cat([p.e_pred for p in parts]),
+            cat([p.e_ref for p in parts]),
+            cat([p.fq_pred for p in parts]),
+            cat([p.fq_ref for p in parts]),
+            cat([p.fq_z for p in parts]),
+            cat([p.fm_pred for p in parts]),
+            cat([p.fm_ref for p in parts]),
+            cat([p.n_qm for p in parts]),
+            std,
+        )
+
+
+@dataclass
+class ErrorStats:
+    mae: float
+    rmse: float
+    n: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mae": self.mae, "rmse": self.rmse, "n": self.n}
+
+
+def _stats(d: np.ndarray) -> ErrorStats:
+    d = np.asarray(d, dtype=np.float64).ravel()
+    if d.size == 0:
+        return ErrorStats(float("nan"), float("nan"), 0)
+    return ErrorStats(float(np.mean(np.abs(d))), float(np.sqrt(np.mean(d * d))), int(d.size))
+
+
+def compute_metrics(c: Collected, shift_energy: bool = False) -> dict[str, object]:
+    """MAE/RMSE of energies (kJ/mol; also per atom), QM and MM forces (kJ/mol/nm, per component),
+    QM forces per element. ``shift_energy`` removes the mean energy error first (for baselines,
+    "after one constant shift")."""
+    de = c.e_pred - c.e_ref
+    if shift_energy and de.size:
+        de = de - de.mean()
+    out: dict[str, object] = {
+        "energy": _stats(de).to_dict(),
+        "energy_per_atom": _stats(de / np.maximum(c.n_qm, 1)).to_dict(),
+        "qm_forces": _stats(c.fq_pred - c.fq_ref).to_dict(),
+        "mm_forces": _stats(c.fm_pred - c.fm_ref).to_dict(),
+        "qm_forces_per_element": {
+            symbol(int(z)): _stats((c.fq_pred - c.fq_ref)[c.fq_z == z]).to_dict() for z in np.unique(c.fq_z)
+        },
+        "n_frames": len(de),
+    }
+    if c.e_std is not None and len(c.e_std):
+        out["energy_spread_mean"] = float(np.mean(c.e_std))
+        if len(de) > 2 and np.std(c.e_std) > 0:
+            out["spread_error_correlation"] = float(np.corrcoef(c.e_std, np.abs(de))[0, 1])
+    return out

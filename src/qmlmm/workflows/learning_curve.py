@@ -1,0 +1,128 @@
+"""``qmlmm learning-curve``: test errors against training-set size, direct and delta learning.
+
+For each size N the model is trained on N frames drawn from the training split (the same test split
+for every run: frames lacking the baseline label are left out of both modes), and its errors on the
+test split are recorded; the baseline's own errors (after one constant energy shift) are the
+reference line delta learning has to beat.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmlmm.analysis.evaluate import baseline_collected
+from qmlmm.training.config import TrainConfig
+from qmlmm.training.data import load_training_data
+from qmlmm.training.metrics import compute_metrics
+from qmlmm.training.trainer import train
+
+log = logging.getLogger(__name__)
+
+__all__ = ["learning_curve"]
+
+
+def _point(m: dict[str, Any], n: int, extra: dict[str, Any]) -> dict[str, Any]:
+    t = m["test"]
+    return {
+        "n_train": n,
+        "energy_mae": t["energy"]["mae"],
+        "energy_rmse": t["energy"]["rmse"],
+        "qm_forces_mae": t["qm_forces"]["mae"],
+        "qm_forces_rmse": t["qm_forces"]["rmse"],
+        "mm_forces_mae": t["mm_forces"]["mae"],
+        "mm_forces_rmse": t["mm_forces"]["rmse"],
+        "n_parameters": m["n_parameters_per_network"],
+        **extra,
+    }
+
+
+def learning_curve(
+    data_path: str | Path,
+    cfg: TrainConfig,
+    sizes: list[int],
+    out_dir: str | Path,
+    modes: tuple[str, ...] = ("direct", "delta"),
+    progress: bool = True,
+    hidden_by_mode: dict[str, list[int]] | None = None,
+    scale_epochs: bool = True,
+) -> dict[str, Any]:
+    """Train direct and/or delta models on growing subsets; write learning_curve.{json,png} in out_dir.
+
+    ``hidden_by_mode`` may give each mode its own network size (e.g. a smaller one for delta).
+    ``scale_epochs`` keeps the number of optimiser steps roughly constant above 100 training frames
+    (epochs * 100 / N, at least 50), so large subsets do not take proportionally longer.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.baseline is None:
+        modes = tuple(m for m in modes if m == "direct")
+    need = (cfg.baseline,) if cfg.baseline else ()
+    curves: dict[str, list[dict[str, Any]]] = {}
+    split_test = None
+    for mode in modes:
+        base = cfg.baseline if mode == "delta" else None
+        data = load_training_data(
+            data_path, cfg.target, base, cfg.block_size, cfg.valid_fraction, cfg.test_fraction, cfg.seed, require=need
+        )  # type: ignore[arg-type]
+        split_test = data.test
+        pts = []
+        for n in sizes:
+            if n > len(data.train):
+                log.warning("size %d exceeds the %d training frames; skipped", n, len(data.train))
+                continue
+            epochs = max(50, int(cfg.epochs * min(1.0, 100.0 / n))) if scale_epochs else cfg.epochs
+            c = replace(
+                cfg,
+                baseline=base,
+                max_train_frames=n,
+                epochs=min(cfg.epochs, epochs),
+                hidden=(hidden_by_mode or {}).get(mode, cfg.hidden),
+            )
+            res = train(data, c, out / f"{mode}_{n}.pt", progress=progress, resume=True)
+            pts.append(_point(res.metrics, n, {"train_seconds": res.seconds}))
+            log.info(
+                "%s N=%d: test energy MAE %.3f kJ/mol, QM forces %.2f, MM forces %.3f kJ/mol/nm",
+                mode,
+                n,
+                pts[-1]["energy_mae"],
+                pts[-1]["qm_forces_mae"],
+                pts[-1]["mm_forces_mae"],
+            )
+        curves[mode] = pts
+    result: dict[str, Any] = {
+        "data": str(data_path),
+        "target": cfg.target,
+        "baseline": cfg.baseline,
+        "config": cfg.to_dict(),
+        "curves": curves,
+    }
+    base_line = None
+    if cfg.baseline and split_test is not None:
+        data = load_training_data(
+            data_path, cfg.target, None, cfg.block_size, cfg.valid_fraction, cfg.test_fraction, cfg.seed, require=need
+        )  # type: ignore[arg-type]
+        idx = np.array([data.items[int(i)].index for i in data.test])
+        bm = compute_metrics(baseline_collected(data_path, cfg.target, cfg.baseline, idx), shift_energy=True)
+        base_line = {
+            "energy_mae": bm["energy"]["mae"],
+            "qm_forces_mae": bm["qm_forces"]["mae"],  # type: ignore[index]
+            "mm_forces_mae": bm["mm_forces"]["mae"],
+        }  # type: ignore[index]
+        result["baseline_alone"] = bm
+    (out / "learning_curve.json").write_text(json.dumps(result, indent=2))
+    from qmlmm.analysis.plots import learning_curve_plot
+
+    learning_curve_plot(
+        curves,
+        out / "learning_curve.png",
+        baseline=base_line,
+        title=f"test errors vs training frames: {cfg.target}"
+        + (f", delta over {cfg.baseline}" if cfg.baseline else ""),
+    )
+    return result
