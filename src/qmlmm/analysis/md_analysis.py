@@ -1,0 +1,147 @@
+"""Observables from MD runs: radial distribution functions, dihedral distributions, energy drift and
+umbrella-sampling free-energy profiles (MBAR with pymbar)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmlmm.errors import InputError
+
+__all__ = ["rdf", "dihedrals", "conjugated_chain_dihedrals", "free_energy_profile", "load_run"]
+
+KB = 0.00831446261815324  # kJ/mol/K
+
+
+def load_run(run_dir: str | Path, stride: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions (F, N, 3) nm and box lengths (F, 3) of a ``qmlmm md`` run folder."""
+    from qmlmm.md.dcd import read_dcd
+
+    return read_dcd(Path(run_dir) / "traj.dcd", stride=stride)
+
+
+def rdf(
+    positions: np.ndarray, boxes: np.ndarray, a: Sequence[int], b: Sequence[int], r_max: float = 0.8, n_bins: int = 80
+) -> tuple[np.ndarray, np.ndarray]:
+    """Radial distribution function g(r) between atom sets a and b (minimum image, orthorhombic).
+
+    Returns bin centres (nm) and g(r), normalised by the mean density of b over the box.
+    """
+    a_idx, b_idx = np.asarray(a), np.asarray(b)
+    edges = np.linspace(0.0, r_max, n_bins + 1)
+    hist = np.zeros(n_bins)
+    rho = 0.0
+    for pos, box in zip(positions, boxes, strict=True):
+        d = pos[b_idx][None, :, :] - pos[a_idx][:, None, :]
+        d -= box * np.round(d / box)
+        r = np.sqrt((d * d).sum(-1)).ravel()
+        r = r[r > 1e-9]
+        hist += np.histogram(r, bins=edges)[0]
+        rho += len(b_idx) / np.prod(box)
+    n_frames = len(positions)
+    rho /= max(n_frames, 1)
+    shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    g = hist / (max(n_frames, 1) * len(a_idx) * rho * shell)
+    return 0.5 * (edges[1:] + edges[:-1]), g
+
+
+def dihedrals(positions: np.ndarray, quads: Sequence[Sequence[int]], boxes: np.ndarray | None = None) -> np.ndarray:
+    """Dihedral angles (F, Q) in degrees for atom quadruples; bond vectors by minimum image when
+    orthorhombic box lengths (F, 3) are given."""
+    q = np.asarray(quads)
+    if q.size == 0:
+        return np.zeros((len(positions), 0))
+    p = positions[:, q]  # (F, Q, 4, 3)
+
+    def mi(v: np.ndarray) -> np.ndarray:
+        if boxes is None:
+            return v
+        L = boxes[:, None, :]
+        return v - L * np.round(v / L)
+
+    b0 = mi(p[:, :, 0] - p[:, :, 1])
+    b1 = mi(p[:, :, 2] - p[:, :, 1])
+    b2 = mi(p[:, :, 3] - p[:, :, 2])
+    b1n = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
+    v = b0 - (b0 * b1n).sum(-1, keepdims=True) * b1n
+    w = b2 - (b2 * b1n).sum(-1, keepdims=True) * b1n
+    x = (v * w).sum(-1)
+    y = (np.cross(b1n, v) * w).sum(-1)
+    return np.degrees(np.arctan2(y, x))
+
+
+def conjugated_chain_dihedrals(smiles: str, offset: int = 0) -> list[tuple[int, int, int, int, str]]:
+    """Heavy-atom dihedrals around acyclic conjugated C-C bonds (a polyene chain), from SMILES.
+
+    Atom indices follow RDKit's order with hydrogens added (as ``qmlmm build`` numbers the solute),
+    shifted by ``offset``. Each entry: (i, j, k, l, "single"|"double").
+    """
+    from rdkit import Chem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    out = []
+    for bond in mol.GetBonds():
+        a, b = bond.GetBeginAtom(), bond.GetEndAtom()
+        if bond.IsInRing() or a.GetSymbol() != "C" or b.GetSymbol() != "C" or not bond.GetIsConjugated():
+            continue
+        if a.GetHybridization() != Chem.HybridizationType.SP2 or b.GetHybridization() != Chem.HybridizationType.SP2:
+            continue
+        na = [n.GetIdx() for n in a.GetNeighbors() if n.GetIdx() != b.GetIdx() and n.GetAtomicNum() > 1]
+        nb = [n.GetIdx() for n in b.GetNeighbors() if n.GetIdx() != a.GetIdx() and n.GetAtomicNum() > 1]
+        if not na or not nb:
+            continue
+        kind = "double" if bond.GetBondType() == Chem.BondType.DOUBLE else "single"
+
+        # the chain neighbour: prefer a non-methyl heavy atom (more heavy neighbours)
+        def key(i: int) -> int:
+            return -sum(1 for n in mol.GetAtomWithIdx(i).GetNeighbors() if n.GetAtomicNum() > 1)
+
+        i = sorted(na, key=key)[0]
+        l = sorted(nb, key=key)[0]
+        out.append((i + offset, a.GetIdx() + offset, b.GetIdx() + offset, l + offset, kind))
+    return out
+
+
+def free_energy_profile(
+    windows: Sequence[dict[str, Any]], temperature: float = 300.0, n_bins: int = 30
+) -> dict[str, np.ndarray]:
+    """Free energy along a restrained coordinate from umbrella windows, by MBAR (pymbar).
+
+    Args:
+        windows: each {"r0": centre (nm), "k": force constant (kJ/mol/nm^2), "x": samples (nm)}.
+    Returns {"x": bin centres, "f": free energy (kJ/mol, minimum 0), "df": uncertainty, "counts"}.
+    """
+    from pymbar import FES
+
+    if len(windows) < 2:
+        raise InputError("a free-energy profile needs at least two umbrella windows")
+    beta = 1.0 / (KB * temperature)
+    x_n = np.concatenate([np.asarray(w["x"], dtype=float) for w in windows])
+    N_k = np.array([len(w["x"]) for w in windows])
+    if (N_k == 0).any():
+        raise InputError("an umbrella window has no samples")
+    r0 = np.array([w["r0"] for w in windows])[:, None]
+    kk = np.array([w["k"] for w in windows])[:, None]
+    u_kn = beta * 0.5 * kk * (x_n[None, :] - r0) ** 2
+    edges = np.linspace(x_n.min(), x_n.max() + 1e-9, n_bins + 1)
+    fes = FES(u_kn, N_k, verbose=False)
+    fes.generate_fes(np.zeros_like(x_n), x_n, fes_type="histogram", histogram_parameters={"bin_edges": [edges]})
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    counts = np.histogram(x_n, bins=edges)[0]
+    keep = counts > 0
+    res = fes.get_fes(centres[keep], reference_point="from-lowest", uncertainty_method="analytical")
+    f = np.asarray(res["f_i"]) / beta
+    df = np.asarray(res.get("df_i", np.full_like(f, np.nan))) / beta
+    return {"x": centres[keep], "f": f - f.min(), "df": df, "counts": counts[keep]}
+
+
+def barrier(profile: dict[str, np.ndarray]) -> float:
+    """Height (kJ/mol) of the highest interior point above the lower of the two end minima."""
+    f = profile["f"]
+    if len(f) < 3:
+        return float("nan")
+    k = int(np.argmax(f[1:-1])) + 1
+    return float(f[k] - max(f[:k].min(), f[k + 1 :].min()))

@@ -1,0 +1,1 @@
+"""Molecular dynamics: building solvated systems, the OpenMM QM/MM force, restraints, runners."""

@@ -1,0 +1,384 @@
+"""``qmlmm build``: solutes (QM region) in a box of TIP3P water, as an OpenMM system.
+
+The solutes come from SMILES (RDKit: ETKDG embedding, MMFF94 relaxation when parameters exist) or
+from files (.sdf, .mol, .mol2, .pdb, .xyz). Several solutes are placed side by side along x with a
+chosen gap. OpenMM's Modeller adds TIP3P water (amber14/tip3p.xml). The QM atoms get no bonded
+terms and no charges in the MM system: only Lennard-Jones parameters from a per-type table
+(:data:`LJ_TABLE`, GAFF values; hydrogen typed by its bonded partner), all QM-QM nonbonded pairs
+excluded. Water is rigid; MM-MM electrostatics by PME.
+
+Output folder: ``system.xml`` (the OpenMM System), ``system.pdb`` (topology, positions and box),
+``meta.json`` (QM atoms, total QM charge and multiplicity, solutes, LJ table, build settings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmlmm import __version__
+from qmlmm.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SoluteSpec", "BuildSettings", "build_system", "LJ_TABLE", "lj_type"]
+
+# GAFF Lennard-Jones parameters: (sigma nm, epsilon kJ/mol), sigma = 2 r0 / 2^(1/6)
+_R0_TO_SIGMA = 2.0 / 2.0 ** (1.0 / 6.0) / 10.0
+_KCAL = 4.184
+#: per-type LJ of QM atoms: type -> (sigma nm, epsilon kJ/mol); source GAFF (Wang et al. 2004)
+LJ_TABLE: dict[str, tuple[float, float]] = {
+    "H_C": (1.4870 * _R0_TO_SIGMA, 0.0157 * _KCAL),  # GAFF hc: H on carbon
+    "H_polar": (0.6000 * _R0_TO_SIGMA, 0.0157 * _KCAL),  # GAFF hn: H on N, O, S (small, nonzero: no collapse)
+    "H": (1.4870 * _R0_TO_SIGMA, 0.0157 * _KCAL),
+    "C": (1.9080 * _R0_TO_SIGMA, 0.1094 * _KCAL),  # GAFF c3
+    "N": (1.8240 * _R0_TO_SIGMA, 0.1700 * _KCAL),  # GAFF n
+    "O": (1.6612 * _R0_TO_SIGMA, 0.2100 * _KCAL),  # GAFF o
+    "S": (2.0000 * _R0_TO_SIGMA, 0.2500 * _KCAL),  # GAFF s
+    "P": (2.1000 * _R0_TO_SIGMA, 0.2000 * _KCAL),  # GAFF p5
+    "F": (1.7500 * _R0_TO_SIGMA, 0.0610 * _KCAL),
+    "Cl": (1.9480 * _R0_TO_SIGMA, 0.2650 * _KCAL),
+    "Br": (2.2200 * _R0_TO_SIGMA, 0.3200 * _KCAL),
+    "I": (2.3500 * _R0_TO_SIGMA, 0.4000 * _KCAL),
+}
+
+
+def lj_type(symbol: str, neighbours: list[str]) -> str:
+    """LJ type of an atom: its element, hydrogen split into H_C (on carbon) and H_polar."""
+    if symbol == "H":
+        return "H_C" if (not neighbours or neighbours[0] == "C") else "H_polar"
+    if symbol not in LJ_TABLE:
+        raise InputError(f"no Lennard-Jones parameters for element {symbol} in the QM-MM table (qmlmm.md.build)")
+    return symbol
+
+
+@dataclass
+class SoluteSpec:
+    """One solute: SMILES or a structure file; ``charge`` overrides the formal charge.
+
+    ``anchor`` = (p, c, s, d) places this solute (instead of side by side) so that its atom p lies
+    d nm from atom c of the first solute, on the line from that solute's atom s through c (e.g. a
+    nucleophile's N on the back side of a methyl carbon C bonded to a leaving S), turned to keep
+    clear of the first solute. Atom indices follow RDKit's order with hydrogens added.
+    """
+
+    smiles: str | None = None
+    path: str | None = None
+    charge: int | None = None
+    name: str = ""
+    anchor: tuple[int, int, int, float] | None = None
+
+
+@dataclass
+class BuildSettings:
+    padding: float | None = 1.2  # nm of water between the solutes and the box faces
+    box: float | None = None  # cubic box edge in nm (overrides padding)
+    gap: float = 0.35  # nm between the closest atoms of neighbouring solutes
+    multiplicity: int = 1
+    seed: int = 0
+    water_model: str = "tip3p"
+    pme_cutoff: float = 0.9
+    equilibrate_ps: float = 10.0  # MM NPT (1 bar, 300 K) of the water around the restrained solute
+
+
+@dataclass
+class BuiltSystem:
+    folder: Path
+    n_atoms: int
+    n_waters: int
+    qm_indices: list[int]
+    qm_charge: int
+    formula: str
+    box_nm: list[float]
+    density_g_cm3: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_solute(spec: SoluteSpec, seed: int) -> Any:
+    from rdkit import Chem
+    from rdkit.Chem import AllChem, rdDetermineBonds
+
+    if spec.smiles:
+        mol = Chem.MolFromSmiles(spec.smiles)
+        if mol is None:
+            raise InputError(f"RDKit cannot parse SMILES {spec.smiles!r}")
+        mol = Chem.AddHs(mol)
+        if AllChem.EmbedMolecule(mol, randomSeed=seed) != 0:  # type: ignore[attr-defined]
+            raise InputError(f"RDKit could not build 3D coordinates for {spec.smiles!r}")
+        if AllChem.MMFFHasAllMoleculeParams(mol):  # type: ignore[attr-defined]
+            AllChem.MMFFOptimizeMolecule(mol, maxIters=2000)  # type: ignore[attr-defined]
+        return mol
+    if not spec.path:
+        raise InputError("a solute needs --smiles or --solute FILE")
+    p = Path(spec.path)
+    if not p.exists():
+        raise FileNotFoundError(f"solute file {p} does not exist")
+    suf = p.suffix.lower()
+    if suf in (".sdf", ".mol"):
+        mol = Chem.MolFromMolFile(str(p), removeHs=False)
+    elif suf == ".mol2":
+        mol = Chem.MolFromMol2File(str(p), removeHs=False)
+    elif suf == ".pdb":
+        mol = Chem.MolFromPDBFile(str(p), removeHs=False)
+    elif suf == ".xyz":
+        mol = Chem.MolFromXYZFile(str(p))
+        if mol is not None:
+            rdDetermineBonds.DetermineBonds(mol, charge=spec.charge or 0)
+    else:
+        raise InputError(f"unsupported solute file type {suf}; use .sdf .mol .mol2 .pdb .xyz or --smiles")
+    if mol is None:
+        raise InputError(f"RDKit could not read {p}")
+    if mol.GetNumConformers() == 0:
+        raise InputError(f"{p} has no 3D coordinates")
+    return mol
+
+
+def _ffxml(residues: list[tuple[str, Any]]) -> str:
+    """An OpenMM force field XML for the solute residues: LJ-only atom types, charge 0."""
+    from xml.sax.saxutils import quoteattr
+
+    types, res_xml, nb = [], [], []
+    for rname, mol in residues:
+        atoms = []
+        for a in mol.GetAtoms():
+            sym = a.GetSymbol()
+            nbrs = [n.GetSymbol() for n in a.GetNeighbors()]
+            t = lj_type(sym, nbrs)
+            tname = f"{rname}-{a.GetIdx()}"
+            mass = a.GetMass()
+            types.append(
+                f'  <Type name={quoteattr(tname)} class={quoteattr(tname)} element="{sym}" mass="{mass:.4f}"/>'
+            )
+            sig, eps = LJ_TABLE[t]
+            nb.append(f'  <Atom type={quoteattr(tname)} charge="0" sigma="{sig:.6f}" epsilon="{eps:.6f}"/>')
+            atoms.append(f'   <Atom name="{sym}{a.GetIdx() + 1}" type={quoteattr(tname)}/>')
+        bonds = [
+            f'   <Bond atomName1="{b.GetBeginAtom().GetSymbol()}{b.GetBeginAtomIdx() + 1}" '
+            f'atomName2="{b.GetEndAtom().GetSymbol()}{b.GetEndAtomIdx() + 1}"/>'
+            for b in mol.GetBonds()
+        ]
+        res_xml.append(f'  <Residue name="{rname}">\n' + "\n".join(atoms + bonds) + "\n  </Residue>")
+    return (
+        "<ForceField>\n <AtomTypes>\n"
+        + "\n".join(types)
+        + "\n </AtomTypes>\n <Residues>\n"
+        + "\n".join(res_xml)
+        + '\n </Residues>\n <NonbondedForce coulomb14scale="0.8333333333333334" '
+        'lj14scale="0.5">\n' + "\n".join(nb) + "\n </NonbondedForce>\n</ForceField>\n"
+    )
+
+
+def _equilibrate_npt(system: Any, topology: Any, positions: Any, n_qm: int, s: BuildSettings) -> tuple[Any, Any]:
+    """Relax the water density: MM minimisation and NPT MD (Monte Carlo barostat, 1 bar, 300 K, 2 fs)
+    with the solute atoms held by stiff harmonic restraints. Returns positions and box vectors."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
+    sys_eq = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    hold = openmm.CustomExternalForce("0.5*k_hold*periodicdistance(x, y, z, x0, y0, z0)^2")
+    hold.addGlobalParameter("k_hold", 1.0e5)
+    for name in ("x0", "y0", "z0"):
+        hold.addPerParticleParameter(name)
+    pos_nm = positions.value_in_unit(u.nanometer)
+    for i in range(n_qm):
+        hold.addParticle(i, list(pos_nm[i]))
+    sys_eq.addForce(hold)
+    sys_eq.addForce(openmm.MonteCarloBarostat(1.0 * u.bar, 300.0 * u.kelvin, 25))
+    integ = openmm.LangevinMiddleIntegrator(300.0 * u.kelvin, 1.0 / u.picosecond, 2.0 * u.femtoseconds)
+    integ.setRandomNumberSeed(s.seed)
+    sim = app.Simulation(topology, sys_eq, integ, openmm.Platform.getPlatformByName("CPU"))
+    sim.context.setPositions(positions)
+    sim.minimizeEnergy(maxIterations=500)
+    sim.context.setVelocitiesToTemperature(300.0 * u.kelvin, s.seed)
+    sim.step(int(round(s.equilibrate_ps * 500)))
+    st = sim.context.getState(getPositions=True, enforcePeriodicBox=False)
+    box_vecs = st.getPeriodicBoxVectors()
+    pos = np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+    # wrap each water (by residue) into the box around the solutes' centre; solutes stay whole
+    lengths = np.array([box_vecs[k][k].value_in_unit(u.nanometer) for k in range(3)])
+    centre = pos[:n_qm].mean(0)
+    for res in topology.residues():
+        idx = [a.index for a in res.atoms()]
+        if idx[0] < n_qm:
+            continue
+        shift = lengths * np.round((pos[idx[0]] - centre) / lengths)
+        pos[idx] -= shift
+    pos += lengths / 2 - centre
+    return pos * u.nanometer, box_vecs
+
+
+def _place_at_anchor(
+    p: np.ndarray, ref: np.ndarray, anchor: tuple[int, int, int, float], rng: np.random.Generator, tries: int = 400
+) -> np.ndarray:
+    """Positions p (n, 3) moved so that p[a] sits d from ref[c] on the line ref[s] -> ref[c], rotated
+    to the orientation (of ``tries`` random ones) farthest from the reference solute."""
+    from scipy.spatial.transform import Rotation
+
+    a, c, s_, d = int(anchor[0]), int(anchor[1]), int(anchor[2]), float(anchor[3])
+    if not (0 <= a < len(p) and 0 <= c < len(ref) and 0 <= s_ < len(ref)):
+        raise InputError(f"anchor {anchor} names an atom outside the solutes")
+    axis = ref[c] - ref[s_]
+    axis /= np.linalg.norm(axis)
+    target = ref[c] + d * axis
+    best, best_score = p, -np.inf
+    for rot in Rotation.random(tries, random_state=rng):
+        q = rot.apply(p - p[a]) + target
+        dist = np.linalg.norm(q[:, None] - ref[None], axis=-1)
+        dist[a, c] = np.inf
+        score = dist.min()
+        if score > best_score:
+            best, best_score = q, score
+    if best_score < 0.15:
+        raise InputError(f"cannot place the solute at anchor {anchor} without clashes ({best_score:.2f} nm)")
+    return best
+
+
+def build_system(
+    solutes: list[SoluteSpec], out: str | Path, settings: BuildSettings | None = None, total_charge: int | None = None
+) -> BuiltSystem:
+    """Build the solvated QM/MM system and write it to the folder ``out``."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+    from rdkit import Chem
+
+    s = settings or BuildSettings()
+    if not solutes:
+        raise InputError("give at least one solute (--smiles or --solute)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mols = [_load_solute(sp, s.seed + k) for k, sp in enumerate(solutes)]
+    # place solutes side by side along x with a gap between closest atoms, or at their anchor
+    coords: list[np.ndarray] = []
+    x_edge = None
+    for k, mol in enumerate(mols):
+        p = mol.GetConformer().GetPositions() * 0.1
+        p = p - p.mean(0)
+        anchor = solutes[k].anchor
+        if anchor is not None and k > 0:
+            p = _place_at_anchor(p, coords[0], anchor, np.random.default_rng(s.seed + k))
+        elif x_edge is not None:
+            p[:, 0] += x_edge + s.gap - p[:, 0].min()
+        x_edge = max(x_edge if x_edge is not None else -np.inf, p[:, 0].max())
+        coords.append(p)
+    allpos = np.concatenate(coords)
+    allpos -= allpos.mean(0)
+    top = app.Topology()
+    chain = top.addChain()
+    residues = []
+    charges = []
+    for k, mol in enumerate(mols):
+        rname = f"Q{k:02d}"
+        residues.append((rname, mol))
+        res = top.addResidue(rname, chain)
+        atoms = []
+        for a in mol.GetAtoms():
+            atoms.append(top.addAtom(f"{a.GetSymbol()}{a.GetIdx() + 1}", app.Element.getBySymbol(a.GetSymbol()), res))
+        for b in mol.GetBonds():
+            top.addBond(atoms[b.GetBeginAtomIdx()], atoms[b.GetEndAtomIdx()])
+        q = solutes[k].charge if solutes[k].charge is not None else Chem.GetFormalCharge(mol)
+        charges.append(int(q))
+    qm_charge = int(total_charge) if total_charge is not None else int(sum(charges))
+    n_qm = len(allpos)
+    from qmlmm.elements import check_charge_multiplicity
+
+    check_charge_multiplicity([a.GetAtomicNum() for mol in mols for a in mol.GetAtoms()], qm_charge, s.multiplicity)
+    ff_path = out / "solutes.ffxml"
+    ff_path.write_text(_ffxml(residues))
+    ff = app.ForceField("amber14/tip3p.xml", str(ff_path))
+    modeller = app.Modeller(top, allpos * u.nanometer)
+    kw: dict[str, Any] = {"model": s.water_model, "neutralize": False}
+    if s.box is not None:
+        edge = float(s.box)
+    else:
+        # the water layer between the solutes and each box face is ``padding`` (Modeller's own padding
+        # measures between periodic copies and switches rules for small solutes, so set the box here)
+        diam = float(np.max(np.linalg.norm(allpos[:, None] - allpos[None], axis=-1))) if len(allpos) > 1 else 0.0
+        edge = diam + 2.0 * (s.padding or 1.2)
+    kw["boxSize"] = openmm.Vec3(edge, edge, edge) * u.nanometer
+    modeller.addSolvent(ff, **kw)
+    system = ff.createSystem(
+        modeller.topology,
+        nonbondedMethod=app.PME,
+        nonbondedCutoff=s.pme_cutoff * u.nanometer,
+        constraints=None,
+        rigidWater=True,
+    )
+    nb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
+    for i in range(n_qm):
+        for j in range(i + 1, n_qm):
+            nb.addException(i, j, 0.0, 1.0, 0.0, replace=True)
+    positions = modeller.positions
+    if s.equilibrate_ps > 0:
+        positions, box_vecs = _equilibrate_npt(system, modeller.topology, positions, n_qm, s)
+        modeller.topology.setPeriodicBoxVectors(box_vecs)
+    (out / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
+    with open(out / "system.pdb", "w") as fh:
+        app.PDBFile.writeFile(modeller.topology, positions, fh, keepIds=True)
+    box = modeller.topology.getPeriodicBoxVectors().value_in_unit(u.nanometer)
+    box_nm = [float(box[0][0]), float(box[1][1]), float(box[2][2])]
+    n_waters = sum(1 for r in modeller.topology.residues() if r.name == "HOH")
+    mass = sum(system.getParticleMass(i).value_in_unit(u.dalton) for i in range(system.getNumParticles()))
+    vol_cm3 = box_nm[0] * box_nm[1] * box_nm[2] * 1e-21
+    density = mass / 6.02214076e23 / vol_cm3
+    from qmlmm.system import Frame
+
+    zq = [a.GetAtomicNum() for mol in mols for a in mol.GetAtoms()]
+    formula = Frame(
+        numbers=zq,
+        positions=np.zeros((n_qm, 3)),
+        is_qm=[True] * n_qm,
+        charges=np.zeros(n_qm),
+        mol_ids=np.zeros(n_qm, dtype=int),
+    ).qm_formula
+    meta = {
+        "qmlmm_version": __version__,
+        "qm_indices": list(range(n_qm)),
+        "qm_charge": qm_charge,
+        "qm_mult": s.multiplicity,
+        "qm_formula": formula,
+        "solutes": [
+            {
+                "name": sp.name or (sp.smiles or Path(sp.path or "").stem),
+                "smiles": sp.smiles,
+                "file": sp.path,
+                "charge": charges[k],
+                "n_atoms": mols[k].GetNumAtoms(),
+                "smiles_canonical": Chem.MolToSmiles(Chem.RemoveHs(mols[k])),
+            }
+            for k, sp in enumerate(solutes)
+        ],
+        "solute_offsets": [int(x) for x in np.cumsum([0] + [m.GetNumAtoms() for m in mols])],
+        "lj_types": {
+            f"{a.GetSymbol()}{a.GetIdx() + 1}@Q{k:02d}": lj_type(
+                a.GetSymbol(), [n.GetSymbol() for n in a.GetNeighbors()]
+            )
+            for k, m in enumerate(mols)
+            for a in m.GetAtoms()
+        },
+        "lj_table": {k: {"sigma_nm": v[0], "epsilon_kjmol": v[1]} for k, v in LJ_TABLE.items()},
+        "water_model": s.water_model,
+        "n_waters": n_waters,
+        "box_nm": box_nm,
+        "density_g_cm3": density,
+        "build": asdict(s),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    log.info(
+        "built %s: %s (charge %d) + %d waters, box %.2f nm, %.3f g/cm3",
+        out,
+        formula,
+        qm_charge,
+        n_waters,
+        box_nm[0],
+        density,
+    )
+    return BuiltSystem(
+        out, system.getNumParticles(), n_waters, list(range(n_qm)), qm_charge, formula, box_nm, density, meta
+    )

@@ -1,0 +1,295 @@
+"""``qmlmm md``: QM/MM or ML/MM molecular dynamics with OpenMM.
+
+Writes into the run folder: ``traj.dcd``, ``log.csv`` (step, time, potential, kinetic and total
+energy, temperature, model uncertainty, restraint coordinates), ``checkpoint.chk`` (restart with
+``restart=True``: continues and appends), ``run.json`` (settings and speed), and, when the run is
+stopped (non-finite forces, uncertainty above the threshold), ``last_good_state.xml`` with the state
+before the failing stretch and the reason in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmlmm.engines.base import Engine
+from qmlmm.environment import EmbeddingSettings
+from qmlmm.errors import InputError
+from qmlmm.md.qmforce import QMMMCallback, make_python_force
+from qmlmm.md.restraints import Restraint, add_restraints, rc_value
+from qmlmm.md.system import MDSystem
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MDSettings", "MDResult", "run_md", "make_simulation", "freeze_qm_and_relax_water", "energy_drift"]
+
+
+@dataclass
+class MDSettings:
+    """Settings of one MD run (time in ps, length nm, energy kJ/mol)."""
+
+    steps: int = 1000
+    dt_fs: float = 0.5
+    temperature: float = 300.0
+    nve: bool = False
+    friction_per_ps: float = 1.0
+    report_every: int = 10
+    dcd_every: int = 10
+    checkpoint_every: int = 100
+    seed: int = 0
+    minimize: bool = True
+    max_uncertainty: float | None = None
+    platform: str = "CPU"
+    threads: int = 2
+    restraints: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MDResult:
+    folder: Path
+    steps_done: int
+    seconds: float
+    ns_per_day: float
+    stopped: str | None
+    log_csv: Path
+    drift_kjmol_per_ps: float | None = None
+
+
+def _dof(system: Any) -> int:
+    import openmm
+
+    n = sum(1 for i in range(system.getNumParticles()) if system.getParticleMass(i)._value > 0)
+    dof = 3 * n - system.getNumConstraints()
+    if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()):
+        dof -= 3
+    return dof
+
+
+def make_simulation(
+    msys: MDSystem,
+    engine: Engine | None,
+    embedding: EmbeddingSettings,
+    s: MDSettings,
+    restraints: list[Restraint] | None = None,
+) -> tuple[Any, QMMMCallback | None]:
+    """An OpenMM Simulation of the MM system + the QM/MM force of ``engine`` + restraints."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(msys.system))  # fresh copy
+    if s.nve:
+        for k in reversed(range(system.getNumForces())):
+            if isinstance(system.getForce(k), openmm.CMMotionRemover):
+                system.removeForce(k)
+    cb = None
+    if engine is not None:
+        cb = QMMMCallback(engine, msys, embedding, s.max_uncertainty)
+        system.addForce(make_python_force(cb))
+    if restraints:
+        add_restraints(system, restraints)
+    dt = s.dt_fs * u.femtoseconds
+    if s.nve:
+        integ = openmm.VerletIntegrator(dt)
+    else:
+        integ = openmm.LangevinMiddleIntegrator(s.temperature * u.kelvin, s.friction_per_ps / u.picosecond, dt)
+        integ.setRandomNumberSeed(s.seed)
+    plat = openmm.Platform.getPlatformByName(s.platform)
+    props = {"Threads": str(s.threads)} if s.platform == "CPU" else {}
+    sim = app.Simulation(msys.topology, system, integ, plat, props)
+    sim.context.setPositions(msys.positions * u.nanometer)
+    bv = msys.box
+    sim.context.setPeriodicBoxVectors(*(openmm.Vec3(*row) * u.nanometer for row in bv))
+    return sim, cb
+
+
+def freeze_qm_and_relax_water(
+    msys: MDSystem, steps: int = 2000, temperature: float = 300.0, seed: int = 0, threads: int = 2
+) -> np.ndarray:
+    """MM-only: minimise and equilibrate the water around the frozen QM atoms (2 fs, Langevin).
+
+    QM atoms are frozen by zero mass and feel only their Lennard-Jones terms, so water packs around
+    the solute without the QM engine. Returns the new positions (N, 3) nm.
+    """
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(msys.system))
+    for i in msys.qm_indices:
+        system.setParticleMass(int(i), 0.0)
+    integ = openmm.LangevinMiddleIntegrator(temperature * u.kelvin, 1.0 / u.picosecond, 2.0 * u.femtoseconds)
+    integ.setRandomNumberSeed(seed)
+    sim = app.Simulation(
+        msys.topology, system, integ, openmm.Platform.getPlatformByName("CPU"), {"Threads": str(threads)}
+    )
+    sim.context.setPositions(msys.positions * u.nanometer)
+    sim.context.setPeriodicBoxVectors(*(openmm.Vec3(*row) * u.nanometer for row in msys.box))
+    sim.minimizeEnergy(maxIterations=500)
+    if steps > 0:
+        sim.context.setVelocitiesToTemperature(temperature * u.kelvin, seed)
+        sim.step(steps)
+    st = sim.context.getState(getPositions=True)
+    return np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+
+
+def run_md(
+    system_dir: str | Path,
+    engine: Engine | None,
+    out: str | Path,
+    s: MDSettings,
+    embedding: EmbeddingSettings | None = None,
+    restart: bool = False,
+    progress: bool = True,
+    positions: np.ndarray | None = None,
+    restraints: list[Restraint] | None = None,
+) -> MDResult:
+    """Run MD of a built system with the QM/MM force of ``engine`` (None: MM only)."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+    from tqdm.auto import tqdm
+
+    from qmlmm.md.restraints import parse_restraint
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    msys = MDSystem.load(system_dir)
+    if positions is not None:
+        msys.positions = positions
+    emb = embedding or EmbeddingSettings()
+    rs = list(restraints or []) + [parse_restraint(t) for t in s.restraints]
+    sim, cb = make_simulation(msys, engine, emb, s, rs)
+    ctx = sim.context
+    chk = out / "checkpoint.chk"
+    csv_path = out / "log.csv"
+    start_step = 0
+    if restart:
+        if not chk.exists():
+            raise InputError(f"--restart: no checkpoint in {out}")
+        sim.loadCheckpoint(str(chk))
+        start_step = round(ctx.getState().getStepCount())
+        log.info("restarting %s at step %d", out, start_step)
+    else:
+        if s.minimize and engine is not None:
+            # relax the water around the (fixed) solute with the MM force field first; QM atoms do not move
+            msys_pos = freeze_qm_and_relax_water(
+                msys, steps=0, temperature=s.temperature, seed=s.seed, threads=s.threads
+            )
+            ctx.setPositions(msys_pos * u.nanometer)
+        ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, s.seed)
+        ctx.setStepCount(0)
+    dof = _dof(sim.system)
+    kB = 0.00831446261815324
+    mode = "a" if restart and csv_path.exists() else "w"
+    dcd_path = out / "traj.dcd"
+    # unwrapped positions: the QM molecule has no bonds in the MM system, so OpenMM's per-molecule
+    # wrapping would split it across the box edge
+    dcd = app.DCDReporter(str(dcd_path), s.dcd_every, append=restart and dcd_path.exists(), enforcePeriodicBox=False)
+    sim.reporters.append(dcd)
+    fields = [
+        "step",
+        "time_ps",
+        "potential_kjmol",
+        "kinetic_kjmol",
+        "total_kjmol",
+        "temperature_K",
+        "qmmm_kjmol",
+        "uncertainty_kjmol",
+        "n_mm_embedded",
+    ] + [f"rc{k}_nm" for k in range(len(rs))]
+    fh = open(csv_path, mode, newline="")  # noqa: SIM115 - closed in the finally below
+    w = csv.writer(fh)
+    if mode == "w":
+        w.writerow(fields)
+    stopped: str | None = None
+    remaining = max(0, s.steps - start_step)
+    t0 = time.perf_counter()
+    done = 0
+    bar = tqdm(total=remaining, desc="md", unit="step", disable=not progress, dynamic_ncols=True)
+    last_good = ctx.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
+    try:
+        while done < remaining:
+            n = min(s.report_every, remaining - done)
+            try:
+                sim.step(n)
+            except Exception as e:
+                stopped = cb.stop_reason if cb is not None and cb.stop_reason else f"{type(e).__name__}: {e}"
+                break
+            done += n
+            st = ctx.getState(getEnergy=True, getPositions=True, getVelocities=True, enforcePeriodicBox=False)
+            pe = st.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+            ke = st.getKineticEnergy().value_in_unit(u.kilojoule_per_mole)
+            if not np.isfinite(pe + ke):
+                stopped = "non-finite energy"
+                break
+            step = start_step + done
+            pos = np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+            rcs = [rc_value(pos, r, msys.box) for r in rs]
+            w.writerow(
+                [
+                    step,
+                    step * s.dt_fs / 1000.0,
+                    pe,
+                    ke,
+                    pe + ke,
+                    2 * ke / (dof * kB),
+                    cb.last_energy if cb else float("nan"),
+                    cb.last_uncertainty if cb else float("nan"),
+                    cb.last_n_mm if cb else 0,
+                    *rcs,
+                ]
+            )
+            fh.flush()
+            last_good = st
+            el = time.perf_counter() - t0
+            nsday = done * s.dt_fs * 1e-6 / (el / 86400.0) if el > 0 else float("nan")
+            bar.update(n)
+            bar.set_postfix_str(f"{nsday:.3f} ns/day T={2 * ke / (dof * kB):.0f} K")
+            if step % s.checkpoint_every < n or done >= remaining:
+                sim.saveCheckpoint(str(chk))
+    finally:
+        bar.close()
+        fh.close()
+    seconds = time.perf_counter() - t0
+    if stopped:
+        (out / "last_good_state.xml").write_text(openmm.XmlSerializer.serialize(last_good))
+        log.error(
+            "MD stopped at step %d: %s; last good state saved to %s",
+            start_step + done,
+            stopped,
+            out / "last_good_state.xml",
+        )
+    nsday = done * s.dt_fs * 1e-6 / (seconds / 86400.0) if seconds > 0 and done else 0.0
+    drift = energy_drift(csv_path) if s.nve else None
+    info = {
+        "settings": asdict(s),
+        "embedding": emb.to_dict(),
+        "engine": getattr(engine, "spec", "mm-only"),
+        "steps_done": start_step + done,
+        "seconds_this_run": seconds,
+        "ns_per_day": nsday,
+        "stopped": stopped,
+        "drift_kjmol_per_ps": drift,
+        "restraints": [r.text() for r in rs],
+        "qmmm_seconds_per_call": (cb.seconds / cb.calls) if cb and cb.calls else None,
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=2))
+    return MDResult(out, start_step + done, seconds, nsday, stopped, csv_path, drift)
+
+
+def energy_drift(csv_path: str | Path, skip_ps: float = 0.0) -> float:
+    """Slope (kJ/mol/ps) of a linear fit of the total energy against time in an MD log."""
+    data = np.genfromtxt(csv_path, delimiter=",", names=True)
+    t, e = np.atleast_1d(data["time_ps"]), np.atleast_1d(data["total_kjmol"])
+    m = t >= skip_ps
+    if m.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(t[m], e[m], 1)[0])

@@ -1,0 +1,109 @@
+"""A built QM/MM system folder (see :mod:`qmlmm.md.build`) loaded for simulation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmlmm.errors import InputError, SchemaError
+from qmlmm.system import Frame
+
+__all__ = ["MDSystem"]
+
+
+@dataclass
+class MDSystem:
+    """OpenMM system + topology + positions + the QM/MM bookkeeping of a built folder.
+
+    Attributes:
+        numbers (N,), charges (N,) MM partial charges (0 on QM atoms), mol_ids (N,), is_qm (N,),
+        masses (N,) Da, qm_charge, qm_mult, box (3, 3) nm, positions (N, 3) nm.
+    """
+
+    folder: Path
+    system: Any
+    topology: Any
+    positions: np.ndarray
+    box: np.ndarray
+    numbers: np.ndarray
+    charges: np.ndarray
+    mol_ids: np.ndarray
+    is_qm: np.ndarray
+    masses: np.ndarray
+    qm_charge: int
+    qm_mult: int
+    meta: dict[str, Any]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> MDSystem:
+        import openmm
+        import openmm.app as app
+        import openmm.unit as u
+
+        folder = Path(folder)
+        for name in ("system.xml", "system.pdb", "meta.json"):
+            if not (folder / name).exists():
+                raise SchemaError(f"{folder} is not a qmlmm system folder: {name} missing (make one with qmlmm build)")
+        meta = json.loads((folder / "meta.json").read_text())
+        system = openmm.XmlSerializer.deserialize((folder / "system.xml").read_text())
+        pdb = app.PDBFile(str(folder / "system.pdb"))
+        top = pdb.topology
+        pos = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+        box_vecs = top.getPeriodicBoxVectors()
+        if box_vecs is None:
+            raise SchemaError(f"{folder}/system.pdb has no periodic box")
+        box = np.asarray([[v.value_in_unit(u.nanometer) for v in (vec[0], vec[1], vec[2])] for vec in box_vecs])
+        n = system.getNumParticles()
+        if n != top.getNumAtoms():
+            raise SchemaError(f"{folder}: system has {n} particles, PDB {top.getNumAtoms()} atoms")
+        numbers = np.array([a.element.atomic_number for a in top.atoms()])
+        mol_ids = np.array([a.residue.index for a in top.atoms()])
+        nb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
+        charges = np.array([nb.getParticleParameters(i)[0].value_in_unit(u.elementary_charge) for i in range(n)])
+        masses = np.array([system.getParticleMass(i).value_in_unit(u.dalton) for i in range(n)])
+        is_qm = np.zeros(n, dtype=bool)
+        is_qm[np.asarray(meta["qm_indices"], dtype=int)] = True
+        if np.any(charges[is_qm] != 0):
+            raise InputError(f"{folder}: QM atoms carry MM charges in the system; rebuild it with qmlmm build")
+        return cls(
+            folder,
+            system,
+            top,
+            pos,
+            box,
+            numbers,
+            charges,
+            mol_ids,
+            is_qm,
+            masses,
+            int(meta["qm_charge"]),
+            int(meta.get("qm_mult", 1)),
+            meta,
+        )
+
+    @property
+    def qm_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.is_qm)
+
+    def frame(
+        self,
+        positions: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        info: dict[str, float | int | str] | None = None,
+    ) -> Frame:
+        """A :class:`Frame` of this system at ``positions`` (N, 3) nm (default: the built ones)."""
+        return Frame(
+            numbers=self.numbers,
+            positions=self.positions if positions is None else positions,
+            is_qm=self.is_qm,
+            charges=self.charges,
+            mol_ids=self.mol_ids,
+            box=self.box if box is None else box,
+            qm_charge=self.qm_charge,
+            qm_mult=self.qm_mult,
+            info=dict(info or {}),
+        )

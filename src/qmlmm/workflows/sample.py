@@ -1,0 +1,172 @@
+"""``qmlmm sample``: configurations for labelling from baseline QM/MM MD.
+
+Each run: MM-only minimisation and equilibration of the water around the frozen solute, then
+QM/MM MD with the baseline engine (Langevin, 300 K by default), a frame stored every ``every``
+steps. Frames keep the QM region and every water within the embedding cutoff plus a margin (so
+any later embedding finds all it needs), made whole around the solute, with the box. Independent
+runs (different seeds) go to Dask workers; each finished run is saved as a part file, so a rerun
+skips runs already done, and the parts are merged into the output dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmlmm.data import Dataset, write_dataset
+from qmlmm.engines import make_engine
+from qmlmm.environment import EmbeddingSettings, select_embedding
+from qmlmm.errors import InputError
+from qmlmm.md.runner import MDSettings, freeze_qm_and_relax_water
+from qmlmm.md.system import MDSystem
+from qmlmm.system import Frame
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SampleSettings", "sample", "trim_frame"]
+
+
+@dataclass
+class SampleSettings:
+    engine: str = "dftb3:3ob"
+    steps: int = 1000
+    every: int = 10
+    runs: int = 1
+    equil_steps: int = 2500  # MM-only water equilibration, 2 fs steps
+    qm_equil_steps: int = 0  # QM/MM steps discarded before storing frames
+    temperature: float = 300.0
+    dt_fs: float = 0.5
+    cutoff: float = 1.4
+    switch_width: float = 0.0
+    margin: float = 0.3
+    seed: int = 0
+    threads: int = 1
+    restraints_per_run: list[list[str]] | None = None  # run r uses entry r % len (e.g. umbrella windows)
+
+
+def trim_frame(frame: Frame, cutoff: float, margin: float) -> Frame:
+    """The QM region and the MM molecules within ``cutoff + margin`` of it, whole, near the QM region.
+
+    The margin shrinks when the box is too small for it (at most half the shortest box height).
+    """
+    rc = cutoff + margin
+    if frame.box is not None:
+        box = frame.box
+        heights = abs(np.linalg.det(box)) / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
+        rc = max(cutoff, min(rc, 0.5 * float(heights.min()) - 1e-6))
+    emb = select_embedding(frame, EmbeddingSettings(cutoff=rc))
+    idx = np.concatenate([emb.qm_index, emb.mm_index])
+    pos = np.concatenate([emb.qm_positions, emb.mm_positions])
+    return Frame(
+        numbers=frame.numbers[idx],
+        positions=pos,
+        is_qm=frame.is_qm[idx],
+        charges=frame.charges[idx],
+        mol_ids=frame.mol_ids[idx],
+        box=frame.box,
+        qm_charge=frame.qm_charge,
+        qm_mult=frame.qm_mult,
+        info=dict(frame.info),
+    )
+
+
+def _one_run(system_dir: str, s: SampleSettings, run: int, part: str) -> str:
+    """Runs on a worker: one sampling run, saved to ``part`` (HDF5); returns its path."""
+    import openmm.unit as u
+
+    from qmlmm.md.runner import make_simulation
+
+    msys = MDSystem.load(system_dir)
+    seed = s.seed * 1000 + run
+    msys.positions = freeze_qm_and_relax_water(
+        msys, steps=s.equil_steps, temperature=s.temperature, seed=seed, threads=s.threads
+    )
+    engine = make_engine(s.engine, threads=s.threads)
+    md = MDSettings(steps=s.steps, dt_fs=s.dt_fs, temperature=s.temperature, seed=seed, threads=s.threads)
+    emb = EmbeddingSettings(s.cutoff, s.switch_width)
+    rs = []
+    if s.restraints_per_run:
+        from qmlmm.md.restraints import parse_restraint
+
+        rs = [parse_restraint(t) for t in s.restraints_per_run[run % len(s.restraints_per_run)]]
+    sim, _ = make_simulation(msys, engine, emb, md, rs)
+    sim.context.setVelocitiesToTemperature(s.temperature * u.kelvin, seed)
+    if s.qm_equil_steps:
+        sim.step(s.qm_equil_steps)
+    frames = []
+    for k in range(s.steps // s.every):
+        sim.step(s.every)
+        st = sim.context.getState(getPositions=True, enforcePeriodicBox=False)
+        pos = np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+        box = np.asarray(st.getPeriodicBoxVectors(asNumpy=True).value_in_unit(u.nanometer))
+        step = (k + 1) * s.every
+        info: dict[str, float | int | str] = {
+            "run": run,
+            "step": step,
+            "time_ps": step * s.dt_fs / 1000.0,
+            "sampled_with": s.engine,
+        }
+        if rs:
+            from qmlmm.md.restraints import rc_value
+
+            info["restraint"] = rs[0].text()
+            info["rc_nm"] = rc_value(pos, rs[0], box)
+        fr = msys.frame(pos, box, info=info)
+        frames.append(trim_frame(fr, s.cutoff, s.margin))
+    write_dataset(part, frames, overwrite=True).close()
+    return part
+
+
+def sample(
+    system_dir: str | Path,
+    out: str | Path,
+    s: SampleSettings,
+    workers: int = 1,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run ``s.runs`` independent sampling runs and merge their frames into the dataset ``out``."""
+    from tqdm.auto import tqdm
+
+    if s.every < 1 or s.steps < s.every:
+        raise InputError("need steps >= every >= 1")
+    MDSystem.load(system_dir)  # fail early on a bad folder
+    out = Path(out)
+    parts_dir = out.with_name(out.name + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    parts = [parts_dir / f"run{r:03d}.h5" for r in range(s.runs)]
+    todo = [r for r in range(s.runs) if not parts[r].exists()]
+    if len(todo) < s.runs:
+        log.info("%d of %d sampling runs already done (in %s)", s.runs - len(todo), s.runs, parts_dir)
+    bar = tqdm(total=len(todo), desc="sampling runs", unit="run", disable=not progress)
+    if workers == 0 or (len(todo) <= 1 and not scheduler):
+        for r in todo:
+            _one_run(str(system_dir), s, r, str(parts[r]))
+            bar.update(1)
+    elif todo:
+        from dask.distributed import as_completed
+
+        from qmlmm.workflows.label import _dask_client
+
+        client = _dask_client(min(workers, len(todo)), s.threads, scheduler)
+        try:
+            futs = [client.submit(_one_run, str(system_dir), replace(s), r, str(parts[r]), pure=False) for r in todo]
+            for f in as_completed(futs):
+                f.result()
+                bar.update(1)
+        finally:
+            client.close()
+            if not scheduler and client.cluster is not None:
+                client.cluster.close()
+    bar.close()
+    frames: list[Any] = []
+    for p in parts:
+        with Dataset(p) as ds:
+            frames += ds.frames()
+    write_dataset(out, frames, overwrite=True).close()
+    log.info("wrote %d frames from %d runs to %s", len(frames), s.runs, out)
+    return out
