@@ -225,3 +225,30 @@ def test_learning_curve_cli(syn: Path, tmp_path: Path) -> None:
     assert [p["n_train"] for p in res["curves"]["direct"]] == [10, 40]
     assert [p["n_train"] for p in res["curves"]["delta"]] == [10, 40]
     assert "baseline_alone" in res and (tmp_path / "lc" / "learning_curve.png").exists()
+
+
+def test_parallel_training_matches_serial_and_is_reused(syn: Path, tmp_path: Path) -> None:
+    """Two models trained side by side in single-threaded processes give bit-identical results to the
+    same runs done one after the other here; a second call reuses them instead of retraining."""
+    from qmlmm.training import TrainJob, train_jobs
+
+    cfgs = [
+        TrainConfig(target="ref", ensemble=1, epochs=4, threads=1, **FAST),  # type: ignore[arg-type]
+        TrainConfig(target="ref", baseline="base", ensemble=1, epochs=4, threads=1, **FAST),  # type: ignore[arg-type]
+    ]
+    par = [TrainJob(str(syn), c, str(tmp_path / f"p{k}.pt"), {"require": ("base",)}) for k, c in enumerate(cfgs)]
+    ser = [TrainJob(str(syn), c, str(tmp_path / f"s{k}.pt"), {"require": ("base",)}) for k, c in enumerate(cfgs)]
+    rp = train_jobs(par, workers=2, progress=False)
+    rs = train_jobs(ser, workers=1, progress=False)
+    for k in range(2):
+        mp_, ms = rp[par[k].out][0], rs[ser[k].out][0]
+        assert mp_["mode"] == ("direct", "delta")[k]
+        assert mp_["test"]["energy"]["mae"] == ms["test"]["energy"]["mae"]
+        assert mp_["test"]["qm_forces"]["mae"] == ms["test"]["qm_forces"]["mae"]
+    mtime = Path(par[0].out).stat().st_mtime
+    again = train_jobs(par, workers=2, progress=False)
+    assert Path(par[0].out).stat().st_mtime == mtime  # not retrained
+    assert again[par[1].out][0]["test"]["energy"]["mae"] == rp[par[1].out][0]["test"]["energy"]["mae"]
+    changed = [TrainJob(str(syn), TrainConfig(target="ref", ensemble=1, epochs=5, threads=1, **FAST), par[0].out)]  # type: ignore[arg-type]
+    train_jobs(changed, workers=1, progress=False)
+    assert Path(par[0].out).stat().st_mtime != mtime  # other settings: trained again

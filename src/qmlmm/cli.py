@@ -111,9 +111,9 @@ def _print_label_report(out: Path, rep: object) -> None:
                 li.method,
                 f"{li.n_done}/{li.n_frames}",
                 str(li.n_failed),
-                str(rep.computed.get(name, 0)),
+                str(rep.computed.get(name, 0)),  # type: ignore[attr-defined]
                 f"{spf:.3f}" if spf else "-",
-            )  # type: ignore[attr-defined]
+            )
     con.print(tab)
     failed = {k: v for k, v in rep.failed.items() if v}  # type: ignore[attr-defined]
     for name, errs in failed.items():
@@ -218,7 +218,7 @@ def train(
     )
 
 
-def _print_metrics(meta: dict, title: str, m: dict | None, base: dict | None = None) -> None:  # type: ignore[type-arg]
+def _print_metrics(meta: dict, title: str, m: dict | None, base: dict | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -292,6 +292,7 @@ def learning_curve_cmd(
     config: Annotated[Path | None, typer.Option(help="YAML training settings.")] = None,
     ensemble: Annotated[int | None, typer.Option(help="Networks per model (default 1 here).")] = 1,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    workers: Annotated[int, typer.Option(help="Models trained at once (one single-threaded process each).")] = 2,
 ) -> None:
     """Test errors against training-set size, for direct and delta learning."""
     from qmlmm.training import load_config
@@ -299,7 +300,7 @@ def learning_curve_cmd(
 
     try:
         cfg = load_config(config, target=target, baseline=baseline, ensemble=ensemble, epochs=epochs)
-        res = learning_curve(data, cfg, [int(x) for x in sizes.split(",") if x.strip()], out)
+        res = learning_curve(data, cfg, [int(x) for x in sizes.split(",") if x.strip()], out, workers=workers)
     except (QMLMMError, FileNotFoundError, ValueError) as e:
         _fail(e)
         return
@@ -341,8 +342,9 @@ def build(
         res = build_system(
             specs,
             out,
-            BuildSettings(padding=padding, box=box, gap=gap, multiplicity=mult, seed=seed,
-                          equilibrate_ps=equilibrate_ps),
+            BuildSettings(
+                padding=padding, box=box, gap=gap, multiplicity=mult, seed=seed, equilibrate_ps=equilibrate_ps
+            ),
             total_charge=charge,
         )
     except (QMLMMError, FileNotFoundError) as e:
@@ -374,7 +376,7 @@ def _engine_for_md(
                 "match (or be left out)"
             )
         return m.engine(threads), emb
-    return make_engine(engine, threads=threads), EmbeddingSettings(
+    return make_engine(engine, threads=threads), EmbeddingSettings(  # type: ignore[arg-type]
         1.4 if cutoff is None else cutoff, 0.2 if switch_width is None else switch_width
     )
 
@@ -437,11 +439,11 @@ def md(
                 )
                 res = run_md(
                     system,
-                    eng,
+                    eng,  # type: ignore[arg-type]
                     out / f"window_{k:02d}",
                     s,
-                    emb,
-                    restart=restart,  # type: ignore[arg-type]
+                    emb,  # type: ignore[arg-type]
+                    restart=restart,
                     restraints=[rk, *rs[1:]],
                 )
                 typer.echo(
@@ -523,7 +525,7 @@ def pipeline(
     _print_summary(summary, out)
 
 
-def _print_summary(summary: dict, out: Path) -> None:  # type: ignore[type-arg]
+def _print_summary(summary: dict, out: Path) -> None:
     from rich.console import Console
     from rich.markdown import Markdown
 

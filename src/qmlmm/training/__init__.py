@@ -2,6 +2,17 @@
 
 from qmlmm.training.config import TrainConfig, load_config
 from qmlmm.training.data import TrainingData, block_split, load_training_data
+from qmlmm.training.parallel import TrainJob, train_jobs
 from qmlmm.training.trainer import TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingData", "block_split", "load_config", "load_training_data", "train"]
+__all__ = [
+    "TrainConfig",
+    "TrainJob",
+    "TrainResult",
+    "TrainingData",
+    "block_split",
+    "load_config",
+    "load_training_data",
+    "train",
+    "train_jobs",
+]

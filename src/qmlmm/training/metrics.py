@@ -29,7 +29,7 @@ class Collected:
     @classmethod
     def concat(cls, parts: Sequence[Collected]) -> Collected:
         cat = np.concatenate
-        std = None if any(p.e_std is None for p in parts) else cat([p.e_std for p in parts])  # type: ignore[misc]
+        std = None if any(p.e_std is None for p in parts) else cat([p.e_std for p in parts])
         return cls(
             cat([p.e_pred for p in parts]),
             cat([p.e_ref for p in parts]),

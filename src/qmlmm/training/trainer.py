@@ -101,7 +101,7 @@ def _statistics(mcfg: ModelConfig, items: Sequence[FrameTensors], dtype: torch.d
     std = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))
     comp = np.zeros((len(items), ne))
     for k, it in enumerate(items):
-        sp = probe.acsf.species(torch.as_tensor(it.qm_z)).numpy()
+        sp = probe.acsf.species(torch.as_tensor(it.qm_z)).numpy()  # type: ignore[assignment]
         np.add.at(comp[k], sp, 1.0)
     e = np.array([it.energy for it in items])
     lam = 1e-6 * len(items)
@@ -109,9 +109,9 @@ def _statistics(mcfg: ModelConfig, items: Sequence[FrameTensors], dtype: torch.d
     resid = e - comp @ shift
     n_at = comp.sum(1)
     var_e = float(max(np.var(resid / n_at), 1e-4))
-    e_scale = float(max(np.std(resid) / math.sqrt(max(n_at.mean(), 1.0)), 1.0))
-    fq = np.concatenate([it.qm_forces for it in items])  # type: ignore[misc]
-    fm = np.concatenate([it.mm_forces for it in items]).reshape(-1, 3)  # type: ignore[misc]
+    e_scale = float(max(np.std(resid) / math.sqrt(max(n_at.mean(), 1.0)), 1.0))  # type: ignore[arg-type]
+    fq = np.concatenate([it.qm_forces for it in items])
+    fm = np.concatenate([it.mm_forces for it in items]).reshape(-1, 3)
     return _Stats(
         mean.to(dtype),
         std.to(dtype),
@@ -130,7 +130,12 @@ def _loss(model: torch.nn.Module, b: Any, st: _Stats, cfg: TrainConfig) -> tuple
     lq = ((fq - b.qm_forces) ** 2).mean() / st.var_fq
     lm = ((fm - b.mm_forces) ** 2).mean() / st.var_fm if len(fm) else torch.zeros((), dtype=e.dtype)
     loss = cfg.w_energy * le + cfg.w_qm_forces * lq + cfg.w_mm_forces * lm
-    return loss, {"loss": float(loss.detach()), "le": float(le.detach()), "lq": float(lq.detach()), "lm": float(lm.detach())}
+    return loss, {
+        "loss": float(loss.detach()),
+        "le": float(le.detach()),
+        "lq": float(lq.detach()),
+        "lm": float(lm.detach()),
+    }
 
 
 def collect_predictions(
@@ -172,7 +177,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _fingerprint(cfg: TrainConfig, data: TrainingData) -> str:
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "device")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update(data.source.encode())
     h.update(np.asarray(data.train).tobytes())
     h.update(np.array([it.energy for it in data.items]).tobytes())
@@ -180,9 +186,17 @@ def _fingerprint(cfg: TrainConfig, data: TrainingData) -> str:
 
 
 def train(
-    data: TrainingData, cfg: TrainConfig, out: str | Path, progress: bool = True, resume: bool = True
+    data: TrainingData,
+    cfg: TrainConfig,
+    out: str | Path,
+    progress: bool = True,
+    resume: bool = True,
+    position: int | None = None,
 ) -> TrainResult:
-    """Train an ensemble on ``data`` with ``cfg``; write the model and its side files at ``out``."""
+    """Train an ensemble on ``data`` with ``cfg``; write the model and its side files at ``out``.
+
+    ``position`` places the progress bar on its own line when several runs share a terminal.
+    """
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -247,7 +261,9 @@ def train(
             rng = np.random.default_rng(cfg.seed * 1000 + k + 7919 * start_epoch)
         bar = tqdm(
             range(start_epoch, cfg.epochs),
-            desc=f"network {k + 1}/{cfg.ensemble}",
+            desc=f"{out.stem} network {k + 1}/{cfg.ensemble}",
+            position=position,
+            leave=position is None,
             unit="epoch",
             disable=not progress,
             dynamic_ncols=True,
@@ -272,8 +288,8 @@ def train(
             vloss = (
                 cfg.w_energy * m["energy_per_atom"]["rmse"] ** 2 / st.var_e  # type: ignore[index]
                 + cfg.w_qm_forces * m["qm_forces"]["rmse"] ** 2 / st.var_fq  # type: ignore[index]
-                + cfg.w_mm_forces * (m["mm_forces"]["rmse"] ** 2 / st.var_fm if c.fm_ref.size else 0.0)
-            )  # type: ignore[index]
+                + cfg.w_mm_forces * (m["mm_forces"]["rmse"] ** 2 / st.var_fm if c.fm_ref.size else 0.0)  # type: ignore[index]
+            )
             sched.step(vloss)
             lr = opt.param_groups[0]["lr"]
             rec = {
@@ -281,10 +297,10 @@ def train(
                 "train_loss": float(np.mean(tl)),
                 "valid_loss": float(vloss),
                 "lr": lr,
-                "valid_energy_mae": m["energy"]["mae"],
+                "valid_energy_mae": m["energy"]["mae"],  # type: ignore[index]
                 "valid_qm_forces_mae": m["qm_forces"]["mae"],  # type: ignore[index]
-                "valid_mm_forces_mae": m["mm_forces"]["mae"],
-            }  # type: ignore[index]
+                "valid_mm_forces_mae": m["mm_forces"]["mae"],  # type: ignore[index]
+            }
             hist.append(rec)
             if vloss < best:
                 best, best_state, since_best = vloss, copy.deepcopy(model.state_dict()), 0
@@ -350,6 +366,8 @@ def train(
         "mode": "delta" if data.baseline else "direct",
         "target": data.target,
         "baseline": data.baseline,
+        "config": cfg.to_dict(),
+        "data": data.source,
     }
     for name, idx in (("test", data.test), ("valid", data.valid), ("train", train_idx)):
         if len(idx):

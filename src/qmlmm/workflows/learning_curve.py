@@ -20,7 +20,7 @@ from qmlmm.analysis.evaluate import baseline_collected
 from qmlmm.training.config import TrainConfig
 from qmlmm.training.data import load_training_data
 from qmlmm.training.metrics import compute_metrics
-from qmlmm.training.trainer import train
+from qmlmm.training.parallel import TrainJob, train_jobs
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,15 @@ def learning_curve(
     progress: bool = True,
     hidden_by_mode: dict[str, list[int]] | None = None,
     scale_epochs: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Train direct and/or delta models on growing subsets; write learning_curve.{json,png} in out_dir.
 
     ``hidden_by_mode`` may give each mode its own network size (e.g. a smaller one for delta).
     ``scale_epochs`` keeps the number of optimiser steps roughly constant above 100 training frames
     (epochs * 100 / N, at least 50), so large subsets do not take proportionally longer.
+    ``workers`` > 1 trains that many models at once, one single-threaded process each.
+    Each run resumes from its checkpoint (or is reused when its model file exists).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,13 +68,15 @@ def learning_curve(
     need = (cfg.baseline,) if cfg.baseline else ()
     curves: dict[str, list[dict[str, Any]]] = {}
     split_test = None
+    jobs: list[TrainJob] = []
+    planned: dict[str, list[tuple[int, str]]] = {}
     for mode in modes:
         base = cfg.baseline if mode == "delta" else None
         data = load_training_data(
             data_path, cfg.target, base, cfg.block_size, cfg.valid_fraction, cfg.test_fraction, cfg.seed, require=need
-        )  # type: ignore[arg-type]
+        )
         split_test = data.test
-        pts = []
+        planned[mode] = []
         for n in sizes:
             if n > len(data.train):
                 log.warning("size %d exceeds the %d training frames; skipped", n, len(data.train))
@@ -84,8 +89,17 @@ def learning_curve(
                 epochs=min(cfg.epochs, epochs),
                 hidden=(hidden_by_mode or {}).get(mode, cfg.hidden),
             )
-            res = train(data, c, out / f"{mode}_{n}.pt", progress=progress, resume=True)
-            pts.append(_point(res.metrics, n, {"train_seconds": res.seconds}))
+            path = str(out / f"{mode}_{n}.pt")
+            planned[mode].append((n, path))
+            jobs.append(TrainJob(str(data_path), c, path, {"require": need}))
+    # largest runs first, so that the pool is not left waiting on one long run at the end
+    jobs.sort(key=lambda j: -(j.cfg.max_train_frames or 0) * j.cfg.epochs)
+    done = train_jobs(jobs, workers=workers, progress=progress)
+    for mode, plan in planned.items():
+        pts = []
+        for n, path in plan:
+            m, secs = done[path]
+            pts.append(_point(m, n, {"train_seconds": secs}))
             log.info(
                 "%s N=%d: test energy MAE %.3f kJ/mol, QM forces %.2f, MM forces %.3f kJ/mol/nm",
                 mode,
@@ -106,20 +120,20 @@ def learning_curve(
     if cfg.baseline and split_test is not None:
         data = load_training_data(
             data_path, cfg.target, None, cfg.block_size, cfg.valid_fraction, cfg.test_fraction, cfg.seed, require=need
-        )  # type: ignore[arg-type]
+        )
         idx = np.array([data.items[int(i)].index for i in data.test])
         bm = compute_metrics(baseline_collected(data_path, cfg.target, cfg.baseline, idx), shift_energy=True)
         base_line = {
-            "energy_mae": bm["energy"]["mae"],
+            "energy_mae": bm["energy"]["mae"],  # type: ignore[index]
             "qm_forces_mae": bm["qm_forces"]["mae"],  # type: ignore[index]
-            "mm_forces_mae": bm["mm_forces"]["mae"],
-        }  # type: ignore[index]
+            "mm_forces_mae": bm["mm_forces"]["mae"],  # type: ignore[index]
+        }
         result["baseline_alone"] = bm
     (out / "learning_curve.json").write_text(json.dumps(result, indent=2))
     from qmlmm.analysis.plots import learning_curve_plot
 
     learning_curve_plot(
-        curves,
+        curves,  # type: ignore[arg-type]
         out / "learning_curve.png",
         baseline=base_line,
         title=f"test errors vs training frames: {cfg.target}"
