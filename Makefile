@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-slow test-all lint bench bench-label bench-dftb bench-model bench-md bench-accuracy clean
+.PHONY: setup demo test test-slow test-examples test-all lint bench bench-label bench-dftb bench-model bench-md bench-accuracy clean
 
 setup:
 	./scripts/setup.sh
@@ -15,6 +15,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m "slow" -q
+
+# the tiny seed studies end to end (about 15-30 min each on 2 cores: DFT labels of 50-63 QM atoms)
+test-examples: setup
+	$(PY) -m pytest tests/test_examples.py -m slow -q
 
 test-all: setup
 	$(PY) -m pytest -q

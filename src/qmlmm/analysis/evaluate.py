@@ -45,14 +45,14 @@ def baseline_collected(data_path: str | Path, target: str, baseline: str, indice
                 Collected(
                     np.array([base.energy]),
                     np.array([ref.energy]),
-                    base.qm_forces,
+                    base.qm_forces,  # type: ignore[arg-type]
                     ref.qm_forces,  # type: ignore[arg-type]
                     ref.qm_z,
-                    base.mm_forces,
-                    ref.mm_forces,
+                    base.mm_forces,  # type: ignore[arg-type]
+                    ref.mm_forces,  # type: ignore[arg-type]
                     np.array([len(ref.qm_z)]),
                 )
-            )  # type: ignore[arg-type]
+            )
     return Collected.concat(parts)
 
 

@@ -51,7 +51,7 @@ def analyze_run(run: str | Path, system: str | Path | None = None, smiles: str |
             solute = [int(i) for i in msys.qm_indices if msys.numbers[i] in (7, 8)]
             water_o = np.flatnonzero((~msys.is_qm) & (msys.numbers == 8))
             if solute:
-                r, g = rdf(pos, boxes, solute, water_o, r_max=0.8, n_bins=60)
+                r, g = rdf(pos, boxes, solute, water_o, r_max=0.8, n_bins=60)  # type: ignore[arg-type]
                 axes[1].plot(r, g)
                 axes[1].set_xlabel("r (nm)")
                 axes[1].set_ylabel("g(r) solute N/O - water O")

@@ -130,6 +130,6 @@ def collate(
     )
     if have_targets:
         b.energy = torch.as_tensor(np.array([it.energy for it in items]), **t)  # type: ignore[arg-type]
-        b.qm_forces = torch.as_tensor(np.concatenate([it.qm_forces for it in items]), **t)  # type: ignore[arg-type,misc]
-        b.mm_forces = torch.as_tensor(np.concatenate([it.mm_forces for it in items]).reshape(-1, 3), **t)  # type: ignore[arg-type,misc]
+        b.qm_forces = torch.as_tensor(np.concatenate([it.qm_forces for it in items]), **t)  # type: ignore[arg-type]
+        b.mm_forces = torch.as_tensor(np.concatenate([it.mm_forces for it in items]).reshape(-1, 3), **t)  # type: ignore[arg-type]
     return b

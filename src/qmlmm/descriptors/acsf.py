@@ -73,6 +73,15 @@ class DescriptorConfig:
 class ACSF(nn.Module):
     """Descriptor module: FrameBatch -> (Nq, n_features) features of every QM atom."""
 
+    zmap: torch.Tensor
+    pair_index: torch.Tensor
+    rs_qm: torch.Tensor
+    rs_ang: torch.Tensor
+    rs_mm: torch.Tensor
+    rs_mma: torch.Tensor
+    zetas: torch.Tensor
+    lambdas: torch.Tensor
+
     def __init__(self, cfg: DescriptorConfig) -> None:
         super().__init__()
         self.cfg = cfg

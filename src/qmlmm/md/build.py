@@ -196,7 +196,7 @@ def _equilibrate_npt(system: Any, topology: Any, positions: Any, n_qm: int, s: B
     sim.context.setPositions(positions)
     sim.minimizeEnergy(maxIterations=500)
     sim.context.setVelocitiesToTemperature(300.0 * u.kelvin, s.seed)
-    sim.step(int(round(s.equilibrate_ps * 500)))
+    sim.step(round(s.equilibrate_ps * 500))
     st = sim.context.getState(getPositions=True, enforcePeriodicBox=False)
     box_vecs = st.getPeriodicBoxVectors()
     pos = np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
@@ -283,7 +283,7 @@ def build_system(
         for b in mol.GetBonds():
             top.addBond(atoms[b.GetBeginAtomIdx()], atoms[b.GetEndAtomIdx()])
         q = solutes[k].charge if solutes[k].charge is not None else Chem.GetFormalCharge(mol)
-        charges.append(int(q))
+        charges.append(int(q))  # type: ignore[arg-type]
     qm_charge = int(total_charge) if total_charge is not None else int(sum(charges))
     n_qm = len(allpos)
     from qmlmm.elements import check_charge_multiplicity
@@ -331,9 +331,9 @@ def build_system(
 
     zq = [a.GetAtomicNum() for mol in mols for a in mol.GetAtoms()]
     formula = Frame(
-        numbers=zq,
+        numbers=zq,  # type: ignore[arg-type]
         positions=np.zeros((n_qm, 3)),
-        is_qm=[True] * n_qm,
+        is_qm=[True] * n_qm,  # type: ignore[arg-type]
         charges=np.zeros(n_qm),
         mol_ids=np.zeros(n_qm, dtype=int),
     ).qm_formula

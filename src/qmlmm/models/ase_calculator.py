@@ -27,11 +27,11 @@ from qmlmm.units import EV_PER_KJMOL, KJMOLNM_PER_EVANGSTROM
 __all__ = ["QMLMMCalculator"]
 
 
-class QMLMMCalculator(Calculator):  # type: ignore[misc]
+class QMLMMCalculator(Calculator):
     """ASE calculator from a :class:`QMLMMModel` (ensemble spread in ``results['energy_std']``, eV)
     or from an :class:`Engine` with embedding settings."""
 
-    implemented_properties = ("energy", "forces", "free_energy")
+    implemented_properties = ("energy", "forces", "free_energy")  # type: ignore[assignment]
 
     def __init__(
         self,

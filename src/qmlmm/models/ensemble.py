@@ -48,7 +48,7 @@ class Ensemble(nn.Module):
 
     @property
     def elements(self) -> list[int]:
-        return self.members[0].elements  # type: ignore[no-any-return,operator]
+        return self.members[0].elements  # type: ignore[return-value]
 
     def member_energies(self, b: FrameBatch) -> torch.Tensor:
         """(K, B) energies of every member."""

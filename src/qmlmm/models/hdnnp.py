@@ -48,11 +48,11 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, object]) -> ModelConfig:
         return cls(
             descriptor=DescriptorConfig.from_dict(d["descriptor"]),  # type: ignore[arg-type]
-            hidden=list(d.get("hidden", [64, 64])),
-            activation=str(d.get("activation", "silu")),  # type: ignore[call-overload]
-            cutoff=float(d.get("cutoff", 1.4)),
-            switch_width=float(d.get("switch_width", 0.0)),
-        )  # type: ignore[arg-type]
+            hidden=[int(h) for h in d.get("hidden", [64, 64])],  # type: ignore[attr-defined]
+            activation=str(d.get("activation", "silu")),
+            cutoff=float(d.get("cutoff", 1.4)),  # type: ignore[arg-type]
+            switch_width=float(d.get("switch_width", 0.0)),  # type: ignore[arg-type]
+        )
 
     @property
     def embedding(self) -> EmbeddingSettings:
@@ -88,6 +88,11 @@ def switch_weights(b: FrameBatch, cutoff: float, width: float) -> torch.Tensor:
 
 class HDNNP(nn.Module):
     """One HDNNP: descriptor, per-element feature scaling, per-element MLPs, per-element shifts."""
+
+    feat_mean: torch.Tensor
+    feat_std: torch.Tensor
+    e_shift: torch.Tensor
+    e_scale: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

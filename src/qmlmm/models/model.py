@@ -228,7 +228,7 @@ class QMLMMModel:
             if self.meta.delta:
                 lvl = baseline_level or self.meta.baseline
                 if use_labels and lvl in fr.labels:
-                    lab = fr.labels[lvl]  # type: ignore[index]
+                    lab = fr.labels[lvl]
                 else:
                     if base_engine is None:
                         base_engine = self.baseline_engine()

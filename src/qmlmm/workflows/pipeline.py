@@ -1,0 +1,467 @@
+"""End-to-end recipes: build -> sample (baseline QM/MM) -> label (reference + baseline) -> train
+(direct and delta) -> evaluate -> ML/MM and baseline MD -> analysis -> summary.
+
+A pipeline is a YAML config (see examples/*/config.yaml) with a section per size (tiny, small,
+full). Every step writes into the output folder and is skipped when its result exists, so an
+interrupted run continues where it stopped (labelling and training also resume inside a step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmlmm.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PipelineConfig", "run_pipeline", "load_pipeline_config"]
+
+
+@dataclass
+class PipelineConfig:
+    """One size of an example (all lengths nm, times fs/ps)."""
+
+    name: str
+    solutes: list[str]  # SMILES
+    charge: int | None = None
+    padding: float = 1.2
+    gap: float = 0.35
+    equilibrate_ps: float = 10.0  # MM NPT at build time (water density)
+    anchors: dict[int, list[float]] = field(default_factory=dict)  # solute index -> (p, c, s, d), see SoluteSpec
+    # sampling
+    sample_engine: str = "dftb3:3ob"
+    sample_steps: int = 200
+    sample_every: int = 10
+    sample_runs: int = 1
+    equil_steps: int = 1000
+    cutoff: float = 1.4
+    switch_width: float = 0.2
+    # labelling
+    reference: str = "dft:b3lyp/6-31g*"
+    baseline: str = "dftb3:3ob"
+    workers: int = 2
+    threads: int = 1
+    # training
+    train: dict[str, Any] = field(default_factory=dict)
+    delta_hidden: list[int] | None = None
+    # MD with the models
+    md_steps: int = 200
+    md_dt_fs: float = 0.5
+    md_report_every: int = 10
+    md_compare_baseline: bool = True
+    max_uncertainty: float | None = None
+    # analysis
+    dihedral_solute: int | None = 0  # solute index whose conjugated chain dihedrals are analysed
+    rdf_pairs: list[list[str]] = field(default_factory=lambda: [["O", "OW"]])
+    # reaction (optional): restraint rc:i,j,k,l,d (atom indices within the QM region), umbrella windows
+    reaction: dict[str, Any] | None = None
+    reaction_windows: str | None = None  # start:stop:n (nm), overrides reaction["windows"]
+    reaction_steps: int | None = None  # MD steps per umbrella window
+    sample_windows: str | None = None  # start:stop:n windows for sampling (default: the umbrella windows)
+    seed: int = 0
+
+
+def load_pipeline_config(path: str | Path, size: str) -> PipelineConfig:
+    import yaml
+
+    d = yaml.safe_load(Path(path).read_text())
+    if not isinstance(d, dict) or "sizes" not in d:
+        raise InputError(f"{path}: a pipeline config needs a 'sizes' mapping (tiny, small, full)")
+    if size not in d["sizes"]:
+        raise InputError(f"{path}: no size {size!r}; sizes: {sorted(d['sizes'])}")
+    common = {k: v for k, v in d.items() if k != "sizes"}
+    merged = {**common, **(d["sizes"][size] or {})}
+    known = {f.name for f in fields(PipelineConfig)}
+    unknown = set(merged) - known
+    if unknown:
+        raise InputError(f"{path}: unknown pipeline setting(s) {sorted(unknown)}")
+    return PipelineConfig(**merged)
+
+
+def _step(out: Path, name: str, marker: str) -> bool:
+    """True if the step's result exists (skip it)."""
+    done = (out / marker).exists()
+    log.info("[%s] %s", name, "done before, reused" if done else "running")
+    return done
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run (or continue) the pipeline; returns the summary (also written to summary.json/.md)."""
+    from qmlmm.environment import EmbeddingSettings
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    emb = EmbeddingSettings(cfg.cutoff, cfg.switch_width)
+
+    def timed(name: str, t0: float) -> None:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+    # 1. build
+    t0 = time.perf_counter()
+    system = out / "system"
+    if not _step(out, "build", "system/meta.json"):
+        from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
+
+        anchors = {int(k): v for k, v in cfg.anchors.items()}
+        specs = [
+            SoluteSpec(smiles=smi, anchor=tuple(anchors[k]) if k in anchors else None)  # type: ignore[arg-type]
+            for k, smi in enumerate(cfg.solutes)
+        ]
+        build_system(
+            specs,
+            system,
+            BuildSettings(padding=cfg.padding, gap=cfg.gap, seed=cfg.seed, equilibrate_ps=cfg.equilibrate_ps),
+            total_charge=cfg.charge,
+        )
+    timed("build", t0)
+    # 2. sample with the baseline
+    t0 = time.perf_counter()
+    frames = out / "frames.h5"
+    if not _step(out, "sample", "frames.h5"):
+        # reactions: sample along the coordinate, one run per window
+        from qmlmm.md.restraints import umbrella_windows
+        from qmlmm.workflows.sample import SampleSettings, sample
+
+        per_run = _reaction_restraints(
+            cfg, system, umbrella_windows(cfg.sample_windows) if cfg.sample_windows else None
+        )
+        runs = len(per_run) if per_run else cfg.sample_runs
+        sample(
+            system,
+            frames,
+            SampleSettings(
+                engine=cfg.sample_engine,
+                steps=cfg.sample_steps,
+                every=cfg.sample_every,
+                runs=runs,
+                equil_steps=cfg.equil_steps,
+                cutoff=cfg.cutoff,
+                switch_width=cfg.switch_width,
+                seed=cfg.seed,
+                threads=cfg.threads,
+                restraints_per_run=per_run,
+            ),
+            workers=min(cfg.workers, runs),
+            progress=progress,
+        )
+    timed("sample", t0)
+    # 3. label (resumable inside)
+    t0 = time.perf_counter()
+    from qmlmm.workflows.label import LevelRequest, label_dataset
+
+    labels = out / "labels.h5"
+    rep = label_dataset(
+        frames,
+        labels,
+        [LevelRequest.from_spec(cfg.reference, "ref"), LevelRequest.from_spec(cfg.baseline, "base")],
+        emb,
+        workers=cfg.workers,
+        threads=cfg.threads,
+        progress=progress,
+    )
+    if not rep.ok:
+        log.warning(
+            "labelling: %d frame(s) failed; they are left out of training", sum(len(v) for v in rep.failed.values())
+        )
+    timed("label", t0)
+    # 4. train direct and delta (resumable inside)
+    t0 = time.perf_counter()
+    from qmlmm.training import TrainConfig, TrainJob, train_jobs
+
+    models = out / "models"
+    metrics: dict[str, Any] = {}
+    jobs = []
+    for mode in ("direct", "delta"):
+        path = models / f"{mode}.pt"
+        tc = TrainConfig.from_dict(
+            {**{"target": "ref", "seed": cfg.seed}, **cfg.train, "baseline": "base" if mode == "delta" else None}
+        )
+        if mode == "delta" and cfg.delta_hidden:
+            tc.hidden = list(cfg.delta_hidden)
+        if path.exists():
+            log.info("[train %s] done before, reused", mode)
+            metrics[mode] = json.loads((models / f"{mode}.metrics.json").read_text())
+            continue
+        jobs.append(TrainJob(str(labels), tc, str(path), {"require": ("base",)}))
+    # direct and delta side by side, one single-threaded process each (see qmlmm.training.parallel)
+    for path_s, (m, _) in train_jobs(jobs, workers=min(cfg.workers, 2), progress=progress).items():
+        metrics[Path(path_s).stem] = m
+    timed("train", t0)
+    # 5. evaluate (the baseline's own errors on the same test frames come with the delta model)
+    t0 = time.perf_counter()
+    from qmlmm.analysis.evaluate import evaluate_model
+
+    evals = {
+        mode: evaluate_model(models / f"{mode}.pt", labels, models / f"eval_{mode}", split="test").metrics
+        for mode in ("direct", "delta")
+    }
+    timed("evaluate", t0)
+    # 6. MD: delta-ML/MM (and the baseline QM/MM for comparison)
+    t0 = time.perf_counter()
+    from qmlmm.engines import make_engine
+    from qmlmm.md.runner import MDSettings, run_md
+    from qmlmm.models import QMLMMModel
+
+    md_runs: dict[str, Any] = {}
+    delta_model = QMLMMModel.load(models / "delta.pt")
+    engines = {"delta_ml": (lambda: delta_model.engine(cfg.threads * max(1, cfg.workers)), delta_model.embedding)}
+    if cfg.md_compare_baseline:
+        engines["baseline"] = (lambda: make_engine(cfg.baseline, threads=cfg.threads * max(1, cfg.workers)), emb)  # type: ignore[assignment, return-value]
+    for name, (mk, e_set) in engines.items():
+        rdir = out / "md" / name
+        s = MDSettings(
+            steps=cfg.md_steps,
+            dt_fs=cfg.md_dt_fs,
+            report_every=cfg.md_report_every,
+            dcd_every=cfg.md_report_every,
+            seed=cfg.seed,
+            threads=cfg.threads * max(1, cfg.workers),
+            max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,
+        )
+        if (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= cfg.md_steps:
+            log.info("[md %s] done before, reused", name)
+        else:
+            restart = (rdir / "checkpoint.chk").exists()
+            run_md(system, mk(), rdir, s, e_set, restart=restart, progress=progress)
+        md_runs[name] = json.loads((rdir / "run.json").read_text())
+    timed("md", t0)
+    # 7. reaction: restrained run near the transition state and umbrella sampling
+    t0 = time.perf_counter()
+    reaction = _reaction(cfg, out, system, delta_model, emb, progress) if cfg.reaction else None
+    timed("reaction", t0)
+    # 8. analysis and summary
+    t0 = time.perf_counter()
+    analysis = _analysis(cfg, out, system, list(md_runs))
+    timed("analysis", t0)
+    summary = {
+        "name": cfg.name,
+        "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
+        "n_frames": _n_frames(labels),
+        "label_failures": {k: len(v) for k, v in rep.failed.items()},
+        "train_metrics": {m: metrics[m].get("test") for m in metrics},
+        "evaluation": evals,
+        "md": {
+            k: {kk: v.get(kk) for kk in ("steps_done", "ns_per_day", "stopped", "qmmm_seconds_per_call")}
+            for k, v in md_runs.items()
+        },
+        "analysis": analysis,
+        "reaction": reaction,
+        "timings_s": timings,
+        "total_s": time.perf_counter() - t_start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
+    (out / "summary.md").write_text(_summary_md(summary, out))
+    return summary
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def _n_frames(labels: Path) -> int:
+    from qmlmm.data import Dataset
+
+    with Dataset(labels) as ds:
+        return len(ds)
+
+
+def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> dict[str, Any]:
+    """RDFs of solute atoms to water oxygen and chain dihedral distributions, per MD run; plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qmlmm.analysis.md_analysis import conjugated_chain_dihedrals, dihedrals, load_run
+    from qmlmm.md.system import MDSystem
+
+    msys = MDSystem.load(system)
+    water_o = np.flatnonzero((~msys.is_qm) & (msys.numbers == 8))
+    res: dict[str, Any] = {"rdf_peak": {}, "dihedrals": {}}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    quads: list[tuple[int, int, int, int, str]] = []
+    if cfg.dihedral_solute is not None and cfg.dihedral_solute < len(cfg.solutes):
+        off = msys.meta["solute_offsets"][cfg.dihedral_solute]
+        quads = conjugated_chain_dihedrals(cfg.solutes[cfg.dihedral_solute], offset=off)
+    from qmlmm.analysis.md_analysis import rdf
+
+    solute_o = [int(i) for i in msys.qm_indices if msys.numbers[i] in (7, 8)]
+    for name in runs:
+        pos, boxes = load_run(out / "md" / name)
+        if len(pos) == 0 or boxes is None:
+            continue
+        if solute_o:
+            r, g = rdf(pos, boxes, solute_o, water_o, r_max=0.8, n_bins=60)  # type: ignore[arg-type]
+            axes[0].plot(r, g, label=name)
+            k = int(np.argmax(g))
+            res["rdf_peak"][name] = {"r_nm": float(r[k]), "g": float(g[k])}
+        if quads:
+            ang = dihedrals(pos, [q[:4] for q in quads], boxes)
+            single = [k for k, q in enumerate(quads) if q[4] == "single"]
+            vals = np.abs(ang[:, single]).ravel() if single else np.abs(ang).ravel()
+            axes[1].hist(vals, bins=36, range=(0, 180), histtype="step", density=True, label=name)
+            res["dihedrals"][name] = {
+                "n_dihedrals": len(quads),
+                "mean_abs_single_deg": float(vals.mean()),
+                "frac_s_trans": float((vals > 90).mean()),
+            }
+    axes[0].set_xlabel("r (nm)")
+    axes[0].set_ylabel("g(r) solute N/O - water O")
+    axes[1].set_xlabel("|dihedral| around chain single bonds (deg)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "md_observables.png", dpi=110)
+    plt.close(fig)
+    return res
+
+
+def _reaction_atoms(cfg: PipelineConfig, system: Path) -> tuple[list[int], list[int] | None]:
+    """System indices of the reaction coordinate's atoms (i, j, k, l) and of the keep-together pair."""
+    r = cfg.reaction or {}
+    offsets = json.loads((system / "meta.json").read_text())["solute_offsets"]
+
+    def atom(x: Any) -> int:  # "k:idx" = atom idx of solute k, or a plain system index
+        if isinstance(x, str) and ":" in x:
+            sol, idx = x.split(":")
+            return int(offsets[int(sol)]) + int(idx)
+        return int(x)
+
+    kt = r.get("keep_together")
+    return [atom(x) for x in r["atoms"]], ([atom(kt[0]), atom(kt[1])] if kt else None)
+
+
+def _reaction_restraints(cfg: PipelineConfig, system: Path, r0s: list[float] | None = None) -> list[list[str]] | None:
+    """Restraint texts of each umbrella window (the coordinate restraint plus keep-together)."""
+    if not cfg.reaction:
+        return None
+    from qmlmm.md.restraints import umbrella_windows
+
+    r = cfg.reaction
+    (i, j, k, l), kt = _reaction_atoms(cfg, system)
+    out = []
+    for r0 in r0s if r0s is not None else umbrella_windows(cfg.reaction_windows or r["windows"]):
+        w = [f"rc:{i},{j},{k},{l},{int(r.get('d', -1))},{r0},{float(r.get('k', 2000.0))}"]
+        if kt:
+            w.append(f"dist:{kt[0]},{kt[1]},{float(r['keep_together'][2])},{float(r['keep_together'][3])}")
+        out.append(w)
+    return out
+
+
+def _reaction(cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any, progress: bool) -> dict[str, Any]:
+    """Restrained MD at the transition state and an umbrella-sampling profile, delta-ML/MM vs baseline."""
+    from qmlmm.analysis.md_analysis import barrier, free_energy_profile
+    from qmlmm.engines import make_engine
+    from qmlmm.md.restraints import umbrella_windows
+    from qmlmm.md.runner import MDSettings, run_md
+
+    r = cfg.reaction or {}
+    from qmlmm.md.restraints import parse_restraint
+
+    windows = umbrella_windows(cfg.reaction_windows or r["windows"])
+    per_window = _reaction_restraints(cfg, system, windows) or []
+    kforce = float(r.get("k", 2000.0))
+    steps = int(cfg.reaction_steps or r.get("steps", cfg.md_steps))
+    threads = cfg.threads * max(1, cfg.workers)
+    result: dict[str, Any] = {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    makers = {"delta_ml": (lambda: model.engine(threads), model.embedding)}
+    if r.get("compare_baseline", True):
+        makers["baseline"] = (lambda: make_engine(cfg.baseline, threads=threads), emb)
+    for name, (mk, e_set) in makers.items():
+        eng = mk()
+        wins = []
+        for w, r0 in enumerate(windows):
+            rdir = out / "umbrella" / name / f"window_{w:02d}"
+            # the coordinate restraint, and the keep-together one (same in every window: part of the ensemble)
+            rs = [parse_restraint(t) for t in per_window[w]]
+            s = MDSettings(
+                steps=steps,
+                dt_fs=cfg.md_dt_fs,
+                report_every=int(r.get("every", 5)),
+                dcd_every=steps,
+                seed=cfg.seed + w,
+                threads=threads,
+            )
+            if not (
+                (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= steps
+            ):
+                run_md(
+                    system,
+                    eng,
+                    rdir,
+                    s,
+                    e_set,
+                    restart=(rdir / "checkpoint.chk").exists(),
+                    progress=progress,
+                    restraints=rs,
+                )
+            data = np.genfromtxt(rdir / "log.csv", delimiter=",", names=True)
+            x = np.atleast_1d(data["rc0_nm"])
+            wins.append({"r0": r0, "k": kforce, "x": x[len(x) // 5 :]})  # drop the first fifth (relaxation)
+        prof = free_energy_profile(wins, n_bins=int(r.get("bins", 25)))
+        result[name] = {"x_nm": prof["x"].tolist(), "f_kjmol": prof["f"].tolist(), "barrier_kjmol": barrier(prof)}
+        ax.plot(prof["x"], prof["f"], "o-", label=name)
+    ax.set_xlabel("reaction coordinate r(S-C) - r(C-N) (nm)")
+    ax.set_ylabel("free energy (kJ/mol)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "free_energy_profile.png", dpi=110)
+    plt.close(fig)
+    return result
+
+
+def _summary_md(s: dict[str, Any], out: Path) -> str:
+    lines = [
+        f"# {s['name']}: summary",
+        "",
+        f"{s['n_frames']} frames labelled; total time {s['total_s']:.0f} s.",
+        "",
+        "## Test-set errors (energies kJ/mol, forces kJ/mol/nm)",
+        "",
+        "| model | energy MAE | QM force MAE | MM force MAE |",
+        "|---|---|---|---|",
+    ]
+    for mode, ev in s["evaluation"].items():
+        m = ev["model"]
+        lines.append(
+            f"| {mode} | {m['energy']['mae']:.3f} | {m['qm_forces']['mae']:.2f} | {m['mm_forces']['mae']:.3f} |"
+        )
+    b = s["evaluation"].get("delta", {}).get("baseline_alone")
+    if b:
+        lines.append(
+            f"| baseline alone (shifted) | {b['energy']['mae']:.3f} | {b['qm_forces']['mae']:.2f} | "
+            f"{b['mm_forces']['mae']:.3f} |"
+        )
+    lines += ["", "## MD", "", "| run | steps | ns/day | stopped |", "|---|---|---|---|"]
+    for k, v in s["md"].items():
+        lines.append(f"| {k} | {v['steps_done']} | {v['ns_per_day']:.3f} | {v['stopped'] or '-'} |")
+    if s.get("reaction"):
+        lines += ["", "## Free-energy profile (umbrella sampling, MBAR)", ""]
+        for k, v in s["reaction"].items():
+            lines.append(f"- {k}: barrier {v['barrier_kjmol']:.1f} kJ/mol")
+    lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.0f}" for k, v in s["timings_s"].items()]
+    plots = sorted(p.name for p in out.glob("*.png")) + sorted(
+        str(p.relative_to(out)) for p in out.glob("models/*.png")
+    )
+    lines += ["", "## Plots", ""] + [f"- {p}" for p in plots]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,71 @@
+"""The two seed studies, `tiny` size, end to end: build, sample, label, train, evaluate, MD, analysis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qmlmm.workflows.pipeline import load_pipeline_config, run_pipeline
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _check_common(summary: dict, out: Path, md_steps: int) -> None:  # type: ignore[type-arg]
+    assert summary["n_frames"] >= 5
+    for mode in ("direct", "delta"):
+        m = summary["evaluation"][mode]["model"]
+        for key in ("energy", "qm_forces", "mm_forces"):
+            assert np.isfinite(m[key]["mae"])
+        # loose sanity bounds for a tiny smoke run (kJ/mol, kJ/mol/nm)
+        assert m["energy"]["mae"] < 200 and m["qm_forces"]["mae"] < 2000 and m["mm_forces"]["mae"] < 50
+    for run, info in summary["md"].items():
+        assert info["steps_done"] == md_steps, run
+        assert info["stopped"] is None, run
+        rows = np.genfromtxt(out / "md" / run / "log.csv", delimiter=",", names=True)
+        assert int(np.atleast_1d(rows["step"])[-1]) == md_steps
+        assert np.all(np.isfinite(rows["total_kjmol"]))
+    assert (out / "summary.md").exists() and (out / "md_observables.png").exists()
+    assert (out / "models" / "delta.parity.png").exists()
+
+
+@pytest.mark.slow
+def test_tiny_retinoic_acid(tmp_path: Path) -> None:
+    cfg = load_pipeline_config(EXAMPLES / "retinoic_acid" / "config.yaml", "tiny")
+    out = tmp_path / "ra"
+    summary = run_pipeline(cfg, out, progress=False)
+    _check_common(summary, out, cfg.md_steps)
+    dih = summary["analysis"]["dihedrals"]
+    assert dih and all(v["n_dihedrals"] >= 8 for v in dih.values())  # the polyene chain was found
+    # a second call reuses every step and changes nothing
+    again = run_pipeline(cfg, out, progress=False)
+    assert again["n_frames"] == summary["n_frames"]
+    assert again["timings_s"]["label"] < 30
+
+
+@pytest.mark.slow
+def test_tiny_sam_cytosine(tmp_path: Path) -> None:
+    cfg = load_pipeline_config(EXAMPLES / "sam_cytosine" / "config.yaml", "tiny")
+    out = tmp_path / "sam"
+    summary = run_pipeline(cfg, out, progress=False)
+    _check_common(summary, out, cfg.md_steps)
+    meta = json.loads((out / "system" / "meta.json").read_text())
+    assert meta["qm_charge"] == 1
+    prof = summary["reaction"]
+    for name in ("delta_ml", "baseline"):
+        f = np.asarray(prof[name]["f_kjmol"])
+        assert len(f) >= 5 and np.all(np.isfinite(f))
+        assert prof[name]["barrier_kjmol"] > 0  # a profile with a barrier between the two ends
+    assert (out / "free_energy_profile.png").exists()
+
+
+def test_pipeline_config_errors(tmp_path: Path) -> None:
+    from qmlmm.errors import InputError
+
+    with pytest.raises(InputError, match="no size"):
+        load_pipeline_config(EXAMPLES / "retinoic_acid" / "config.yaml", "huge")
+    (tmp_path / "bad.yaml").write_text("name: x\nsolutes: [CO]\nsizes: {tiny: {no_such: 1}}\n")
+    with pytest.raises(InputError, match="no_such"):
+        load_pipeline_config(tmp_path / "bad.yaml", "tiny")
