@@ -38,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--nve-steps", type=int, default=400)
-    ap.add_argument("--dft-steps", type=int, default=2)
+    ap.add_argument("--dft-steps", type=int, default=2, help="0: use the DFT/MM call timed by model_speed.py")
     ap.add_argument("--dft", default="dft:b3lyp/def2-svp")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/md_speed")
@@ -86,8 +86,9 @@ def main() -> None:
         "ML/MM delta (DFTB3 + NN)": (lambda: models["delta"].engine(args.threads), models["delta"].embedding),
         "DFTB3/MM": (lambda: make_engine("dftb3:3ob", threads=args.threads), emb),
         "GFN2-xTB/MM": (lambda: make_engine("xtb:gfn2", threads=args.threads), emb),
-        f"DFT/MM ({args.dft})": (lambda: make_engine(args.dft, threads=args.threads), emb),
     }
+    if args.dft_steps > 0:
+        engines[f"DFT/MM ({args.dft})"] = (lambda: make_engine(args.dft, threads=args.threads), emb)
     rows: dict[str, dict[str, float | None]] = {}
     for name, (mk, e_set) in engines.items():
         is_dft = name.startswith("DFT/")
@@ -116,6 +117,14 @@ def main() -> None:
             flush=True,
         )
     dft_name = f"DFT/MM ({args.dft})"
+    if args.dft_steps == 0:
+        # no DFT MD here: one DFT/MM call on the same system was timed by model_speed.py; an MD step
+        # costs at least that (the MM part and the integrator are negligible next to it)
+        ms = json.loads((RESULTS / "model_speed.json").read_text())
+        key = next(k for k in ms["rows"] if k.startswith(args.dft) and "one call" in k)
+        t_call = ms["rows"][key]["ms"] / 1e3
+        dft_name = f"DFT/MM ({args.dft}), from one call timed by model_speed.py"
+        rows[dft_name] = {"ns_per_day": 0.5e-6 * 86400 / t_call, "qmmm_ms_per_call": t_call * 1e3}
     for r in rows.values():
         r["speedup_vs_dft"] = (
             r["ns_per_day"] / rows[dft_name]["ns_per_day"]  # type: ignore[operator]
@@ -137,7 +146,9 @@ def main() -> None:
         "",
         f"Retinoic acid in TIP3P water (built with qmlmm build, padding 1.3 nm), 1.4 nm embedding with a "
         f"0.2 nm switching shell, 0.5 fs steps, OpenMM CPU platform; {out['machine']}, {args.threads} threads. "
-        f"Langevin runs of {args.steps} steps ({args.dft_steps} for DFT/MM); NVE runs of {args.nve_steps} steps. "
+        f"Langevin runs of {args.steps} steps "
+        + (f"({args.dft_steps} for DFT/MM)" if args.dft_steps else "(DFT/MM: from one call timed by model_speed.py)")
+        + f"; NVE runs of {args.nve_steps} steps. "
         "The models were trained briefly on GFN2-xTB labels (timing and conservation only).",
         "",
         "| driver | ns/day | ms per QM/ML call | x DFT/MM | NVE drift (kJ/mol/ps) |",
