@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qmlmm.data.batch import FrameBatch
-from qmlmm.models.hdnnp import HDNNP, ModelConfig
+from qmlmm.models.hdnnp import HDNNP, ModelConfig, with_grad_inputs
 
 __all__ = ["Ensemble", "EnsemblePrediction"]
 
@@ -62,20 +62,8 @@ class Ensemble(nn.Module):
 
     def predict(self, b: FrameBatch, force_spread: bool = False, potential: bool = False) -> EnsemblePrediction:
         """Mean energies and forces, the energy spread and, optionally, force spreads and dE/dq."""
-        qm = b.qm_pos.detach().requires_grad_(True)
-        mm = b.mm_pos.detach().requires_grad_(True)
-        q = b.mm_q.detach().requires_grad_(potential)
-        bb = FrameBatch(
-            qm_z=b.qm_z,
-            qm_pos=qm,
-            qm_frame=b.qm_frame,
-            mm_pos=mm,
-            mm_q=q,
-            mm_frame=b.mm_frame,
-            mm_mol=b.mm_mol,
-            n_frames=b.n_frames,
-            meta=b.meta,
-        )
+        bb = with_grad_inputs(b, potential)
+        qm, mm, q = bb.qm_pos, bb.mm_pos, bb.mm_q
         with torch.enable_grad():
             ek = self.member_energies(bb)  # (K, B)
             e = ek.mean(0)

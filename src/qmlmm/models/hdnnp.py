@@ -152,6 +152,22 @@ class HDNNP(nn.Module):
         return torch.zeros(b.n_frames, dtype=ea.dtype, device=ea.device).index_add(0, b.qm_frame, ea)
 
 
+def with_grad_inputs(b: FrameBatch, charges: bool = False) -> FrameBatch:
+    """A copy of ``b`` (no targets) whose QM and MM positions (and, if ``charges``, MM charges) are
+    fresh leaf tensors that require grad, for forces (and dE/dq) by autograd."""
+    return FrameBatch(
+        qm_z=b.qm_z,
+        qm_pos=b.qm_pos.detach().requires_grad_(True),
+        qm_frame=b.qm_frame,
+        mm_pos=b.mm_pos.detach().requires_grad_(True),
+        mm_q=b.mm_q.detach().requires_grad_(charges),
+        mm_frame=b.mm_frame,
+        mm_mol=b.mm_mol,
+        n_frames=b.n_frames,
+        meta=b.meta,
+    )
+
+
 def energy_and_forces(
     model: nn.Module, b: FrameBatch, create_graph: bool = False, potential: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -159,20 +175,8 @@ def energy_and_forces(
 
     ``create_graph`` keeps the graph for a force loss (training).
     """
-    qm = b.qm_pos.detach().requires_grad_(True)
-    mm = b.mm_pos.detach().requires_grad_(True)
-    q = b.mm_q.detach().requires_grad_(potential)
-    bb = FrameBatch(
-        qm_z=b.qm_z,
-        qm_pos=qm,
-        qm_frame=b.qm_frame,
-        mm_pos=mm,
-        mm_q=q,
-        mm_frame=b.mm_frame,
-        mm_mol=b.mm_mol,
-        n_frames=b.n_frames,
-        meta=b.meta,
-    )
+    bb = with_grad_inputs(b, potential)
+    qm, mm, q = bb.qm_pos, bb.mm_pos, bb.mm_q
     with torch.enable_grad():
         e = model(bb)
         inputs = [qm, mm] + ([q] if potential else [])
