@@ -3,6 +3,8 @@ no leakage between frames of a batch."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,28 @@ def test_unknown_element_is_a_clear_error() -> None:
     bad = FrameTensors(np.array([6, 8, 1, 1, 1, 16]), it.qm_pos, it.mm_pos, it.mm_q, it.mm_mol)
     with pytest.raises(InputError, match="not known to this model"):
         _model()(_batch([bad]))
+
+
+def test_float32_model_keeps_total_energy_resolution_with_large_offsets() -> None:
+    """Per-element offsets of real molecules sum to ~1e6 kJ/mol, where float32 steps are 0.06-0.5
+    kJ/mol; the offsets and the totals are float64 in a float32 model (and targets stay float64)."""
+    it = _item()
+    m64 = _model()
+    with torch.no_grad():
+        m64.e_shift.copy_(torch.tensor([-1.6e4, -1.5e6, -2.5e6], dtype=torch.float64) * 1.000000123)
+    m32 = _model().float()
+    m32.load_state_dict(m64.state_dict())
+    assert m32.e_shift.dtype == torch.float64 and m32.nets[0][0].weight.dtype == torch.float32
+    e64 = m64(collate([it], dtype=torch.float64))
+    b32 = collate([it], dtype=torch.float32)
+    e32 = m32(b32)
+    assert e32.dtype == torch.float64
+    e_ref = float(e64[0])
+    assert abs(e_ref - float(np.float32(e_ref))) > 0.01  # the float32 grid is coarse there
+    assert abs(float(e32[0]) - e_ref) < 1e-2
+    lab = dataclasses.replace(
+        it, energy=-4123456.789, qm_forces=np.zeros((len(it.qm_z), 3)), mm_forces=np.zeros((len(it.mm_q), 3))
+    )
+    bt = collate([lab], dtype=torch.float32)
+    assert bt.energy is not None and float(bt.energy[0]) == -4123456.789
+    assert bt.to("cpu", torch.float32).energy.dtype == torch.float64  # type: ignore[union-attr]

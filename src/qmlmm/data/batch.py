@@ -98,8 +98,8 @@ class FrameBatch:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 v = v.to(device)
-                if dtype is not None and v.is_floating_point():
-                    v = v.to(dtype)
+                if dtype is not None and v.is_floating_point() and f.name != "energy":
+                    v = v.to(dtype)  # target energies stay float64 (totals ~1e6 kJ/mol)
             out[f.name] = v
         return FrameBatch(**out)
 
@@ -129,7 +129,8 @@ def collate(
         n_frames=len(items),
     )
     if have_targets:
-        b.energy = torch.as_tensor(np.array([it.energy for it in items]), **t)  # type: ignore[arg-type]
+        # float64 whatever the model dtype: a total energy of ~1e6 kJ/mol has a float32 spacing of 0.06-0.5 kJ/mol
+        b.energy = torch.as_tensor(np.array([it.energy for it in items]), dtype=torch.float64, device=device)
         b.qm_forces = torch.as_tensor(np.concatenate([it.qm_forces for it in items]), **t)  # type: ignore[arg-type]
         b.mm_forces = torch.as_tensor(np.concatenate([it.mm_forces for it in items]).reshape(-1, 3), **t)  # type: ignore[arg-type]
     return b

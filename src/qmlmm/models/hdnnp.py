@@ -12,6 +12,7 @@ switching force exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,8 +134,16 @@ class HDNNP(nn.Module):
             w = switch_weights(b, self.cfg.cutoff, self.cfg.switch_width)
         return self.acsf(b, mm_weight=w)
 
-    def atomic_energies(self, b: FrameBatch, feats: torch.Tensor | None = None) -> torch.Tensor:
-        """(Nq,) atomic energies in kJ/mol."""
+    def _apply(self, fn: Any, recurse: bool = True) -> HDNNP:
+        # ``.to(float32)`` casts every buffer; the per-element energy offsets stay float64, since a
+        # molecule's total (~1e6 kJ/mol) has a float32 spacing of 0.06-0.5 kJ/mol.
+        shift = self.e_shift
+        super()._apply(fn, recurse)
+        self.e_shift = shift.to(device=self.e_scale.device, dtype=torch.float64)
+        return self
+
+    def _network_part(self, b: FrameBatch, feats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom network outputs times the energy scale (Nq,) in the model dtype, and species (Nq,)."""
         x = self.features(b) if feats is None else feats
         sp = self.acsf.species(b.qm_z)
         out = torch.zeros(len(sp), dtype=x.dtype, device=x.device)
@@ -143,13 +152,25 @@ class HDNNP(nn.Module):
             if len(idx) == 0:
                 continue
             xe = (x[idx] - self.feat_mean[e]) / self.feat_std[e]
-            out = out.index_copy(0, idx, net(xe).squeeze(-1) * self.e_scale + self.e_shift[e])
-        return out
+            out = out.index_copy(0, idx, net(xe).squeeze(-1) * self.e_scale)
+        return out, sp
+
+    def atomic_energies(self, b: FrameBatch, feats: torch.Tensor | None = None) -> torch.Tensor:
+        """(Nq,) atomic energies in kJ/mol (float64: network part + per-element offset)."""
+        nn_part, sp = self._network_part(b, feats)
+        return nn_part.double() + self.e_shift[sp]
 
     def forward(self, b: FrameBatch, feats: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) energies in kJ/mol."""
-        ea = self.atomic_energies(b, feats)
-        return torch.zeros(b.n_frames, dtype=ea.dtype, device=ea.device).index_add(0, b.qm_frame, ea)
+        """(B,) energies in kJ/mol, float64 whatever the model dtype.
+
+        The network outputs (small) are summed in the model dtype, the per-element offsets (large)
+        in float64, so float32 models keep sub-0.01 kJ/mol resolution of total energies."""
+        nn_part, sp = self._network_part(b, feats)
+        e_nn = torch.zeros(b.n_frames, dtype=nn_part.dtype, device=nn_part.device).index_add(0, b.qm_frame, nn_part)
+        e_off = torch.zeros(b.n_frames, dtype=torch.float64, device=nn_part.device).index_add(
+            0, b.qm_frame, self.e_shift[sp]
+        )
+        return e_nn.double() + e_off
 
 
 def with_grad_inputs(b: FrameBatch, charges: bool = False) -> FrameBatch:
