@@ -137,3 +137,19 @@ def test_open_shell_dft_runs() -> None:
     p = np.array([[0.0, 0.0, 0.0], [0.0571, 0.0571, 0.0571]])
     res = make_engine("dft:pbe/sto-3g").compute(z, p, charge=0, mult=2)
     assert np.isfinite(res.energy) and res.qm_forces.shape == (2, 3)
+
+
+def test_dft_density_fitting_in_memory_equals_direct_j(shell: tuple[np.ndarray, ...]) -> None:
+    """The 3-centre tensor kept in memory (default) and PySCF's direct J build (dfmem=0) are the same
+    approximation; a different auxiliary basis (aux=weigend) is a different one and is recorded."""
+    z, p, mm, q, zn = shell
+    a = make_engine("dft:pbe/6-31g,conv=1e-10,reuse=no")
+    b = make_engine("dft:pbe/6-31g,conv=1e-10,reuse=no,dfmem=0")
+    c = make_engine("dft:pbe/6-31g,conv=1e-10,reuse=no,aux=weigend")
+    ra, rb, rc = (e.compute(z, p, mm, q, mm_numbers=zn) for e in (a, b, c))
+    assert ra.energy == pytest.approx(rb.energy, abs=1e-5)
+    assert np.allclose(ra.qm_forces, rb.qm_forces, atol=1e-3) and np.allclose(ra.mm_forces, rb.mm_forces, atol=1e-4)
+    assert abs(rc.energy - ra.energy) > 1e-4  # the auxiliary basis matters, so it is part of the level's settings
+    assert "auxbasis" not in a.settings() and c.settings()["auxbasis"] == "weigend"
+    with pytest.raises(InputError, match="auxiliary basis"):
+        make_engine("dft:pbe/sto-3g,aux=no-such-aux").compute(z, p)
