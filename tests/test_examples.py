@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from qmlmm.workflows.pipeline import load_pipeline_config, run_pipeline
+from qmlmm.cli import app
+from qmlmm.workflows.pipeline import PipelineConfig, load_pipeline_config, run_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _check_common(summary: dict, out: Path, md_steps: int) -> None:  # type: ignore[type-arg]
+def _check_common(summary: dict, out: Path, cfg: PipelineConfig) -> None:  # type: ignore[type-arg]
     assert summary["n_frames"] >= 5
     for mode in ("direct", "delta"):
         m = summary["evaluation"][mode]["model"]
@@ -21,7 +23,10 @@ def _check_common(summary: dict, out: Path, md_steps: int) -> None:  # type: ign
             assert np.isfinite(m[key]["mae"])
         # loose sanity bounds for a tiny smoke run (kJ/mol, kJ/mol/nm)
         assert m["energy"]["mae"] < 200 and m["qm_forces"]["mae"] < 2000 and m["mm_forces"]["mae"] < 50
+    runs = {"delta_ml", "baseline"} | ({"reference"} if cfg.md_reference_steps else set())
+    assert set(summary["md"]) == runs
     for run, info in summary["md"].items():
+        md_steps = cfg.md_reference_steps if run == "reference" else cfg.md_steps
         assert info["steps_done"] == md_steps, run
         assert info["stopped"] is None, run
         rows = np.genfromtxt(out / "md" / run / "log.csv", delimiter=",", names=True)
@@ -36,13 +41,22 @@ def test_tiny_retinoic_acid(tmp_path: Path) -> None:
     cfg = load_pipeline_config(EXAMPLES / "retinoic_acid" / "config.yaml", "tiny")
     out = tmp_path / "ra"
     summary = run_pipeline(cfg, out, progress=False)
-    _check_common(summary, out, cfg.md_steps)
+    _check_common(summary, out, cfg)
     dih = summary["analysis"]["dihedrals"]
     assert dih and all(v["n_dihedrals"] >= 8 for v in dih.values())  # the polyene chain was found
+    assert set(dih) == {"delta_ml", "baseline", "reference"}  # compared with a short DFT/MM stretch
     # a second call reuses every step and changes nothing
     again = run_pipeline(cfg, out, progress=False)
     assert again["n_frames"] == summary["n_frames"]
     assert again["timings_s"]["label"] < 30
+    # `qmlmm analyze RUN/` recomputes the analysis only, and keeps the run's timings
+    res = CliRunner().invoke(app, ["analyze", str(out)])
+    assert res.exit_code == 0, res.output
+    after = json.loads((out / "summary.json").read_text())
+    assert after["timings_s"] == again["timings_s"] and set(after["md"]) == set(again["md"])
+    assert after["analysis"]["dihedrals"].keys() == dih.keys()
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "nothing")])
+    assert res.exit_code != 0
 
 
 @pytest.mark.slow
@@ -50,7 +64,7 @@ def test_tiny_sam_cytosine(tmp_path: Path) -> None:
     cfg = load_pipeline_config(EXAMPLES / "sam_cytosine" / "config.yaml", "tiny")
     out = tmp_path / "sam"
     summary = run_pipeline(cfg, out, progress=False)
-    _check_common(summary, out, cfg.md_steps)
+    _check_common(summary, out, cfg)
     meta = json.loads((out / "system" / "meta.json").read_text())
     assert meta["qm_charge"] == 1
     prof = summary["reaction"]
@@ -58,6 +72,7 @@ def test_tiny_sam_cytosine(tmp_path: Path) -> None:
         f = np.asarray(prof[name]["f_kjmol"])
         assert len(f) >= 5 and np.all(np.isfinite(f))
         assert prof[name]["barrier_kjmol"] > 0  # a profile with a barrier between the two ends
+        assert np.ptp(prof[name]["x_nm"]) > 0.15  # the windows spread along the coordinate
     assert (out / "free_energy_profile.png").exists()
 
 

@@ -179,6 +179,13 @@ def test_restart_continues_and_appends(methanol_system: Path, tmp_path: Path) ->
     assert res.steps_done == 40
     steps = np.genfromtxt(res.log_csv, delimiter=",", names=True)["step"]
     assert list(steps) == [10, 20, 30, 40]
+    # where the run ended (the start of a following run, e.g. the next umbrella window): the last frame
+    from qmlmm.md.dcd import read_dcd
+
+    pos, _ = read_dcd(tmp_path / "r" / "traj.dcd")
+    final = np.load(tmp_path / "r" / "final_positions.npy")
+    assert final.shape == pos[-1].shape and np.allclose(final, pos[-1], atol=2e-5)  # DCD is float32
+    assert not np.allclose(final, MDSystem.load(methanol_system).positions, atol=1e-3)
 
 
 def test_sample_then_label(methanol_system: Path, tmp_path: Path) -> None:

@@ -554,13 +554,24 @@ def demo(
 
 @app.command()
 def analyze(
-    run: Annotated[Path, typer.Argument(help="A qmlmm md run folder.")],
-    system: Annotated[Path | None, typer.Option(help="Its system folder (for RDFs and dihedrals).")] = None,
+    run: Annotated[Path, typer.Argument(help="A pipeline folder (qmlmm pipeline -o RUN) or one MD run folder.")],
+    system: Annotated[Path | None, typer.Option(help="MD run only: its system folder (RDFs, dihedrals).")] = None,
     smiles: Annotated[
-        str | None, typer.Option(help="Solute SMILES whose conjugated-chain dihedrals to analyse.")
+        str | None, typer.Option(help="MD run only: solute SMILES whose conjugated-chain dihedrals to analyse.")
     ] = None,
 ) -> None:
-    """Energies, temperature, drift, solute-water RDF and chain dihedrals of an MD run (JSON + PNG)."""
+    """Analyse a pipeline folder (errors, learning curve, RDFs, dihedrals per MD run, free-energy profiles;
+    nothing is recomputed) or one MD run (energies, temperature, drift, RDF, chain dihedrals)."""
+    if (run / "pipeline_config.json").exists() or (run / "summary.json").exists():
+        from qmlmm.workflows.pipeline import load_run_config, run_pipeline
+
+        try:
+            summary = run_pipeline(load_run_config(run), run, analyze_only=True)
+        except (QMLMMError, FileNotFoundError) as e:
+            _fail(e)
+            return
+        _print_summary(summary, run)
+        return
     from qmlmm.analysis.report import analyze_run
 
     try:

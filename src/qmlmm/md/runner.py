@@ -259,6 +259,10 @@ def run_md(
         bar.close()
         fh.close()
     seconds = time.perf_counter() - t0
+    # where the run ended (unwrapped, nm): the start of a following run, e.g. the next umbrella window
+    with open(out / "final_positions.npy.tmp", "wb") as fpos:
+        np.save(fpos, np.asarray(last_good.getPositions(asNumpy=True).value_in_unit(u.nanometer)))
+    Path(out / "final_positions.npy.tmp").replace(out / "final_positions.npy")
     if stopped:
         (out / "last_good_state.xml").write_text(openmm.XmlSerializer.serialize(last_good))
         log.error(

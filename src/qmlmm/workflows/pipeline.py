@@ -21,7 +21,7 @@ from qmlmm.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineConfig", "run_pipeline", "load_pipeline_config"]
+__all__ = ["PipelineConfig", "run_pipeline", "load_pipeline_config", "load_run_config"]
 
 
 @dataclass
@@ -51,11 +51,13 @@ class PipelineConfig:
     # training
     train: dict[str, Any] = field(default_factory=dict)
     delta_hidden: list[int] | None = None
+    learning_curve: list[int] | None = None  # training-set sizes for a learning curve (None: none)
     # MD with the models
     md_steps: int = 200
     md_dt_fs: float = 0.5
     md_report_every: int = 10
     md_compare_baseline: bool = True
+    md_reference_steps: int = 0  # a short stretch of reference (DFT) QM/MM MD to compare with (0: none)
     max_uncertainty: float | None = None
     # analysis
     dihedral_solute: int | None = 0  # solute index whose conjugated chain dihedrals are analysed
@@ -92,12 +94,27 @@ def _step(out: Path, name: str, marker: str) -> bool:
     return done
 
 
-def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Run (or continue) the pipeline; returns the summary (also written to summary.json/.md)."""
+_NEEDED_FOR_ANALYSIS = ("system/meta.json", "frames.h5", "labels.h5", "models/direct.pt", "models/delta.pt")
+
+
+def run_pipeline(
+    cfg: PipelineConfig, out: str | Path, progress: bool = True, analyze_only: bool = False
+) -> dict[str, Any]:
+    """Run (or continue) the pipeline; returns the summary (also written to summary.json/.md).
+
+    ``analyze_only``: compute nothing new (no labels, training or MD), only the evaluation, analysis,
+    profiles and summary from what the folder holds (``qmlmm analyze RUN/``).
+    """
     from qmlmm.environment import EmbeddingSettings
 
     out = Path(out)
+    if analyze_only:
+        missing = [m for m in _NEEDED_FOR_ANALYSIS if not (out / m).exists()]
+        if missing:
+            raise InputError(f"{out}: no {', '.join(missing)}; run `qmlmm pipeline CONFIG -o {out}` first")
     out.mkdir(parents=True, exist_ok=True)
+    if not analyze_only:  # what `qmlmm analyze RUN/` reads back
+        _write_json_atomic(out / "pipeline_config.json", {f.name: getattr(cfg, f.name) for f in fields(cfg)})
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     emb = EmbeddingSettings(cfg.cutoff, cfg.switch_width)
@@ -159,15 +176,18 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     from qmlmm.workflows.label import LevelRequest, label_dataset
 
     labels = out / "labels.h5"
-    rep = label_dataset(
-        frames,
-        labels,
-        [LevelRequest.from_spec(cfg.reference, "ref"), LevelRequest.from_spec(cfg.baseline, "base")],
-        emb,
-        workers=cfg.workers,
-        threads=cfg.threads,
-        progress=progress,
-    )
+    if analyze_only:
+        rep = _label_report_of(labels)
+    else:
+        rep = label_dataset(
+            frames,
+            labels,
+            [LevelRequest.from_spec(cfg.reference, "ref"), LevelRequest.from_spec(cfg.baseline, "base")],
+            emb,
+            workers=cfg.workers,
+            threads=cfg.threads,
+            progress=progress,
+        )
     if not rep.ok:
         log.warning(
             "labelling: %d frame(s) failed; they are left out of training", sum(len(v) for v in rep.failed.values())
@@ -196,6 +216,27 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     for path_s, (m, _) in train_jobs(jobs, workers=min(cfg.workers, 2), progress=progress).items():
         metrics[Path(path_s).stem] = m
     timed("train", t0)
+    # 4b. learning curve (optional): test errors against training-set size, direct and delta
+    t0 = time.perf_counter()
+    curve = None
+    if analyze_only and (out / "learning_curve" / "learning_curve.json").exists():
+        curve = json.loads((out / "learning_curve" / "learning_curve.json").read_text())
+    elif cfg.learning_curve and not analyze_only:
+        from qmlmm.workflows.learning_curve import learning_curve
+
+        lc_cfg = TrainConfig.from_dict(
+            {**{"target": "ref", "seed": cfg.seed}, **cfg.train, "ensemble": 1, "baseline": "base"}
+        )
+        curve = learning_curve(
+            labels,
+            lc_cfg,
+            sorted(int(n) for n in cfg.learning_curve),
+            out / "learning_curve",
+            progress=progress,
+            hidden_by_mode={"delta": list(cfg.delta_hidden)} if cfg.delta_hidden else None,
+            workers=min(cfg.workers, 2),
+        )
+    timed("learning_curve", t0)
     # 5. evaluate (the baseline's own errors on the same test frames come with the delta model)
     t0 = time.perf_counter()
     from qmlmm.analysis.evaluate import evaluate_model
@@ -216,19 +257,28 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     engines = {"delta_ml": (lambda: delta_model.engine(cfg.threads * max(1, cfg.workers)), delta_model.embedding)}
     if cfg.md_compare_baseline:
         engines["baseline"] = (lambda: make_engine(cfg.baseline, threads=cfg.threads * max(1, cfg.workers)), emb)  # type: ignore[assignment, return-value]
+    if cfg.md_reference_steps > 0:
+        engines["reference"] = (lambda: make_engine(cfg.reference, threads=cfg.threads * max(1, cfg.workers)), emb)  # type: ignore[assignment, return-value]
     for name, (mk, e_set) in engines.items():
         rdir = out / "md" / name
+        n_steps = cfg.md_reference_steps if name == "reference" else cfg.md_steps
+        # the (expensive) reference stretch is short: report, save frames and checkpoint more often
+        n_rep = max(1, min(cfg.md_report_every, n_steps // 10)) if name == "reference" else cfg.md_report_every
         s = MDSettings(
-            steps=cfg.md_steps,
+            steps=n_steps,
             dt_fs=cfg.md_dt_fs,
-            report_every=cfg.md_report_every,
-            dcd_every=cfg.md_report_every,
+            report_every=n_rep,
+            dcd_every=n_rep,
+            checkpoint_every=n_rep if name == "reference" else 100,
             seed=cfg.seed,
             threads=cfg.threads * max(1, cfg.workers),
             max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,
         )
-        if (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= cfg.md_steps:
+        if (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= n_steps:
             log.info("[md %s] done before, reused", name)
+        elif analyze_only:
+            if not (rdir / "run.json").exists():
+                continue
         else:
             restart = (rdir / "checkpoint.chk").exists()
             run_md(system, mk(), rdir, s, e_set, restart=restart, progress=progress)
@@ -236,7 +286,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
     timed("md", t0)
     # 7. reaction: restrained run near the transition state and umbrella sampling
     t0 = time.perf_counter()
-    reaction = _reaction(cfg, out, system, delta_model, emb, progress) if cfg.reaction else None
+    reaction = _reaction(cfg, out, system, delta_model, emb, progress, analyze_only) if cfg.reaction else None
     timed("reaction", t0)
     # 8. analysis and summary
     t0 = time.perf_counter()
@@ -255,12 +305,46 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, progress: bool = True) ->
         },
         "analysis": analysis,
         "reaction": reaction,
+        "learning_curve": curve,
         "timings_s": timings,
         "total_s": time.perf_counter() - t_start,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
-    (out / "summary.md").write_text(_summary_md(summary, out))
+    if analyze_only and (out / "summary.json").exists():  # keep the timings of the run that did the work
+        before = json.loads((out / "summary.json").read_text())
+        summary["timings_s"], summary["total_s"] = before.get("timings_s", timings), before.get("total_s", 0.0)
+    _write_json_atomic(out / "summary.json", summary)
+    tmp = out / "summary.md.tmp"
+    tmp.write_text(_summary_md(summary, out))
+    tmp.replace(out / "summary.md")
     return summary
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
+    tmp.replace(path)
+
+
+def _label_report_of(labels: Path) -> Any:
+    """A LabelReport of the failures recorded in a labels file (nothing computed)."""
+    from qmlmm.data import Dataset
+    from qmlmm.workflows.label import LabelReport
+
+    with Dataset(labels) as ds:
+        return LabelReport(failed={lev: ds.errors(lev) for lev in ds.levels()})
+
+
+def load_run_config(out: str | Path) -> PipelineConfig:
+    """The config a pipeline folder was run with (its ``pipeline_config.json``)."""
+    p, s = Path(out) / "pipeline_config.json", Path(out) / "summary.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+    elif s.exists():  # folders made before pipeline_config.json existed
+        d = json.loads(s.read_text())["config"]
+    else:
+        raise InputError(f"{out} is not a pipeline folder (no pipeline_config.json or summary.json)")
+    known = {f.name for f in fields(PipelineConfig)}
+    return PipelineConfig(**{k: v for k, v in d.items() if k in known})
 
 
 def _jsonable(o: Any) -> Any:
@@ -362,7 +446,9 @@ def _reaction_restraints(cfg: PipelineConfig, system: Path, r0s: list[float] | N
     return out
 
 
-def _reaction(cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any, progress: bool) -> dict[str, Any]:
+def _reaction(
+    cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any, progress: bool, analyze_only: bool = False
+) -> dict[str, Any]:
     """Restrained MD at the transition state and an umbrella-sampling profile, delta-ML/MM vs baseline."""
     from qmlmm.analysis.md_analysis import barrier, free_energy_profile
     from qmlmm.engines import make_engine
@@ -387,11 +473,26 @@ def _reaction(cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any
     makers = {"delta_ml": (lambda: model.engine(threads), model.embedding)}
     if r.get("compare_baseline", True):
         makers["baseline"] = (lambda: make_engine(cfg.baseline, threads=threads), emb)
+    # windows run one after the other, each from where its neighbour ended: outwards from the window
+    # nearest to the built (reactant) structure, so no window starts far from its restraint centre
+    from qmlmm.md.restraints import rc_value
+    from qmlmm.md.system import MDSystem
+
+    msys = MDSystem.load(system)
+    xi0 = rc_value(msys.positions, parse_restraint(per_window[0][0]), msys.box)
+    first = int(np.argmin(np.abs(np.asarray(windows) - xi0)))
+    order = list(range(first, len(windows))) + list(range(first - 1, -1, -1))
     for name, (mk, e_set) in makers.items():
         eng = mk()
-        wins = []
-        for w, r0 in enumerate(windows):
+        wins: list[dict[str, Any]] = [{} for _ in windows]
+        stopped: dict[int, str] = {}
+        for w in order:
+            r0 = windows[w]
             rdir = out / "umbrella" / name / f"window_{w:02d}"
+            neighbour = None if w == first else out / "umbrella" / name / f"window_{w - 1 if w > first else w + 1:02d}"
+            start = None
+            if neighbour is not None and (neighbour / "final_positions.npy").exists():
+                start = np.load(neighbour / "final_positions.npy")
             # the coordinate restraint, and the keep-together one (same in every window: part of the ensemble)
             rs = [parse_restraint(t) for t in per_window[w]]
             s = MDSettings(
@@ -402,7 +503,9 @@ def _reaction(cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any
                 seed=cfg.seed + w,
                 threads=threads,
             )
-            if not (
+            if analyze_only and not (rdir / "log.csv").exists():
+                continue
+            if not analyze_only and not (
                 (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= steps
             ):
                 run_md(
@@ -413,13 +516,28 @@ def _reaction(cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any
                     e_set,
                     restart=(rdir / "checkpoint.chk").exists(),
                     progress=progress,
+                    positions=start,
                     restraints=rs,
                 )
+            why = json.loads((rdir / "run.json").read_text()).get("stopped") if (rdir / "run.json").exists() else None
+            if why:
+                stopped[w] = why
             data = np.genfromtxt(rdir / "log.csv", delimiter=",", names=True)
             x = np.atleast_1d(data["rc0_nm"])
-            wins.append({"r0": r0, "k": kforce, "x": x[len(x) // 5 :]})  # drop the first fifth (relaxation)
+            wins[w] = {"r0": r0, "k": kforce, "x": x[len(x) // 5 :]}  # drop the first fifth (relaxation)
+        wins = [wd for wd in wins if len(wd.get("x", [])) > 0]
+        if len(wins) < 2:
+            log.warning("umbrella %s: fewer than two windows with samples; no profile", name)
+            continue
         prof = free_energy_profile(wins, n_bins=int(r.get("bins", 25)))
-        result[name] = {"x_nm": prof["x"].tolist(), "f_kjmol": prof["f"].tolist(), "barrier_kjmol": barrier(prof)}
+        result[name] = {
+            "x_nm": prof["x"].tolist(),
+            "f_kjmol": prof["f"].tolist(),
+            "barrier_kjmol": barrier(prof),
+            "windows": len(windows),
+            "windows_stopped_early": {int(k): v for k, v in stopped.items()},
+            "samples_per_window": [len(wd["x"]) for wd in wins],
+        }
         ax.plot(prof["x"], prof["f"], "o-", label=name)
     ax.set_xlabel("reaction coordinate r(S-C) - r(C-N) (nm)")
     ax.set_ylabel("free energy (kJ/mol)")
@@ -461,7 +579,7 @@ def _summary_md(s: dict[str, Any], out: Path) -> str:
             lines.append(f"- {k}: barrier {v['barrier_kjmol']:.1f} kJ/mol")
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.0f}" for k, v in s["timings_s"].items()]
     plots = sorted(p.name for p in out.glob("*.png")) + sorted(
-        str(p.relative_to(out)) for p in out.glob("models/*.png")
+        str(p.relative_to(out)) for p in [*out.glob("models/*.png"), *out.glob("learning_curve/*.png")]
     )
     lines += ["", "## Plots", ""] + [f"- {p}" for p in plots]
     return "\n".join(lines) + "\n"
