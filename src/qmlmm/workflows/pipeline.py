@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qmlmm.errors import InputError
+from qmlmm.errors import InputError, QMLMMError
 
 log = logging.getLogger(__name__)
 
@@ -489,10 +489,16 @@ def _reaction(
         for w in order:
             r0 = windows[w]
             rdir = out / "umbrella" / name / f"window_{w:02d}"
-            neighbour = None if w == first else out / "umbrella" / name / f"window_{w - 1 if w > first else w + 1:02d}"
+            # start where the neighbour towards the first window ended, unless it stopped early (its last
+            # state may be the distorted one that made it fail): then from the nearest one that ran through
             start = None
-            if neighbour is not None and (neighbour / "final_positions.npy").exists():
-                start = np.load(neighbour / "final_positions.npy")
+            step_back = -1 if w > first else 1
+            nb = w + step_back
+            while start is None and w != first and 0 <= nb < len(windows) and (nb - first) * step_back <= 0:
+                nb_dir = out / "umbrella" / name / f"window_{nb:02d}"
+                if (nb_dir / "final_positions.npy").exists() and nb not in stopped:
+                    start = np.load(nb_dir / "final_positions.npy")
+                nb += step_back
             # the coordinate restraint, and the keep-together one (same in every window: part of the ensemble)
             rs = [parse_restraint(t) for t in per_window[w]]
             s = MDSettings(
@@ -508,20 +514,27 @@ def _reaction(
             if not analyze_only and not (
                 (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= steps
             ):
-                run_md(
-                    system,
-                    eng,
-                    rdir,
-                    s,
-                    e_set,
-                    restart=(rdir / "checkpoint.chk").exists(),
-                    progress=progress,
-                    positions=start,
-                    restraints=rs,
-                )
+                try:
+                    run_md(
+                        system,
+                        eng,
+                        rdir,
+                        s,
+                        e_set,
+                        restart=(rdir / "checkpoint.chk").exists(),
+                        progress=progress,
+                        positions=start,
+                        restraints=rs,
+                    )
+                except QMLMMError as e:  # one bad window (e.g. its start) does not end the study
+                    log.error("umbrella %s window %d (r0 %.3f nm) failed: %s", name, w, r0, e)
+                    stopped[w] = f"{type(e).__name__}: {e}"
+                    continue
             why = json.loads((rdir / "run.json").read_text()).get("stopped") if (rdir / "run.json").exists() else None
             if why:
                 stopped[w] = why
+            if not (rdir / "log.csv").exists() or len((rdir / "log.csv").read_text().splitlines()) < 2:
+                continue  # stopped before its first report
             data = np.genfromtxt(rdir / "log.csv", delimiter=",", names=True)
             x = np.atleast_1d(data["rc0_nm"])
             wins[w] = {"r0": r0, "k": kforce, "x": x[len(x) // 5 :]}  # drop the first fifth (relaxation)
