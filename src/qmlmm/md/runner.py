@@ -220,11 +220,12 @@ def run_md(
             n = min(s.report_every, remaining - done)
             try:
                 sim.step(n)
+                # the energy evaluation calls the QM/MM force again, so it can fail the same way
+                st = ctx.getState(getEnergy=True, getPositions=True, getVelocities=True, enforcePeriodicBox=False)
             except Exception as e:
                 stopped = cb.stop_reason if cb is not None and cb.stop_reason else f"{type(e).__name__}: {e}"
                 break
             done += n
-            st = ctx.getState(getEnergy=True, getPositions=True, getVelocities=True, enforcePeriodicBox=False)
             pe = st.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
             ke = st.getKineticEnergy().value_in_unit(u.kilojoule_per_mole)
             if not np.isfinite(pe + ke):
