@@ -538,19 +538,20 @@ def _reaction(
             data = np.genfromtxt(rdir / "log.csv", delimiter=",", names=True)
             x = np.atleast_1d(data["rc0_nm"])
             wins[w] = {"r0": r0, "k": kforce, "x": x[len(x) // 5 :]}  # drop the first fifth (relaxation)
+        result[name] = {
+            "windows": len(windows),
+            "windows_stopped_early": {int(k): v for k, v in sorted(stopped.items())},
+            "samples_per_window": [len(wd.get("x", [])) for wd in wins],  # after dropping the first fifth
+            "x_nm": [],
+            "f_kjmol": [],
+            "barrier_kjmol": float("nan"),
+        }
         wins = [wd for wd in wins if len(wd.get("x", [])) > 0]
         if len(wins) < 2:
             log.warning("umbrella %s: fewer than two windows with samples; no profile", name)
             continue
         prof = free_energy_profile(wins, n_bins=int(r.get("bins", 25)))
-        result[name] = {
-            "x_nm": prof["x"].tolist(),
-            "f_kjmol": prof["f"].tolist(),
-            "barrier_kjmol": barrier(prof),
-            "windows": len(windows),
-            "windows_stopped_early": {int(k): v for k, v in stopped.items()},
-            "samples_per_window": [len(wd["x"]) for wd in wins],
-        }
+        result[name].update(x_nm=prof["x"].tolist(), f_kjmol=prof["f"].tolist(), barrier_kjmol=barrier(prof))
         ax.plot(prof["x"], prof["f"], "o-", label=name)
     ax.set_xlabel("reaction coordinate r(S-C) - r(C-N) (nm)")
     ax.set_ylabel("free energy (kJ/mol)")
@@ -589,7 +590,11 @@ def _summary_md(s: dict[str, Any], out: Path) -> str:
     if s.get("reaction"):
         lines += ["", "## Free-energy profile (umbrella sampling, MBAR)", ""]
         for k, v in s["reaction"].items():
-            lines.append(f"- {k}: barrier {v['barrier_kjmol']:.1f} kJ/mol")
+            early = v.get("windows_stopped_early", {})
+            lines.append(
+                f"- {k}: barrier {v['barrier_kjmol']:.1f} kJ/mol; {v.get('windows', '?')} windows"
+                + (f", {len(early)} stopped early (see summary.json)" if early else "")
+            )
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.0f}" for k, v in s["timings_s"].items()]
     plots = sorted(p.name for p in out.glob("*.png")) + sorted(
         str(p.relative_to(out)) for p in [*out.glob("models/*.png"), *out.glob("learning_curve/*.png")]
