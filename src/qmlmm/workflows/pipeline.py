@@ -551,7 +551,15 @@ def _reaction(
             log.warning("umbrella %s: fewer than two windows with samples; no profile", name)
             continue
         prof = free_energy_profile(wins, n_bins=int(r.get("bins", 25)))
-        result[name].update(x_nm=prof["x"].tolist(), f_kjmol=prof["f"].tolist(), barrier_kjmol=barrier(prof))
+        kmax = int(np.argmax(prof["f"][1:-1])) + 1 if len(prof["f"]) > 2 else 0
+        result[name].update(
+            x_nm=prof["x"].tolist(),
+            f_kjmol=prof["f"].tolist(),
+            barrier_kjmol=barrier(prof),  # above the higher of the two end minima (the smaller barrier)
+            # from the minimum on the low-xi (reactant) side up to the highest interior point
+            barrier_forward_kjmol=float(prof["f"][kmax] - prof["f"][: kmax + 1].min()) if kmax else float("nan"),
+            x_top_nm=float(prof["x"][kmax]) if kmax else float("nan"),
+        )
         ax.plot(prof["x"], prof["f"], "o-", label=name)
     ax.set_xlabel("reaction coordinate r(S-C) - r(C-N) (nm)")
     ax.set_ylabel("free energy (kJ/mol)")
@@ -592,7 +600,9 @@ def _summary_md(s: dict[str, Any], out: Path) -> str:
         for k, v in s["reaction"].items():
             early = v.get("windows_stopped_early", {})
             lines.append(
-                f"- {k}: barrier {v['barrier_kjmol']:.1f} kJ/mol; {v.get('windows', '?')} windows"
+                f"- {k}: forward barrier {v.get('barrier_forward_kjmol', float('nan')):.1f} kJ/mol "
+                f"(top at {v.get('x_top_nm', float('nan')):.3f} nm), barrier above the higher end minimum "
+                f"{v['barrier_kjmol']:.1f} kJ/mol; {v.get('windows', '?')} windows"
                 + (f", {len(early)} stopped early (see summary.json)" if early else "")
             )
     lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.0f}" for k, v in s["timings_s"].items()]
