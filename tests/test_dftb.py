@@ -107,7 +107,11 @@ def qmmm_system() -> tuple[np.ndarray, ...]:
     return z, p, np.concatenate(mm), np.concatenate(q)
 
 
-@pytest.mark.parametrize("spec", ["dftb3:3ob,tol=1e-11", "dftb2:mio,tol=1e-11"])
+@pytest.mark.parametrize(
+    "spec",
+    # etemp=30000 K: kT 0.095 Eh, fractional occupations of a few % (Mermin free energy and its forces)
+    ["dftb3:3ob,tol=1e-11", "dftb2:mio,tol=1e-11", "dftb3:3ob,tol=1e-11,etemp=30000"],
+)
 def test_qmmm_forces_equal_finite_differences(spec: str, qmmm_system: tuple[np.ndarray, ...]) -> None:
     z, p, mm, q = qmmm_system
     eng = make_engine(spec)
@@ -136,6 +140,24 @@ def test_qmmm_forces_equal_finite_differences(spec: str, qmmm_system: tuple[np.n
         qm_[j] -= 1e-5
         fd = (eng.compute(z, p, mm, qp).energy - eng.compute(z, p, mm, qm_).energy) / 2e-5
         assert res.mm_potential[j] == pytest.approx(fd, abs=1e-5)
+
+
+def test_electronic_temperature(qmmm_system: tuple[np.ndarray, ...]) -> None:
+    """Fermi occupations: a vanishing temperature gives the aufbau result, a high one lowers the
+    (free) energy, with fractional occupations."""
+    z, p, mm, q = qmmm_system
+    e0 = make_engine("dftb3:3ob,tol=1e-11").compute(z, p, mm, q).energy
+    e1 = make_engine("dftb3:3ob,tol=1e-11,etemp=1").compute(z, p, mm, q).energy
+    eng = make_engine("dftb3:3ob,tol=1e-11,etemp=30000")
+    e_hot = eng.compute(z, p, mm, q).energy
+    assert e1 == pytest.approx(e0, abs=1e-7)
+    assert e_hot < e0 - 1.0  # kJ/mol: -TS and the relaxed density both lower the free energy
+    calc = eng.calculator(z, 0)  # type: ignore[attr-defined]
+    eps = torch.linspace(-1.0, 1.0, calc.n_orb, dtype=torch.float64)[None]
+    f = calc._fermi(eps)
+    assert float(f.sum()) == pytest.approx(2 * calc.n_occ, abs=1e-10) and 0 < float(f[0, calc.n_occ]) < 2
+    with pytest.raises(InputError, match="etemp"):
+        make_engine("dftb3:3ob,etemp=-5")
 
 
 def test_batched_equals_one_by_one(qmmm_system: tuple[np.ndarray, ...]) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from qmlmm.engines.base import Engine
 from qmlmm.environment import EmbeddingSettings
-from qmlmm.errors import InputError
+from qmlmm.errors import EngineError, InputError
 from qmlmm.md.qmforce import QMMMCallback, make_python_force
 from qmlmm.md.restraints import Restraint, add_restraints, rc_value
 from qmlmm.md.system import MDSystem
@@ -184,7 +184,10 @@ def run_md(
                 msys, steps=0, temperature=s.temperature, seed=s.seed, threads=s.threads
             )
             ctx.setPositions(msys_pos * u.nanometer)
-        ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, s.seed)
+        try:  # OpenMM evaluates the forces here, so the QM/MM force can already fail
+            ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, s.seed)
+        except Exception as e:
+            raise EngineError(f"MD could not start in {out}: the QM/MM force failed at the start: {e}") from e
         ctx.setStepCount(0)
     dof = _dof(sim.system)
     kB = 0.00831446261815324

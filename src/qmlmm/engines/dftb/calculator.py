@@ -48,6 +48,10 @@ class SCCOptions:
         mixing: Anderson (Pulay) mixing parameter.
         history: number of previous iterations Anderson mixing uses.
         reuse_charges: start from the previous call's converged charges (same number of frames).
+        kt: electronic temperature k_B T (Hartree). 0: integer occupations (aufbau). > 0: Fermi
+            occupations, and the energy is the Mermin free energy E - T S_el (its gradient is what
+            the forces are), as DFTB+'s Fermi filling; helps the SCC where frontier orbitals are
+            near-degenerate (bonds being broken).
     """
 
     tol: float = 1e-8
@@ -55,6 +59,7 @@ class SCCOptions:
     mixing: float = 0.4
     history: int = 8
     reuse_charges: bool = True
+    kt: float = 0.0
 
 
 @dataclass
@@ -241,10 +246,37 @@ class DFTBCalculator:
         A = Linv @ (Vo[:, :, None] * L)
         Hp = H0p + 0.5 * (A + A.transpose(-1, -2))
         eps, Cp = torch.linalg.eigh(Hp)
-        Co = Cp[:, :, : self.n_occ]
+        if self.opts.kt > 0:  # every orbital, weighted by sqrt(f/2): P = 2 C C^T still holds
+            Co = Cp * torch.sqrt(0.5 * self._fermi(eps))[:, None, :]
+        else:
+            Co = Cp[:, :, : self.n_occ]
         C_occ = Linv.transpose(-1, -2) @ Co
         pop = 2.0 * (C_occ * (L @ Co)).sum(-1)
         return eps, C_occ, pop
+
+    def _fermi(self, eps: torch.Tensor) -> torch.Tensor:
+        """Occupations f (B, N) in [0, 2] at k_B T = opts.kt with the Fermi level (bisection) that
+        holds 2 n_occ electrons."""
+        kt = self.opts.kt
+        nel = 2.0 * self.n_occ
+        lo = eps.amin(-1) - 40.0 * kt
+        hi = eps.amax(-1) + 40.0 * kt
+        for _ in range(200):
+            mu = 0.5 * (lo + hi)
+            n = (2.0 * torch.sigmoid(-(eps - mu[:, None]) / kt)).sum(-1)
+            lo = torch.where(n < nel, mu, lo)
+            hi = torch.where(n < nel, hi, mu)
+            if bool(((hi - lo) < 1e-14).all()):
+                break
+        return 2.0 * torch.sigmoid(-(eps - 0.5 * (lo + hi)[:, None]) / kt)
+
+    def _entropy_term(self, eps: torch.Tensor) -> torch.Tensor:
+        """-T S_el (B,) in Hartree of the Fermi occupations (0 at kt = 0)."""
+        if self.opts.kt <= 0:
+            return torch.zeros(eps.shape[0], dtype=eps.dtype, device=eps.device)
+        g = (0.5 * self._fermi(eps)).clamp(1e-300, 1.0)
+        h = (1.0 - g).clamp(1e-300, 1.0)
+        return 2.0 * self.opts.kt * (g * torch.log(g) + h * torch.log(h)).sum(-1)
 
     def _charges(self, pop: torch.Tensor) -> torch.Tensor:
         """dq (B, n): atomic Mulliken populations minus the neutral-atom valence electrons."""
@@ -300,14 +332,15 @@ class DFTBCalculator:
             # functional of the density matrix P alone: errors quadratic in the tolerance)
             V = self._shifts(dq_in, gam.detach(), G3d, phi.detach())
             P = 2.0 * C_occ @ C_occ.transpose(-1, -2)
-            W = 2.0 * (C_occ * eps[:, None, : self.n_occ]) @ C_occ.transpose(-1, -2)
+            W = 2.0 * (C_occ * eps[:, None, : C_occ.shape[-1]]) @ C_occ.transpose(-1, -2)
             e_band = (P * H0.detach()).sum((-1, -2))
             e2 = 0.5 * torch.einsum("bi,bij,bj->b", dq, gam.detach(), dq)
             e3 = (
                 torch.einsum("bi,bij,bj->b", dq * dq, G3.detach(), dq) / 3.0 if G3 is not None else torch.zeros_like(e2)
             )
             e_ext = -(dq * phi.detach()).sum(-1)
-            energy = e_band + e2 + e3 + e_rep.detach() + e_ext
+            e_ts = self._entropy_term(eps)  # Mermin: F = E - T S (0 with integer occupations)
+            energy = e_band + e2 + e3 + e_rep.detach() + e_ext + e_ts
         grad = mm_grad = pot = None
         if need_grad:
             Vo = V[:, self.atom_of_orb]
@@ -336,7 +369,7 @@ class DFTBCalculator:
             mm_potential=pot,
             charges=-dq,
             iterations=it,
-            terms={"band": e_band, "scc2": e2, "scc3": e3, "rep": e_rep.detach(), "ext": e_ext},
+            terms={"band": e_band, "scc2": e2, "scc3": e3, "rep": e_rep.detach(), "ext": e_ext, "-TS": e_ts},
         )
         return res
 

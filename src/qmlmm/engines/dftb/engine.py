@@ -2,7 +2,9 @@
 
 Options: ``tol`` (SCC charge tolerance, e; default 1e-8), ``maxiter`` (200), ``device`` (cpu,
 cuda or auto), ``reuse`` (yes: start the SCC from the previous call's charges, as consecutive MD
-steps and frames allow; no: from neutral atoms). Closed-shell molecules of any total charge.
+steps and frames allow; no: from neutral atoms), ``etemp`` (electronic temperature in K, default 0:
+integer occupations; > 0: Fermi occupations and the Mermin free energy, for near-degenerate frontier
+orbitals such as bonds being broken). Closed-shell molecules of any total charge.
 """
 
 from __future__ import annotations
@@ -53,8 +55,14 @@ class DFTBEngine(Engine):
         reuse = opts.pop("reuse", "yes").lower()
         if reuse not in ("yes", "no"):
             raise InputError(f"dftb option reuse must be yes or no, got {reuse!r}")
+        etemp = float(opts.pop("etemp", "0"))
+        if etemp < 0:
+            raise InputError(f"dftb option etemp must be >= 0 K, got {etemp}")
         self.options = SCCOptions(
-            tol=float(opts.pop("tol", "1e-8")), maxiter=int(opts.pop("maxiter", "200")), reuse_charges=reuse == "yes"
+            tol=float(opts.pop("tol", "1e-8")),
+            maxiter=int(opts.pop("maxiter", "200")),
+            reuse_charges=reuse == "yes",
+            kt=etemp * 3.166811563e-6,  # k_B in Hartree/K
         )
         dev = opts.pop("device", "cpu")
         if dev == "auto":
@@ -62,7 +70,7 @@ class DFTBEngine(Engine):
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("device=cuda asked for, but PyTorch sees no CUDA device")
         if opts:
-            raise InputError(f"unknown dftb option(s) {sorted(opts)}; known: tol, maxiter, device, reuse")
+            raise InputError(f"unknown dftb option(s) {sorted(opts)}; known: tol, maxiter, device, reuse, etemp")
         self.device = torch.device(dev)
         self.params: DFTBParameters = load_parameters(spec.method, device=self.device)
         if spec.family == "dftb2":
@@ -89,6 +97,7 @@ class DFTBEngine(Engine):
             "third_order": self.params.third_order,
             "zeta": self.params.zeta,
             "scc_tol": self.options.tol,
+            **({"electronic_temperature_K": self.options.kt / 3.166811563e-6} if self.options.kt > 0 else {}),
             "embedding": "bare 1/r on Mulliken charges",
         }
 
