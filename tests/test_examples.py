@@ -46,6 +46,13 @@ def test_tiny_retinoic_acid(tmp_path: Path) -> None:
     dih = summary["analysis"]["dihedrals"]
     assert dih and all(v["n_dihedrals"] >= 8 for v in dih.values())  # the polyene chain was found
     assert set(dih) == {"delta_ml", "baseline", "reference"}  # compared with a short DFT/MM stretch
+    # the learning-curve step: one direct and one delta model per size, finite test errors, a plot
+    lc = summary["learning_curve"]
+    for mode in ("direct", "delta"):
+        pts = lc["curves"][mode]
+        assert [p["n_train"] for p in pts] == sorted(cfg.learning_curve or [])
+        assert all(np.isfinite(p[k]) for p in pts for k in ("energy_mae", "qm_forces_mae", "mm_forces_mae"))
+    assert (out / "learning_curve" / "learning_curve.png").exists()
     # a second call reuses every step and changes nothing
     again = run_pipeline(cfg, out, progress=False)
     assert again["n_frames"] == summary["n_frames"]
