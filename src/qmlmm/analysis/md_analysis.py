@@ -11,7 +11,15 @@ import numpy as np
 
 from qmlmm.errors import InputError
 
-__all__ = ["rdf", "dihedrals", "conjugated_chain_dihedrals", "free_energy_profile", "load_run"]
+__all__ = [
+    "rdf",
+    "dihedrals",
+    "dihedral_stats",
+    "conjugated_chain_dihedrals",
+    "free_energy_profile",
+    "barrier",
+    "load_run",
+]
 
 KB = 0.00831446261815324  # kJ/mol/K
 
@@ -71,6 +79,25 @@ def dihedrals(positions: np.ndarray, quads: Sequence[Sequence[int]], boxes: np.n
     x = (v * w).sum(-1)
     y = (np.cross(b1n, v) * w).sum(-1)
     return np.degrees(np.arctan2(y, x))
+
+
+def dihedral_stats(angles: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-dihedral statistics of angles (F, Q) in degrees, each over its F samples.
+
+    Returns (Q,) arrays: ``mean_deg`` the circular mean in (-180, 180], ``std_deg`` the circular
+    standard deviation sqrt(-2 ln R) in degrees (R: mean resultant length), ``frac_trans`` the
+    fraction with |angle| > 90 deg.
+    """
+    a = np.radians(np.asarray(angles, dtype=float))
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise InputError(f"dihedral_stats needs angles of shape (frames > 0, Q), got {a.shape}")
+    c, s = np.cos(a).mean(0), np.sin(a).mean(0)
+    r = np.clip(np.hypot(c, s), 1e-300, 1.0)
+    return {
+        "mean_deg": np.degrees(np.arctan2(s, c)),
+        "std_deg": np.degrees(np.sqrt(-2.0 * np.log(r))),
+        "frac_trans": (np.abs(np.asarray(angles)) > 90.0).mean(0),
+    }
 
 
 def conjugated_chain_dihedrals(smiles: str, offset: int = 0) -> list[tuple[int, int, int, int, str]]:
@@ -139,7 +166,8 @@ def free_energy_profile(
 
 
 def barrier(profile: dict[str, np.ndarray]) -> float:
-    """Height (kJ/mol) of the highest interior point above the lower of the two end minima."""
+    """Height (kJ/mol) of the highest interior point of ``profile["f"]`` above the higher of the
+    minima on its two sides (the smaller of the forward and backward barriers); NaN below 3 points."""
     f = profile["f"]
     if len(f) < 3:
         return float("nan")

@@ -1,0 +1,167 @@
+"""MD observables against cases with known answers: RDF of an ideal gas, dihedrals of constructed
+geometries (sign convention, periodic images), circular statistics, the polyene-chain dihedral finder,
+and MBAR free-energy profiles from exactly sampled umbrella windows on a known potential."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qmlmm.analysis.md_analysis import (
+    KB,
+    barrier,
+    conjugated_chain_dihedrals,
+    dihedral_stats,
+    dihedrals,
+    free_energy_profile,
+    rdf,
+)
+from qmlmm.errors import InputError
+
+
+def test_rdf_of_ideal_gas_is_one() -> None:
+    """Uncorrelated uniform points in a periodic box: g(r) = 1 at every r (to sampling noise)."""
+    rng = np.random.default_rng(0)
+    box = np.array([3.0, 3.2, 3.4])
+    frames = 20
+    pos = rng.uniform(0, 1, size=(frames, 600, 3)) * box
+    boxes = np.tile(box, (frames, 1))
+    r, g = rdf(pos, boxes, range(0, 100), range(100, 600), r_max=1.2, n_bins=12)
+    assert r[0] == pytest.approx(0.05) and r[-1] == pytest.approx(1.15)
+    # expected counts per bin >= ~900 beyond 0.3 nm: 5 % is > 1.5 sigma at the smallest of them
+    assert np.all(np.abs(g[3:] - 1.0) < 0.05), g
+    # the same set as a and b: self-distances excluded, still g = 1
+    _, g_same = rdf(pos[:, :300], boxes, range(300), range(300), r_max=1.2, n_bins=12)
+    assert np.all(np.abs(g_same[3:] - 1.0) < 0.08), g_same
+
+
+def test_rdf_sees_a_fixed_distance_across_the_boundary() -> None:
+    """One pair 0.25 nm apart through the periodic boundary: all counts in the bin holding 0.25 nm."""
+    box = np.array([2.0, 2.0, 2.0])
+    pos = np.array([[[0.1, 1.0, 1.0], [1.85, 1.0, 1.0]]])
+    r, g = rdf(pos, box[None], [0], [1], r_max=0.5, n_bins=10)
+    assert np.count_nonzero(g) == 1 and r[np.argmax(g)] == pytest.approx(0.275)
+
+
+def _quad(phi_deg: float) -> np.ndarray:
+    """Four atoms (4, 3) nm whose dihedral 1-2-3-4 is phi: 1 on +x, 2-3 along +z, 4 rotated by phi about z."""
+    p = np.radians(phi_deg)
+    return 0.15 * np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [np.cos(p), np.sin(p), 1.0]])
+
+
+@pytest.mark.parametrize("phi", [-179.0, -120.0, -60.0, 0.0, 35.0, 90.0, 150.0, 180.0])
+def test_dihedral_values_and_sign(phi: float) -> None:
+    """IUPAC sign: positive when, looking from atom 2 to atom 3, the front bond turns clockwise onto the back one."""
+    pos = _quad(phi)[None]
+    got = dihedrals(pos, [[0, 1, 2, 3]])[0, 0]
+    assert np.cos(np.radians(got - phi)) == pytest.approx(1.0, abs=1e-12)
+    # invariant under rotation and translation; mirror image flips the sign
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.linalg.det(q))
+    moved = pos @ q.T + np.array([0.3, -1.0, 2.0])
+    assert dihedrals(moved, [[0, 1, 2, 3]])[0, 0] == pytest.approx(got, abs=1e-9)
+    mirrored = pos * np.array([1.0, -1.0, 1.0])
+    assert np.sin(np.radians(dihedrals(mirrored, [[0, 1, 2, 3]])[0, 0])) == pytest.approx(-np.sin(np.radians(phi)))
+
+
+def test_dihedral_across_periodic_boundary() -> None:
+    """Atoms wrapped into the box by whole box lengths: minimum-image bond vectors give the same angle."""
+    box = np.array([1.0, 1.1, 1.2])
+    pos = _quad(-70.0) + np.array([0.95, 0.5, 0.5])
+    wrapped = pos % box
+    assert not np.allclose(wrapped, pos)  # really split across the boundary
+    got = dihedrals(wrapped[None], [[0, 1, 2, 3]], boxes=box[None])[0, 0]
+    assert got == pytest.approx(-70.0, abs=1e-9)
+
+
+def test_dihedral_stats_circular() -> None:
+    """Circular mean across +-180 (not 0), von Mises-like spread recovered, s-trans fraction counted."""
+    rng = np.random.default_rng(2)
+    sigma = 12.0
+    a = 180.0 + rng.normal(0.0, sigma, size=20000)  # around 180, wraps to -180
+    a = (a + 180.0) % 360.0 - 180.0
+    b = rng.normal(30.0, 5.0, size=20000)
+    st = dihedral_stats(np.stack([a, b], axis=1))
+    assert abs(abs(st["mean_deg"][0]) - 180.0) < 0.5 and st["mean_deg"][1] == pytest.approx(30.0, abs=0.2)
+    assert st["std_deg"][0] == pytest.approx(sigma, rel=0.03) and st["std_deg"][1] == pytest.approx(5.0, rel=0.03)
+    assert st["frac_trans"][0] == pytest.approx(1.0) and st["frac_trans"][1] == pytest.approx(0.0)
+    with pytest.raises(InputError, match="frames"):
+        dihedral_stats(np.zeros((0, 2)))
+
+
+def test_conjugated_chain_dihedrals_of_polyenes() -> None:
+    # hexatriene C1=C2-C3=C4-C5=C6: heavy-atom dihedrals about C2-C3, C3=C4, C4-C5 (terminal C=C have no
+    # heavy neighbour beyond them)
+    q = conjugated_chain_dihedrals("C=CC=CC=C", offset=10)
+    assert sorted(x[4] for x in q) == ["double", "single", "single"]
+    assert {tuple(x[1:3]) for x in q} == {(11, 12), (12, 13), (13, 14)}
+    assert all(min(x[:4]) >= 10 for x in q)
+    # retinoic acid: the chain from the ring (atom 2) to the carboxyl C (atom 17), none inside the ring:
+    # 5 single bonds (ring-chain 2-9 ... 16-17 to the acid) and the 4 chain C=C
+    ra = conjugated_chain_dihedrals("CC1=C(C(CCC1)(C)C)/C=C/C(=C/C=C/C(=C/C(=O)O)/C)/C")
+    kinds = [x[4] for x in ra]
+    assert kinds.count("single") == 5 and kinds.count("double") == 4, ra
+    assert (2, 9) in {tuple(x[1:3]) for x in ra} and (16, 17) in {tuple(x[1:3]) for x in ra}
+    assert not any(x[1] in range(1, 7) and x[2] in range(1, 7) for x in ra)  # no ring bond
+
+
+def _exact_windows(
+    kspring: float, k0: float, centres: np.ndarray, n: int, temperature: float, seed: int
+) -> list[dict[str, object]]:
+    """Samples of x under U(x) = k0/2 x^2 plus a harmonic bias k/2 (x - r0)^2: a Gaussian per window."""
+    rng = np.random.default_rng(seed)
+    beta = 1.0 / (KB * temperature)
+    out = []
+    for r0 in centres:
+        prec = beta * (k0 + kspring)
+        mean = kspring * r0 / (k0 + kspring)
+        out.append({"r0": float(r0), "k": kspring, "x": rng.normal(mean, 1.0 / np.sqrt(prec), size=n)})
+    return out
+
+
+def test_mbar_profile_recovers_a_known_potential() -> None:
+    """Umbrella windows sampled exactly on U(x) = k0/2 x^2: MBAR gives back U (kJ/mol) where sampled."""
+    k0, T = 3000.0, 300.0
+    wins = _exact_windows(15000.0, k0, np.linspace(-0.15, 0.15, 13), 4000, T, seed=3)
+    prof = free_energy_profile(wins, temperature=T, n_bins=30)
+    x, f = prof["x"], prof["f"]
+    dense = prof["counts"] > 200
+    assert dense.sum() >= 20
+    exact = 0.5 * k0 * x**2
+    shift = np.mean((f - exact)[dense])
+    assert np.max(np.abs(f - exact - shift)[dense]) < 0.6, np.c_[x, f, exact + shift][dense]
+    assert np.all(np.isfinite(prof["df"][dense]))
+    with pytest.raises(InputError, match="two"):
+        free_energy_profile(wins[:1])
+
+
+def test_mbar_profile_of_a_double_well_and_its_barrier() -> None:
+    """A double well U = h (1 - (x/a)^2)^2 sampled by Metropolis MC per window: barrier h from MBAR."""
+    h, a, T = 20.0, 0.1, 300.0
+    beta = 1.0 / (KB * T)
+    rng = np.random.default_rng(4)
+    k = 20000.0
+    centres = np.linspace(-0.16, 0.16, 17)
+
+    def u(x: np.ndarray) -> np.ndarray:
+        return h * (1.0 - (x / a) ** 2) ** 2
+
+    wins = []
+    for r0 in centres:  # many independent chains per window, vectorised, after burn-in
+        x = np.full(400, r0)
+        samples = []
+        for step in range(600):
+            trial = x + rng.normal(0.0, 0.01, size=x.shape)
+            du = u(trial) + 0.5 * k * (trial - r0) ** 2 - u(x) - 0.5 * k * (x - r0) ** 2
+            acc = rng.random(x.shape) < np.exp(-beta * np.clip(du, -50, 50))
+            x = np.where(acc, trial, x)
+            if step >= 200 and step % 20 == 0:
+                samples.append(x.copy())
+        wins.append({"r0": float(r0), "k": k, "x": np.concatenate(samples)})
+    prof = free_energy_profile(wins, temperature=T, n_bins=32)
+    assert barrier(prof) == pytest.approx(h, abs=2.0)
+    assert abs(prof["x"][int(np.argmax(prof["f"][3:-3])) + 3]) < 0.02  # the top at x = 0
+    assert barrier({"f": np.array([0.0, 1.0])}) != barrier({"f": np.array([0.0, 1.0])})  # NaN below 3 points
+    # the smaller of the two barriers: 10 above the right minimum, 15 above the left one
+    assert barrier({"f": np.array([0.0, 15.0, 5.0])}) == pytest.approx(10.0)
