@@ -61,13 +61,19 @@ class PipelineConfig:
     max_uncertainty: float | None = None
     # analysis
     dihedral_solute: int | None = 0  # solute index whose conjugated chain dihedrals are analysed
-    rdf_pairs: list[list[str]] = field(default_factory=lambda: [["O", "OW"]])
+    # solute element - water site ("OW" or "HW") radial distribution functions
+    rdf_pairs: list[list[str]] = field(default_factory=lambda: [["O", "OW"], ["N", "OW"]])
     # reaction (optional): restraint rc:i,j,k,l,d (atom indices within the QM region), umbrella windows
     reaction: dict[str, Any] | None = None
     reaction_windows: str | None = None  # start:stop:n (nm), overrides reaction["windows"]
     reaction_steps: int | None = None  # MD steps per umbrella window
     sample_windows: str | None = None  # start:stop:n windows for sampling (default: the umbrella windows)
     seed: int = 0
+
+    @property
+    def total_threads(self) -> int:
+        """Threads for the steps that run in one process (MD, umbrella sampling): all workers' threads."""
+        return self.threads * max(1, self.workers)
 
 
 def load_pipeline_config(path: str | Path, size: str) -> PipelineConfig:
@@ -84,7 +90,12 @@ def load_pipeline_config(path: str | Path, size: str) -> PipelineConfig:
     unknown = set(merged) - known
     if unknown:
         raise InputError(f"{path}: unknown pipeline setting(s) {sorted(unknown)}")
-    return PipelineConfig(**merged)
+    cfg = PipelineConfig(**merged)
+    try:  # checked now, not after hours of labelling and MD
+        _rdf_pair_atoms(cfg.rdf_pairs, np.zeros(0, dtype=int), np.zeros(0, dtype=bool))
+    except (InputError, KeyError, ValueError) as e:
+        raise InputError(f"{path}: {e}") from e
+    return cfg
 
 
 def _step(out: Path, name: str, marker: str) -> bool:
@@ -254,11 +265,11 @@ def run_pipeline(
 
     md_runs: dict[str, Any] = {}
     delta_model = QMLMMModel.load(models / "delta.pt")
-    engines = {"delta_ml": (lambda: delta_model.engine(cfg.threads * max(1, cfg.workers)), delta_model.embedding)}
+    engines = {"delta_ml": (lambda: delta_model.engine(cfg.total_threads), delta_model.embedding)}
     if cfg.md_compare_baseline:
-        engines["baseline"] = (lambda: make_engine(cfg.baseline, threads=cfg.threads * max(1, cfg.workers)), emb)  # type: ignore[assignment, return-value]
+        engines["baseline"] = (lambda: make_engine(cfg.baseline, threads=cfg.total_threads), emb)  # type: ignore[assignment, return-value]
     if cfg.md_reference_steps > 0:
-        engines["reference"] = (lambda: make_engine(cfg.reference, threads=cfg.threads * max(1, cfg.workers)), emb)  # type: ignore[assignment, return-value]
+        engines["reference"] = (lambda: make_engine(cfg.reference, threads=cfg.total_threads), emb)  # type: ignore[assignment, return-value]
     for name, (mk, e_set) in engines.items():
         rdir = out / "md" / name
         n_steps = cfg.md_reference_steps if name == "reference" else cfg.md_steps
@@ -271,7 +282,7 @@ def run_pipeline(
             dcd_every=n_rep,
             checkpoint_every=n_rep if name == "reference" else 100,
             seed=cfg.seed,
-            threads=cfg.threads * max(1, cfg.workers),
+            threads=cfg.total_threads,
             max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,
         )
         if (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= n_steps:
@@ -369,41 +380,50 @@ def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qmlmm.analysis.md_analysis import conjugated_chain_dihedrals, dihedrals, load_run
+    from qmlmm.analysis.md_analysis import conjugated_chain_dihedrals, dihedral_stats, dihedrals, load_run, rdf
     from qmlmm.md.system import MDSystem
 
     msys = MDSystem.load(system)
-    water_o = np.flatnonzero((~msys.is_qm) & (msys.numbers == 8))
     res: dict[str, Any] = {"rdf_peak": {}, "dihedrals": {}}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     quads: list[tuple[int, int, int, int, str]] = []
+    off = 0
     if cfg.dihedral_solute is not None and cfg.dihedral_solute < len(cfg.solutes):
-        off = msys.meta["solute_offsets"][cfg.dihedral_solute]
+        off = int(msys.meta["solute_offsets"][cfg.dihedral_solute])
         quads = conjugated_chain_dihedrals(cfg.solutes[cfg.dihedral_solute], offset=off)
-    from qmlmm.analysis.md_analysis import rdf
+    # one label per dihedral: its solute-atom indices (RDKit order with hydrogens, as built)
+    labels = ["-".join(str(int(i) - off) for i in q[:4]) + f" ({q[4]})" for q in quads]
+    per_run_angles: dict[str, np.ndarray] = {}
 
-    solute_o = [int(i) for i in msys.qm_indices if msys.numbers[i] in (7, 8)]
+    pair_atoms = _rdf_pair_atoms(cfg.rdf_pairs, msys.numbers, msys.is_qm)
     for name in runs:
         pos, boxes = load_run(out / "md" / name)
         if len(pos) == 0 or boxes is None:
             continue
-        if solute_o:
-            r, g = rdf(pos, boxes, solute_o, water_o, r_max=0.8, n_bins=60)  # type: ignore[arg-type]
-            axes[0].plot(r, g, label=name)
+        for pair, (a_idx, b_idx) in pair_atoms.items():
+            r, g = rdf(pos, boxes, a_idx, b_idx, r_max=0.8, n_bins=60)
+            axes[0].plot(r, g, label=f"{name} {pair}")
             k = int(np.argmax(g))
-            res["rdf_peak"][name] = {"r_nm": float(r[k]), "g": float(g[k])}
+            res["rdf_peak"].setdefault(name, {})[pair] = {"r_nm": float(r[k]), "g": float(g[k])}
         if quads:
             ang = dihedrals(pos, [q[:4] for q in quads], boxes)
             single = [k for k, q in enumerate(quads) if q[4] == "single"]
             vals = np.abs(ang[:, single]).ravel() if single else np.abs(ang).ravel()
             axes[1].hist(vals, bins=36, range=(0, 180), histtype="step", density=True, label=name)
+            st = dihedral_stats(ang)
+            per_run_angles[name] = ang
             res["dihedrals"][name] = {
                 "n_dihedrals": len(quads),
+                "n_frames": len(ang),
                 "mean_abs_single_deg": float(vals.mean()),
                 "frac_s_trans": float((vals > 90).mean()),
+                "per_dihedral": [
+                    {"atoms": lab, "mean_deg": float(m), "std_deg": float(sd), "frac_trans": float(ft)}
+                    for lab, m, sd, ft in zip(labels, st["mean_deg"], st["std_deg"], st["frac_trans"], strict=True)
+                ],
             }
     axes[0].set_xlabel("r (nm)")
-    axes[0].set_ylabel("g(r) solute N/O - water O")
+    axes[0].set_ylabel("g(r) solute - water")
     axes[1].set_xlabel("|dihedral| around chain single bonds (deg)")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
@@ -411,7 +431,51 @@ def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> 
     fig.tight_layout()
     fig.savefig(out / "md_observables.png", dpi=110)
     plt.close(fig)
+    if per_run_angles:
+        _dihedral_panels(per_run_angles, labels, out / "dihedrals.png")
     return res
+
+
+def _rdf_pair_atoms(
+    pairs: list[list[str]], numbers: np.ndarray, is_qm: np.ndarray
+) -> dict[str, tuple[list[int], list[int]]]:
+    """Atom index sets for ``rdf_pairs`` entries [solute element, "OW"|"HW"]; pairs without solute
+    atoms of that element are left out. Raises InputError for an unknown element or water site."""
+    from qmlmm.elements import atomic_number
+
+    out: dict[str, tuple[list[int], list[int]]] = {}
+    sites = {"OW": 8, "HW": 1}
+    for pair in pairs:
+        if len(pair) != 2 or pair[1] not in sites:
+            raise InputError(f"rdf_pairs entry {pair!r}: expected [solute element, 'OW' or 'HW']")
+        z = atomic_number(pair[0])
+        a = [int(i) for i in np.flatnonzero(is_qm & (numbers == z))]
+        if a:
+            out[f"{pair[0]}-{pair[1]}"] = (a, [int(i) for i in np.flatnonzero(~is_qm & (numbers == sites[pair[1]]))])
+    return out
+
+
+def _dihedral_panels(angles: dict[str, np.ndarray], labels: list[str], path: Path) -> None:
+    """One histogram panel per chain dihedral (|angle|, deg), the MD runs overlaid."""
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for q, ax in enumerate(axes.ravel()):
+        if q >= n:
+            ax.axis("off")
+            continue
+        for name, ang in angles.items():
+            ax.hist(np.abs(ang[:, q]), bins=36, range=(0, 180), histtype="step", density=True, label=name)
+        ax.set_title(labels[q], fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=7)
+    fig.supxlabel("|dihedral| (deg); solute atom indices")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _reaction_atoms(cfg: PipelineConfig, system: Path) -> tuple[list[int], list[int] | None]:
@@ -462,7 +526,7 @@ def _reaction(
     per_window = _reaction_restraints(cfg, system, windows) or []
     kforce = float(r.get("k", 2000.0))
     steps = int(cfg.reaction_steps or r.get("steps", cfg.md_steps))
-    threads = cfg.threads * max(1, cfg.workers)
+    threads = cfg.total_threads
     result: dict[str, Any] = {}
     import matplotlib
 
@@ -592,9 +656,39 @@ def _summary_md(s: dict[str, Any], out: Path) -> str:
             f"| baseline alone (shifted) | {b['energy']['mae']:.3f} | {b['qm_forces']['mae']:.2f} | "
             f"{b['mm_forces']['mae']:.3f} |"
         )
+    curves = (s.get("learning_curve") or {}).get("curves", {})
+    if curves:
+        lines += [
+            "",
+            "## Learning curve (test set)",
+            "",
+            "| model | train frames | energy MAE | QM force MAE | MM force MAE |",
+            "|---|---|---|---|---|",
+        ]
+        for mode, pts in curves.items():
+            for p in pts:
+                lines.append(
+                    f"| {mode} | {p['n_train']} | {p['energy_mae']:.3f} | {p['qm_forces_mae']:.2f} | "
+                    f"{p['mm_forces_mae']:.3f} |"
+                )
     lines += ["", "## MD", "", "| run | steps | ns/day | stopped |", "|---|---|---|---|"]
     for k, v in s["md"].items():
         lines.append(f"| {k} | {v['steps_done']} | {v['ns_per_day']:.3f} | {v['stopped'] or '-'} |")
+    an = s.get("analysis") or {}
+    if an.get("rdf_peak") or an.get("dihedrals"):
+        lines += [
+            "",
+            "## MD observables",
+            "",
+            "| run | RDF solute - water: r (nm), g at the maximum | chain single bonds: mean abs dihedral (deg), "
+            "s-trans fraction |",
+            "|---|---|---|",
+        ]
+        for run in s["md"]:
+            pk, dh = an.get("rdf_peak", {}).get(run) or {}, an.get("dihedrals", {}).get(run)
+            rdf_txt = "; ".join(f"{pair} {v['r_nm']:.3f}, {v['g']:.2f}" for pair, v in pk.items()) or "-"
+            dih_txt = f"{dh['mean_abs_single_deg']:.1f}, {dh['frac_s_trans']:.3f}" if dh else "-"
+            lines.append(f"| {run} | {rdf_txt} | {dih_txt} |")
     if s.get("reaction"):
         lines += ["", "## Free-energy profile (umbrella sampling, MBAR)", ""]
         for k, v in s["reaction"].items():
