@@ -38,6 +38,7 @@ def _check_common(summary: dict, out: Path, cfg: PipelineConfig) -> None:  # typ
 
 
 @pytest.mark.slow
+@pytest.mark.examples
 def test_tiny_retinoic_acid(tmp_path: Path) -> None:
     cfg = load_pipeline_config(EXAMPLES / "retinoic_acid" / "config.yaml", "tiny")
     out = tmp_path / "ra"
@@ -46,6 +47,15 @@ def test_tiny_retinoic_acid(tmp_path: Path) -> None:
     dih = summary["analysis"]["dihedrals"]
     assert dih and all(v["n_dihedrals"] >= 8 for v in dih.values())  # the polyene chain was found
     assert set(dih) == {"delta_ml", "baseline", "reference"}  # compared with a short DFT/MM stretch
+    for run, v in dih.items():  # per-dihedral circular statistics over the run's frames
+        assert len(v["per_dihedral"]) == v["n_dihedrals"], run
+        assert all(0 <= d["std_deg"] < 90 and -180 <= d["mean_deg"] <= 180 for d in v["per_dihedral"]), run
+    assert (out / "dihedrals.png").exists()
+    # carboxyl O - water O: the solute has no N, so the default N-OW pair is left out
+    peaks = summary["analysis"]["rdf_peak"]
+    assert all(set(v) == {"O-OW"} for v in peaks.values())
+    for run in ("delta_ml", "baseline"):  # hydrogen-bonded first shell (the 2-step DFT run has too few frames)
+        assert 0.2 < peaks[run]["O-OW"]["r_nm"] < 0.4 and peaks[run]["O-OW"]["g"] > 1.0, run
     # the learning-curve step: one direct and one delta model per size, finite test errors, a plot
     lc = summary["learning_curve"]
     for mode in ("direct", "delta"):
@@ -68,6 +78,7 @@ def test_tiny_retinoic_acid(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.examples
 def test_tiny_sam_cytosine(tmp_path: Path) -> None:
     cfg = load_pipeline_config(EXAMPLES / "sam_cytosine" / "config.yaml", "tiny")
     out = tmp_path / "sam"
@@ -104,3 +115,10 @@ def test_pipeline_config_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("name: x\nsolutes: [CO]\nsizes: {tiny: {no_such: 1}}\n")
     with pytest.raises(InputError, match="no_such"):
         load_pipeline_config(tmp_path / "bad.yaml", "tiny")
+    # analysis settings are checked at load time, not after the labelling
+    (tmp_path / "rdf.yaml").write_text("name: x\nsolutes: [CO]\nrdf_pairs: [[Xx, OW]]\nsizes: {tiny: {}}\n")
+    with pytest.raises(InputError, match="unknown element 'Xx'"):
+        load_pipeline_config(tmp_path / "rdf.yaml", "tiny")
+    (tmp_path / "rdf.yaml").write_text("name: x\nsolutes: [CO]\nrdf_pairs: [[O, MW]]\nsizes: {tiny: {}}\n")
+    with pytest.raises(InputError, match="'OW' or 'HW'"):
+        load_pipeline_config(tmp_path / "rdf.yaml", "tiny")
