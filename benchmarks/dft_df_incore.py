@@ -17,6 +17,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 from qmlmm.data import Dataset
 from qmlmm.engines import label_frame, make_engine
@@ -35,7 +36,7 @@ def main() -> None:
     with Dataset(a.data) as ds:
         fr = ds.frame(0, levels=[])
     emb = EmbeddingSettings(a.cutoff, 0.15)
-    rows = []
+    rows: list[dict[str, Any]] = []
     energies = {}
     for name, extra in (("in memory (default)", ""), ("direct J (dfmem=0)", ",dfmem=0")):
         eng = make_engine(a.spec + extra, threads=a.threads)

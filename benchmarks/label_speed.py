@@ -125,7 +125,7 @@ def main() -> None:
     print(to_markdown(result))
 
 
-def to_markdown(r: dict) -> str:  # type: ignore[type-arg]
+def to_markdown(r: dict) -> str:
     lines = [
         f"# Labelling speed ({r['date']})",
         "",
@@ -149,7 +149,7 @@ def to_markdown(r: dict) -> str:  # type: ignore[type-arg]
     for spec, b in r["breakdown"].items():
         for which, label in (("first", "first (fresh guess)"), ("rest", "next (previous density)")):
 
-            def get(key: str, b: dict = b, which: str = which) -> float:  # type: ignore[type-arg]
+            def get(key: str, b: dict = b, which: str = which) -> float:
                 return float(b.get(f"{which}_{key}", float("nan")))
 
             tot = get("wall_s")

@@ -238,7 +238,8 @@ def test_float32_model_keeps_total_energy_resolution_with_large_offsets() -> Non
         m64.e_shift.copy_(torch.tensor([-1.6e4, -1.5e6, -2.5e6], dtype=torch.float64) * 1.000000123)
     m32 = _model().float()
     m32.load_state_dict(m64.state_dict())
-    assert m32.e_shift.dtype == torch.float64 and m32.nets[0][0].weight.dtype == torch.float32
+    first = next(iter(m32.nets[0].parameters()))  # the first layer's weight
+    assert m32.e_shift.dtype == torch.float64 and first.dtype == torch.float32
     e64 = m64(collate([it], dtype=torch.float64))
     b32 = collate([it], dtype=torch.float32)
     e32 = m32(b32)

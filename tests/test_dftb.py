@@ -92,7 +92,8 @@ def qmmm_system() -> tuple[np.ndarray, ...]:
     # methanethiol in 60 waters (180 charges) arranged as real molecules, 0.35-0.9 nm away
     z, p, _, _, _ = water_shell("methanethiol", n_waters=1, radius=0.4, seed=0)
     rng = np.random.default_rng(5)
-    mm, q = [], []
+    mm: list[np.ndarray] = []
+    q: list[np.ndarray] = []
     from qmlmm.toy import TIP3P_CHARGES, tip3p_water
 
     while len(mm) < 60:
@@ -179,7 +180,7 @@ def test_charged_molecule_in_water(qmmm_system: tuple[np.ndarray, ...]) -> None:
     _, _, mm, q = qmmm_system
     z, p, chg = solute_from_smiles("C[S+](C)C", seed=1)
     res = make_engine("dftb3:3ob").compute(z, p, mm, q, charge=chg)
-    assert res.info["qm_charges"].sum() == pytest.approx(1.0, abs=1e-8)  # type: ignore[union-attr]
+    assert np.sum(np.asarray(res.info["qm_charges"])) == pytest.approx(1.0, abs=1e-8)
 
 
 def test_errors(qmmm_system: tuple[np.ndarray, ...]) -> None:

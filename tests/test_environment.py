@@ -20,11 +20,11 @@ def _two_atom_frame(dist: float, box: float | None = 4.0) -> Frame:
     h2 = o + 0.09572 * np.array([np.cos(np.deg2rad(75.48)), np.sin(np.deg2rad(75.48)), 0.0])
     pos = np.array([*qm, o, h1, h2]) + (0.0 if box is None else 0.5)
     return Frame(
-        numbers=[1, 1, 8, 1, 1],
+        numbers=np.array([1, 1, 8, 1, 1]),
         positions=pos,
-        is_qm=[1, 1, 0, 0, 0],
-        charges=[0, 0, -0.834, 0.417, 0.417],
-        mol_ids=[0, 0, 1, 1, 1],
+        is_qm=np.array([1, 1, 0, 0, 0]),
+        charges=np.array([0, 0, -0.834, 0.417, 0.417]),
+        mol_ids=np.array([0, 0, 1, 1, 1]),
         box=None if box is None else np.eye(3) * box,
     )
 

@@ -16,7 +16,7 @@ from qmlmm.workflows.pipeline import PipelineConfig, load_pipeline_config, run_p
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _check_common(summary: dict, out: Path, cfg: PipelineConfig) -> None:  # type: ignore[type-arg]
+def _check_common(summary: dict, out: Path, cfg: PipelineConfig) -> None:
     assert summary["n_frames"] >= 5
     for mode in ("direct", "delta"):
         m = summary["evaluation"][mode]["model"]

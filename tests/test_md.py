@@ -137,9 +137,9 @@ def test_restraint_forces_equal_finite_differences(methanol_system: Path, restra
             assert -(energy(pp) - energy(pm)) / (2 * h) == pytest.approx(f[a, k], abs=2e-3)
     # the coordinate value and the restraint text round trip
     assert parse_restraint(restraint.text()) == restraint  # type: ignore[attr-defined]
-    xi = rc_value(pos, restraint, msys.box)  # type: ignore[arg-type]
-    r0 = restraint.r0  # type: ignore[attr-defined]
-    kf = restraint.k  # type: ignore[attr-defined]
+    xi = rc_value(pos, restraint, msys.box)
+    r0 = restraint.r0
+    kf = restraint.k
     assert energy(pos) == pytest.approx(0.5 * kf * (xi - r0) ** 2, rel=1e-6)
     _ = app
 

@@ -38,7 +38,7 @@ def syn(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def direct_model(syn: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:  # type: ignore[type-arg]
+def direct_model(syn: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A quickly trained ensemble of two (for the model-file, engine, CLI and ASE tests)."""
     out = tmp_path_factory.mktemp("m") / "direct.pt"
     cfg = TrainConfig(target="ref", ensemble=2, epochs=15, **FAST)  # type: ignore[arg-type]
@@ -65,15 +65,15 @@ def test_training_recovers_known_target(tmp_path: Path) -> None:
     m = train(data, cfg, tmp_path / "m.pt", progress=False).metrics
     test = data.subset(data.test)
     e = np.array([it.energy for it in test])
-    fq = np.concatenate([it.qm_forces for it in test])  # type: ignore[misc]
-    fm = np.concatenate([it.mm_forces for it in test])  # type: ignore[misc]
+    fq = np.concatenate([it.qm_forces for it in test])
+    fm = np.concatenate([it.mm_forces for it in test])
     t = m["test"]
     assert t["energy"]["rmse"] < 0.08 * e.std()
     assert t["qm_forces"]["rmse"] < 0.15 * np.sqrt(np.mean(fq**2))
     assert t["mm_forces"]["rmse"] < 0.08 * np.sqrt(np.mean(fm**2))
 
 
-def test_model_file_is_self_describing_and_round_trips(direct_model: tuple[Path, dict], syn: Path) -> None:  # type: ignore[type-arg]
+def test_model_file_is_self_describing_and_round_trips(direct_model: tuple[Path, dict], syn: Path) -> None:
     path, _ = direct_model
     st = torch.load(path, weights_only=True)
     assert st["format"] == "qmlmm-model" and st["meta"]["target"] == "ref" and st["units"]["energy"] == "kJ/mol"
@@ -92,7 +92,7 @@ def test_model_file_is_self_describing_and_round_trips(direct_model: tuple[Path,
         QMLMMModel.load(path.parent / "junk.pt")
 
 
-def test_model_as_engine_equals_batch_prediction(direct_model: tuple[Path, dict], syn: Path) -> None:  # type: ignore[type-arg]
+def test_model_as_engine_equals_batch_prediction(direct_model: tuple[Path, dict], syn: Path) -> None:
     from qmlmm.engines import label_frame
 
     model = QMLMMModel.load(direct_model[0], dtype=torch.float64)
@@ -136,7 +136,7 @@ def test_config_errors(tmp_path: Path) -> None:
         TrainConfig(dtype="float16")
 
 
-def test_cli_evaluate_predict_and_ase(direct_model: tuple[Path, dict], syn: Path, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_cli_evaluate_predict_and_ase(direct_model: tuple[Path, dict], syn: Path, tmp_path: Path) -> None:
     path, _ = direct_model
     r = CliRunner().invoke(app, ["evaluate", str(path), str(syn), "--split", "test", "-o", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
@@ -154,6 +154,7 @@ def test_cli_evaluate_predict_and_ase(direct_model: tuple[Path, dict], syn: Path
     from qmlmm.models.ase_calculator import QMLMMCalculator
 
     atoms = read(tmp_path / "in.extxyz", index=0)
+    assert not isinstance(atoms, list)
     atoms.calc = QMLMMCalculator(QMLMMModel.load(path))
     e = atoms.get_potential_energy()
     assert e == pytest.approx(back[0].labels["model"].energy / 96.48533212331, abs=1e-4)
