@@ -70,6 +70,9 @@ def test_build_formula_charge_density(
     assert np.allclose(msys.charges[~msys.is_qm][:3], [-0.834, 0.417, 0.417])  # TIP3P
     meta = json.loads((tmp_path / name / "meta.json").read_text())
     assert meta["qm_charge"] == charge and meta["solute_offsets"][-1] == len(res.qm_indices)
+    # the fixed charges of the MM-only stages: one per QM atom, adding up to the QM charge
+    assert len(meta["qm_mm_charges"]) == len(res.qm_indices)
+    assert sum(meta["qm_mm_charges"]) == pytest.approx(charge, abs=1e-4)
 
 
 def test_bad_build_inputs(tmp_path: Path) -> None:
@@ -79,6 +82,66 @@ def test_bad_build_inputs(tmp_path: Path) -> None:
         build_system([SoluteSpec(smiles="C1CC")], tmp_path / "x")
     with pytest.raises(InputError, match="impossible"):
         build_system([SoluteSpec(smiles="CO")], tmp_path / "y", BuildSettings(multiplicity=2))
+
+
+def test_qm_fixed_charges_for_mm_only_stages() -> None:
+    from rdkit import Chem
+
+    from qmlmm.errors import InputError
+    from qmlmm.md.build import qm_fixed_charges
+
+    def charges(smiles: str, model: str = "mmff") -> tuple[np.ndarray, str]:
+        m = Chem.AddHs(Chem.MolFromSmiles(smiles))
+        return qm_fixed_charges(m, Chem.GetFormalCharge(m), model)
+
+    q, model = charges("CO")  # MMFF94 methanol: C 0.28, O -0.68, hydroxyl H 0.40, methyl H 0
+    assert model == "mmff" and np.allclose(q, [0.28, -0.68, 0, 0, 0, 0.40], atol=1e-6)
+    q, model = charges("CC(=O)[O-]")  # acetate: each O -0.9, total -1
+    assert model == "mmff" and np.allclose(q[2:4], -0.9) and q.sum() == pytest.approx(-1.0)
+    # RDKit's MMFF types a sulfonium S+ as neutral (its charges add up to 0): Gasteiger, total +1
+    q, model = charges(SAM)
+    assert model == "gasteiger" and q.sum() == pytest.approx(1.0)
+    q, model = charges("CO", "none")
+    assert model == "none" and np.all(q == 0)
+    with pytest.raises(InputError, match="charge model"):
+        charges("CO", "resp")
+
+
+def test_mm_relaxation_hydrogen_bonds_a_charged_solute(methanol_system: Path) -> None:
+    """The MM-only water relaxation sees the build's fixed QM charges: water H-bonds to methanol's O.
+
+    Measured (6 seeds, 0.5 ps): nearest water H to the methanol O at 0.177 nm with the MMFF charges,
+    0.277 nm without (LJ only: the water does not orient towards the solute)."""
+    from qmlmm.md.runner import freeze_qm_and_relax_water
+
+    msys = MDSystem.load(methanol_system)
+    box = np.diagonal(msys.box)
+    hw = np.flatnonzero(~msys.is_qm & (msys.numbers == 1))
+    o = int(np.flatnonzero(msys.is_qm & (msys.numbers == 8))[0])
+
+    def nearest_water_h(charged: bool) -> float:
+        m = MDSystem.load(methanol_system)
+        if not charged:
+            m.meta.pop("qm_mm_charges")
+        d = []
+        for seed in range(3):
+            p = freeze_qm_and_relax_water(m, steps=250, seed=seed, threads=2, friction_per_ps=10.0)
+            r = p[hw] - p[o]
+            r -= box * np.round(r / box)
+            d.append(np.linalg.norm(r, axis=1).min())
+        return float(np.mean(d))
+
+    assert nearest_water_h(True) < 0.21 < 0.23 < nearest_water_h(False)
+
+
+def test_md_starts_at_its_temperature(methanol_system: Path, tmp_path: Path) -> None:
+    """QM/MM MD after the MM-only relaxation starts thermalised: measured mean T over the first 30 fs
+    298 K; with minimisation only (thermalize_steps=0) 187 K (the water had lost its thermal PE)."""
+    eng = make_engine("dftb3:3ob")
+    s = MDSettings(steps=60, report_every=10, threads=2, temperature=300.0)
+    res = run_md(methanol_system, eng, tmp_path / "t", s, EMB, progress=False)
+    t = np.genfromtxt(res.log_csv, delimiter=",", names=True)["temperature_K"]
+    assert len(t) == 6 and 265.0 < float(np.mean(t)) < 335.0
 
 
 def test_openmm_forces_are_engine_plus_mm(methanol_system: Path) -> None:
@@ -154,11 +217,12 @@ def test_nve_energy_conservation_with_dftb3(methanol_system: Path, tmp_path: Pat
     e = data["total_kjmol"]
     fluct = float(np.std(e))
     ke_scale = float(np.std(data["kinetic_kjmol"]))
-    # total energy stays put while kinetic energy swings by thousands of kJ/mol (measured: total within
-    # +-3 kJ/mol, slope of a linear fit over this 0.1 ps about -30 kJ/mol/ps, i.e. fluctuation, while a
-    # missing switching term or a wrong force sign gives slopes of 10^3 and more)
+    # the total energy stays put while kinetic and potential energy exchange (measured from the
+    # thermalised start: std of E_tot 1.1 kJ/mol, of KE 59 kJ/mol, peak-to-peak 3.6 kJ/mol, slope of a
+    # linear fit over this 0.1 ps -29 kJ/mol/ps, i.e. fluctuation; a missing switching term or a wrong
+    # force sign gives slopes of 10^3 and more and E_tot fluctuating like KE)
     assert abs(energy_drift(res.log_csv)) < 100.0
-    assert fluct < 0.02 * ke_scale
+    assert fluct < 0.05 * ke_scale
     assert np.ptp(e) < 20.0
     # the trajectory has every reported frame, in nm, with the box
     from qmlmm.md.dcd import read_dcd

@@ -7,6 +7,11 @@ terms and no charges in the MM system: only Lennard-Jones parameters from a per-
 (:data:`LJ_TABLE`, GAFF values; hydrogen typed by its bonded partner), all QM-QM nonbonded pairs
 excluded. Water is rigid; MM-MM electrostatics by PME.
 
+The MM-only stages (the NPT equilibration here, the water relaxation before sampling and MD) have no
+QM engine, so there the QM atoms carry fixed point charges (:func:`qm_fixed_charges`: MMFF94 where
+it types the molecule with its formal charge, else Gasteiger; stored in ``meta.json`` as
+``qm_mm_charges``) and the water forms its hydrogen-bonded shell before the QM/MM dynamics starts.
+
 Output folder: ``system.xml`` (the OpenMM System), ``system.pdb`` (topology, positions and box),
 ``meta.json`` (QM atoms, total QM charge and multiplicity, solutes, LJ table, build settings).
 """
@@ -26,7 +31,19 @@ from qmlmm.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SoluteSpec", "BuildSettings", "build_system", "LJ_TABLE", "lj_type"]
+__all__ = [
+    "SoluteSpec",
+    "BuildSettings",
+    "build_system",
+    "LJ_TABLE",
+    "lj_type",
+    "qm_fixed_charges",
+    "with_qm_charges",
+    "QM_CHARGE_MODELS",
+]
+
+#: charge models for the QM atoms in MM-only stages
+QM_CHARGE_MODELS = ("mmff", "gasteiger", "none")
 
 # GAFF Lennard-Jones parameters: (sigma nm, epsilon kJ/mol), sigma = 2 r0 / 2^(1/6)
 _R0_TO_SIGMA = 2.0 / 2.0 ** (1.0 / 6.0) / 10.0
@@ -84,6 +101,7 @@ class BuildSettings:
     water_model: str = "tip3p"
     pme_cutoff: float = 0.9
     equilibrate_ps: float = 10.0  # MM NPT (1 bar, 300 K) of the water around the restrained solute
+    qm_charges: str = "mmff"  # fixed QM charges in MM-only stages: mmff (else gasteiger), gasteiger, none
 
 
 @dataclass
@@ -138,6 +156,55 @@ def _load_solute(spec: SoluteSpec, seed: int) -> Any:
     return mol
 
 
+def qm_fixed_charges(mol: Any, charge: int, model: str = "mmff") -> tuple[np.ndarray, str]:
+    """Fixed point charges (n_atoms,) e of a solute for the MM-only stages, and the model used.
+
+    ``mmff``: MMFF94 partial charges when RDKit types every atom and they add up to the solute's
+    ``charge`` (RDKit's MMFF, for example, treats a sulfonium S+ as neutral: then Gasteiger);
+    ``gasteiger``: Gasteiger-Marsili charges; ``none``: zeros. The charges are shifted evenly to sum
+    to ``charge`` exactly.
+    """
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    if model not in QM_CHARGE_MODELS:
+        raise InputError(f"unknown QM charge model {model!r}; use one of {', '.join(QM_CHARGE_MODELS)}")
+    n = mol.GetNumAtoms()
+    if model == "none" or n == 0:
+        return np.zeros(n), "none"
+    if model == "mmff":
+        props = AllChem.MMFFGetMoleculeProperties(mol)  # type: ignore[attr-defined]
+        if props is not None:
+            q = np.array([props.GetMMFFPartialCharge(i) for i in range(n)], dtype=float)
+            if np.all(np.isfinite(q)) and abs(q.sum() - charge) < 1e-3:
+                return q + (charge - q.sum()) / n, "mmff"
+        log.info("MMFF94 charges unavailable or not summing to %+d for this solute: Gasteiger charges", charge)
+    m = Chem.Mol(mol)
+    AllChem.ComputeGasteigerCharges(m)  # type: ignore[attr-defined]
+    q = np.array([a.GetDoubleProp("_GasteigerCharge") for a in m.GetAtoms()], dtype=float)
+    if not np.all(np.isfinite(q)):
+        log.warning("no Gasteiger charges for this solute: the MM-only stages see it uncharged")
+        return np.zeros(n), "none"
+    return q + (charge - q.sum()) / n, "gasteiger"
+
+
+def with_qm_charges(system: Any, charges: np.ndarray | list[float] | None) -> Any:
+    """A copy of an OpenMM system whose first len(charges) particles (the QM atoms) carry ``charges`` (e).
+
+    All QM-QM pairs are exceptions, so only QM-MM (and QM-image) Coulomb terms appear. None: a copy.
+    """
+    import openmm
+
+    out = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    if charges is None:
+        return out
+    nb = next(f for f in out.getForces() if isinstance(f, openmm.NonbondedForce))
+    for i, q in enumerate(np.asarray(charges, dtype=float)):
+        _, sig, eps = nb.getParticleParameters(i)
+        nb.setParticleParameters(i, float(q), sig, eps)
+    return out
+
+
 def _ffxml(residues: list[tuple[str, Any]]) -> str:
     """An OpenMM force field XML for the solute residues: LJ-only atom types, charge 0."""
     from xml.sax.saxutils import quoteattr
@@ -173,14 +240,17 @@ def _ffxml(residues: list[tuple[str, Any]]) -> str:
     )
 
 
-def _equilibrate_npt(system: Any, topology: Any, positions: Any, n_qm: int, s: BuildSettings) -> tuple[Any, Any]:
+def _equilibrate_npt(
+    system: Any, topology: Any, positions: Any, n_qm: int, s: BuildSettings, qm_charges: np.ndarray | None = None
+) -> tuple[Any, Any]:
     """Relax the water density: MM minimisation and NPT MD (Monte Carlo barostat, 1 bar, 300 K, 2 fs)
-    with the solute atoms held by stiff harmonic restraints. Returns positions and box vectors."""
+    with the solute atoms held by stiff harmonic restraints and carrying the fixed ``qm_charges`` (e).
+    Returns positions and box vectors."""
     import openmm
     import openmm.app as app
     import openmm.unit as u
 
-    sys_eq = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    sys_eq = with_qm_charges(system, qm_charges)
     hold = openmm.CustomExternalForce("0.5*k_hold*periodicdistance(x, y, z, x0, y0, z0)^2")
     hold.addGlobalParameter("k_hold", 1.0e5)
     for name in ("x0", "y0", "z0"):
@@ -284,6 +354,8 @@ def build_system(
             top.addBond(atoms[b.GetBeginAtomIdx()], atoms[b.GetEndAtomIdx()])
         q = solutes[k].charge if solutes[k].charge is not None else Chem.GetFormalCharge(mol)
         charges.append(int(q))  # type: ignore[arg-type]
+    fixed = [qm_fixed_charges(mol, charges[k], s.qm_charges) for k, mol in enumerate(mols)]
+    qm_mm_charges = np.concatenate([q for q, _ in fixed])
     qm_charge = int(total_charge) if total_charge is not None else int(sum(charges))
     n_qm = len(allpos)
     from qmlmm.elements import check_charge_multiplicity
@@ -316,7 +388,7 @@ def build_system(
             nb.addException(i, j, 0.0, 1.0, 0.0, replace=True)
     positions = modeller.positions
     if s.equilibrate_ps > 0:
-        positions, box_vecs = _equilibrate_npt(system, modeller.topology, positions, n_qm, s)
+        positions, box_vecs = _equilibrate_npt(system, modeller.topology, positions, n_qm, s, qm_mm_charges)
         modeller.topology.setPeriodicBoxVectors(box_vecs)
     (out / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
     with open(out / "system.pdb", "w") as fh:
@@ -363,6 +435,9 @@ def build_system(
             for a in m.GetAtoms()
         },
         "lj_table": {k: {"sigma_nm": v[0], "epsilon_kjmol": v[1]} for k, v in LJ_TABLE.items()},
+        # fixed QM charges (e) used only in the MM-only stages (equilibration, water relaxation)
+        "qm_mm_charges": [round(float(x), 6) for x in qm_mm_charges],
+        "qm_mm_charge_models": [m for _, m in fixed],
         "water_model": s.water_model,
         "n_waters": n_waters,
         "box_nm": box_nm,

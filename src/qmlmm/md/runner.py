@@ -44,7 +44,8 @@ class MDSettings:
     dcd_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
-    minimize: bool = True
+    minimize: bool = True  # MM-only water minimisation + thermalisation around the frozen QM atoms first
+    thermalize_steps: int = 500  # MM-only 2 fs steps of that thermalisation (Langevin 10/ps); 0: minimise only
     max_uncertainty: float | None = None
     platform: str = "CPU"
     threads: int = 2
@@ -111,21 +112,40 @@ def make_simulation(
 
 
 def freeze_qm_and_relax_water(
-    msys: MDSystem, steps: int = 2000, temperature: float = 300.0, seed: int = 0, threads: int = 2
+    msys: MDSystem,
+    steps: int = 2000,
+    temperature: float = 300.0,
+    seed: int = 0,
+    threads: int = 2,
+    friction_per_ps: float = 1.0,
 ) -> np.ndarray:
     """MM-only: minimise and equilibrate the water around the frozen QM atoms (2 fs, Langevin).
 
-    QM atoms are frozen by zero mass and feel only their Lennard-Jones terms, so water packs around
-    the solute without the QM engine. Returns the new positions (N, 3) nm.
+    QM atoms are frozen by zero mass and feel their Lennard-Jones terms and the fixed charges of the
+    build (``meta.json`` ``qm_mm_charges``; older system folders have none: uncharged),
+    so water packs and orients around the solute without the QM engine. ``steps`` = 0 minimises only
+    (the water then has no thermal potential energy: MD started from there cools by about 100 K).
+    Returns the new positions (N, 3) nm.
     """
     import openmm
     import openmm.app as app
     import openmm.unit as u
 
-    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(msys.system))
+    from qmlmm.md.build import with_qm_charges
+
+    qm_q = msys.meta.get("qm_mm_charges")
+    if qm_q is None:
+        log.warning(
+            "%s has no fixed QM charges (built by an older qmlmm): MM-only water relaxation sees an "
+            "uncharged solute; rebuild the system to get them",
+            msys.folder,
+        )
+    system = with_qm_charges(msys.system, qm_q)
     for i in msys.qm_indices:
         system.setParticleMass(int(i), 0.0)
-    integ = openmm.LangevinMiddleIntegrator(temperature * u.kelvin, 1.0 / u.picosecond, 2.0 * u.femtoseconds)
+    integ = openmm.LangevinMiddleIntegrator(
+        temperature * u.kelvin, friction_per_ps / u.picosecond, 2.0 * u.femtoseconds
+    )
     integ.setRandomNumberSeed(seed)
     sim = app.Simulation(
         msys.topology, system, integ, openmm.Platform.getPlatformByName("CPU"), {"Threads": str(threads)}
@@ -179,9 +199,16 @@ def run_md(
         log.info("restarting %s at step %d", out, start_step)
     else:
         if s.minimize and engine is not None:
-            # relax the water around the (fixed) solute with the MM force field first; QM atoms do not move
+            # relax and thermalise the water around the (fixed) solute with the MM force field first (QM
+            # atoms do not move); minimising alone would start the QM/MM run cold: the water's thermal
+            # potential energy is gone and T falls to ~175 K within 10 fs of drawing 300 K velocities
             msys_pos = freeze_qm_and_relax_water(
-                msys, steps=0, temperature=s.temperature, seed=s.seed, threads=s.threads
+                msys,
+                steps=s.thermalize_steps,
+                temperature=s.temperature,
+                seed=s.seed,
+                threads=s.threads,
+                friction_per_ps=10.0,
             )
             ctx.setPositions(msys_pos * u.nanometer)
         try:  # OpenMM evaluates the forces here, so the QM/MM force can already fail
