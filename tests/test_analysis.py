@@ -165,3 +165,36 @@ def test_mbar_profile_of_a_double_well_and_its_barrier() -> None:
     assert barrier({"f": np.array([0.0, 1.0])}) != barrier({"f": np.array([0.0, 1.0])})  # NaN below 3 points
     # the smaller of the two barriers: 10 above the right minimum, 15 above the left one
     assert barrier({"f": np.array([0.0, 15.0, 5.0])}) == pytest.approx(10.0)
+
+
+def test_structure_observables_of_a_constructed_trajectory() -> None:
+    """The shared per-run analysis: a solute O with one water O at 0.28 nm in every frame (RDF peak
+    there), N-OW left out for a solute without N, and two dihedrals held at 180 and 60 deg."""
+    from qmlmm.analysis.report import rdf_pair_atoms, structure_observables
+
+    box = np.array([3.0, 3.0, 3.0])
+    frames = 10
+    rng = np.random.default_rng(3)
+    chain1, chain2 = _quad(180.0) + 1.0, _quad(60.0) + 2.0
+    o = np.array([0.5, 0.5, 0.5])
+    numbers = np.array([6, 6, 6, 6, 6, 6, 6, 6, 8] + [8] * 40)
+    is_qm = np.array([True] * 9 + [False] * 40)
+    pos = np.empty((frames, len(numbers), 3))
+    for t in range(frames):
+        pos[t, :4], pos[t, 4:8], pos[t, 8] = chain1, chain2, o
+        pos[t, 9:] = rng.uniform(0, 1, size=(40, 3)) * box
+        pos[t, 9] = o + 0.28 * np.array([0.0, 0.6, 0.8])
+    pairs = rdf_pair_atoms([["O", "OW"], ["N", "OW"]], numbers, is_qm)
+    assert list(pairs) == ["O-OW"] and pairs["O-OW"][0] == [8] and len(pairs["O-OW"][1]) == 40
+    quads = [(0, 1, 2, 3, "single"), (4, 5, 6, 7, "double")]
+    summary, curves, ang = structure_observables(pos, np.tile(box, (frames, 1)), pairs, quads, r_max=0.8, n_bins=16)
+    r, g = curves["O-OW"]
+    assert summary["rdf_peak"]["O-OW"]["r_nm"] == pytest.approx(0.275) == r[int(np.argmax(g))]
+    assert ang is not None and ang.shape == (frames, 2)
+    d = summary["dihedrals"]
+    assert d["n_dihedrals"] == 2 and d["n_frames"] == frames
+    assert d["mean_abs_single_deg"] == pytest.approx(180.0) and d["frac_s_trans"] == 1.0  # single bonds only
+    per = {p["atoms"]: p for p in d["per_dihedral"]}
+    assert per["4-5-6-7 (double)"]["mean_deg"] == pytest.approx(60.0) and per["4-5-6-7 (double)"]["frac_trans"] == 0.0
+    with pytest.raises(InputError, match="rdf_pairs"):
+        rdf_pair_atoms([["O", "XW"]], numbers, is_qm)

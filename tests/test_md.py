@@ -250,6 +250,17 @@ def test_restart_continues_and_appends(methanol_system: Path, tmp_path: Path) ->
     final = np.load(tmp_path / "r" / "final_positions.npy")
     assert final.shape == pos[-1].shape and np.allclose(final, pos[-1], atol=2e-5)  # DCD is float32
     assert not np.allclose(final, MDSystem.load(methanol_system).positions, atol=1e-3)
+    # qmlmm analyze on this run folder: log summary, RDFs of the default pairs (methanol has O, no N)
+    from qmlmm.analysis.report import analyze_run
+    from qmlmm.errors import InputError
+
+    rep = analyze_run(tmp_path / "r", methanol_system)
+    assert rep["n_rows"] == 4 and rep["last_step"] == 40
+    assert 200.0 < rep["temperature_mean_K"] < 400.0
+    assert set(rep["rdf_peak"]) == {"O-OW"} and 0.2 < rep["rdf_peak"]["O-OW"]["r_nm"] < 0.8
+    assert (tmp_path / "r" / "analysis.png").exists() and (tmp_path / "r" / "analysis.json").exists()
+    with pytest.raises(InputError, match="not an MD run folder"):
+        analyze_run(tmp_path, methanol_system)
 
 
 def test_sample_then_label(methanol_system: Path, tmp_path: Path) -> None:

@@ -62,7 +62,9 @@ class PipelineConfig:
     # analysis
     dihedral_solute: int | None = 0  # solute index whose conjugated chain dihedrals are analysed
     # solute element - water site ("OW" or "HW") radial distribution functions
-    rdf_pairs: list[list[str]] = field(default_factory=lambda: [["O", "OW"], ["N", "OW"]])
+    rdf_pairs: list[list[str]] = field(
+        default_factory=lambda: [["O", "OW"], ["N", "OW"]]
+    )  # as report.DEFAULT_RDF_PAIRS
     # reaction (optional): restraint rc:i,j,k,l,d (atom indices within the QM region), umbrella windows
     reaction: dict[str, Any] | None = None
     reaction_windows: str | None = None  # start:stop:n (nm), overrides reaction["windows"]
@@ -91,8 +93,10 @@ def load_pipeline_config(path: str | Path, size: str) -> PipelineConfig:
     if unknown:
         raise InputError(f"{path}: unknown pipeline setting(s) {sorted(unknown)}")
     cfg = PipelineConfig(**merged)
+    from qmlmm.analysis.report import rdf_pair_atoms
+
     try:  # checked now, not after hours of labelling and MD
-        _rdf_pair_atoms(cfg.rdf_pairs, np.zeros(0, dtype=int), np.zeros(0, dtype=bool))
+        rdf_pair_atoms(cfg.rdf_pairs, np.zeros(0, dtype=int), np.zeros(0, dtype=bool))
     except (InputError, KeyError, ValueError) as e:
         raise InputError(f"{path}: {e}") from e
     return cfg
@@ -374,19 +378,20 @@ def _n_frames(labels: Path) -> int:
 
 
 def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> dict[str, Any]:
-    """RDFs of solute atoms to water oxygen and chain dihedral distributions, per MD run; plots."""
+    """RDFs of solute atoms to water sites and chain dihedral distributions, per MD run; plots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qmlmm.analysis.md_analysis import conjugated_chain_dihedrals, dihedral_stats, dihedrals, load_run, rdf
+    from qmlmm.analysis.md_analysis import conjugated_chain_dihedrals, load_run
+    from qmlmm.analysis.report import Quad, rdf_pair_atoms, structure_observables
     from qmlmm.md.system import MDSystem
 
     msys = MDSystem.load(system)
     res: dict[str, Any] = {"rdf_peak": {}, "dihedrals": {}}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    quads: list[tuple[int, int, int, int, str]] = []
+    quads: list[Quad] = []
     off = 0
     if cfg.dihedral_solute is not None and cfg.dihedral_solute < len(cfg.solutes):
         off = int(msys.meta["solute_offsets"][cfg.dihedral_solute])
@@ -394,34 +399,22 @@ def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> 
     # one label per dihedral: its solute-atom indices (RDKit order with hydrogens, as built)
     labels = ["-".join(str(int(i) - off) for i in q[:4]) + f" ({q[4]})" for q in quads]
     per_run_angles: dict[str, np.ndarray] = {}
-
-    pair_atoms = _rdf_pair_atoms(cfg.rdf_pairs, msys.numbers, msys.is_qm)
+    pair_atoms = rdf_pair_atoms(cfg.rdf_pairs, msys.numbers, msys.is_qm)
     for name in runs:
         pos, boxes = load_run(out / "md" / name)
         if len(pos) == 0 or boxes is None:
             continue
-        for pair, (a_idx, b_idx) in pair_atoms.items():
-            r, g = rdf(pos, boxes, a_idx, b_idx, r_max=0.8, n_bins=60)
+        summary, curves, ang = structure_observables(pos, boxes, pair_atoms, quads, labels)
+        if summary["rdf_peak"]:
+            res["rdf_peak"][name] = summary["rdf_peak"]
+        for pair, (r, g) in curves.items():
             axes[0].plot(r, g, label=f"{name} {pair}")
-            k = int(np.argmax(g))
-            res["rdf_peak"].setdefault(name, {})[pair] = {"r_nm": float(r[k]), "g": float(g[k])}
-        if quads:
-            ang = dihedrals(pos, [q[:4] for q in quads], boxes)
+        if ang is not None:
             single = [k for k, q in enumerate(quads) if q[4] == "single"]
             vals = np.abs(ang[:, single]).ravel() if single else np.abs(ang).ravel()
             axes[1].hist(vals, bins=36, range=(0, 180), histtype="step", density=True, label=name)
-            st = dihedral_stats(ang)
             per_run_angles[name] = ang
-            res["dihedrals"][name] = {
-                "n_dihedrals": len(quads),
-                "n_frames": len(ang),
-                "mean_abs_single_deg": float(vals.mean()),
-                "frac_s_trans": float((vals > 90).mean()),
-                "per_dihedral": [
-                    {"atoms": lab, "mean_deg": float(m), "std_deg": float(sd), "frac_trans": float(ft)}
-                    for lab, m, sd, ft in zip(labels, st["mean_deg"], st["std_deg"], st["frac_trans"], strict=True)
-                ],
-            }
+            res["dihedrals"][name] = summary["dihedrals"]
     axes[0].set_xlabel("r (nm)")
     axes[0].set_ylabel("g(r) solute - water")
     axes[1].set_xlabel("|dihedral| around chain single bonds (deg)")
@@ -434,25 +427,6 @@ def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> 
     if per_run_angles:
         _dihedral_panels(per_run_angles, labels, out / "dihedrals.png")
     return res
-
-
-def _rdf_pair_atoms(
-    pairs: list[list[str]], numbers: np.ndarray, is_qm: np.ndarray
-) -> dict[str, tuple[list[int], list[int]]]:
-    """Atom index sets for ``rdf_pairs`` entries [solute element, "OW"|"HW"]; pairs without solute
-    atoms of that element are left out. Raises InputError for an unknown element or water site."""
-    from qmlmm.elements import atomic_number
-
-    out: dict[str, tuple[list[int], list[int]]] = {}
-    sites = {"OW": 8, "HW": 1}
-    for pair in pairs:
-        if len(pair) != 2 or pair[1] not in sites:
-            raise InputError(f"rdf_pairs entry {pair!r}: expected [solute element, 'OW' or 'HW']")
-        z = atomic_number(pair[0])
-        a = [int(i) for i in np.flatnonzero(is_qm & (numbers == z))]
-        if a:
-            out[f"{pair[0]}-{pair[1]}"] = (a, [int(i) for i in np.flatnonzero(~is_qm & (numbers == sites[pair[1]]))])
-    return out
 
 
 def _dihedral_panels(angles: dict[str, np.ndarray], labels: list[str], path: Path) -> None:
