@@ -13,7 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from qmlmm.training import TrainConfig, TrainJob, train_jobs
+from accuracy import train_config
+from qmlmm.training import TrainJob, train_jobs
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -25,22 +26,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=200)
     args = ap.parse_args()
     work = Path(args.work)
-    cfg = TrainConfig(
-        target="dft",
-        baseline="dftb3",
-        ensemble=1,
-        hidden=[32, 32],
-        epochs=args.epochs,
-        batch_size=8,
-        block_size=10,
-        valid_fraction=0.1,
-        test_fraction=0.15,
-        lr=2e-3,
-        lr_patience=20,
-        patience=50,
-        threads=1,
-        max_train_frames=args.frames,
-    )
+    # the learning curve's settings (same split and seed), the delta network, more epochs
+    cfg = train_config(hidden=[32, 32], epochs=args.epochs, threads=1, max_train_frames=args.frames)
     out = work / "long" / f"delta_{args.frames}_e{args.epochs}.pt"
     job = TrainJob(str(work / "labels.h5"), cfg, str(out), {"require": ("dftb3",)})
     m, secs = train_jobs([job], workers=1, progress=False)[str(out)]
