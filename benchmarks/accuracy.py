@@ -16,20 +16,18 @@ Writes benchmarks/results/accuracy.{json,md} and accuracy_learning_curve.png.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from _results import RESULTS, save_json, save_markdown
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
 from qmlmm.training import TrainConfig
 from qmlmm.workflows.label import LevelRequest, label_dataset
 from qmlmm.workflows.learning_curve import learning_curve
 from qmlmm.workflows.sample import SampleSettings, sample
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def train_config(**overrides: Any) -> TrainConfig:
@@ -134,8 +132,7 @@ def main() -> None:
         "targets_met_by_largest_delta": targets,
         "seconds": {"sample": t_sample, "label": t_label, "train": t_train},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=2))
+    save_json("accuracy", result)
     shutil.copy(work / "learning_curve" / "learning_curve.png", RESULTS / "accuracy_learning_curve.png")
     md = [
         f"# Accuracy: direct vs delta learning ({result['date']})",
@@ -164,8 +161,7 @@ def main() -> None:
         "",
         "![learning curve](accuracy_learning_curve.png)",
     ]
-    (RESULTS / "accuracy.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    save_markdown("accuracy", md)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ import json
 import time
 from pathlib import Path
 
+from _results import save_json, save_markdown
 from accuracy import train_config
 from qmlmm.training import TrainJob, train_jobs
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -47,8 +46,7 @@ def main() -> None:
     }
     hist = json.loads((out.parent / f"{out.stem}.history.json").read_text())
     res["epochs_run"] = len(hist[0])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "accuracy_long.json").write_text(json.dumps(res, indent=2))
+    save_json("accuracy_long", res)
     rows = [
         f"# Delta model on {args.frames} frames, trained longer ({res['date']})",
         "",
@@ -63,8 +61,7 @@ def main() -> None:
         f"| DFTB3 alone (shifted) | - | {base['energy']['mae']:.3f} | {base['qm_forces']['mae']:.2f} | "
         f"{base['mm_forces']['mae']:.3f} |",
     ]
-    (RESULTS / "accuracy_long.md").write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
+    save_markdown("accuracy_long", rows)
 
 
 if __name__ == "__main__":

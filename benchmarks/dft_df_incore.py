@@ -13,17 +13,13 @@ Writes benchmarks/results/dft_df_incore.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
+from _results import machine, save_json, save_markdown
 from qmlmm.data import Dataset
 from qmlmm.engines import label_frame, make_engine
 from qmlmm.environment import EmbeddingSettings
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -61,14 +57,13 @@ def main() -> None:
         "spec": a.spec,
         "threads": a.threads,
         "qm_atoms": int(fr.is_qm.sum()),
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(with_torch=False),
         "rows": rows,
         "energy_difference_kjmol": abs(e[0] - e[1]),
         "speedup_wall": rows[1]["wall_s"] / rows[0]["wall_s"],
         "speedup_scf": rows[1]["scf_s"] / rows[0]["scf_s"],
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dft_df_incore.json").write_text(json.dumps(out, indent=2))
+    save_json("dft_df_incore", out)
     md = [
         f"# DFT density fitting: 3-centre tensor in memory vs direct J ({a.spec}, {a.threads} thread(s))",
         "",
@@ -87,8 +82,7 @@ def main() -> None:
         f"Speed-up: {out['speedup_wall']:.2f}x per frame, {out['speedup_scf']:.2f}x in the SCF; "
         f"energies differ by {out['energy_difference_kjmol']:.2e} kJ/mol.",
     ]
-    (RESULTS / "dft_df_incore.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    save_markdown("dft_df_incore", md)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ Writes benchmarks/results/dft_settings.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from _results import machine, save_json, save_markdown
 from qmlmm.data import read_extxyz
 from qmlmm.engines import label_frame, make_engine
 from qmlmm.environment import EmbeddingSettings
 
-RESULTS = Path(__file__).parent / "results"
 FRAME = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "retinoic_acid_in_water.extxyz"
 
 # group -> (embedding cutoff nm, switch width nm, [variants]); the first variant is the accurate one
@@ -109,10 +107,9 @@ def main() -> None:
             }
             rows.append(row)
             print(row, flush=True)
-    out = {"threads": a.threads, "machine": platform.processor() or platform.machine(), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
+    out = {"threads": a.threads, "machine": machine(with_torch=False), "rows": rows}
     suffix = "" if a.group == "all" else f"_{a.group}"
-    (RESULTS / f"dft_settings{suffix}.json").write_text(json.dumps(out, indent=2))
+    save_json(f"dft_settings{suffix}", out)
     md = [
         f"# DFT label settings: cost and error (retinoic acid in water, {a.threads} thread(s))",
         "",
@@ -129,8 +126,7 @@ def main() -> None:
         f"{r['force_rms_error']:.3f} |"
         for r in rows
     ]
-    (RESULTS / f"dft_settings{suffix}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    save_markdown(f"dft_settings{suffix}", md)
 
 
 if __name__ == "__main__":

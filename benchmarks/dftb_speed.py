@@ -15,9 +15,6 @@ Writes benchmarks/results/dftb_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _results import machine, save_json, save_markdown
 from qmlmm.data import read_extxyz
 from qmlmm.engines import make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
 from qmlmm.system import Frame
 from qmlmm.toy import solute_from_smiles, solvated_frame
 
-RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "retinoic_acid_in_water.extxyz"
 RETINOIC_ACID = "CC1=C(C(CCC1)(C)C)/C=C/C(=C/C=C/C(=C/C(=O)O)/C)/C"
 
@@ -126,14 +123,13 @@ def main() -> None:
         "frame": source,
         "n_qm": len(z),
         "n_charges": len(q),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
         "threads": args.threads,
         "device": args.device,
         "rows": rows,
         "ratio_xtb_over_dftb3": t_xtb / t_dftb,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
+    save_json(f"{args.out}", result)
     md = [
         f"# DFTB speed ({result['date']})",
         "",
@@ -154,8 +150,7 @@ def main() -> None:
         "(> 1: DFTB3 is faster). Both start their SCC from scratch here (`reuse=no`); the MD-step row "
         "starts from the previous step's charges, as `qmlmm md` and labelling of consecutive frames do.",
     ]
-    (RESULTS / f"{args.out}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    save_markdown(f"{args.out}", md)
 
 
 if __name__ == "__main__":

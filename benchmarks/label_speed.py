@@ -18,15 +18,13 @@ Writes benchmarks/results/label_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _results import RESULTS, machine, save_json
 from qmlmm.data import write_extxyz
 from qmlmm.engines import label_frame, make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
@@ -34,7 +32,6 @@ from qmlmm.system import Frame
 from qmlmm.toy import solute_from_smiles, solvated_frame
 from qmlmm.workflows.label import LevelRequest, label_dataset
 
-RESULTS = Path(__file__).parent / "results"
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 
 
@@ -100,7 +97,7 @@ def main() -> None:
     specs = ["xtb:gfn2", "dft:pbe/def2-svp"] + ([] if args.quick else ["dft:b3lyp/def2-svp"])
     result: dict[str, object] = {
         "system": f"aspirin (21 QM atoms) + {emb.n_mm} embedded TIP3P charges (1.4 nm), {n} consecutive frames",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(with_torch=False),
         "date": time.strftime("%Y-%m-%d"),
         "workflow": {},
         "breakdown": {},
@@ -119,8 +116,7 @@ def main() -> None:
             b = engine_breakdown(spec, frames[:1], threads=2)
             result["cheap_wins"][spec] = b["first_wall_s"]  # type: ignore[index]
             print(f"  {spec}: {b['first_wall_s']:.1f} s", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "label_speed.json").write_text(json.dumps(result, indent=2))
+    save_json("label_speed", result)
     (RESULTS / "label_speed.md").write_text(to_markdown(result))
     print(to_markdown(result))
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from _results import RESULTS, machine, save_json, save_markdown
 from qmlmm.engines import make_engine
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
@@ -30,7 +29,6 @@ from qmlmm.training import TrainConfig, load_training_data, train
 from qmlmm.workflows.label import LevelRequest, label_dataset
 from qmlmm.workflows.sample import SampleSettings, sample
 
-RESULTS = Path(__file__).parent / "results"
 RA = "CC1=C(C(CCC1)(C)C)/C=C/C(=C/C=C/C(=C/C(=O)O)/C)/C"
 
 
@@ -133,14 +131,13 @@ def main() -> None:
         )
     out = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
         "threads": args.threads,
         "embedding": emb.to_dict(),
         "rows": rows,
         "note": "models trained briefly on GFN2-xTB labels: timing and conservation only",
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "md_speed.json").write_text(json.dumps(out, indent=2))
+    save_json("md_speed", out)
     md = [
         f"# MD speed and NVE drift ({out['date']})",
         "",
@@ -160,8 +157,7 @@ def main() -> None:
             f"| {name} | {r['ns_per_day']:.4f} | {r['qmmm_ms_per_call']:.1f} | "
             f"{(r['speedup_vs_dft'] or float('nan')):.0f} | {'-' if d is None else f'{d:.2f}'} |"
         )
-    (RESULTS / "md_speed.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    save_markdown("md_speed", md)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,14 +23,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _results import machine, save_json, save_markdown
 from dftb_speed import load_frame
 from qmlmm.data import write_dataset
 from qmlmm.engines import label_frame, make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
 from qmlmm.models import QMLMMModel
 from qmlmm.training import TrainConfig, load_training_data, train
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def median_time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
@@ -112,13 +109,12 @@ def main() -> None:
         "frame": source,
         "n_qm": len(z),
         "n_mm": emb.n_mm,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
         "threads": args.threads,
         "model": model.describe(),
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "model_speed.json").write_text(json.dumps(out, indent=2))
+    save_json("model_speed", out)
     md = [
         f"# Model speed ({out['date']})",
         "",
@@ -134,8 +130,7 @@ def main() -> None:
             f"{r.get('frames_per_s', float('nan')):.1f} |"
         )
     md += ["", "Goal: below 10 ms per frame on 2 CPU cores and at least 1000x faster than DFT/MM."]
-    (RESULTS / "model_speed.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    save_markdown("model_speed", md)
 
 
 if __name__ == "__main__":
