@@ -117,9 +117,12 @@ def freeze_qm_and_relax_water(
     temperature: float = 300.0,
     seed: int = 0,
     threads: int = 2,
-    friction_per_ps: float = 1.0,
+    friction_per_ps: float = 10.0,
 ) -> np.ndarray:
-    """MM-only: minimise and equilibrate the water around the frozen QM atoms (2 fs, Langevin).
+    """MM-only: minimise and equilibrate the water around the frozen QM atoms (2 fs, Langevin with
+    ``friction_per_ps``: strong by default, so the water regains its thermal potential energy soon after
+    the minimisation. Measured, methanol in water: 10/ps reaches 300 K in ~0.3 ps; 1/ps is at 159 K after
+    50 fs and still at 245 K after 1 ps).
 
     QM atoms are frozen by zero mass and feel their Lennard-Jones terms and the fixed charges of the
     build (``meta.json`` ``qm_mm_charges``; older system folders have none: uncharged),
@@ -208,7 +211,6 @@ def run_md(
                 temperature=s.temperature,
                 seed=s.seed,
                 threads=s.threads,
-                friction_per_ps=10.0,
             )
             ctx.setPositions(msys_pos * u.nanometer)
         try:  # OpenMM evaluates the forces here, so the QM/MM force can already fail
