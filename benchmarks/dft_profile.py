@@ -50,7 +50,7 @@ def main() -> None:
     _, res = label_frame(eng, fr, EmbeddingSettings(a.cutoff, a.switch))
     prof.disable()
     wall = time.perf_counter() - t0
-    stats: Any = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+    stats: Any = pstats.Stats(prof).stats  # type: ignore[attr-defined]  # {(file, line, func): (cc, nc, tt, ct, callers)}
     parts = {}
     for name, (suffix, func) in PARTS.items():
         parts[name] = sum(v[3] for k, v in stats.items() if k[0].endswith(suffix) and k[2] == func)
