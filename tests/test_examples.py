@@ -54,8 +54,15 @@ def test_tiny_retinoic_acid(tmp_path: Path) -> None:
     # carboxyl O - water O: the solute has no N, so the default N-OW pair is left out
     peaks = summary["analysis"]["rdf_peak"]
     assert all(set(v) == {"O-OW"} for v in peaks.values())
-    for run in ("delta_ml", "baseline"):  # the maximum lies outside the excluded core (no water on the O)
-        assert 0.22 < peaks[run]["O-OW"]["r_nm"] < 0.8 and np.isfinite(peaks[run]["O-OW"]["g"]), run
+    # a hydrogen-bonded first shell: the MM-only stages see the solute's fixed charges, so the water is
+    # oriented before the QM/MM MD starts (measured: peak at 0.287 nm, g 3.3 delta-ML/MM, 4.2 DFTB3/MM;
+    # before the charges, g < 1 below 0.3 nm and the maximum lay beyond the first shell)
+    for run in ("delta_ml", "baseline"):
+        assert 0.25 < peaks[run]["O-OW"]["r_nm"] < 0.32 and peaks[run]["O-OW"]["g"] > 1.5, run
+    # the runs start thermalised (water relaxed at 300 K around the frozen solute, not only minimised)
+    for run in ("delta_ml", "baseline"):
+        t = np.genfromtxt(out / "md" / run / "log.csv", delimiter=",", names=True)["temperature_K"]
+        assert 250.0 < float(np.mean(t)) < 350.0, run
     # the learning-curve step: one direct and one delta model per size, finite test errors, a plot
     lc = summary["learning_curve"]
     for mode in ("direct", "delta"):
