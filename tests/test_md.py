@@ -84,6 +84,21 @@ def test_bad_build_inputs(tmp_path: Path) -> None:
         build_system([SoluteSpec(smiles="CO")], tmp_path / "y", BuildSettings(multiplicity=2))
 
 
+def test_build_cli_charge_model(tmp_path: Path) -> None:
+    """qmlmm build --qm-charges: none stores zeros; an unknown model fails naming the choices."""
+    from typer.testing import CliRunner
+
+    from qmlmm.cli import app
+
+    args = ["build", "--smiles", "CO", "--padding", "0.6", "--equilibrate-ps", "0"]
+    res = CliRunner().invoke(app, [*args, "--qm-charges", "none", "-o", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["qm_mm_charges"] == [0.0] * 6 and meta["qm_mm_charge_models"] == ["none"]
+    res = CliRunner().invoke(app, [*args, "--qm-charges", "resp", "-o", str(tmp_path / "b")])
+    assert res.exit_code != 0 and "mmff, gasteiger, none" in res.output
+
+
 def test_qm_fixed_charges_for_mm_only_stages() -> None:
     from rdkit import Chem
 

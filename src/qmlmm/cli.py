@@ -333,6 +333,9 @@ def build(
     mult: Annotated[int, typer.Option(help="QM spin multiplicity.")] = 1,
     seed: Annotated[int, typer.Option(help="RDKit embedding seed.")] = 0,
     equilibrate_ps: Annotated[float, typer.Option(help="MM NPT equilibration of the water, ps (0: none).")] = 10.0,
+    qm_charges: Annotated[
+        str, typer.Option(help="Fixed solute charges in the MM-only stages: mmff (else gasteiger), gasteiger, none.")
+    ] = "mmff",
 ) -> None:
     """Build a solvated QM/MM system (solutes = QM region, TIP3P water) for qmlmm md and sample."""
     from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
@@ -343,7 +346,13 @@ def build(
             specs,
             out,
             BuildSettings(
-                padding=padding, box=box, gap=gap, multiplicity=mult, seed=seed, equilibrate_ps=equilibrate_ps
+                padding=padding,
+                box=box,
+                gap=gap,
+                multiplicity=mult,
+                seed=seed,
+                equilibrate_ps=equilibrate_ps,
+                qm_charges=qm_charges,
             ),
             total_charge=charge,
         )

@@ -17,7 +17,14 @@ from qmlmm.analysis.md_analysis import conjugated_chain_dihedrals, dihedral_stat
 from qmlmm.errors import InputError
 from qmlmm.md.runner import energy_drift
 
-__all__ = ["analyze_run", "rdf_pair_atoms", "structure_observables", "DEFAULT_RDF_PAIRS", "Quad"]
+__all__ = [
+    "analyze_run",
+    "rdf_pair_atoms",
+    "single_bond_angles",
+    "structure_observables",
+    "DEFAULT_RDF_PAIRS",
+    "Quad",
+]
 
 #: solute element - water site pairs analysed by default
 DEFAULT_RDF_PAIRS: list[list[str]] = [["O", "OW"], ["N", "OW"]]
@@ -42,6 +49,13 @@ def rdf_pair_atoms(
         if a:
             out[f"{pair[0]}-{pair[1]}"] = (a, [int(i) for i in np.flatnonzero(~is_qm & (numbers == sites[pair[1]]))])
     return out
+
+
+def single_bond_angles(angles: np.ndarray, quads: list[Quad]) -> np.ndarray:
+    """|angle| (deg), flattened, of the dihedrals about single bonds (all of them if none is single);
+    ``angles`` (T, n_quads) deg as :func:`dihedrals` returns them."""
+    single = [k for k, q in enumerate(quads) if q[4] == "single"]
+    return np.abs(angles[:, single]).ravel() if single else np.abs(angles).ravel()
 
 
 def structure_observables(
@@ -73,8 +87,7 @@ def structure_observables(
         return summary, curves, None
     labels = labels or ["-".join(str(int(i)) for i in q[:4]) + f" ({q[4]})" for q in quads]
     ang = dihedrals(positions, [q[:4] for q in quads], boxes)
-    single = [k for k, q in enumerate(quads) if q[4] == "single"]
-    vals = np.abs(ang[:, single]).ravel() if single else np.abs(ang).ravel()
+    vals = single_bond_angles(ang, quads)
     st = dihedral_stats(ang)
     summary["dihedrals"] = {
         "n_dihedrals": len(quads),

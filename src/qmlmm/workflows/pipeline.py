@@ -385,7 +385,7 @@ def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> 
     import matplotlib.pyplot as plt
 
     from qmlmm.analysis.md_analysis import conjugated_chain_dihedrals, load_run
-    from qmlmm.analysis.report import Quad, rdf_pair_atoms, structure_observables
+    from qmlmm.analysis.report import Quad, rdf_pair_atoms, single_bond_angles, structure_observables
     from qmlmm.md.system import MDSystem
 
     msys = MDSystem.load(system)
@@ -410,9 +410,9 @@ def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> 
         for pair, (r, g) in curves.items():
             axes[0].plot(r, g, label=f"{name} {pair}")
         if ang is not None:
-            single = [k for k, q in enumerate(quads) if q[4] == "single"]
-            vals = np.abs(ang[:, single]).ravel() if single else np.abs(ang).ravel()
-            axes[1].hist(vals, bins=36, range=(0, 180), histtype="step", density=True, label=name)
+            axes[1].hist(
+                single_bond_angles(ang, quads), bins=36, range=(0, 180), histtype="step", density=True, label=name
+            )
             per_run_angles[name] = ang
             res["dihedrals"][name] = summary["dihedrals"]
     axes[0].set_xlabel("r (nm)")
