@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _results import RESULTS, machine, save_json
+from _results import machine, save_json, save_markdown
 from qmlmm.data import write_extxyz
 from qmlmm.engines import label_frame, make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
@@ -117,8 +117,7 @@ def main() -> None:
             result["cheap_wins"][spec] = b["first_wall_s"]  # type: ignore[index]
             print(f"  {spec}: {b['first_wall_s']:.1f} s", flush=True)
     save_json("label_speed", result)
-    (RESULTS / "label_speed.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    save_markdown("label_speed", to_markdown(result).rstrip("\n").splitlines())
 
 
 def to_markdown(r: dict) -> str:
