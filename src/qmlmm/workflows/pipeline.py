@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from qmlmm.errors import InputError, QMLMMError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineConfig", "run_pipeline", "load_pipeline_config", "load_run_config"]
+__all__ = ["PipelineConfig", "run_pipeline", "run_lock", "load_pipeline_config", "load_run_config"]
 
 
 @dataclass
@@ -120,14 +123,65 @@ def run_pipeline(
     ``analyze_only``: compute nothing new (no labels, training or MD), only the evaluation, analysis,
     profiles and summary from what the folder holds (``qmlmm analyze RUN/``).
     """
-    from qmlmm.environment import EmbeddingSettings
-
     out = Path(out)
     if analyze_only:
         missing = [m for m in _NEEDED_FOR_ANALYSIS if not (out / m).exists()]
         if missing:
             raise InputError(f"{out}: no {', '.join(missing)}; run `qmlmm pipeline CONFIG -o {out}` first")
+        return _run_pipeline(cfg, out, progress, analyze_only)
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _run_pipeline(cfg, out, progress, analyze_only)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[Path]:
+    """Hold ``folder/.pipeline.lock`` (holding this process's PID) while a pipeline writes to ``folder``.
+
+    Raises InputError when a live process holds it (two runs would write the same labels and models);
+    the lock of a process that no longer exists (a killed run) is taken over. Released on exit.
+    """
+    lock = folder / ".pipeline.lock"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                raise InputError(
+                    f"{folder} is in use by another qmlmm pipeline (pid {pid}); wait for it or stop it "
+                    f"(if no such run exists, delete {lock})"
+                ) from None
+            log.warning("taking over the stale lock %s (pid %d is gone)", lock, pid)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        break
+    else:
+        raise InputError(f"could not take the lock {lock}")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: bool) -> dict[str, Any]:
+    from qmlmm.environment import EmbeddingSettings
+
     if not analyze_only:  # what `qmlmm analyze RUN/` reads back
         _write_json_atomic(out / "pipeline_config.json", {f.name: getattr(cfg, f.name) for f in fields(cfg)})
     t_start = time.perf_counter()
