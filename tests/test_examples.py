@@ -54,11 +54,27 @@ def test_tiny_retinoic_acid(tmp_path: Path) -> None:
     # carboxyl O - water O: the solute has no N, so the default N-OW pair is left out
     peaks = summary["analysis"]["rdf_peak"]
     assert all(set(v) == {"O-OW"} for v in peaks.values())
-    # a hydrogen-bonded first shell: the MM-only stages see the solute's fixed charges, so the water is
-    # oriented before the QM/MM MD starts (measured: peak at 0.287 nm, g 3.3 delta-ML/MM, 4.2 DFTB3/MM;
-    # before the charges, g < 1 below 0.3 nm and the maximum lay beyond the first shell)
+    for run in ("delta_ml", "baseline"):  # the maximum lies outside the excluded core
+        assert 0.22 < peaks[run]["O-OW"]["r_nm"] < 0.8 and np.isfinite(peaks[run]["O-OW"]["g"]), run
+    # hydrogen bonds to the solute from the first frame: the MM-only stages see its fixed charges, so the
+    # water is oriented before the QM/MM MD starts. Nearest water H to a solute O, mean over the frames:
+    # measured 0.17-0.19 nm; 0.26-0.28 nm in the first frames of runs started before the charges. (The
+    # RDF's argmax over 4 frames is too noisy for this: one run put it at 0.63 nm.)
+    from qmlmm.analysis.md_analysis import load_run
+    from qmlmm.md.system import MDSystem
+
+    msys = MDSystem.load(out / "system")
+    o_qm = np.flatnonzero(msys.is_qm & (msys.numbers == 8))
+    hw = np.flatnonzero(~msys.is_qm & (msys.numbers == 1))
     for run in ("delta_ml", "baseline"):
-        assert 0.25 < peaks[run]["O-OW"]["r_nm"] < 0.32 and peaks[run]["O-OW"]["g"] > 1.5, run
+        pos, boxes = load_run(out / "md" / run)
+        assert boxes is not None and len(pos) >= 4, run
+        nearest = []
+        for p, b in zip(pos, boxes, strict=True):
+            r = p[hw][None] - p[o_qm][:, None]
+            r -= b * np.round(r / b)
+            nearest.append(np.linalg.norm(r, axis=-1).min())
+        assert float(np.mean(nearest)) < 0.22, (run, nearest)
     # the runs start thermalised (water relaxed at 300 K around the frozen solute, not only minimised)
     for run in ("delta_ml", "baseline"):
         t = np.genfromtxt(out / "md" / run / "log.csv", delimiter=",", names=True)["temperature_K"]
