@@ -520,7 +520,7 @@ def sample(
 def pipeline(
     config: Annotated[Path, typer.Argument(help="Pipeline config (examples/*/config.yaml).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (steps already done are reused).")],
-    size: Annotated[str, typer.Option(help="tiny, small or full.")] = "tiny",
+    size: Annotated[str, typer.Option(help="A section of the config's sizes: (tiny, small, full, ...).")] = "tiny",
 ) -> None:
     """Run a whole study: build, sample, label, train, evaluate, ML/MM MD, analysis, summary."""
     from qmlmm.workflows.pipeline import load_pipeline_config, run_pipeline
