@@ -4,6 +4,8 @@ and MBAR free-energy profiles from exactly sampled umbrella windows on a known p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -190,6 +192,7 @@ def test_structure_observables_of_a_constructed_trajectory() -> None:
     summary, curves, ang = structure_observables(pos, np.tile(box, (frames, 1)), pairs, quads, r_max=0.8, n_bins=16)
     r, g = curves["O-OW"]
     assert summary["rdf_peak"]["O-OW"]["r_nm"] == pytest.approx(0.275) == r[int(np.argmax(g))]
+    assert 0.0 < summary["nearest_nm"]["O-OW"] <= 0.28 + 1e-12  # the placed water, or a random one closer
     assert ang is not None and ang.shape == (frames, 2)
     d = summary["dihedrals"]
     assert d["n_dihedrals"] == 2 and d["n_frames"] == frames
@@ -198,3 +201,51 @@ def test_structure_observables_of_a_constructed_trajectory() -> None:
     assert per["4-5-6-7 (double)"]["mean_deg"] == pytest.approx(60.0) and per["4-5-6-7 (double)"]["frac_trans"] == 0.0
     with pytest.raises(InputError, match="rdf_pairs"):
         rdf_pair_atoms([["O", "XW"]], numbers, is_qm)
+
+
+def test_nearest_distances_minimum_image_against_all_images() -> None:
+    """Shortest solute-water distance per frame: through the periodic boundary (0.15 nm, not 2.75 nm),
+    and equal to a brute-force minimum over all 27 neighbouring images of random configurations."""
+    from itertools import product
+
+    from qmlmm.analysis.report import nearest_distances
+
+    box = np.array([3.0, 2.5, 2.0])
+    pos = np.array([[0.05, 0.5, 0.5], [2.9, 0.5, 0.5], [1.5, 1.2, 1.0]])
+    assert nearest_distances(pos, box, [0], [1, 2]) == pytest.approx([0.15])
+    assert nearest_distances(pos, None, [0], [1, 2])[0] == pytest.approx(np.linalg.norm(pos[2] - pos[0]))
+    assert np.isnan(nearest_distances(pos, box, [], [1])).all()
+    rng = np.random.default_rng(1)
+    traj = rng.uniform(0.0, 1.0, size=(5, 30, 3)) * box
+    boxes = np.tile(box, (5, 1))
+    a, b = [0, 1, 2], list(range(3, 30))
+    got = nearest_distances(traj, boxes, a, b)
+    shifts = np.array(list(product((-1, 0, 1), repeat=3))) * box
+    for t in range(5):
+        r = traj[t, b][None, :, None] + shifts[None, None] - traj[t, a][:, None, None]
+        assert got[t] == pytest.approx(np.linalg.norm(r, axis=-1).min())
+
+
+def test_pipeline_summary_table_has_the_structure_observables(tmp_path: Path) -> None:
+    """summary.md lists per MD run the RDF maximum and the nearest solute-water distance; a summary
+    written before the nearest distances existed (no ``nearest_nm``) still renders."""
+    from qmlmm.workflows.pipeline import _summary_md
+
+    err = {"energy": {"mae": 1.0}, "qm_forces": {"mae": 20.0}, "mm_forces": {"mae": 0.5}}
+    s = {
+        "name": "x",
+        "n_frames": 4,
+        "total_s": 10.0,
+        "evaluation": {"delta": {"model": err}},
+        "md": {"delta_ml": {"steps_done": 10, "ns_per_day": 0.2, "stopped": None}},
+        "analysis": {
+            "rdf_peak": {"delta_ml": {"O-OW": {"r_nm": 0.275, "g": 3.1}}},
+            "nearest_nm": {"delta_ml": {"O-OW": 0.2612}},
+            "dihedrals": {},
+        },
+        "timings_s": {"md": 5.0},
+    }
+    row = [ln for ln in _summary_md(s, tmp_path).splitlines() if ln.startswith("| delta_ml |") and "O-OW" in ln]
+    assert row == ["| delta_ml | O-OW 0.275, 3.10 | O-OW 0.261 | - |"]
+    del s["analysis"]["nearest_nm"]  # type: ignore[attr-defined]
+    assert "| delta_ml | O-OW 0.275, 3.10 | - | - |" in _summary_md(s, tmp_path)

@@ -127,6 +127,7 @@ def test_mm_relaxation_hydrogen_bonds_a_charged_solute(methanol_system: Path) ->
 
     Measured (6 seeds, 0.5 ps): nearest water H to the methanol O at 0.177 nm with the MMFF charges,
     0.277 nm without (LJ only: the water does not orient towards the solute)."""
+    from qmlmm.analysis.report import nearest_distances
     from qmlmm.md.runner import freeze_qm_and_relax_water
 
     msys = MDSystem.load(methanol_system)
@@ -141,9 +142,7 @@ def test_mm_relaxation_hydrogen_bonds_a_charged_solute(methanol_system: Path) ->
         d = []
         for seed in range(3):
             p = freeze_qm_and_relax_water(m, steps=250, seed=seed, threads=2, friction_per_ps=10.0)
-            r = p[hw] - p[o]
-            r -= box * np.round(r / box)
-            d.append(np.linalg.norm(r, axis=1).min())
+            d.append(nearest_distances(p, box, [o], hw)[0])
         return float(np.mean(d))
 
     assert nearest_water_h(True) < 0.21 < 0.23 < nearest_water_h(False)

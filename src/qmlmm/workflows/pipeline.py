@@ -443,7 +443,7 @@ def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> 
     from qmlmm.md.system import MDSystem
 
     msys = MDSystem.load(system)
-    res: dict[str, Any] = {"rdf_peak": {}, "dihedrals": {}}
+    res: dict[str, Any] = {"rdf_peak": {}, "nearest_nm": {}, "dihedrals": {}}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     quads: list[Quad] = []
     off = 0
@@ -461,6 +461,7 @@ def _analysis(cfg: PipelineConfig, out: Path, system: Path, runs: list[str]) -> 
         summary, curves, ang = structure_observables(pos, boxes, pair_atoms, quads, labels)
         if summary["rdf_peak"]:
             res["rdf_peak"][name] = summary["rdf_peak"]
+            res["nearest_nm"][name] = summary["nearest_nm"]
         for pair, (r, g) in curves.items():
             axes[0].plot(r, g, label=f"{name} {pair}")
         if ang is not None:
@@ -708,15 +709,17 @@ def _summary_md(s: dict[str, Any], out: Path) -> str:
             "",
             "## MD observables",
             "",
-            "| run | RDF solute - water: r (nm), g at the maximum | chain single bonds: mean abs dihedral (deg), "
-            "s-trans fraction |",
-            "|---|---|---|",
+            "| run | RDF solute - water: r (nm), g at the maximum | nearest pair (nm), mean over frames "
+            "| chain single bonds: mean abs dihedral (deg), s-trans fraction |",
+            "|---|---|---|---|",
         ]
         for run in s["md"]:
             pk, dh = an.get("rdf_peak", {}).get(run) or {}, an.get("dihedrals", {}).get(run)
+            near = an.get("nearest_nm", {}).get(run) or {}
             rdf_txt = "; ".join(f"{pair} {v['r_nm']:.3f}, {v['g']:.2f}" for pair, v in pk.items()) or "-"
+            near_txt = "; ".join(f"{pair} {v:.3f}" for pair, v in near.items()) or "-"
             dih_txt = f"{dh['mean_abs_single_deg']:.1f}, {dh['frac_s_trans']:.3f}" if dh else "-"
-            lines.append(f"| {run} | {rdf_txt} | {dih_txt} |")
+            lines.append(f"| {run} | {rdf_txt} | {near_txt} | {dih_txt} |")
     if s.get("reaction"):
         lines += ["", "## Free-energy profile (umbrella sampling, MBAR)", ""]
         for k, v in s["reaction"].items():
