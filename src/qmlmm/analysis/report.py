@@ -16,6 +16,7 @@ import numpy as np
 from qmlmm.analysis.md_analysis import conjugated_chain_dihedrals, dihedral_stats, dihedrals, load_run, rdf
 from qmlmm.errors import InputError
 from qmlmm.md.runner import energy_drift
+from qmlmm.system import minimum_image
 
 __all__ = [
     "analyze_run",
@@ -68,9 +69,7 @@ def nearest_distances(
         return out
     bx = None if boxes is None else np.broadcast_to(np.asarray(boxes, dtype=float), (len(pos), 3))
     for t, p in enumerate(pos):
-        r = p[b][None] - p[a][:, None]
-        if bx is not None:
-            r -= bx[t] * np.round(r / bx[t])
+        r = minimum_image(p[b][None] - p[a][:, None], None if bx is None else np.diag(bx[t]))
         out[t] = np.sqrt((r * r).sum(-1).min())
     return out
 
