@@ -328,8 +328,16 @@ def test_nve_energy_conservation_with_trained_model(methanol_system: Path, tmp_p
     assert res.stopped is None and res.steps_done == 400
     data_ = np.genfromtxt(res.log_csv, delimiter=",", names=True)
     e, ke = data_["total_kjmol"], data_["kinetic_kjmol"]
-    # same bounds as with DFTB3 (a wrong force sign or a missing switching force gives slopes of 10^3)
-    assert abs(energy_drift(res.log_csv)) < 100.0
-    assert float(np.std(e)) < 0.02 * float(np.std(ke))
-    assert np.ptp(e) < 20.0
+    # same bounds as with DFTB3. Measured std(E_tot)/std(KE): 0.015 here, 0.0225 in a CI clone (a
+    # different CPU trains a slightly different model), 0.010 for MM alone on this system at dt 0.5 and
+    # 0.25 fs (the CPU platform's energy noise floor, ~0.4 kJ/mol); with the model's MM forces zeroed
+    # (a missing embedding force) 0.47, slope 271 kJ/mol/ps, peak-to-peak 63 kJ/mol
+    msg = (
+        f"E_tot std {np.std(e):.3f}, KE std {np.std(ke):.2f}, slope {energy_drift(res.log_csv):.1f} kJ/mol/ps, "
+        f"peak-to-peak {np.ptp(e):.2f} kJ/mol"
+    )
+    assert abs(energy_drift(res.log_csv)) < 100.0, msg
+    assert float(np.std(e)) < 0.05 * float(np.std(ke)), msg
+    assert np.ptp(e) < 20.0, msg
     assert np.all(np.isfinite(data_["uncertainty_kjmol"]))
+
