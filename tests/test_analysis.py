@@ -249,3 +249,29 @@ def test_pipeline_summary_table_has_the_structure_observables(tmp_path: Path) ->
     assert row == ["| delta_ml | O-OW 0.275, 3.10 | O-OW 0.261 | - |"]
     del s["analysis"]["nearest_nm"]  # type: ignore[attr-defined]
     assert "| delta_ml | O-OW 0.275, 3.10 | - | - |" in _summary_md(s, tmp_path)
+
+
+def test_step_times_summed_over_invocations(tmp_path: Path) -> None:
+    """A resumed pipeline's summary says what each step cost over all runs on the folder, not only the
+    last one (where reused steps take ~0 s); a line cut by a kill is skipped."""
+    import json
+
+    from qmlmm.workflows.pipeline import _summary_md, step_seconds_all
+
+    assert step_seconds_all(tmp_path) == {}
+    recs = [("label", 6900.0), ("train", 830.0), ("label", 2.5), ("reaction", 820.0), ("reaction", 1500.0)]
+    text = "".join(json.dumps({"step": k, "seconds": v, "at": "2026-12-02T16:00:00"}) + "\n" for k, v in recs)
+    (tmp_path / "timings.jsonl").write_text(text + '{"step": "md", "sec')
+    total = step_seconds_all(tmp_path)
+    assert total == {"label": 6902.5, "train": 830.0, "reaction": 2320.0}
+    s = {
+        "name": "x",
+        "n_frames": 4,
+        "total_s": 1500.0,
+        "evaluation": {},
+        "md": {},
+        "timings_s": {"label": 2.5, "reaction": 1500.0},
+        "timings_all_s": total,
+    }
+    md = _summary_md(s, tmp_path)
+    assert "| label | 2 | 6902 |" in md and "| reaction | 1500 | 2320 |" in md

@@ -341,3 +341,46 @@ def test_nve_energy_conservation_with_trained_model(methanol_system: Path, tmp_p
     assert np.ptp(e) < 20.0, msg
     assert np.all(np.isfinite(data_["uncertainty_kjmol"]))
 
+
+def test_umbrella_extra_windows_with_their_own_force_constant(methanol_system: Path, tmp_path: Path) -> None:
+    """Extra umbrella windows (e.g. over a transition state) are numbered after the regular ones, carry
+    their own force constant into the restraint and the MBAR input, and start from the window that
+    sampled nearest their centre. DFTB3/MM on methanol, xi = r(C-O) - r(O-H) (~0.046 nm)."""
+    from qmlmm.workflows.pipeline import PipelineConfig, _nearest_sampled_start, _reaction
+
+    class DFTB3AsModel:  # the pipeline's delta model slot, filled by the real DFTB3 engine
+        embedding = EMB
+
+        def engine(self, threads: int) -> object:
+            return make_engine("dftb3:3ob", threads=threads)
+
+    cfg = PipelineConfig(
+        name="methanol",
+        solutes=["CO"],
+        reaction={"atoms": ["0:0", "0:1", "0:1", "0:5"], "d": -1, "k": 5000.0, "every": 2, "compare_baseline": False},
+        reaction_windows="0.03:0.06:2",
+        reaction_extra_windows="0.05:0.05:1",
+        reaction_extra_k=40000.0,
+        reaction_steps=10,
+        workers=1,
+        threads=2,
+    )
+    res = _reaction(cfg, tmp_path, methanol_system, DFTB3AsModel(), EMB, progress=False)["delta_ml"]
+    assert res["windows"] == 3 and res["window_centres_nm"] == pytest.approx([0.03, 0.06, 0.05])
+    assert res["window_k"] == [5000.0, 5000.0, 40000.0]
+    assert res["samples_per_window"] == [4, 4, 4] and not res["windows_stopped_early"]
+    assert np.all(np.isfinite(res["f_kjmol"]))
+    means = res["window_mean_nm"]
+    # the stiff window holds its centre better than the soft ones hold theirs (thermal width 0.008 nm
+    # against 0.022 nm at 300 K); starts are far from equilibrium here, so only loose bounds
+    assert abs(means[2] - 0.05) < 0.02
+    # the restraint each window ran with (its run.json) has the window's own centre and force constant
+    run = json.loads((tmp_path / "umbrella" / "delta_ml" / "window_02" / "run.json").read_text())
+    assert any(t.startswith("rc:") and t.endswith(",0.05,40000.0") for t in run["restraints"]), run["restraints"]
+    # the start of an extra window: the final frame of the window whose sampled mean is nearest its centre
+    folder = tmp_path / "umbrella" / "delta_ml"
+    nearest = int(np.argmin(np.abs(np.asarray(means[:2]) - 0.05)))
+    start = _nearest_sampled_start(folder, [0, 1], 0.05)
+    expected = np.load(folder / f"window_{nearest:02d}" / "final_positions.npy")
+    assert start is not None and np.array_equal(start, expected)
+    assert _nearest_sampled_start(folder, [7], 0.05) is None  # no such window

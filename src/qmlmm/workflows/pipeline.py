@@ -72,6 +72,11 @@ class PipelineConfig:
     reaction: dict[str, Any] | None = None
     reaction_windows: str | None = None  # start:stop:n (nm), overrides reaction["windows"]
     reaction_steps: int | None = None  # MD steps per umbrella window
+    # extra windows start:stop:n (nm), e.g. over the transition state where windows with the regular force
+    # constant slide off to either side, with their own force constant (kJ/mol/nm^2; default the regular
+    # one); numbered after the regular windows, so adding them to a finished run reuses its windows
+    reaction_extra_windows: str | None = None
+    reaction_extra_k: float | None = None
     sample_windows: str | None = None  # start:stop:n windows for sampling (default: the umbrella windows)
     seed: int = 0
 
@@ -189,7 +194,11 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
     emb = EmbeddingSettings(cfg.cutoff, cfg.switch_width)
 
     def timed(name: str, t0: float) -> None:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        timings[name] = timings.get(name, 0.0) + dt
+        if not analyze_only:  # every invocation's step times, appended as each step ends (survives a kill)
+            with open(out / "timings.jsonl", "a") as f:
+                f.write(json.dumps({"step": name, "seconds": dt, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
     # 1. build
     t0 = time.perf_counter()
@@ -377,6 +386,7 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
         "learning_curve": curve,
         "timings_s": timings,
         "total_s": time.perf_counter() - t_start,
+        "timings_all_s": step_seconds_all(out),
     }
     if analyze_only and (out / "summary.json").exists():  # keep the timings of the run that did the work
         before = json.loads((out / "summary.json").read_text())
@@ -386,6 +396,21 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
     tmp.write_text(_summary_md(summary, out))
     tmp.replace(out / "summary.md")
     return summary
+
+
+def step_seconds_all(out: str | Path) -> dict[str, float]:
+    """Seconds spent on each pipeline step in a run folder, summed over all the invocations that worked
+    on it (its ``timings.jsonl``; a resumed run's reused steps add ~0). Empty if the folder has none."""
+    p = Path(out) / "timings.jsonl"
+    total: dict[str, float] = {}
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            total[rec["step"]] = total.get(rec["step"], 0.0) + float(rec["seconds"])
+    return total
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -522,8 +547,14 @@ def _reaction_atoms(cfg: PipelineConfig, system: Path) -> tuple[list[int], list[
     return [atom(x) for x in r["atoms"]], ([atom(kt[0]), atom(kt[1])] if kt else None)
 
 
-def _reaction_restraints(cfg: PipelineConfig, system: Path, r0s: list[float] | None = None) -> list[list[str]] | None:
-    """Restraint texts of each umbrella window (the coordinate restraint plus keep-together)."""
+def _reaction_restraints(
+    cfg: PipelineConfig, system: Path, r0s: list[float] | None = None, ks: list[float] | None = None
+) -> list[list[str]] | None:
+    """Restraint texts of each umbrella window (the coordinate restraint plus keep-together).
+
+    ``r0s`` (nm) default to the config's regular windows; ``ks`` (kJ/mol/nm^2, one per window) to the
+    reaction's force constant.
+    """
     if not cfg.reaction:
         return None
     from qmlmm.md.restraints import umbrella_windows
@@ -531,8 +562,10 @@ def _reaction_restraints(cfg: PipelineConfig, system: Path, r0s: list[float] | N
     r = cfg.reaction
     (i, j, k, l), kt = _reaction_atoms(cfg, system)
     out = []
-    for r0 in r0s if r0s is not None else umbrella_windows(cfg.reaction_windows or r["windows"]):
-        w = [f"rc:{i},{j},{k},{l},{int(r.get('d', -1))},{r0},{float(r.get('k', 2000.0))}"]
+    centres = r0s if r0s is not None else umbrella_windows(cfg.reaction_windows or r["windows"])
+    forces = ks if ks is not None else [float(r.get("k", 2000.0))] * len(centres)
+    for r0, kf in zip(centres, forces, strict=True):
+        w = [f"rc:{i},{j},{k},{l},{int(r.get('d', -1))},{r0},{float(kf)}"]
         if kt:
             w.append(f"dist:{kt[0]},{kt[1]},{float(r['keep_together'][2])},{float(r['keep_together'][3])}")
         out.append(w)
@@ -552,8 +585,13 @@ def _reaction(
     from qmlmm.md.restraints import parse_restraint
 
     windows = umbrella_windows(cfg.reaction_windows or r["windows"])
-    per_window = _reaction_restraints(cfg, system, windows) or []
-    kforce = float(r.get("k", 2000.0))
+    n_regular = len(windows)
+    ks = [float(r.get("k", 2000.0))] * n_regular
+    if cfg.reaction_extra_windows:
+        extra = umbrella_windows(cfg.reaction_extra_windows)
+        windows += extra
+        ks += [float(cfg.reaction_extra_k or ks[0])] * len(extra)
+    per_window = _reaction_restraints(cfg, system, windows, ks) or []
     steps = int(cfg.reaction_steps or r.get("steps", cfg.md_steps))
     threads = cfg.total_threads
     result: dict[str, Any] = {}
@@ -573,8 +611,8 @@ def _reaction(
 
     msys = MDSystem.load(system)
     xi0 = rc_value(msys.positions, parse_restraint(per_window[0][0]), msys.box)
-    first = int(np.argmin(np.abs(np.asarray(windows) - xi0)))
-    order = list(range(first, len(windows))) + list(range(first - 1, -1, -1))
+    first = int(np.argmin(np.abs(np.asarray(windows[:n_regular]) - xi0)))
+    order = list(range(first, n_regular)) + list(range(first - 1, -1, -1)) + list(range(n_regular, len(windows)))
     for name, (mk, e_set) in makers.items():
         eng = mk()
         wins: list[dict[str, Any]] = [{} for _ in windows]
@@ -587,11 +625,15 @@ def _reaction(
             start = None
             step_back = -1 if w > first else 1
             nb = w + step_back
-            while start is None and w != first and 0 <= nb < len(windows) and (nb - first) * step_back <= 0:
+            while (
+                start is None and w != first and w < n_regular and 0 <= nb < n_regular and (nb - first) * step_back <= 0
+            ):
                 nb_dir = out / "umbrella" / name / f"window_{nb:02d}"
                 if (nb_dir / "final_positions.npy").exists() and nb not in stopped:
                     start = np.load(nb_dir / "final_positions.npy")
                 nb += step_back
+            if w >= n_regular:  # an extra window: from the window that ran through and sampled nearest its centre
+                start = _nearest_sampled_start(out / "umbrella" / name, [v for v in range(w) if v not in stopped], r0)
             # the coordinate restraint, and the keep-together one (same in every window: part of the ensemble)
             rs = [parse_restraint(t) for t in per_window[w]]
             s = MDSettings(
@@ -630,9 +672,12 @@ def _reaction(
                 continue  # stopped before its first report
             data = np.genfromtxt(rdir / "log.csv", delimiter=",", names=True)
             x = np.atleast_1d(data["rc0_nm"])
-            wins[w] = {"r0": r0, "k": kforce, "x": x[len(x) // 5 :]}  # drop the first fifth (relaxation)
+            wins[w] = {"r0": r0, "k": ks[w], "x": x[len(x) // 5 :]}  # drop the first fifth (relaxation)
         result[name] = {
             "windows": len(windows),
+            "window_centres_nm": [float(v) for v in windows],
+            "window_k": ks,
+            "window_mean_nm": [float(np.mean(wd["x"])) if len(wd.get("x", [])) else float("nan") for wd in wins],
             "windows_stopped_early": {int(k): v for k, v in sorted(stopped.items())},
             "samples_per_window": [len(wd.get("x", [])) for wd in wins],  # after dropping the first fifth
             "x_nm": [],
@@ -661,6 +706,20 @@ def _reaction(
     fig.savefig(out / "free_energy_profile.png", dpi=110)
     plt.close(fig)
     return result
+
+
+def _nearest_sampled_start(folder: Path, candidates: list[int], r0: float) -> np.ndarray | None:
+    """Final positions of the candidate window (``folder/window_NN``) whose sampled coordinate (mean of
+    its log's ``rc0_nm``) lies nearest ``r0`` (nm); None if none has a log and final positions."""
+    best: tuple[float, Path] | None = None
+    for v in candidates:
+        d = folder / f"window_{v:02d}"
+        if not (d / "final_positions.npy").exists() or not (d / "log.csv").exists():
+            continue
+        x = np.atleast_1d(np.genfromtxt(d / "log.csv", delimiter=",", names=True)["rc0_nm"])
+        if len(x) and (best is None or abs(float(np.mean(x)) - r0) < best[0]):
+            best = (abs(float(np.mean(x)) - r0), d)
+    return np.load(best[1] / "final_positions.npy") if best else None
 
 
 def _summary_md(s: dict[str, Any], out: Path) -> str:
@@ -730,7 +789,9 @@ def _summary_md(s: dict[str, Any], out: Path) -> str:
                 f"{v['barrier_kjmol']:.1f} kJ/mol; {v.get('windows', '?')} windows"
                 + (f", {len(early)} stopped early (see summary.json)" if early else "")
             )
-    lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.0f}" for k, v in s["timings_s"].items()]
+    every = s.get("timings_all_s") or {}
+    lines += ["", "## Timings (s)", "", "| step | this invocation | all invocations on this folder |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.0f} | {every.get(k, float('nan')):.0f} |" for k, v in s["timings_s"].items()]
     plots = sorted(p.name for p in out.glob("*.png")) + sorted(
         str(p.relative_to(out)) for p in [*out.glob("models/*.png"), *out.glob("learning_curve/*.png")]
     )
