@@ -65,9 +65,7 @@ class PipelineConfig:
     # analysis
     dihedral_solute: int | None = 0  # solute index whose conjugated chain dihedrals are analysed
     # solute element - water site ("OW" or "HW") radial distribution functions
-    rdf_pairs: list[list[str]] = field(
-        default_factory=lambda: [["O", "OW"], ["N", "OW"]]
-    )  # as report.DEFAULT_RDF_PAIRS
+    rdf_pairs: list[list[str]] = field(default_factory=lambda: _default_rdf_pairs())
     # reaction (optional): restraint rc:i,j,k,l,d (atom indices within the QM region), umbrella windows
     reaction: dict[str, Any] | None = None
     reaction_windows: str | None = None  # start:stop:n (nm), overrides reaction["windows"]
@@ -84,6 +82,13 @@ class PipelineConfig:
     def total_threads(self) -> int:
         """Threads for the steps that run in one process (MD, umbrella sampling): all workers' threads."""
         return self.threads * max(1, self.workers)
+
+
+def _default_rdf_pairs() -> list[list[str]]:
+    """A fresh copy of the analysis' default pairs (imported when needed, like the steps' modules)."""
+    from qmlmm.analysis.report import DEFAULT_RDF_PAIRS
+
+    return [list(p) for p in DEFAULT_RDF_PAIRS]
 
 
 def load_pipeline_config(path: str | Path, size: str) -> PipelineConfig:
@@ -643,6 +648,7 @@ def _reaction(
                 dcd_every=steps,
                 seed=cfg.seed + w,
                 threads=threads,
+                max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,  # as in the free MD
             )
             if analyze_only and not (rdir / "log.csv").exists():
                 continue
