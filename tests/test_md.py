@@ -345,7 +345,7 @@ def test_nve_energy_conservation_with_trained_model(methanol_system: Path, tmp_p
 def test_umbrella_extra_windows_with_their_own_force_constant(methanol_system: Path, tmp_path: Path) -> None:
     """Extra umbrella windows (e.g. over a transition state) are numbered after the regular ones, carry
     their own force constant into the restraint and the MBAR input, and start from the window that
-    sampled nearest their centre. DFTB3/MM on methanol, xi = r(C-O) - r(O-H) (~0.046 nm)."""
+    ended nearest their centre. DFTB3/MM on methanol, xi = r(C-O) - r(O-H) (~0.046 nm)."""
     from qmlmm.workflows.pipeline import PipelineConfig, _nearest_sampled_start, _reaction
 
     class DFTB3AsModel:  # the pipeline's delta model slot, filled by the real DFTB3 engine
@@ -377,10 +377,22 @@ def test_umbrella_extra_windows_with_their_own_force_constant(methanol_system: P
     # the restraint each window ran with (its run.json) has the window's own centre and force constant
     run = json.loads((tmp_path / "umbrella" / "delta_ml" / "window_02" / "run.json").read_text())
     assert any(t.startswith("rc:") and t.endswith(",0.05,40000.0") for t in run["restraints"]), run["restraints"]
-    # the start of an extra window: the final frame of the window whose sampled mean is nearest its centre
+    # the start of an extra window: the final frame of the window whose last logged coordinate is nearest
+    # its centre
     folder = tmp_path / "umbrella" / "delta_ml"
-    nearest = int(np.argmin(np.abs(np.asarray(means[:2]) - 0.05)))
+    last = [
+        np.genfromtxt(folder / f"window_{v:02d}" / "log.csv", delimiter=",", names=True)["rc0_nm"][-1] for v in (0, 1)
+    ]
+    nearest = int(np.argmin(np.abs(np.asarray(last) - 0.05)))
     start = _nearest_sampled_start(folder, [0, 1], 0.05)
     expected = np.load(folder / f"window_{nearest:02d}" / "final_positions.npy")
     assert start is not None and np.array_equal(start, expected)
     assert _nearest_sampled_start(folder, [7], 0.05) is None  # no such window
+    # a window that slid over a barrier: its mean lies at the centre, its end far away; the other ended there
+    for v, xs in ((20, [0.01, 0.05, 0.09]), (21, [0.02, 0.03, 0.048])):
+        d = folder / f"window_{v}"
+        d.mkdir()
+        (d / "log.csv").write_text("step,rc0_nm\n" + "".join(f"{i},{x}\n" for i, x in enumerate(xs)))
+        np.save(d / "final_positions.npy", np.full((2, 3), float(v)))
+    start = _nearest_sampled_start(folder, [20, 21], 0.05)
+    assert start is not None and start[0, 0] == 21.0

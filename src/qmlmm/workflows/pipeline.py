@@ -637,7 +637,7 @@ def _reaction(
                 if (nb_dir / "final_positions.npy").exists() and nb not in stopped:
                     start = np.load(nb_dir / "final_positions.npy")
                 nb += step_back
-            if w >= n_regular:  # an extra window: from the window that ran through and sampled nearest its centre
+            if w >= n_regular:  # an extra window: from the window that ran through and ended nearest its centre
                 start = _nearest_sampled_start(out / "umbrella" / name, [v for v in range(w) if v not in stopped], r0)
             # the coordinate restraint, and the keep-together one (same in every window: part of the ensemble)
             rs = [parse_restraint(t) for t in per_window[w]]
@@ -715,16 +715,17 @@ def _reaction(
 
 
 def _nearest_sampled_start(folder: Path, candidates: list[int], r0: float) -> np.ndarray | None:
-    """Final positions of the candidate window (``folder/window_NN``) whose sampled coordinate (mean of
-    its log's ``rc0_nm``) lies nearest ``r0`` (nm); None if none has a log and final positions."""
+    """Final positions of the candidate window (``folder/window_NN``) that ended nearest ``r0`` (nm): the
+    last ``rc0_nm`` of its log (a window that slid over a barrier can have its mean near ``r0`` and end
+    far from it); None if no candidate has a log and final positions."""
     best: tuple[float, Path] | None = None
     for v in candidates:
         d = folder / f"window_{v:02d}"
         if not (d / "final_positions.npy").exists() or not (d / "log.csv").exists():
             continue
         x = np.atleast_1d(np.genfromtxt(d / "log.csv", delimiter=",", names=True)["rc0_nm"])
-        if len(x) and (best is None or abs(float(np.mean(x)) - r0) < best[0]):
-            best = (abs(float(np.mean(x)) - r0), d)
+        if len(x) and (best is None or abs(float(x[-1]) - r0) < best[0]):
+            best = (abs(float(x[-1]) - r0), d)
     return np.load(best[1] / "final_positions.npy") if best else None
 
 
