@@ -275,3 +275,15 @@ def test_step_times_summed_over_invocations(tmp_path: Path) -> None:
     }
     md = _summary_md(s, tmp_path)
     assert "| label | 2 | 6902 |" in md and "| reaction | 1500 | 2320 |" in md
+
+
+def test_forward_barrier_from_the_reactant_side() -> None:
+    from qmlmm.analysis.md_analysis import barrier, forward_barrier
+
+    x = np.linspace(-0.1, 0.1, 9)
+    f = np.array([5.0, 2.0, 0.5, 10.0, 30.0, 20.0, 8.0, -10.0, -12.0])  # product lower than reactant
+    prof = {"x": x, "f": f - f.min()}
+    h, xt = forward_barrier(prof)
+    assert h == pytest.approx(29.5) and xt == pytest.approx(0.0)
+    assert barrier(prof) == pytest.approx(29.5)  # the higher end minimum is the reactant one here
+    assert np.isnan(forward_barrier({"x": x[:2], "f": f[:2]})[0])

@@ -370,6 +370,8 @@ def test_umbrella_extra_windows_with_their_own_force_constant(methanol_system: P
     assert res["window_k"] == [5000.0, 5000.0, 40000.0]
     assert res["samples_per_window"] == [4, 4, 4] and not res["windows_stopped_early"]
     assert np.all(np.isfinite(res["f_kjmol"]))
+    assert len(res["df_kjmol"]) == len(res["f_kjmol"]) == len(res["counts"]) and sum(res["counts"]) == 12
+    assert len(res["barrier_forward_halves_kjmol"]) == 2
     means = res["window_mean_nm"]
     # the stiff window holds its centre better than the soft ones hold theirs (thermal width 0.008 nm
     # against 0.022 nm at 300 K); starts are far from equilibrium here, so only loose bounds

@@ -165,6 +165,17 @@ def free_energy_profile(
     return {"x": centres[keep], "f": f - f.min(), "df": df, "counts": counts[keep]}
 
 
+def forward_barrier(profile: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(height in kJ/mol, position in nm) of the highest interior point of ``profile`` above the minimum
+    on its low-x side (the reactant side of a coordinate that grows along the reaction); NaNs below
+    3 points."""
+    f, x = np.asarray(profile["f"]), np.asarray(profile["x"])
+    if len(f) < 3:
+        return float("nan"), float("nan")
+    k = int(np.argmax(f[1:-1])) + 1
+    return float(f[k] - f[: k + 1].min()), float(x[k])
+
+
 def barrier(profile: dict[str, np.ndarray]) -> float:
     """Height (kJ/mol) of the highest interior point of ``profile["f"]`` above the higher of the
     minima on its two sides (the smaller of the forward and backward barriers); NaN below 3 points."""

@@ -581,7 +581,7 @@ def _reaction(
     cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any, progress: bool, analyze_only: bool = False
 ) -> dict[str, Any]:
     """Restrained MD at the transition state and an umbrella-sampling profile, delta-ML/MM vs baseline."""
-    from qmlmm.analysis.md_analysis import barrier, free_energy_profile
+    from qmlmm.analysis.md_analysis import barrier, forward_barrier, free_energy_profile
     from qmlmm.engines import make_engine
     from qmlmm.md.restraints import umbrella_windows
     from qmlmm.md.runner import MDSettings, run_md
@@ -695,16 +695,36 @@ def _reaction(
             log.warning("umbrella %s: fewer than two windows with samples; no profile", name)
             continue
         prof = free_energy_profile(wins, n_bins=int(r.get("bins", 25)))
-        kmax = int(np.argmax(prof["f"][1:-1])) + 1 if len(prof["f"]) > 2 else 0
+        fwd, x_top = forward_barrier(prof)
+        # a convergence check: the same analysis on the first and on the second half of every window's
+        # samples (the halves differ by more than statistics alone while the windows still relax)
+        halves = []
+        for part in (0, 1):
+            sub = []
+            for wd in wins:
+                h = len(wd["x"]) // 2
+                xs = wd["x"][:h] if part == 0 else wd["x"][h:]
+                if len(xs):
+                    sub.append({**wd, "x": xs})
+            halves.append(
+                forward_barrier(free_energy_profile(sub, n_bins=int(r.get("bins", 25))))[0]
+                if len(sub) >= 2
+                else float("nan")
+            )
         result[name].update(
             x_nm=prof["x"].tolist(),
             f_kjmol=prof["f"].tolist(),
+            df_kjmol=np.nan_to_num(prof["df"], nan=0.0).tolist(),  # MBAR's analytical uncertainty
+            counts=prof["counts"].tolist(),
             barrier_kjmol=barrier(prof),  # above the higher of the two end minima (the smaller barrier)
             # from the minimum on the low-xi (reactant) side up to the highest interior point
-            barrier_forward_kjmol=float(prof["f"][kmax] - prof["f"][: kmax + 1].min()) if kmax else float("nan"),
-            x_top_nm=float(prof["x"][kmax]) if kmax else float("nan"),
+            barrier_forward_kjmol=fwd,
+            x_top_nm=x_top,
+            barrier_forward_halves_kjmol=halves,
         )
-        ax.plot(prof["x"], prof["f"], "o-", label=name)
+        ax.errorbar(
+            prof["x"], prof["f"], yerr=np.nan_to_num(prof["df"], nan=0.0), fmt="o-", ms=4, capsize=2, label=name
+        )
     ax.set_xlabel("reaction coordinate r(S-C) - r(C-N) (nm)")
     ax.set_ylabel("free energy (kJ/mol)")
     ax.legend()
@@ -795,6 +815,13 @@ def _summary_md(s: dict[str, Any], out: Path) -> str:
                 f"(top at {v.get('x_top_nm', float('nan')):.3f} nm), barrier above the higher end minimum "
                 f"{v['barrier_kjmol']:.1f} kJ/mol; {v.get('windows', '?')} windows"
                 + (f", {len(early)} stopped early (see summary.json)" if early else "")
+                + (
+                    "; from the first / second half of every window's samples: "
+                    + " / ".join(f"{b:.1f}" for b in v["barrier_forward_halves_kjmol"])
+                    + " kJ/mol"
+                    if v.get("barrier_forward_halves_kjmol")
+                    else ""
+                )
             )
     every = s.get("timings_all_s") or {}
     lines += ["", "## Timings (s)", "", "| step | this invocation | all invocations on this folder |", "|---|---|---|"]
