@@ -706,11 +706,11 @@ def _reaction(
                 xs = wd["x"][:h] if part == 0 else wd["x"][h:]
                 if len(xs):
                     sub.append({**wd, "x": xs})
-            halves.append(
-                forward_barrier(free_energy_profile(sub, n_bins=int(r.get("bins", 25))))[0]
-                if len(sub) >= 2
-                else float("nan")
-            )
+            try:  # half the samples may not overlap enough for MBAR: the check is lost, not the profile
+                halves.append(forward_barrier(free_energy_profile(sub, n_bins=int(r.get("bins", 25))))[0])
+            except Exception as e:  # pymbar raises several kinds; fewer than two windows: InputError
+                log.warning("umbrella %s: no profile from half %d of the samples (%s)", name, part + 1, e)
+                halves.append(float("nan"))
         result[name].update(
             x_nm=prof["x"].tolist(),
             f_kjmol=prof["f"].tolist(),
