@@ -346,7 +346,7 @@ def test_umbrella_extra_windows_with_their_own_force_constant(methanol_system: P
     """Extra umbrella windows (e.g. over a transition state) are numbered after the regular ones, carry
     their own force constant into the restraint and the MBAR input, and start from the window that
     ended nearest their centre. DFTB3/MM on methanol, xi = r(C-O) - r(O-H) (~0.046 nm)."""
-    from qmlmm.workflows.pipeline import PipelineConfig, _nearest_sampled_start, _reaction
+    from qmlmm.workflows.pipeline import PipelineConfig, _reaction, _start_from_nearest_end
 
     class DFTB3AsModel:  # the pipeline's delta model slot, filled by the real DFTB3 engine
         embedding = EMB
@@ -386,15 +386,15 @@ def test_umbrella_extra_windows_with_their_own_force_constant(methanol_system: P
         np.genfromtxt(folder / f"window_{v:02d}" / "log.csv", delimiter=",", names=True)["rc0_nm"][-1] for v in (0, 1)
     ]
     nearest = int(np.argmin(np.abs(np.asarray(last) - 0.05)))
-    start = _nearest_sampled_start(folder, [0, 1], 0.05)
+    start = _start_from_nearest_end(folder, [0, 1], 0.05)
     expected = np.load(folder / f"window_{nearest:02d}" / "final_positions.npy")
     assert start is not None and np.array_equal(start, expected)
-    assert _nearest_sampled_start(folder, [7], 0.05) is None  # no such window
+    assert _start_from_nearest_end(folder, [7], 0.05) is None  # no such window
     # a window that slid over a barrier: its mean lies at the centre, its end far away; the other ended there
     for v, xs in ((20, [0.01, 0.05, 0.09]), (21, [0.02, 0.03, 0.048])):
         d = folder / f"window_{v}"
         d.mkdir()
         (d / "log.csv").write_text("step,rc0_nm\n" + "".join(f"{i},{x}\n" for i, x in enumerate(xs)))
         np.save(d / "final_positions.npy", np.full((2, 3), float(v)))
-    start = _nearest_sampled_start(folder, [20, 21], 0.05)
+    start = _start_from_nearest_end(folder, [20, 21], 0.05)
     assert start is not None and start[0, 0] == 21.0

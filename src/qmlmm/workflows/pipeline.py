@@ -625,20 +625,6 @@ def _reaction(
         for w in order:
             r0 = windows[w]
             rdir = out / "umbrella" / name / f"window_{w:02d}"
-            # start where the neighbour towards the first window ended, unless it stopped early (its last
-            # state may be the distorted one that made it fail): then from the nearest one that ran through
-            start = None
-            step_back = -1 if w > first else 1
-            nb = w + step_back
-            while (
-                start is None and w != first and w < n_regular and 0 <= nb < n_regular and (nb - first) * step_back <= 0
-            ):
-                nb_dir = out / "umbrella" / name / f"window_{nb:02d}"
-                if (nb_dir / "final_positions.npy").exists() and nb not in stopped:
-                    start = np.load(nb_dir / "final_positions.npy")
-                nb += step_back
-            if w >= n_regular:  # an extra window: from the window that ran through and ended nearest its centre
-                start = _nearest_sampled_start(out / "umbrella" / name, [v for v in range(w) if v not in stopped], r0)
             # the coordinate restraint, and the keep-together one (same in every window: part of the ensemble)
             rs = [parse_restraint(t) for t in per_window[w]]
             s = MDSettings(
@@ -655,6 +641,11 @@ def _reaction(
             if not analyze_only and not (
                 (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= steps
             ):
+                folder = out / "umbrella" / name
+                if w >= n_regular:  # an extra window: from the window that ran through and ended nearest its centre
+                    start = _start_from_nearest_end(folder, [v for v in range(w) if v not in stopped], r0)
+                else:  # where the neighbour towards the first window ended
+                    start = _start_from_neighbour(folder, w, first, n_regular, stopped)
                 try:
                     run_md(
                         system,
@@ -734,7 +725,22 @@ def _reaction(
     return result
 
 
-def _nearest_sampled_start(folder: Path, candidates: list[int], r0: float) -> np.ndarray | None:
+def _start_from_neighbour(folder: Path, w: int, first: int, n: int, stopped: dict[int, str]) -> np.ndarray | None:
+    """Final positions of regular window ``w``'s neighbour towards window ``first`` (``folder/window_NN``,
+    windows 0..n-1), or, if that one stopped early (its last state may be the distorted one that made it
+    fail), of the next one towards ``first`` that ran through; None for the first window (the built
+    structure)."""
+    step_back = -1 if w > first else 1
+    nb = w + step_back
+    while w != first and 0 <= nb < n and (nb - first) * step_back <= 0:
+        f = folder / f"window_{nb:02d}" / "final_positions.npy"
+        if f.exists() and nb not in stopped:
+            return np.load(f)
+        nb += step_back
+    return None
+
+
+def _start_from_nearest_end(folder: Path, candidates: list[int], r0: float) -> np.ndarray | None:
     """Final positions of the candidate window (``folder/window_NN``) that ended nearest ``r0`` (nm): the
     last ``rc0_nm`` of its log (a window that slid over a barrier can have its mean near ``r0`` and end
     far from it); None if no candidate has a log and final positions."""
