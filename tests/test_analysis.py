@@ -287,3 +287,21 @@ def test_forward_barrier_from_the_reactant_side() -> None:
     assert h == pytest.approx(29.5) and xt == pytest.approx(0.0)
     assert barrier(prof) == pytest.approx(29.5)  # the higher end minimum is the reactant one here
     assert np.isnan(forward_barrier({"x": x[:2], "f": f[:2]})[0])
+
+
+def test_mbar_overlap_tells_connected_windows_from_a_gap() -> None:
+    """Windows sampled exactly on a harmonic U overlap across every cut along the coordinate; two groups
+    of windows with nothing between them give a zero overlap at the gap (MBAR's profile across it is
+    undetermined), and only there."""
+    T = 300.0
+    good = _exact_windows(15000.0, 3000.0, np.linspace(-0.15, 0.15, 13), 400, T, seed=4)
+    prof = free_energy_profile(good, temperature=T, n_bins=30)
+    assert prof["cut_overlap"].shape == (12,) and prof["cut_nm"].shape == (12,)
+    assert prof["cut_overlap"].min() > 0.03 and float(prof["overlap_scalar"]) > 0.01
+    assert np.all(np.diff(prof["cut_nm"]) > 0)
+    gapped = good[:4] + good[-4:]  # nothing between about -0.1 and 0.1 nm
+    prof = free_energy_profile(gapped, temperature=T, n_bins=30)
+    k = int(np.argmin(prof["cut_overlap"]))
+    assert k == 3 and prof["cut_overlap"][k] < 1e-6 and float(prof["overlap_scalar"]) < 1e-6
+    assert abs(prof["cut_nm"][k]) < 0.02  # midway between the two groups
+    assert np.delete(prof["cut_overlap"], k).min() > 0.03

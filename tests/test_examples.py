@@ -125,7 +125,11 @@ def test_tiny_sam_cytosine(tmp_path: Path) -> None:
     assert len(d["samples_per_window"]) == d["windows"] == len(umbrella_windows(str(cfg.reaction_windows)))
     for w, n in enumerate(d["samples_per_window"]):
         assert n > 0 or str(w) in map(str, d["windows_stopped_early"]), w
-    assert all(np.isfinite(d["f_kjmol"]))
+    if d.get("profile_error"):  # windows cut short may not overlap: the reason is recorded, the run goes on
+        assert "overlap" in d["profile_error"] and d["windows_stopped_early"]
+    else:
+        assert all(np.isfinite(d["f_kjmol"])) and d["weakest_cut_overlap"] >= 0.0
+    assert prof["baseline"]["weakest_cut_overlap"] >= 0.0  # (NaN fails too)
     assert (out / "free_energy_profile.png").exists()
 
 

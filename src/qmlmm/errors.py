@@ -33,3 +33,8 @@ class MissingParametersError(QMLMMError, FileNotFoundError):
 
 class DependencyError(QMLMMError, ImportError):
     """An optional dependency is not installed."""
+
+
+class AnalysisError(QMLMMError, RuntimeError):
+    """An analysis cannot give a result from these data (e.g. MBAR over umbrella windows that do not
+    overlap)."""

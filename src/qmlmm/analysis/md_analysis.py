@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from qmlmm.errors import InputError
+from qmlmm.errors import AnalysisError, InputError
 
 __all__ = [
     "rdf",
@@ -139,15 +139,25 @@ def free_energy_profile(
 
     Args:
         windows: each {"r0": centre (nm), "k": force constant (kJ/mol/nm^2), "x": samples (nm)}.
-    Returns {"x": bin centres, "f": free energy (kJ/mol, minimum 0), "df": uncertainty, "counts"}.
+    Returns {"x": bin centres, "f": free energy (kJ/mol, minimum 0), "df": uncertainty, "counts",
+    "overlap_scalar": one minus the second-largest eigenvalue of MBAR's overlap matrix (0: windows in
+    disconnected groups), "cut_overlap" (K-1,): with the windows ordered by their sample means and cut
+    in two after each of the first K-1, the overlap between the two sides (sum of MBAR's overlap matrix
+    over window pairs across the cut, symmetrised; a cut with ~0 is a gap that the profile cannot
+    bridge; the overlap of two neighbouring windows of ~0.03 or more is usually asked for), "cut_nm"
+    (K-1,): where each cut lies (midway between the sample means on either side)}.
+
+    Raises AnalysisError when MBAR finds no consistent free energies (windows that do not overlap).
     """
     from pymbar import FES
+    from pymbar.utils import ParameterError
 
     if len(windows) < 2:
         raise InputError("a free-energy profile needs at least two umbrella windows")
     beta = 1.0 / (KB * temperature)
     x_n = np.concatenate([np.asarray(w["x"], dtype=float) for w in windows])
     N_k = np.array([len(w["x"]) for w in windows])
+    K = len(windows)
     if (N_k == 0).any():
         raise InputError("an umbrella window has no samples")
     r0 = np.array([w["r0"] for w in windows])[:, None]
@@ -155,14 +165,36 @@ def free_energy_profile(
     u_kn = beta * 0.5 * kk * (x_n[None, :] - r0) ** 2
     edges = np.linspace(x_n.min(), x_n.max() + 1e-9, n_bins + 1)
     fes = FES(u_kn, N_k, verbose=False)
-    fes.generate_fes(np.zeros_like(x_n), x_n, fes_type="histogram", histogram_parameters={"bin_edges": [edges]})
     centres = 0.5 * (edges[1:] + edges[:-1])
     counts = np.histogram(x_n, bins=edges)[0]
     keep = counts > 0
-    res = fes.get_fes(centres[keep], reference_point="from-lowest", uncertainty_method="analytical")
+    try:
+        fes.generate_fes(np.zeros_like(x_n), x_n, fes_type="histogram", histogram_parameters={"bin_edges": [edges]})
+        res = fes.get_fes(centres[keep], reference_point="from-lowest", uncertainty_method="analytical")
+        ov = fes.mbar.compute_overlap()
+    except ParameterError as e:
+        raise AnalysisError(
+            f"MBAR found no consistent free energies for these {len(windows)} umbrella windows (centres "
+            f"{', '.join(f'{float(c):.3f}' for c in r0[:, 0])} nm): neighbouring windows probably do not "
+            f"overlap; add windows or stiffen the restraints where they slide apart ({e})"
+        ) from e
     f = np.asarray(res["f_i"]) / beta
     df = np.asarray(res.get("df_i", np.full_like(f, np.nan))) / beta
-    return {"x": centres[keep], "f": f - f.min(), "df": df, "counts": counts[keep]}
+    means = np.array([float(np.mean(w["x"])) for w in windows])
+    order = np.argsort(means)
+    m = np.asarray(ov["matrix"])
+    cut = np.array(
+        [0.5 * (m[np.ix_(order[:c], order[c:])].sum() + m[np.ix_(order[c:], order[:c])].sum()) for c in range(1, K)]
+    )
+    return {
+        "x": centres[keep],
+        "f": f - f.min(),
+        "df": df,
+        "counts": counts[keep],
+        "overlap_scalar": np.asarray(float(ov["scalar"])),
+        "cut_overlap": cut,
+        "cut_nm": 0.5 * (means[order[:-1]] + means[order[1:]]),
+    }
 
 
 def forward_barrier(profile: dict[str, np.ndarray]) -> tuple[float, float]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from qmlmm.errors import InputError, QMLMMError
+from qmlmm.errors import AnalysisError, InputError, QMLMMError
 
 log = logging.getLogger(__name__)
 
@@ -685,8 +685,14 @@ def _reaction(
         if len(wins) < 2:
             log.warning("umbrella %s: fewer than two windows with samples; no profile", name)
             continue
-        prof = free_energy_profile(wins, n_bins=int(r.get("bins", 25)))
+        try:
+            prof = free_energy_profile(wins, n_bins=int(r.get("bins", 25)))
+        except AnalysisError as e:  # recorded; the other model's profile and the summary still come
+            log.error("umbrella %s: no profile: %s", name, e)
+            result[name]["profile_error"] = str(e)
+            continue
         fwd, x_top = forward_barrier(prof)
+        weakest = int(np.argmin(prof["cut_overlap"]))
         # a convergence check: the same analysis on the first and on the second half of every window's
         # samples (the halves differ by more than statistics alone while the windows still relax)
         halves = []
@@ -699,7 +705,7 @@ def _reaction(
                     sub.append({**wd, "x": xs})
             try:  # half the samples may not overlap enough for MBAR: the check is lost, not the profile
                 halves.append(forward_barrier(free_energy_profile(sub, n_bins=int(r.get("bins", 25))))[0])
-            except Exception as e:  # pymbar raises several kinds; fewer than two windows: InputError
+            except (AnalysisError, InputError) as e:  # no consistent MBAR solution; fewer than two windows
                 log.warning("umbrella %s: no profile from half %d of the samples (%s)", name, part + 1, e)
                 halves.append(float("nan"))
         result[name].update(
@@ -712,6 +718,11 @@ def _reaction(
             barrier_forward_kjmol=fwd,
             x_top_nm=x_top,
             barrier_forward_halves_kjmol=halves,
+            # MBAR's overlap: 0 means windows in disconnected groups; the weakest place along the
+            # coordinate (windows ordered by sampled mean, cut in two: the overlap across the cut)
+            overlap_scalar=float(prof["overlap_scalar"]),
+            weakest_cut_overlap=float(prof["cut_overlap"][weakest]),
+            weakest_cut_nm=float(prof["cut_nm"][weakest]),
         )
         ax.errorbar(
             prof["x"], prof["f"], yerr=np.nan_to_num(prof["df"], nan=0.0), fmt="o-", ms=4, capsize=2, label=name
@@ -828,6 +839,13 @@ def _summary_md(s: dict[str, Any], out: Path) -> str:
                     if v.get("barrier_forward_halves_kjmol")
                     else ""
                 )
+                + (
+                    f"; weakest overlap across the coordinate {v['weakest_cut_overlap']:.4f} at "
+                    f"{v['weakest_cut_nm']:.3f} nm"
+                    if "weakest_cut_overlap" in v
+                    else ""
+                )
+                + (f"; no profile: {v['profile_error']}" if v.get("profile_error") else "")
             )
     every = s.get("timings_all_s") or {}
     lines += ["", "## Timings (s)", "", "| step | this invocation | all invocations on this folder |", "|---|---|---|"]
