@@ -55,11 +55,12 @@ class PySCFEngine(Engine):
         self.grids_level = int(opts.pop("grids", "3"))
         self.max_cycle = int(opts.pop("maxcycle", "100"))
         self.reuse_density = _flag(opts.pop("reuse", "yes"))
+        self.soscf_fallback = _flag(opts.pop("soscf", "yes"))  # second-order SCF when DIIS does not converge
         self.auxbasis: str | None = opts.pop("aux", None)
         self.df_incore_mb = float(opts.pop("dfmem", "2000"))
         if opts:
             raise InputError(
-                f"unknown dft option(s) {sorted(opts)}; known: df, conv, grids, maxcycle, reuse, aux, dfmem"
+                f"unknown dft option(s) {sorted(opts)}; known: df, conv, grids, maxcycle, reuse, aux, dfmem, soscf"
             )
         self.spec = spec.text
         self.threads = 1
@@ -143,12 +144,22 @@ class PySCFEngine(Engine):
             e_tot = mf.kernel(dm0=dm0)
         except Exception as e:
             raise EngineError(f"PySCF SCF failed: {e}") from e
+        fallback = None
+        if not mf.converged and self.soscf_fallback:
+            # DIIS can oscillate (stretched bonds, near-degenerate frontier orbitals): second-order SCF
+            # (PySCF's newton) from where DIIS stopped, to the same tolerance, before giving up
+            try:
+                mf = mf.newton()
+                e_tot = mf.kernel(dm0=mf.make_rdm1())
+            except Exception as e:
+                raise EngineError(f"PySCF second-order SCF failed: {e}") from e
+            fallback = "newton"
         t_scf = time.perf_counter() - t0
         if not mf.converged:
             self._dm_cache.pop(key, None)
             raise SCFNotConvergedError(
                 f"PySCF {self.xc}/{self.basis} SCF not converged in {self.max_cycle} cycles "
-                f"(conv_tol {self.conv_tol:g} Eh)"
+                f"(conv_tol {self.conv_tol:g} Eh)" + (", nor by second-order SCF after them" if fallback else "")
             )
         dm = mf.make_rdm1()
         if self.reuse_density:
@@ -179,6 +190,7 @@ class PySCFEngine(Engine):
                 "time_grad_qm_s": t_grad,
                 "time_grad_mm_s": t_mm,
                 "guess": "previous" if dm0 is not None else "minao",
+                "scf_fallback": fallback,
             },
         )
 
