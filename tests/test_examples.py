@@ -18,12 +18,26 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def _check_common(summary: dict, out: Path, cfg: PipelineConfig) -> None:
     assert summary["n_frames"] >= 5
+    from qmlmm.data import Dataset
+
+    f_qm, f_mm = [], []  # reference forces of every labelled frame: the error of predicting zero
+    with Dataset(out / "labels.h5") as ds:
+        for i in range(len(ds)):
+            fr = ds.frame(i)
+            lab = fr.labels.get("ref")
+            if lab is not None:
+                f_qm.append(np.abs(lab.forces[fr.qm_indices]).ravel())
+                f_mm.append(np.abs(lab.forces[fr.mm_indices]).ravel())
+    zero_qm, zero_mm = float(np.concatenate(f_qm).mean()), float(np.concatenate(f_mm).mean())
     for mode in ("direct", "delta"):
         m = summary["evaluation"][mode]["model"]
         for key in ("energy", "qm_forces", "mm_forces"):
             assert np.isfinite(m[key]["mae"])
-        # loose sanity bounds for a tiny smoke run (kJ/mol, kJ/mol/nm)
-        assert m["energy"]["mae"] < 200 and m["qm_forces"]["mae"] < 2000 and m["mm_forces"]["mae"] < 50
+        # loose sanity bounds for a tiny smoke run (kJ/mol, kJ/mol/nm). Forces against predicting zero:
+        # a model trained on 4 frames is about that good (SAM tiny, direct: QM force MAE 1735, 1847 and
+        # 2018 in three runs; mean |F| of the reference 1650-2040 per frame); a sign error gives ~2x
+        assert m["energy"]["mae"] < 200, mode
+        assert m["qm_forces"]["mae"] < 1.5 * zero_qm and m["mm_forces"]["mae"] < 1.5 * zero_mm, (mode, zero_qm, zero_mm)
     runs = {"delta_ml", "baseline"} | ({"reference"} if cfg.md_reference_steps else set())
     assert set(summary["md"]) == runs
     for run, info in summary["md"].items():
