@@ -204,8 +204,13 @@ def forward_barrier(profile: dict[str, np.ndarray]) -> tuple[float, float]:
     f, x = np.asarray(profile["f"]), np.asarray(profile["x"])
     if len(f) < 3:
         return float("nan"), float("nan")
-    k = int(np.argmax(f[1:-1])) + 1
+    k = _top_index(f)
     return float(f[k] - f[: k + 1].min()), float(x[k])
+
+
+def _top_index(f: np.ndarray) -> int:
+    """Index of the highest interior point of a profile (at least 3 points)."""
+    return int(np.argmax(f[1:-1])) + 1
 
 
 def barrier(profile: dict[str, np.ndarray]) -> float:
@@ -214,5 +219,5 @@ def barrier(profile: dict[str, np.ndarray]) -> float:
     f = profile["f"]
     if len(f) < 3:
         return float("nan")
-    k = int(np.argmax(f[1:-1])) + 1
+    k = _top_index(f)
     return float(f[k] - max(f[:k].min(), f[k + 1 :].min()))
