@@ -25,7 +25,7 @@ from qmlmm.environment import EmbeddingSettings
 from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
 from qmlmm.md.runner import MDSettings, run_md
 from qmlmm.models import QMLMMModel
-from qmlmm.training import TrainConfig, load_training_data, train
+from qmlmm.training import SplitSettings, TrainConfig, load_training_data, train
 from qmlmm.workflows.label import LevelRequest, label_dataset
 from qmlmm.workflows.sample import SampleSettings, sample
 
@@ -77,7 +77,12 @@ def main() -> None:
                 block_size=2,
                 threads=args.threads,
             )
-            train(load_training_data(work / "labels.h5", "ref", base, 2), cfg, path, progress=False)
+            train(
+                load_training_data(work / "labels.h5", "ref", base, SplitSettings(kind="blocks", block_size=2)),
+                cfg,
+                path,
+                progress=False,
+            )
         models[mode] = QMLMMModel.load(path)
     engines = {
         "ML/MM direct": (lambda: models["direct"].engine(args.threads), models["direct"].embedding),

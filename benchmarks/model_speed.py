@@ -29,7 +29,7 @@ from qmlmm.data import write_dataset
 from qmlmm.engines import label_frame, make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
 from qmlmm.models import QMLMMModel
-from qmlmm.training import TrainConfig, load_training_data, train
+from qmlmm.training import SplitSettings, TrainConfig, load_training_data, train
 
 
 def median_time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
@@ -70,7 +70,7 @@ def main() -> None:
         g = ds._f["levels"]["dftb3"]
         g.attrs["settings"] = json.dumps({"engine": {}, "embedding": settings.to_dict()})
         ds.close()
-        data = load_training_data(Path(tmp) / "d.h5", "dftb3", block_size=2)
+        data = load_training_data(Path(tmp) / "d.h5", "dftb3", split=SplitSettings(kind="blocks", block_size=2))
         cfg = TrainConfig(target="dftb3", ensemble=4, epochs=3, batch_size=4, threads=args.threads)
         res = train(data, cfg, Path(tmp) / "m.pt", progress=False)
         rows["training (ensemble of 4, frames/s per network)"] = {"frames_per_s": res.frames_per_second}

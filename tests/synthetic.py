@@ -50,7 +50,7 @@ def make_dataset(
     n = len(z)
     iu = np.triu_indices(n, 1)
     r0 = np.linalg.norm(base.positions[:n][iu[0]] - base.positions[:n][iu[1]], axis=-1)
-    settings = EmbeddingSettings(cutoff=cutoff)
+    settings = EmbeddingSettings(cutoff=cutoff, switch_width=0.0)  # sharp: the target's own cosine decays to 0
     frames = []
     for _ in range(n_frames):
         fr = base.copy()

@@ -137,3 +137,154 @@ def test_weight_vanishes_continuously_at_cutoff() -> None:
         u = eps / 0.2
         assert x[0] == pytest.approx(u**3 * (10 - 15 * u + 6 * u * u), rel=1e-6)
     assert select_embedding(_two_atom_frame(1.0 + 1e-9), s).n_mm == 0
+
+
+# ---- unique periodic images (issue: an embedded molecule must never jump by a box length) -----------
+def _ammonium_water_frame(box: float, x_mm: float) -> Frame:
+    """QM region: NH4+ at the origin and a water 1.7 nm along x; MM: one TIP3P water with its O at x_mm
+    on the x axis (placed 0.2 nm off-axis, so it is near both QM molecules through different images when
+    the box is small). The reproduction of the image-jump bug: 4.3 nm box, cutoff 1.4 nm."""
+    nh4 = np.array([[0, 0, 0], [0.0589, 0.0589, 0.0589], [-0.0589, -0.0589, 0.0589], [-0.0589, 0.0589, -0.0589],
+                    [0.0589, -0.0589, -0.0589]])  # fmt: skip
+    w = np.array([[0.0, 0.0, 0.0], [0.0757, 0.0586, 0.0], [-0.0757, 0.0586, 0.0]])
+    pos = np.concatenate([nh4, w + [1.7, 0, 0], w + [x_mm, 0.2, 0]])
+    return Frame(
+        numbers=np.array([7, 1, 1, 1, 1, 8, 1, 1, 8, 1, 1]),
+        positions=pos,
+        is_qm=np.arange(11) < 8,
+        charges=np.concatenate([np.zeros(8), [-0.834, 0.417, 0.417]]),
+        mol_ids=np.array([0] * 8 + [1] * 3),
+        box=np.eye(3) * box,
+        qm_charge=1,
+    )
+
+
+def test_image_ambiguity_is_refused_with_the_box_needed() -> None:
+    """The reproduced case (4.3 nm box, NH4+ and a water 1.7 nm apart, cutoff 1.4): every frame of the
+    0.01 nm series is refused, naming the box it needs; before, the water's image jumped from x = 3.48 to
+    -0.81 nm between two frames and the DFTB3/MM energy by 2.9 kJ/mol."""
+    from qmlmm.environment import PeriodicImageError, largest_internal_distance, required_box_edge
+
+    s = EmbeddingSettings(1.4, 0.2)
+    need = required_box_edge(1.4, largest_internal_distance(_ammonium_water_frame(4.3, 3.0).positions[:8]), 0.1514)
+    for x in np.arange(3.40, 3.60, 0.01):
+        with pytest.raises(PeriodicImageError, match=f"at least {need:.3f} nm"):
+            select_embedding(_ammonium_water_frame(4.3, float(x)), s)
+
+
+def test_just_large_enough_box_gives_a_smooth_energy_without_image_jumps() -> None:
+    """In a box 1e-3 nm above 2 r_c + D_qm + d_mol the same sweep is accepted: the water's embedded image
+    moves by the 0.01 nm steps (never by a box length) and the DFTB3/MM energy has no step (its second
+    differences stay at the level of the smooth curvature)."""
+    from qmlmm.engines import label_frame, make_engine
+    from qmlmm.environment import largest_internal_distance, required_box_edge
+
+    fr0 = _ammonium_water_frame(10.0, 3.0)
+    d_qm = largest_internal_distance(fr0.positions[:8])
+    d_mol = largest_internal_distance(fr0.positions[8:])
+    box = required_box_edge(1.4, d_qm, d_mol) + 1e-3
+    s = EmbeddingSettings(1.4, 0.2)
+    eng = make_engine("dftb3:3ob")
+    xs = np.arange(box - 1.6, box - 1.2, 0.01)  # the water sweeps from near the water (via the image) outwards
+    pos, energies = [], []
+    for x in xs:
+        fr = _ammonium_water_frame(box, float(x))
+        emb = select_embedding(fr, s)
+        pos.append(emb.mm_positions[0] if emb.n_mm else None)
+        energies.append(label_frame(eng, fr, s)[0].energy)
+    both = [(a, b) for a, b in zip(pos[:-1], pos[1:], strict=True) if a is not None and b is not None]
+    steps = np.array([np.linalg.norm(b - a) for a, b in both])
+    assert len(both) > 5 and steps.max() < 0.011  # from frame to frame the image moves by the step only
+    # it changes image (near the QM water, then near the NH4+ through the box edge) only after leaving
+    # the embedding of both: unique images leave a gap between the two
+    present = np.array([p_ is not None for p_ in pos])
+    assert present[0] and present[-1] and not present.all()
+    e = np.array(energies)
+    assert np.ptp(e) > 0.01  # the water is felt
+    assert np.abs(np.diff(e, 2)).max() < 0.2, np.diff(e, 2)
+
+
+@pytest.mark.parametrize("margin", [-1e-3, 1e-3])
+def test_elongated_qm_region_sets_the_box_needed(margin: float) -> None:
+    """A 2 nm long QM chain (D_qm = 2.0 nm) with one water: the box must exceed 2 r_c + D_qm + d_mol whatever
+    the water's position; 1e-3 nm below is refused, 1e-3 nm above accepted."""
+    from qmlmm.environment import PeriodicImageError
+
+    chain = np.stack([np.linspace(0, 2.0, 11), np.zeros(11), np.zeros(11)], axis=1)
+    w = np.array([[0.0, 0.0, 0.0], [0.0757, 0.0586, 0.0], [-0.0757, 0.0586, 0.0]]) + [1.0, 0.5, 0.0]
+    d_mol = float(np.linalg.norm(w[1] - w[2]))
+    box = 2 * 1.0 + 2.0 + d_mol + margin
+    fr = Frame(
+        numbers=np.array([6] * 11 + [8, 1, 1]),
+        positions=np.concatenate([chain, w]),
+        is_qm=np.arange(14) < 11,
+        charges=np.concatenate([np.zeros(11), [-0.834, 0.417, 0.417]]),
+        mol_ids=np.array([0] * 11 + [1] * 3),
+        box=np.eye(3) * box,
+        qm_mult=1,
+    )
+    if margin < 0:
+        with pytest.raises(PeriodicImageError, match="box too small"):
+            select_embedding(fr, EmbeddingSettings(1.0, 0.2))
+    else:
+        assert select_embedding(fr, EmbeddingSettings(1.0, 0.2)).n_mm == 3
+
+
+def test_shortest_lattice_vector_of_a_triclinic_box() -> None:
+    from qmlmm.environment import shortest_lattice_vector
+
+    assert shortest_lattice_vector(np.eye(3) * 3.0) == pytest.approx(3.0)
+    # rhombic dodecahedron (OpenMM's reduced form): all 12 shortest vectors have the edge length
+    a = 4.0
+    box = np.array([[a, 0, 0], [0, a, 0], [a / 2, a / 2, a / np.sqrt(2)]])
+    assert shortest_lattice_vector(box) == pytest.approx(a)
+    skew = np.array([[3.0, 0, 0], [2.5, 1.0, 0], [0, 0, 5.0]])  # b - a is shorter than a and b
+    assert shortest_lattice_vector(skew) == pytest.approx(np.hypot(0.5, 1.0))
+
+
+# ---- one embedding default, one switching function -----------------------------------------------------
+def test_one_embedding_default_everywhere() -> None:
+    """CLI (label, sample, md), API (EmbeddingSettings, label_dataset), sampling, the model config and the
+    pipeline all default to the same cutoff and switching width."""
+    import inspect
+
+    from qmlmm import cli
+    from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH
+    from qmlmm.models.hdnnp import ModelConfig
+    from qmlmm.workflows.pipeline import PipelineConfig
+    from qmlmm.workflows.sample import SampleSettings
+
+    assert (DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH) == (1.4, 0.2)
+    want = (DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH)
+    e = EmbeddingSettings()
+    assert (e.cutoff, e.switch_width) == want
+    assert (SampleSettings().cutoff, SampleSettings().switch_width) == want
+    assert (ModelConfig().cutoff, ModelConfig().switch_width) == want
+    p = PipelineConfig(name="x", solutes=["CO"])
+    assert (p.cutoff, p.switch_width) == want
+    for cmd in (cli.label, cli.sample):
+        sig = inspect.signature(cmd)
+        assert (sig.parameters["cutoff"].default, sig.parameters["switch_width"].default) == want, cmd
+    # md: no value means the default (a model brings its own)
+    _, emb = cli._engine_for_md(None, "dftb3:3ob", 1, None, None)
+    assert (emb.cutoff, emb.switch_width) == want  # type: ignore[attr-defined]
+    from qmlmm.workflows.label import label_dataset
+
+    assert inspect.signature(label_dataset).parameters["embedding"].default is None  # -> EmbeddingSettings()
+
+
+def test_labels_and_model_weight_every_mm_charge_identically() -> None:
+    """The switching weights of the labels (environment, numpy) and of the model (hdnnp, torch) are the same
+    numbers for every embedded MM atom of a frame with many molecules in the switching shell."""
+    import torch
+
+    from qmlmm.data.batch import collate, frame_tensors
+    from qmlmm.models.hdnnp import switch_weights
+
+    fr = solvated_frame("methanol", box=3.0, seed=11)
+    s = EmbeddingSettings(cutoff=1.0, switch_width=0.3)
+    emb = select_embedding(fr, s)
+    assert len(emb.switch_mm) > 10 and (emb.mm_weights == 1).any()
+    b = collate([frame_tensors(fr, s, emb=emb)], dtype=torch.float64)
+    w = switch_weights(b, s.cutoff, s.switch_width).numpy()
+    assert np.array_equal(emb.mm_weights, w) or np.allclose(emb.mm_weights, w, rtol=0, atol=1e-14)

@@ -25,7 +25,7 @@ CYTOSINE = "Nc1cc[nH]c(=O)n1"
 @pytest.fixture(scope="module")
 def methanol_system(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sys") / "methanol"
-    build_system([SoluteSpec(smiles="CO")], out, BuildSettings(padding=0.9, equilibrate_ps=2.0))
+    build_system([SoluteSpec(smiles="CO")], out, BuildSettings(cutoff=0.8, margin=0.1, equilibrate_ps=2.0))
     return out
 
 
@@ -57,7 +57,7 @@ def test_build_formula_charge_density(
     tmp_path: Path, name: str, smiles: list[str], charge: int, formula: str | None
 ) -> None:
     res = build_system(
-        [SoluteSpec(smiles=s) for s in smiles], tmp_path / name, BuildSettings(padding=0.8, equilibrate_ps=5.0)
+        [SoluteSpec(smiles=s) for s in smiles], tmp_path / name, BuildSettings(cutoff=0.6, equilibrate_ps=5.0)
     )
     assert res.formula == _formula(smiles)
     if formula is not None:
@@ -90,7 +90,7 @@ def test_build_cli_charge_model(tmp_path: Path) -> None:
 
     from qmlmm.cli import app
 
-    args = ["build", "--smiles", "CO", "--padding", "0.6", "--equilibrate-ps", "0"]
+    args = ["build", "--smiles", "CO", "--cutoff", "0.5", "--equilibrate-ps", "0"]
     res = CliRunner().invoke(app, [*args, "--qm-charges", "none", "-o", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
@@ -261,8 +261,15 @@ def test_restart_continues_and_appends(methanol_system: Path, tmp_path: Path) ->
     from qmlmm.md.dcd import read_dcd
 
     pos, _ = read_dcd(tmp_path / "r" / "traj.dcd")
-    final = np.load(tmp_path / "r" / "final_positions.npy")
+    from qmlmm.md.runner import load_final_state
+
+    end = load_final_state(tmp_path / "r")
+    assert end is not None and end.velocities is not None and end.velocities.shape == end.positions.shape
+    final = end.positions
     assert final.shape == pos[-1].shape and np.allclose(final, pos[-1], atol=2e-5)  # DCD is float32
+    # the restart keeps the record of how the run began (built structure, MM relaxation, drawn velocities)
+    start = json.loads((tmp_path / "r" / "run.json").read_text())["start"]
+    assert start == {"from": "built structure", "mm_relaxation": True, "velocities": "drawn"}
     assert not np.allclose(final, MDSystem.load(methanol_system).positions, atol=1e-3)
     # qmlmm analyze on this run folder: log summary, RDFs of the default pairs (methanol has O, no N)
     from qmlmm.analysis.report import analyze_run
@@ -307,7 +314,7 @@ def test_nve_energy_conservation_with_trained_model(methanol_system: Path, tmp_p
     inside the model), so the total energy must stay put while the kinetic energy swings.
     """
     from qmlmm.models import QMLMMModel
-    from qmlmm.training import TrainConfig, load_training_data, train
+    from qmlmm.training import SplitSettings, TrainConfig, load_training_data, train
     from qmlmm.workflows.label import LevelRequest, label_dataset
     from qmlmm.workflows.sample import SampleSettings, sample
 
@@ -319,7 +326,7 @@ def test_nve_energy_conservation_with_trained_model(methanol_system: Path, tmp_p
     frames = sample(methanol_system, tmp_path / "frames.h5", s, workers=0, progress=False)
     label_dataset(frames, tmp_path / "labels.h5", [LevelRequest.from_spec("dftb3:3ob")], EMB, workers=0, progress=False)
     cfg = TrainConfig(target="dftb3", ensemble=2, epochs=40, hidden=[16, 16], block_size=2, lr=3e-3, threads=2)
-    data = load_training_data(tmp_path / "labels.h5", "dftb3", block_size=2, seed=0)
+    data = load_training_data(tmp_path / "labels.h5", "dftb3", split=SplitSettings(kind="blocks", block_size=2))
     train(data, cfg, tmp_path / "m.pt", progress=False)
     model = QMLMMModel.load(tmp_path / "m.pt")
     assert model.embedding.switch_width == pytest.approx(0.2)

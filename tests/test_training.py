@@ -29,6 +29,9 @@ FAST = {
     "lr_patience": 15,
     "patience": 60,
     "descriptor": {"qm_radial_cutoff": 0.5, "mm_radial_cutoff": 0.8, "mm_angular_cutoff": 0.5},
+    # the synthetic frames are independent draws, not a trajectory (no runs, no time): blocks of them are
+    # as independent as runs would be
+    "split": "blocks",
 }
 
 
@@ -42,7 +45,7 @@ def direct_model(syn: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """A quickly trained ensemble of two (for the model-file, engine, CLI and ASE tests)."""
     out = tmp_path_factory.mktemp("m") / "direct.pt"
     cfg = TrainConfig(target="ref", ensemble=2, epochs=15, **FAST)  # type: ignore[arg-type]
-    data = load_training_data(syn, "ref", block_size=cfg.block_size, seed=cfg.seed)
+    data = load_training_data(syn, "ref", split=cfg.split_settings)
     res = train(data, cfg, out, progress=False)
     return out, res.metrics
 
@@ -61,7 +64,7 @@ def test_training_recovers_known_target(tmp_path: Path) -> None:
     forces ~4 % RMSE relative to the spread of the target)."""
     path = make_dataset(tmp_path / "big.h5", n_frames=300, cutoff=0.8, seed=7)
     cfg = TrainConfig(target="ref", ensemble=1, epochs=80, **FAST)  # type: ignore[arg-type]
-    data = load_training_data(path, "ref", block_size=cfg.block_size, seed=cfg.seed)
+    data = load_training_data(path, "ref", split=cfg.split_settings)
     m = train(data, cfg, tmp_path / "m.pt", progress=False).metrics
     test = data.subset(data.test)
     e = np.array([it.energy for it in test])
@@ -107,7 +110,7 @@ def test_model_as_engine_equals_batch_prediction(direct_model: tuple[Path, dict]
 
 def test_delta_bookkeeping_reproduces_reference(syn: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(target="ref", baseline="base", ensemble=1, epochs=40, **FAST)  # type: ignore[arg-type]
-    data = load_training_data(syn, "ref", "base", block_size=cfg.block_size, seed=cfg.seed)
+    data = load_training_data(syn, "ref", "base", split=cfg.split_settings)
     res = train(data, cfg, tmp_path / "delta.pt", progress=False)
     model = res.model
     assert model.meta.delta and model.meta.baseline == "base"

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH
 from qmlmm.errors import QMLMMError
 
 app = typer.Typer(
@@ -52,10 +53,10 @@ def label(
     level: Annotated[
         list[str] | None, typer.Option(help="Level name for each --method (default: the part before the colon).")
     ] = None,
-    cutoff: Annotated[float, typer.Option(help="Embedding cutoff in nm.")] = 1.4,
+    cutoff: Annotated[float, typer.Option(help="Embedding cutoff in nm.")] = DEFAULT_CUTOFF,
     switch_width: Annotated[
         float, typer.Option(help="Width (nm) of the smooth charge switching inside the cutoff; 0 = sharp.")
-    ] = 0.0,
+    ] = DEFAULT_SWITCH_WIDTH,
     workers: Annotated[int, typer.Option(help="Dask worker processes (0 = run in this process).")] = 1,
     threads: Annotated[int, typer.Option(help="Threads per worker.")] = 1,
     scheduler: Annotated[
@@ -204,9 +205,7 @@ def train(
             dtype=dtype,
             threads=threads,
         )
-        d = load_training_data(
-            data, cfg.target, cfg.baseline, cfg.block_size, cfg.valid_fraction, cfg.test_fraction, cfg.seed
-        )
+        d = load_training_data(data, cfg.target, cfg.baseline, cfg.split_settings)
         res = run_train(d, cfg, out, resume=resume)
     except (QMLMMError, FileNotFoundError) as e:
         _fail(e)
@@ -327,8 +326,15 @@ def build(
         list[Path] | None, typer.Option(help="Solute file .sdf/.mol/.mol2/.pdb/.xyz (repeatable).")
     ] = None,
     charge: Annotated[int | None, typer.Option(help="Total QM charge (default: sum of formal charges).")] = None,
-    padding: Annotated[float, typer.Option(help="Water layer between the solutes and the box faces, nm.")] = 1.2,
+    padding: Annotated[
+        float | None,
+        typer.Option(help="Water layer between the solutes and the box faces, nm (default: derived from --cutoff)."),
+    ] = None,
     box: Annotated[float | None, typer.Option(help="Cubic box edge, nm (instead of --padding).")] = None,
+    cutoff: Annotated[
+        float,
+        typer.Option(help="Embedding cutoff (nm) the box is built for: unique periodic images at this cutoff."),
+    ] = DEFAULT_CUTOFF,
     gap: Annotated[float, typer.Option(help="Gap between neighbouring solutes, nm.")] = 0.35,
     mult: Annotated[int, typer.Option(help="QM spin multiplicity.")] = 1,
     seed: Annotated[int, typer.Option(help="RDKit embedding seed.")] = 0,
@@ -348,6 +354,7 @@ def build(
             BuildSettings(
                 padding=padding,
                 box=box,
+                cutoff=cutoff,
                 gap=gap,
                 multiplicity=mult,
                 seed=seed,
@@ -386,7 +393,7 @@ def _engine_for_md(
             )
         return m.engine(threads), emb
     return make_engine(engine, threads=threads), EmbeddingSettings(  # type: ignore[arg-type]
-        1.4 if cutoff is None else cutoff, 0.2 if switch_width is None else switch_width
+        DEFAULT_CUTOFF if cutoff is None else cutoff, DEFAULT_SWITCH_WIDTH if switch_width is None else switch_width
     )
 
 
@@ -404,9 +411,11 @@ def md(
         list[str] | None, typer.Option(help="dist:i,j,r0,k or rc:i,j,k,l,d,r0,k (nm, kJ/mol/nm2).")
     ] = None,
     umbrella: Annotated[str | None, typer.Option(help="start:stop:n windows along the first restraint's r0.")] = None,
-    cutoff: Annotated[float | None, typer.Option(help="Embedding cutoff nm (engines; default 1.4).")] = None,
+    cutoff: Annotated[
+        float | None, typer.Option(help=f"Embedding cutoff nm (engines; default {DEFAULT_CUTOFF}).")
+    ] = None,
     switch_width: Annotated[
-        float | None, typer.Option(help="Smooth embedding width nm (engines; default 0.2).")
+        float | None, typer.Option(help=f"Smooth embedding width nm (engines; default {DEFAULT_SWITCH_WIDTH}).")
     ] = None,
     max_uncertainty: Annotated[
         float | None, typer.Option(help="Stop when the ensemble spread (kJ/mol) exceeds this.")
@@ -437,27 +446,14 @@ def md(
         if umbrella:
             if not rs:
                 raise QMLMMError("--umbrella needs a --restraint whose r0 the windows replace")
-            from qmlmm.md.restraints import DistanceRestraint, RCRestraint
+            from qmlmm.md.umbrella import make_windows, run_windows
 
-            first = rs[0]
-            for k, r0 in enumerate(umbrella_windows(umbrella)):
-                rk = (
-                    first.with_r0(r0)
-                    if isinstance(first, RCRestraint)
-                    else DistanceRestraint(first.i, first.j, r0, first.k)
-                )
-                res = run_md(
-                    system,
-                    eng,  # type: ignore[arg-type]
-                    out / f"window_{k:02d}",
-                    s,
-                    emb,  # type: ignore[arg-type]
-                    restart=restart,
-                    restraints=[rk, *rs[1:]],
-                )
+            wins = make_windows(rs[0], umbrella_windows(umbrella), rs[1:])
+            outcomes = run_windows(system, eng, out, wins, s, emb)  # type: ignore[arg-type]
+            for k, o in sorted(outcomes.items()):
                 typer.echo(
-                    f"window {k} (r0 = {r0:.3f} nm): {res.steps_done} steps, {res.ns_per_day:.3f} ns/day"
-                    + (f"; STOPPED: {res.stopped}" if res.stopped else "")
+                    f"window {k} (r0 = {wins[k].r0:.3f} nm): {o.steps_done} steps from {o.started_from}"
+                    + (f"; STOPPED: {o.stopped}" if o.stopped else "")
                 )
             return
         res = run_md(system, eng, out, s, emb, restart=restart, restraints=rs)  # type: ignore[arg-type]
@@ -484,8 +480,8 @@ def sample(
     equil_steps: Annotated[int, typer.Option(help="MM-only water equilibration steps (2 fs).")] = 2500,
     temperature: Annotated[float, typer.Option(help="K.")] = 300.0,
     dt: Annotated[float, typer.Option(help="fs.")] = 0.5,
-    cutoff: Annotated[float, typer.Option(help="Embedding cutoff, nm.")] = 1.4,
-    switch_width: Annotated[float, typer.Option(help="Smooth embedding width, nm.")] = 0.0,
+    cutoff: Annotated[float, typer.Option(help="Embedding cutoff, nm.")] = DEFAULT_CUTOFF,
+    switch_width: Annotated[float, typer.Option(help="Smooth embedding width, nm.")] = DEFAULT_SWITCH_WIDTH,
     workers: Annotated[int, typer.Option(help="Dask workers for the runs (0: in this process).")] = 1,
     threads: Annotated[int, typer.Option(help="Threads per run.")] = 1,
     scheduler: Annotated[str | None, typer.Option(help="Running Dask scheduler address.")] = None,

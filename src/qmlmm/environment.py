@@ -11,25 +11,52 @@ falls smoothly (quintic smoothstep, continuous up to the second derivative) from
 a molecule enters or leaves. Its forces get the extra term
 ``-sum_J (sum_{j in J} dE/dq_j q0_j) dS_J/dR``, applied by :func:`embedding_forces_to_frame`
 from the engine's ``dE/dq`` (the electrostatic potential of the QM region at the MM sites).
+
+Unique periodic images (DESIGN.md section 1): a molecule must lie within the cutoff of the QM
+region through one image only, or its embedded image can jump by a box vector as it moves by a
+hair (a 0.01 nm move, a 4.3 nm jump and a 2.9 kJ/mol energy step were reproduced). That is
+guaranteed when the shortest lattice vector L satisfies ``L >= 2 r_c + D_qm + d_mol`` (D_qm the
+largest distance between two QM atoms, d_mol the largest embedded molecule): if atom j of a
+molecule is within r_c of QM atom a and atom k of the same molecule, shifted by L, within r_c of QM
+atom b, then |L| <= r_c + D_qm + r_c + d_mol. :func:`select_embedding` refuses a frame that
+breaks it (:class:`PeriodicImageError`, naming the box it needs); ``r_c < L/2`` is not enough.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from qmlmm.errors import InputError
+from qmlmm.switching import switch_derivative, switch_value
 from qmlmm.system import Frame, minimum_image
 
 __all__ = [
+    "DEFAULT_CUTOFF",
+    "DEFAULT_SWITCH_WIDTH",
     "Embedding",
     "EmbeddingSettings",
+    "PeriodicImageError",
+    "check_unique_images",
     "embedding_forces_to_frame",
+    "largest_internal_distance",
     "make_qm_whole",
+    "required_box_edge",
     "select_embedding",
+    "shortest_lattice_vector",
     "switch",
 ]
+
+#: The embedding cutoff (nm) used by every command, the API, sampling, labelling, MD and the pipeline.
+DEFAULT_CUTOFF: float = 1.4
+#: The width (nm) of the smooth switching shell inside the cutoff, everywhere by default (docs/labelling.md).
+DEFAULT_SWITCH_WIDTH: float = 0.2
+
+
+class PeriodicImageError(InputError):
+    """The box is too small for every embedded molecule to have a unique periodic image."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +69,8 @@ class EmbeddingSettings:
             off smoothly; 0 means a sharp cutoff.
     """
 
-    cutoff: float = 1.4
-    switch_width: float = 0.0
+    cutoff: float = DEFAULT_CUTOFF
+    switch_width: float = DEFAULT_SWITCH_WIDTH
 
     def __post_init__(self) -> None:
         if not self.cutoff > 0:
@@ -56,6 +83,8 @@ class EmbeddingSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, float]) -> EmbeddingSettings:
+        """Settings as stored with labels and models; a record without ``switch_width`` predates smooth
+        embedding and was sharp (0), not today's default."""
         return cls(cutoff=float(d["cutoff"]), switch_width=float(d.get("switch_width", 0.0)))
 
 
@@ -95,15 +124,64 @@ class Embedding:
 
 
 def switch(d: np.ndarray, r_on: float, r_off: float) -> tuple[np.ndarray, np.ndarray]:
-    """Quintic smoothstep S(d) (1 below ``r_on``, 0 above ``r_off``) and dS/dd, d in nm."""
+    """Switching weight S(d) and dS/dd of :mod:`qmlmm.switching` for distances d (nm)."""
     d = np.asarray(d, dtype=np.float64)
-    if r_off <= r_on:
-        s = (d < r_off).astype(np.float64)
-        return s, np.zeros_like(d)
-    x = np.clip((d - r_on) / (r_off - r_on), 0.0, 1.0)
-    s = 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x * x)
-    ds = -30.0 * x * x * (1.0 - x) ** 2 / (r_off - r_on)
-    return s, ds
+    return switch_value(d, r_on, r_off), switch_derivative(d, r_on, r_off)
+
+
+def shortest_lattice_vector(box: np.ndarray) -> float:
+    """Length (nm) of the shortest nonzero lattice vector of box rows (3, 3) (exact for reduced boxes,
+    as OpenMM's, whose shortest vector is a combination with coefficients in {-1, 0, 1})."""
+    combos = np.array([c for c in itertools.product((-1, 0, 1), repeat=3) if any(c)], dtype=np.float64)
+    return float(np.linalg.norm(combos @ np.asarray(box, dtype=np.float64), axis=1).min())
+
+
+def largest_internal_distance(positions: np.ndarray) -> float:
+    """Largest distance (nm) between two of the points (n, 3) (0 for fewer than two)."""
+    p = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    if len(p) < 2:
+        return 0.0
+    d2 = (p * p).sum(1)
+    r2 = d2[:, None] + d2[None, :] - 2.0 * p @ p.T
+    return float(np.sqrt(max(float(r2.max()), 0.0)))
+
+
+def required_box_edge(cutoff: float, d_qm: float, d_mol: float) -> float:
+    """Shortest lattice vector (nm) that gives every molecule a unique image: 2 r_c + D_qm + d_mol."""
+    return 2.0 * cutoff + d_qm + d_mol
+
+
+def check_unique_images(box: np.ndarray | None, cutoff: float, d_qm: float, d_mol: float) -> None:
+    """Raise :class:`PeriodicImageError` naming the box needed when the box breaks
+    ``L >= 2 r_c + D_qm + d_mol`` (module docstring); nothing for an isolated system."""
+    if box is None:
+        return
+    L = shortest_lattice_vector(box)
+    need = required_box_edge(cutoff, d_qm, d_mol)
+    if need > L:
+        raise PeriodicImageError(
+            f"box too small for a unique periodic image of every embedded molecule: shortest box vector "
+            f"{L:.3f} nm < 2 r_c + D_qm + d_mol = 2 x {cutoff:.3f} + {d_qm:.3f} + {d_mol:.3f} = {need:.3f} nm "
+            f"(r_c the embedding cutoff, D_qm the QM region's largest internal distance, d_mol the largest "
+            f"embedded molecule); build the system with a box edge of at least {need:.3f} nm (`qmlmm build "
+            f"--cutoff {cutoff:g}` sizes the box for it) or use a smaller cutoff"
+        )
+
+
+def _largest_molecule(mm_pos: np.ndarray, mol_of_atom: np.ndarray) -> float:
+    """Largest internal distance (nm) over the molecules of atoms at ``mm_pos`` (m, 3) (molecules whole),
+    ``mol_of_atom`` (m,) their molecule labels."""
+    if len(mm_pos) == 0:
+        return 0.0
+    _, mol, counts = np.unique(mol_of_atom, return_inverse=True, return_counts=True)
+    order = np.argsort(mol, kind="stable")
+    start = np.cumsum(counts) - counts
+    rank = np.empty(len(mol), dtype=np.int64)
+    rank[order] = np.arange(len(mol)) - np.repeat(start, counts)
+    padded = np.full((len(counts), int(counts.max()), 3), np.nan)
+    padded[mol, rank] = mm_pos
+    d = np.linalg.norm(padded[:, :, None, :] - padded[:, None, :, :], axis=-1)
+    return float(np.nanmax(d)) if counts.max() > 1 else 0.0
 
 
 def make_qm_whole(positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
@@ -127,10 +205,15 @@ def make_qm_whole(positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
     return whole
 
 
-def select_embedding(frame: Frame, settings: EmbeddingSettings | None = None, chunk: int = 8192) -> Embedding:
+def select_embedding(
+    frame: Frame, settings: EmbeddingSettings | None = None, chunk: int = 8192, check_images: bool = True
+) -> Embedding:
     """Embedded MM environment of ``frame`` (see module docstring for the rule).
 
-    Cost is O(n_qm * n_mm), processed in chunks of ``chunk`` MM atoms to bound memory.
+    Cost is O(n_qm * n_mm), processed in chunks of ``chunk`` MM atoms to bound memory. Raises
+    :class:`PeriodicImageError` when the box is too small for unique images (``check_images``; only
+    callers that check it themselves for another cutoff, as :func:`qmlmm.workflows.sample.trim_frame`,
+    turn it off).
     """
     settings = settings or EmbeddingSettings()
     box = frame.box
@@ -182,6 +265,8 @@ def select_embedding(frame: Frame, settings: EmbeddingSettings | None = None, ch
     anchor = anchor_of_mol[inv[sel_atoms]]
     rel = minimum_image(frame.positions[mm_all[sel_atoms]] - frame.positions[mm_all[anchor]], box)
     mm_pos = image_pos[anchor] + rel
+    if check_images and box is not None:
+        check_unique_images(box, rc, largest_internal_distance(qm_pos), _largest_molecule(mm_pos, inv[sel_atoms]))
 
     r_on = rc - settings.switch_width
     w_mol, dw_mol = switch(d_mol, r_on, rc)

@@ -14,7 +14,7 @@ from qmlmm.data.batch import frame_tensors
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.errors import InputError
 from qmlmm.models.model import QMLMMModel
-from qmlmm.training.data import load_training_data
+from qmlmm.training.data import SplitSettings, load_training_data
 from qmlmm.training.metrics import Collected, compute_metrics
 from qmlmm.training.trainer import collect_predictions
 
@@ -73,15 +73,7 @@ def evaluate_model(
     model = QMLMMModel.load(model_path)
     meta = model.meta
     tr = meta.training
-    data = load_training_data(
-        data_path,
-        meta.target,
-        meta.baseline,
-        block_size=int(tr.get("block_size", 10)),
-        valid_fraction=float(tr.get("valid_fraction", 0.1)),
-        test_fraction=float(tr.get("test_fraction", 0.1)),
-        seed=int(tr.get("seed", 0)),
-    )
+    data = load_training_data(data_path, meta.target, meta.baseline, SplitSettings.of_training(tr))
     if data.embedding.to_dict() != model.embedding.to_dict():
         raise InputError(
             f"the dataset's labels used embedding {data.embedding.to_dict()}, the model was trained "

@@ -18,6 +18,9 @@ __all__ = [
     "conjugated_chain_dihedrals",
     "free_energy_profile",
     "barrier",
+    "barrier_uncertainty",
+    "decorrelate",
+    "forward_barrier",
     "load_run",
 ]
 
@@ -132,20 +135,41 @@ def conjugated_chain_dihedrals(smiles: str, offset: int = 0) -> list[tuple[int, 
     return out
 
 
+def decorrelate(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """(indices of uncorrelated samples, statistical inefficiency g) of a time series ``x`` (pymbar's
+    timeseries: g = 1 + 2 tau in sample intervals; every ceil(g)-th sample is kept)."""
+    from pymbar import timeseries
+
+    x = np.asarray(x, dtype=float)
+    if len(x) < 4 or np.ptp(x) == 0:
+        return np.arange(len(x)), 1.0
+    g = float(timeseries.statistical_inefficiency(x))
+    idx = np.asarray(timeseries.subsample_correlated_data(x, g=g), dtype=np.int64)
+    return idx, g
+
+
 def free_energy_profile(
-    windows: Sequence[dict[str, Any]], temperature: float = 300.0, n_bins: int = 30
+    windows: Sequence[dict[str, Any]], temperature: float = 300.0, n_bins: int = 30, decorrelated: bool = True
 ) -> dict[str, np.ndarray]:
     """Free energy along a restrained coordinate from umbrella windows, by MBAR (pymbar).
 
     Args:
-        windows: each {"r0": centre (nm), "k": force constant (kJ/mol/nm^2), "x": samples (nm)}.
-    Returns {"x": bin centres, "f": free energy (kJ/mol, minimum 0), "df": uncertainty, "counts",
-    "overlap_scalar": one minus the second-largest eigenvalue of MBAR's overlap matrix (0: windows in
-    disconnected groups), "cut_overlap" (K-1,): with the windows ordered by their sample means and cut
-    in two after each of the first K-1, the overlap between the two sides (sum of MBAR's overlap matrix
-    over window pairs across the cut, symmetrised; a cut with ~0 is a gap that the profile cannot
-    bridge; the overlap of two neighbouring windows of ~0.03 or more is usually asked for), "cut_nm"
-    (K-1,): where each cut lies (midway between the sample means on either side)}.
+        windows: each {"r0": centre (nm), "k": force constant (kJ/mol/nm^2), "x": samples (nm) in time
+            order}, optionally "u_common" (kJ/mol per sample): a bias applied alike in every window (a
+            restraint that keeps the reactants together), and "dt_ps": the time between samples.
+        decorrelated: MBAR on each window's uncorrelated samples (statistical inefficiency g of its x,
+            pymbar's timeseries), so the error bars count independent samples only; False uses all samples.
+    Returns {"x": bin centres, "f": free energy (kJ/mol, minimum 0) in the ensemble with the common bias
+    (e.g. the reactants held together) but without the umbrellas, "df": its uncertainty, "counts"
+    (samples per bin, all samples), "g" (K,) statistical inefficiency per window, "tau_ps" (K,) correlation
+    time (g - 1) / 2 * dt (NaN without dt_ps), "n_used" (K,) samples MBAR used, "overlap_scalar": one minus
+    the second-largest eigenvalue of MBAR's overlap matrix (0: windows in disconnected groups),
+    "cut_overlap" (K-1,): with the windows ordered by their sample means and cut in two after each of the
+    first K-1, the overlap between the two sides (sum of MBAR's overlap matrix over window pairs across the
+    cut, symmetrised; ~0 is a gap the profile cannot bridge), "cut_nm" (K-1,): where each cut lies}; with
+    "u_common" in every window also "f_unbiased", "df_unbiased" (the common bias removed by reweighting,
+    in bins that have samples) and "ess_unbiased" (Kish's effective number of samples of that
+    reweighting: few means the unbiased profile rests on few samples).
 
     Raises AnalysisError when MBAR finds no consistent free energies (windows that do not overlap).
     """
@@ -154,24 +178,45 @@ def free_energy_profile(
 
     if len(windows) < 2:
         raise InputError("a free-energy profile needs at least two umbrella windows")
-    beta = 1.0 / (KB * temperature)
-    x_n = np.concatenate([np.asarray(w["x"], dtype=float) for w in windows])
-    N_k = np.array([len(w["x"]) for w in windows])
-    K = len(windows)
-    if (N_k == 0).any():
+    if any(len(w["x"]) == 0 for w in windows):
         raise InputError("an umbrella window has no samples")
+    beta = 1.0 / (KB * temperature)
+    picks, gs = [], []
+    for w in windows:
+        idx, g = decorrelate(np.asarray(w["x"], dtype=float)) if decorrelated else (np.arange(len(w["x"])), 1.0)
+        picks.append(idx)
+        gs.append(g)
+    x_all = np.concatenate([np.asarray(w["x"], dtype=float) for w in windows])
+    x_n = np.concatenate([np.asarray(w["x"], dtype=float)[i] for w, i in zip(windows, picks, strict=True)])
+    common = all("u_common" in w for w in windows)
+    u_c = (
+        np.concatenate([np.asarray(w["u_common"], dtype=float)[i] for w, i in zip(windows, picks, strict=True)])
+        if common
+        else np.zeros_like(x_n)
+    )
+    N_k = np.array([len(i) for i in picks])
+    K = len(windows)
     r0 = np.array([w["r0"] for w in windows])[:, None]
     kk = np.array([w["k"] for w in windows])[:, None]
-    u_kn = beta * 0.5 * kk * (x_n[None, :] - r0) ** 2
-    edges = np.linspace(x_n.min(), x_n.max() + 1e-9, n_bins + 1)
-    fes = FES(u_kn, N_k, verbose=False)
+    u_kn = beta * (0.5 * kk * (x_n[None, :] - r0) ** 2 + u_c[None, :])
+    edges = np.linspace(x_all.min(), x_all.max() + 1e-9, n_bins + 1)
     centres = 0.5 * (edges[1:] + edges[:-1])
-    counts = np.histogram(x_n, bins=edges)[0]
-    keep = counts > 0
+    counts = np.histogram(x_all, bins=edges)[0]
+    used = np.histogram(x_n, bins=edges)[0]
+    keep = used > 0
+    hist = {"bin_edges": [edges]}
     try:
-        fes.generate_fes(np.zeros_like(x_n), x_n, fes_type="histogram", histogram_parameters={"bin_edges": [edges]})
+        fes = FES(u_kn, N_k, verbose=False)
+        # target: the common bias kept, the umbrellas removed
+        fes.generate_fes(beta * u_c, x_n, fes_type="histogram", histogram_parameters=hist)
         res = fes.get_fes(centres[keep], reference_point="from-lowest", uncertainty_method="analytical")
         ov = fes.mbar.compute_overlap()
+        unb = None
+        if common:
+            fes_u = FES(u_kn, N_k, verbose=False)
+            fes_u.generate_fes(np.zeros_like(x_n), x_n, fes_type="histogram", histogram_parameters=hist)
+            unb = fes_u.get_fes(centres[keep], reference_point="from-lowest", uncertainty_method="analytical")
+            log_w = _log_weights(u_kn, N_k, np.asarray(fes_u.mbar.f_k), np.zeros_like(x_n))
     except ParameterError as e:
         raise AnalysisError(
             f"MBAR found no consistent free energies for these {len(windows)} umbrella windows (centres "
@@ -186,22 +231,54 @@ def free_energy_profile(
     cut = np.array(
         [0.5 * (m[np.ix_(order[:c], order[c:])].sum() + m[np.ix_(order[c:], order[:c])].sum()) for c in range(1, K)]
     )
-    return {
+    dts = np.array([float(w.get("dt_ps", np.nan)) for w in windows])
+    out = {
         "x": centres[keep],
         "f": f - f.min(),
         "df": df,
         "counts": counts[keep],
+        "g": np.array(gs),
+        "tau_ps": 0.5 * (np.array(gs) - 1.0) * dts,
+        "n_used": N_k,
         "overlap_scalar": np.asarray(float(ov["scalar"])),
         "cut_overlap": cut,
         "cut_nm": 0.5 * (means[order[:-1]] + means[order[1:]]),
     }
+    if unb is not None:
+        fu = np.asarray(unb["f_i"]) / beta
+        out["f_unbiased"] = fu - np.nanmin(fu)
+        out["df_unbiased"] = np.asarray(unb.get("df_i", np.full_like(fu, np.nan))) / beta
+        w = np.exp(log_w - log_w.max())
+        out["ess_unbiased"] = np.asarray(float(w.sum() ** 2 / (w * w).sum()))
+    return out
 
 
-def forward_barrier(profile: dict[str, np.ndarray]) -> tuple[float, float]:
-    """(height in kJ/mol, position in nm) of the highest interior point of ``profile`` above the minimum
-    on its low-x side (the reactant side of a coordinate that grows along the reaction); NaNs below
-    3 points."""
-    f, x = np.asarray(profile["f"]), np.asarray(profile["x"])
+def _log_weights(u_kn: np.ndarray, N_k: np.ndarray, f_k: np.ndarray, u_n: np.ndarray) -> np.ndarray:
+    """MBAR log weights (unnormalised) of every sample in the state of reduced potential ``u_n``."""
+    from scipy.special import logsumexp
+
+    with np.errstate(divide="ignore"):
+        log_n = np.log(N_k.astype(float))
+    return -u_n - logsumexp(f_k[:, None] - u_kn + log_n[:, None], axis=0)
+
+
+def barrier_uncertainty(profile: dict[str, np.ndarray], key: str = "f") -> float:
+    """Uncertainty (kJ/mol) of :func:`forward_barrier`: MBAR's errors of the top and of the reactant-side
+    minimum, added in quadrature (each is relative to the profile's lowest bin); NaN below 3 points."""
+    f = np.asarray(profile[key])
+    df = np.nan_to_num(np.asarray(profile["d" + key]), nan=0.0)
+    if len(f) < 3:
+        return float("nan")
+    k = _top_index(f)
+    j = int(np.argmin(f[: k + 1]))
+    return float(np.hypot(df[k], df[j]))
+
+
+def forward_barrier(profile: dict[str, np.ndarray], key: str = "f") -> tuple[float, float]:
+    """(height in kJ/mol, position in nm) of the highest interior point of ``profile[key]`` above the
+    minimum on its low-x side (the reactant side of a coordinate that grows along the reaction); NaNs
+    below 3 points."""
+    f, x = np.asarray(profile[key]), np.asarray(profile["x"])
     if len(f) < 3:
         return float("nan"), float("nan")
     k = _top_index(f)

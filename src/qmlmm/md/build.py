@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from qmlmm import __version__
+from qmlmm.environment import DEFAULT_CUTOFF, largest_internal_distance, required_box_edge, shortest_lattice_vector
 from qmlmm.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SoluteSpec",
     "BuildSettings",
+    "WATER_EXTENT_NM",
+    "box_edge",
     "build_system",
+    "required_edge",
     "LJ_TABLE",
     "lj_type",
     "qm_fixed_charges",
@@ -91,10 +95,28 @@ class SoluteSpec:
     anchor: tuple[int, int, int, float] | None = None
 
 
+#: Largest internal distance of a TIP3P water (nm): H-H, 2 x 0.09572 sin(104.52 deg / 2).
+WATER_EXTENT_NM: float = 0.1514
+#: Extra box edge (nm) beyond the built solute's needs, so that unique images survive the NPT box
+#: fluctuation and a solute that stretches in MD (see :func:`required_edge`).
+BOX_MARGIN_NM: float = 0.25
+
+
 @dataclass
 class BuildSettings:
-    padding: float | None = 1.2  # nm of water between the solutes and the box faces
+    """How to build (lengths in nm).
+
+    The cubic box edge is ``D_qm + 2 padding`` (D_qm the solutes' largest internal distance). By
+    default the padding is derived from the embedding ``cutoff`` the system is built for, so that every
+    box vector satisfies ``L >= 2 cutoff + D_qm + d_water + margin`` (:mod:`qmlmm.environment`: a
+    unique periodic image of every embedded molecule); a ``padding`` or ``box`` smaller than that is
+    refused with the size it needs.
+    """
+
+    padding: float | None = None  # nm of water between the solutes and the box faces (None: from the cutoff)
     box: float | None = None  # cubic box edge in nm (overrides padding)
+    cutoff: float = DEFAULT_CUTOFF  # embedding cutoff (nm) the box must serve
+    margin: float = BOX_MARGIN_NM  # extra edge (nm) for NPT fluctuation and solute flexibility
     gap: float = 0.35  # nm between the closest atoms of neighbouring solutes
     multiplicity: int = 1
     seed: int = 0
@@ -115,6 +137,45 @@ class BuiltSystem:
     box_nm: list[float]
     density_g_cm3: float
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def required_edge(d_qm: float, s: BuildSettings) -> float:
+    """Smallest cubic box edge (nm) for solutes of largest internal distance ``d_qm`` (nm):
+    ``2 cutoff + d_qm + d_water + margin``."""
+    return required_box_edge(s.cutoff, d_qm, WATER_EXTENT_NM) + s.margin
+
+
+def box_edge(d_qm: float, s: BuildSettings) -> float:
+    """The cubic box edge (nm) to build for solutes of largest internal distance ``d_qm`` (nm): ``s.box``,
+    else ``d_qm + 2 padding`` (water between the solutes and each face; Modeller's own padding measures
+    between periodic copies and switches rules for small solutes, so the box is set here), the padding
+    derived from the cutoff when not given. Raises InputError for a box or padding that is not positive,
+    or too small for unique periodic images at ``s.cutoff``, naming the size it needs."""
+    need = required_edge(d_qm, s)
+    if s.box is not None:
+        if not s.box > 0:
+            raise InputError(f"box edge must be positive, got {s.box} nm")
+        if s.box < need:
+            raise InputError(
+                f"box edge {s.box} nm is too small for a {s.cutoff} nm embedding of this solute (largest "
+                f"internal distance {d_qm:.3f} nm): it needs at least {need:.3f} nm (2 x cutoff + solute + "
+                f"water {WATER_EXTENT_NM} + margin {s.margin}); use --box {np.ceil(need * 100) / 100:.2f} or "
+                "leave --box and --padding out"
+            )
+        return float(s.box)
+    pad_need = 0.5 * (need - d_qm)
+    if s.padding is None:
+        return need
+    if not s.padding > 0:
+        raise InputError(f"padding must be positive, got {s.padding} nm (leave it out to derive it from the cutoff)")
+    if s.padding < pad_need - 1e-9:
+        raise InputError(
+            f"padding {s.padding} nm is too small for a {s.cutoff} nm embedding: the box edge (solute "
+            f"{d_qm:.3f} nm + 2 x padding) must be at least {need:.3f} nm for unique periodic images, i.e. "
+            f"padding >= {pad_need:.3f} nm; use --padding {np.ceil(pad_need * 100) / 100:.2f}, leave it out, "
+            "or build for a smaller --cutoff"
+        )
+    return d_qm + 2.0 * float(s.padding)
 
 
 def _load_solute(spec: SoluteSpec, seed: int) -> Any:
@@ -366,13 +427,7 @@ def build_system(
     ff = app.ForceField("amber14/tip3p.xml", str(ff_path))
     modeller = app.Modeller(top, allpos * u.nanometer)
     kw: dict[str, Any] = {"model": s.water_model, "neutralize": False}
-    if s.box is not None:
-        edge = float(s.box)
-    else:
-        # the water layer between the solutes and each box face is ``padding`` (Modeller's own padding
-        # measures between periodic copies and switches rules for small solutes, so set the box here)
-        diam = float(np.max(np.linalg.norm(allpos[:, None] - allpos[None], axis=-1))) if len(allpos) > 1 else 0.0
-        edge = diam + 2.0 * (s.padding or 1.2)
+    edge = box_edge(largest_internal_distance(allpos), s)
     kw["boxSize"] = openmm.Vec3(edge, edge, edge) * u.nanometer
     modeller.addSolvent(ff, **kw)
     system = ff.createSystem(
@@ -390,6 +445,15 @@ def build_system(
     if s.equilibrate_ps > 0:
         positions, box_vecs = _equilibrate_npt(system, modeller.topology, positions, n_qm, s, qm_mm_charges)
         modeller.topology.setPeriodicBoxVectors(box_vecs)
+    box_rows = np.asarray(modeller.topology.getPeriodicBoxVectors().value_in_unit(u.nanometer))
+    L = shortest_lattice_vector(box_rows)
+    d_qm = largest_internal_distance(np.asarray(positions.value_in_unit(u.nanometer))[:n_qm])
+    need = required_box_edge(s.cutoff, d_qm, WATER_EXTENT_NM)
+    if need > L:  # the NPT box shrank by more than the margin
+        raise InputError(
+            f"after the NPT equilibration the box ({L:.3f} nm) is below the {need:.3f} nm that a {s.cutoff} nm "
+            "embedding needs for this solute; rebuild with a larger margin (BuildSettings.margin) or padding"
+        )
     (out / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
     with open(out / "system.pdb", "w") as fh:
         app.PDBFile.writeFile(modeller.topology, positions, fh, keepIds=True)
@@ -438,6 +502,11 @@ def build_system(
         # fixed QM charges (e) used only in the MM-only stages (equilibration, water relaxation)
         "qm_mm_charges": [round(float(x), 6) for x in qm_mm_charges],
         "qm_mm_charge_models": [m for _, m in fixed],
+        # the embedding this box serves: unique images hold while the QM region's largest internal distance
+        # stays below max_qm_extent_nm (labelling and MD refuse frames beyond it)
+        "embedding_cutoff_nm": s.cutoff,
+        "max_qm_extent_nm": L - 2.0 * s.cutoff - WATER_EXTENT_NM,
+        "qm_extent_built_nm": d_qm,
         "water_model": s.water_model,
         "n_waters": n_waters,
         "box_nm": box_nm,

@@ -28,7 +28,53 @@ from qmlmm.md.system import MDSystem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MDSettings", "MDResult", "run_md", "make_simulation", "freeze_qm_and_relax_water", "energy_drift"]
+__all__ = [
+    "MDSettings",
+    "MDResult",
+    "StartState",
+    "energy_drift",
+    "freeze_qm_and_relax_water",
+    "load_final_state",
+    "make_simulation",
+    "run_md",
+]
+
+
+@dataclass
+class StartState:
+    """Where a run starts: positions (N, 3) nm and, to continue a trajectory, velocities (N, 3) nm/ps.
+
+    With velocities the run continues that trajectory as it is: no MM-only relaxation, no new draw
+    (the solvent keeps its response to the solute, e.g. from the neighbouring umbrella window). Without
+    them, velocities are drawn at the run's temperature. ``source`` says where the state came from.
+    """
+
+    positions: np.ndarray
+    velocities: np.ndarray | None = None
+    source: str = ""
+
+
+def load_final_state(run_dir: str | Path) -> StartState | None:
+    """The state a ``run_md`` folder ended in (``final_state.npz``; older folders: ``final_positions.npy``
+    without velocities), as the start of a following run; None when the folder has neither."""
+    d = Path(run_dir)
+    if (d / "final_state.npz").exists():
+        with np.load(d / "final_state.npz") as z:
+            return StartState(np.array(z["positions"]), np.array(z["velocities"]), str(d))
+    if (d / "final_positions.npy").exists():
+        return StartState(np.load(d / "final_positions.npy"), None, str(d))
+    return None
+
+
+def _save_state_npz(path: Path, positions: np.ndarray, velocities: np.ndarray | None, **extra: Any) -> None:
+    """Write positions (and velocities) atomically to ``path`` (.npz)."""
+    tmp = path.with_name(path.name + ".tmp")
+    arrays = {"positions": np.asarray(positions, dtype=np.float64), **extra}
+    if velocities is not None:
+        arrays["velocities"] = np.asarray(velocities, dtype=np.float64)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    tmp.replace(path)
 
 
 @dataclass
@@ -45,6 +91,7 @@ class MDSettings:
     checkpoint_every: int = 100
     seed: int = 0
     minimize: bool = True  # MM-only water minimisation + thermalisation around the frozen QM atoms first
+    # (never for a run that continues a trajectory: StartState with velocities)
     thermalize_steps: int = 500  # MM-only 2 fs steps of that thermalisation (Langevin 10/ps); 0: minimise only
     max_uncertainty: float | None = None
     platform: str = "CPU"
@@ -171,10 +218,17 @@ def run_md(
     embedding: EmbeddingSettings | None = None,
     restart: bool = False,
     progress: bool = True,
-    positions: np.ndarray | None = None,
+    start: StartState | None = None,
     restraints: list[Restraint] | None = None,
 ) -> MDResult:
-    """Run MD of a built system with the QM/MM force of ``engine`` (None: MM only)."""
+    """Run MD of a built system with the QM/MM force of ``engine`` (None: MM only).
+
+    ``start``: where to begin (default the built structure). A start with velocities continues that
+    trajectory (no MM-only stage, no new velocities); otherwise the water is relaxed MM-only first
+    (``s.minimize``) and velocities are drawn. The start is recorded in ``start_state.npz`` and, with
+    what was done to it, in ``run.json`` (``start``); the end in ``final_state.npz`` (positions and
+    velocities, the start of a following run, see :func:`load_final_state`).
+    """
     import openmm
     import openmm.app as app
     import openmm.unit as u
@@ -185,8 +239,15 @@ def run_md(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     msys = MDSystem.load(system_dir)
-    if positions is not None:
-        msys.positions = positions
+    if start is not None:
+        if start.positions.shape != msys.positions.shape or (
+            start.velocities is not None and start.velocities.shape != msys.positions.shape
+        ):
+            raise InputError(
+                f"start state from {start.source or 'the caller'} has {start.positions.shape[0]} atoms, the system "
+                f"{system_dir} {msys.positions.shape[0]}"
+            )
+        msys.positions = start.positions
     emb = embedding or EmbeddingSettings()
     rs = list(restraints or []) + [parse_restraint(t) for t in s.restraints]
     sim, cb = make_simulation(msys, engine, emb, s, rs)
@@ -194,6 +255,12 @@ def run_md(
     chk = out / "checkpoint.chk"
     csv_path = out / "log.csv"
     start_step = 0
+    continues = start is not None and start.velocities is not None
+    start_info: dict[str, Any] = {
+        "from": (start.source or "given positions") if start is not None else "built structure",
+        "mm_relaxation": bool(s.minimize and engine is not None and not continues and not restart),
+        "velocities": "continued" if continues else "drawn",
+    }
     if restart:
         if not chk.exists():
             raise InputError(f"--restart: no checkpoint in {out}")
@@ -201,7 +268,7 @@ def run_md(
         start_step = round(ctx.getState().getStepCount())
         log.info("restarting %s at step %d", out, start_step)
     else:
-        if s.minimize and engine is not None:
+        if start_info["mm_relaxation"]:
             # relax and thermalise the water around the (fixed) solute with the MM force field first (QM
             # atoms do not move); minimising alone would start the QM/MM run cold: the water's thermal
             # potential energy is gone and T falls to ~175 K within 10 fs of drawing 300 K velocities
@@ -214,10 +281,19 @@ def run_md(
             )
             ctx.setPositions(msys_pos * u.nanometer)
         try:  # OpenMM evaluates the forces here, so the QM/MM force can already fail
-            ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, s.seed)
+            if continues:
+                ctx.setVelocities(start.velocities * (u.nanometer / u.picosecond))  # type: ignore[union-attr]
+            else:
+                ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, s.seed)
         except Exception as e:
             raise EngineError(f"MD could not start in {out}: the QM/MM force failed at the start: {e}") from e
         ctx.setStepCount(0)
+        st0 = ctx.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
+        _save_state_npz(
+            out / "start_state.npz",
+            st0.getPositions(asNumpy=True).value_in_unit(u.nanometer),
+            st0.getVelocities(asNumpy=True).value_in_unit(u.nanometer / u.picosecond),
+        )
     dof = _dof(sim.system)
     kB = 0.00831446261815324
     mode = "a" if restart and csv_path.exists() else "w"
@@ -292,10 +368,13 @@ def run_md(
         bar.close()
         fh.close()
     seconds = time.perf_counter() - t0
-    # where the run ended (unwrapped, nm): the start of a following run, e.g. the next umbrella window
-    with open(out / "final_positions.npy.tmp", "wb") as fpos:
-        np.save(fpos, np.asarray(last_good.getPositions(asNumpy=True).value_in_unit(u.nanometer)))
-    Path(out / "final_positions.npy.tmp").replace(out / "final_positions.npy")
+    # where the run ended (unwrapped, nm; nm/ps): the start of a following run, e.g. the next umbrella window
+    _save_state_npz(
+        out / "final_state.npz",
+        last_good.getPositions(asNumpy=True).value_in_unit(u.nanometer),
+        last_good.getVelocities(asNumpy=True).value_in_unit(u.nanometer / u.picosecond),
+        step=np.asarray(start_step + done),
+    )
     if stopped:
         (out / "last_good_state.xml").write_text(openmm.XmlSerializer.serialize(last_good))
         log.error(
@@ -316,10 +395,20 @@ def run_md(
         "stopped": stopped,
         "drift_kjmol_per_ps": drift,
         "restraints": [r.text() for r in rs],
+        "start": _start_record(out, start_info, restart),
         "qmmm_seconds_per_call": (cb.seconds / cb.calls) if cb and cb.calls else None,
     }
     (out / "run.json").write_text(json.dumps(info, indent=2))
     return MDResult(out, start_step + done, seconds, nsday, stopped, csv_path, drift)
+
+
+def _start_record(out: Path, info: dict[str, Any], restart: bool) -> dict[str, Any]:
+    """How the run began: this invocation's record, or for a restart the first invocation's (run.json)."""
+    if restart and (out / "run.json").exists():
+        before = json.loads((out / "run.json").read_text()).get("start")
+        if before:
+            return dict(before)
+    return info
 
 
 def energy_drift(csv_path: str | Path, skip_ps: float = 0.0) -> float:

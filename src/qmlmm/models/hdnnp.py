@@ -19,7 +19,8 @@ from torch import nn
 
 from qmlmm.data.batch import FrameBatch
 from qmlmm.descriptors.acsf import ACSF, DescriptorConfig
-from qmlmm.environment import EmbeddingSettings
+from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH, EmbeddingSettings
+from qmlmm.switching import switch_value
 
 __all__ = ["ModelConfig", "HDNNP", "switch_weights", "energy_and_forces"]
 
@@ -33,8 +34,8 @@ class ModelConfig:
     descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     activation: str = "silu"
-    cutoff: float = 1.4  # embedding cutoff (nm) of the labels the model learns
-    switch_width: float = 0.0  # smooth embedding width (nm), as in the labels
+    cutoff: float = DEFAULT_CUTOFF  # embedding cutoff (nm) of the labels the model learns
+    switch_width: float = DEFAULT_SWITCH_WIDTH  # smooth embedding width (nm), as in the labels
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -52,6 +53,7 @@ class ModelConfig:
             hidden=[int(h) for h in d.get("hidden", [64, 64])],  # type: ignore[attr-defined]
             activation=str(d.get("activation", "silu")),
             cutoff=float(d.get("cutoff", 1.4)),  # type: ignore[arg-type]
+            # model files without the key predate smooth embedding: they were trained on sharp labels
             switch_width=float(d.get("switch_width", 0.0)),  # type: ignore[arg-type]
         )
 
@@ -64,7 +66,7 @@ def switch_weights(b: FrameBatch, cutoff: float, width: float) -> torch.Tensor:
     """(Nm,) molecule switching weight of every MM atom, differentiable in positions.
 
     S(d_J) with d_J the shortest distance between an atom of molecule J and a QM atom of its frame,
-    the quintic smoothstep of :func:`qmlmm.environment.switch`.
+    the one switching function of :mod:`qmlmm.switching`, as the labels use it.
     """
     nm = len(b.mm_q)
     if width <= 0 or nm == 0:
@@ -76,15 +78,16 @@ def switch_weights(b: FrameBatch, cutoff: float, width: float) -> torch.Tensor:
         iq = torch.nonzero(b.qm_frame == f).flatten()
         if len(im) == 0:
             continue
-        parts.append((im, torch.cdist(b.mm_pos[im], b.qm_pos[iq]).amin(dim=1)))
+        # explicit differences, not torch.cdist: cdist's small-input kernel has no double backward (the
+        # force loss of training needs one), its large-input one has
+        d2 = ((b.mm_pos[im][:, None, :] - b.qm_pos[iq][None, :, :]) ** 2).sum(-1)
+        parts.append((im, d2.amin(dim=1).sqrt()))
     for im, d in parts:
         dmin = dmin.index_copy(0, im, d)
     n_mol = int(b.mm_mol.max().item()) + 1
     dmol = torch.full((n_mol,), float("inf"), dtype=dmin.dtype, device=dmin.device)
     dmol = dmol.scatter_reduce(0, b.mm_mol, dmin, reduce="amin", include_self=True)
-    x = ((dmol - (cutoff - width)) / width).clamp(0.0, 1.0)
-    s = 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x * x)
-    return s[b.mm_mol]
+    return switch_value(dmol, cutoff - width, cutoff)[b.mm_mol]
 
 
 class HDNNP(nn.Module):

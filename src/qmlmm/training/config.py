@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qmlmm.errors import InputError
+from qmlmm.training.data import SplitSettings
 
 __all__ = ["TrainConfig", "load_config"]
 
@@ -23,9 +24,12 @@ class TrainConfig:
     ``patience`` [80] epochs; at most ``epochs`` [600]; ``batch_size`` frames [8].
     Loss: each term's mean squared error divided by the variance of that target on the training
     set, weighted by ``w_energy`` (per atom) [1], ``w_qm_forces`` [1], ``w_mm_forces`` [1].
-    Split: consecutive frames in blocks of ``block_size`` [10] are assigned as wholes to train /
-    validation / test with fractions ``valid_fraction`` [0.1] and ``test_fraction`` [0.1], shuffled
-    with ``seed`` [0]; ``max_train_frames`` limits the training set (learning curves).
+    Split (:class:`qmlmm.training.data.SplitSettings`): ``split`` [runs] whole sampling runs to train /
+    validation / test (fractions ``valid_fraction`` [0.1] and ``test_fraction`` [0.1] of the runs,
+    shuffled with ``seed`` [0]; fewer than three runs: ``time``, each run cut in time order with
+    gaps of ``split_gap_frames`` [None: one statistical inefficiency of the energies]); ``blocks``:
+    consecutive blocks of ``block_size`` [10] frames shuffled (the old default, test frames next to
+    training frames); ``max_train_frames`` limits the training set (learning curves).
     """
 
     target: str = "dft"
@@ -44,6 +48,8 @@ class TrainConfig:
     w_energy: float = 1.0
     w_qm_forces: float = 1.0
     w_mm_forces: float = 1.0
+    split: str = "runs"
+    split_gap_frames: int | None = None
     block_size: int = 10
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -66,9 +72,15 @@ class TrainConfig:
             raise InputError("valid_fraction + test_fraction must be below 1")
         if self.baseline is not None and self.baseline == self.target:
             raise InputError("baseline and target are the same level")
+        self.split_settings  # noqa: B018 - validates split, split_gap_frames, block_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def split_settings(self) -> SplitSettings:
+        """How the frames are split (checked when the config is made)."""
+        return SplitSettings.of_training(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -68,9 +68,7 @@ def _run(job: TrainJob, progress: bool, position: int | None) -> tuple[str, dict
 
     torch.set_num_threads(max(1, job.cfg.threads))
     c = job.cfg
-    data = load_training_data(
-        job.path, c.target, c.baseline, c.block_size, c.valid_fraction, c.test_fraction, c.seed, **job.data
-    )
+    data = load_training_data(job.path, c.target, c.baseline, c.split_settings, **job.data)
     res = train(data, c, job.out, progress=progress, position=position)
     return job.out, res.metrics, res.seconds
 

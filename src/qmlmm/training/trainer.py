@@ -360,6 +360,7 @@ def train(
         "n_train": len(tr_items),
         "n_valid": len(data.valid),
         "n_test": len(data.test),
+        "split": data.split_info,
         "n_parameters_per_network": members[0].n_parameters(),
         "n_features": members[0].acsf.n_features,
         "train_seconds": seconds,

@@ -72,9 +72,7 @@ def learning_curve(
     planned: dict[str, list[tuple[int, str]]] = {}
     for mode in modes:
         base = cfg.baseline if mode == "delta" else None
-        data = load_training_data(
-            data_path, cfg.target, base, cfg.block_size, cfg.valid_fraction, cfg.test_fraction, cfg.seed, require=need
-        )
+        data = load_training_data(data_path, cfg.target, base, cfg.split_settings, require=need)
         split_test = data.test
         planned[mode] = []
         for n in sizes:
@@ -118,9 +116,7 @@ def learning_curve(
     }
     base_line = None
     if cfg.baseline and split_test is not None:
-        data = load_training_data(
-            data_path, cfg.target, None, cfg.block_size, cfg.valid_fraction, cfg.test_fraction, cfg.seed, require=need
-        )
+        data = load_training_data(data_path, cfg.target, None, cfg.split_settings, require=need)
         idx = np.array([data.items[int(i)].index for i in data.test])
         bm = compute_metrics(baseline_collected(data_path, cfg.target, cfg.baseline, idx), shift_energy=True)
         base_line = {

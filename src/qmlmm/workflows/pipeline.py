@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH
 from qmlmm.errors import AnalysisError, InputError, QMLMMError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class PipelineConfig:
     name: str
     solutes: list[str]  # SMILES
     charge: int | None = None
-    padding: float = 1.2
+    padding: float | None = None  # None: derived from the cutoff (unique periodic images, qmlmm.md.build)
     gap: float = 0.35
     equilibrate_ps: float = 10.0  # MM NPT at build time (water density)
     anchors: dict[int, list[float]] = field(default_factory=dict)  # solute index -> (p, c, s, d), see SoluteSpec
@@ -44,8 +45,8 @@ class PipelineConfig:
     sample_every: int = 10
     sample_runs: int = 1
     equil_steps: int = 1000
-    cutoff: float = 1.4
-    switch_width: float = 0.2
+    cutoff: float = DEFAULT_CUTOFF
+    switch_width: float = DEFAULT_SWITCH_WIDTH
     # labelling
     reference: str = "dft:b3lyp/6-31g*"
     baseline: str = "dftb3:3ob"
@@ -219,7 +220,9 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
         build_system(
             specs,
             system,
-            BuildSettings(padding=cfg.padding, gap=cfg.gap, seed=cfg.seed, equilibrate_ps=cfg.equilibrate_ps),
+            BuildSettings(
+                padding=cfg.padding, cutoff=cfg.cutoff, gap=cfg.gap, seed=cfg.seed, equilibrate_ps=cfg.equilibrate_ps
+            ),
             total_charge=cfg.charge,
         )
     timed("build", t0)
@@ -577,27 +580,134 @@ def _reaction_restraints(
     return out
 
 
+def _umbrella_windows(cfg: PipelineConfig, system: Path) -> list[Any]:
+    """The umbrella windows of the reaction: the regular ones (config ``reaction_windows`` or the reaction's
+    ``windows``, its ``k``), then the extra ones with their own force constant; each with the
+    keep-together restraint (same in every window) after the coordinate restraint."""
+    from qmlmm.md.restraints import DistanceRestraint, RCRestraint, umbrella_windows
+    from qmlmm.md.umbrella import make_windows
+
+    r = cfg.reaction or {}
+    (i, j, k, l), kt = _reaction_atoms(cfg, system)
+    k_reg = float(r.get("k", 2000.0))
+    coordinate = RCRestraint(i, j, k, l, int(r.get("d", -1)), 0.0, k_reg)
+    others = [DistanceRestraint(kt[0], kt[1], float(r["keep_together"][2]), float(r["keep_together"][3]))] if kt else []
+    return make_windows(
+        coordinate,
+        umbrella_windows(cfg.reaction_windows or r["windows"]),
+        others,
+        k_reg,
+        umbrella_windows(cfg.reaction_extra_windows) if cfg.reaction_extra_windows else None,
+        cfg.reaction_extra_k,
+    )
+
+
+def _window_samples(folder: Path, win: Any, dt_ps: float) -> dict[str, Any]:
+    """A window's samples for MBAR: the coordinate (nm) from its log after the first fifth (relaxation), the
+    common (keep-together) restraint energy of each sample (kJ/mol), the time between samples; {} if none."""
+    from qmlmm.md.restraints import DistanceRestraint
+
+    p = folder / "log.csv"
+    if not p.exists() or len(p.read_text().splitlines()) < 2:
+        return {}
+    data = np.genfromtxt(p, delimiter=",", names=True)
+    drop = len(np.atleast_1d(data["rc0_nm"])) // 5
+    x = np.atleast_1d(data["rc0_nm"])[drop:]
+    if len(x) == 0:
+        return {}
+    out: dict[str, Any] = {"r0": win.r0, "k": win.k, "x": x, "dt_ps": dt_ps}
+    common = np.zeros(len(x))
+    for n, rs in enumerate(win.restraints[1:], start=1):
+        if isinstance(rs, DistanceRestraint):
+            common += 0.5 * rs.k * (np.atleast_1d(data[f"rc{n}_nm"])[drop:] - rs.r0) ** 2
+    if len(win.restraints) > 1:
+        out["u_common"] = common
+    return out
+
+
+def _profile_result(wins: list[dict[str, Any]], bins: int) -> dict[str, Any]:
+    """MBAR profile of windows with samples, its barriers with uncertainties, the first / second half check
+    and the decorrelation per window (summary fields; ``profile_error`` when MBAR has no solution)."""
+    from qmlmm.analysis.md_analysis import barrier, barrier_uncertainty, forward_barrier, free_energy_profile
+
+    try:
+        prof = free_energy_profile(wins, n_bins=bins)
+    except AnalysisError as e:  # recorded; the other model's profile and the summary still come
+        return {"profile_error": str(e)}
+    fwd, x_top = forward_barrier(prof)
+    weakest = int(np.argmin(prof["cut_overlap"]))
+    # convergence check: the same analysis on the first and on the second half of every window's samples
+    halves, halves_err = [], []
+    for part in (0, 1):
+        sub = []
+        for wd in wins:
+            h = len(wd["x"]) // 2
+            sl = slice(0, h) if part == 0 else slice(h, None)
+            if len(wd["x"][sl]):
+                sub.append({**wd, "x": wd["x"][sl], **({"u_common": wd["u_common"][sl]} if "u_common" in wd else {})})
+        try:  # half the samples may not overlap enough for MBAR: the check is lost, not the profile
+            hp = free_energy_profile(sub, n_bins=bins)
+            halves.append(forward_barrier(hp)[0])
+            halves_err.append(barrier_uncertainty(hp))
+        except (AnalysisError, InputError) as e:
+            log.warning("umbrella: no profile from half %d of the samples (%s)", part + 1, e)
+            halves.append(float("nan"))
+            halves_err.append(float("nan"))
+    res: dict[str, Any] = {
+        "profile_ensemble": (
+            "the windows' common restraints kept (the keep-together restraint, if any: the reactive pair held "
+            "at its distance), the umbrella biases removed by MBAR"
+        ),
+        "x_nm": prof["x"].tolist(),
+        "f_kjmol": prof["f"].tolist(),
+        "df_kjmol": np.nan_to_num(prof["df"], nan=0.0).tolist(),  # MBAR, uncorrelated samples
+        "counts": prof["counts"].tolist(),
+        "barrier_kjmol": barrier(prof),  # above the higher of the two end minima (the smaller barrier)
+        # from the minimum on the low-xi (reactant) side up to the highest interior point
+        "barrier_forward_kjmol": fwd,
+        "barrier_forward_err_kjmol": barrier_uncertainty(prof),
+        "x_top_nm": x_top,
+        "barrier_forward_halves_kjmol": halves,
+        "barrier_forward_halves_err_kjmol": halves_err,
+        # the halves agree when their difference is within the sum of their error bars
+        "halves_agree": bool(abs(halves[0] - halves[1]) <= halves_err[0] + halves_err[1])
+        if np.all(np.isfinite(halves + halves_err))
+        else False,
+        "window_statistical_inefficiency": prof["g"].tolist(),
+        "window_correlation_time_ps": np.nan_to_num(prof["tau_ps"], nan=-1.0).tolist(),
+        "window_uncorrelated_samples": prof["n_used"].tolist(),
+        # MBAR's overlap: 0 means windows in disconnected groups; the weakest place along the coordinate
+        "overlap_scalar": float(prof["overlap_scalar"]),
+        "weakest_cut_overlap": float(prof["cut_overlap"][weakest]),
+        "weakest_cut_nm": float(prof["cut_nm"][weakest]),
+    }
+    if "f_unbiased" in prof:  # the keep-together restraint removed by reweighting (a known bias)
+        fu, xu = forward_barrier(prof, "f_unbiased")
+        res.update(
+            f_unbiased_kjmol=np.nan_to_num(prof["f_unbiased"], nan=0.0).tolist(),
+            df_unbiased_kjmol=np.nan_to_num(prof["df_unbiased"], nan=0.0).tolist(),
+            barrier_forward_unbiased_kjmol=fu,
+            barrier_forward_unbiased_err_kjmol=barrier_uncertainty(prof, "f_unbiased"),
+            x_top_unbiased_nm=xu,
+            ess_unbiased=float(prof["ess_unbiased"]),
+        )
+    return res
+
+
 def _reaction(
     cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any, progress: bool, analyze_only: bool = False
 ) -> dict[str, Any]:
-    """Restrained MD at the transition state and an umbrella-sampling profile, delta-ML/MM vs baseline."""
-    from qmlmm.analysis.md_analysis import barrier, forward_barrier, free_energy_profile
+    """Umbrella sampling along the reaction coordinate (:mod:`qmlmm.md.umbrella`: windows chained from
+    their neighbours' final positions and velocities), an MBAR profile per model, delta-ML/MM vs
+    baseline."""
     from qmlmm.engines import make_engine
-    from qmlmm.md.restraints import umbrella_windows
-    from qmlmm.md.runner import MDSettings, run_md
+    from qmlmm.md.runner import MDSettings
+    from qmlmm.md.umbrella import run_windows, window_folder
 
     r = cfg.reaction or {}
-    from qmlmm.md.restraints import parse_restraint
-
-    windows = umbrella_windows(cfg.reaction_windows or r["windows"])
-    n_regular = len(windows)
-    ks = [float(r.get("k", 2000.0))] * n_regular
-    if cfg.reaction_extra_windows:
-        extra = umbrella_windows(cfg.reaction_extra_windows)
-        windows += extra
-        ks += [float(cfg.reaction_extra_k or ks[0])] * len(extra)
-    per_window = _reaction_restraints(cfg, system, windows, ks) or []
+    wins = _umbrella_windows(cfg, system)
     steps = int(cfg.reaction_steps or r.get("steps", cfg.md_steps))
+    every = int(r.get("every", 5))
     threads = cfg.total_threads
     result: dict[str, Any] = {}
     import matplotlib
@@ -609,161 +719,59 @@ def _reaction(
     makers = {"delta_ml": (lambda: model.engine(threads), model.embedding)}
     if r.get("compare_baseline", True):
         makers["baseline"] = (lambda: make_engine(cfg.baseline, threads=threads), emb)
-    # windows run one after the other, each from where its neighbour ended: outwards from the window
-    # nearest to the built (reactant) structure, so no window starts far from its restraint centre
-    from qmlmm.md.restraints import rc_value
-    from qmlmm.md.system import MDSystem
-
-    msys = MDSystem.load(system)
-    xi0 = rc_value(msys.positions, parse_restraint(per_window[0][0]), msys.box)
-    first = int(np.argmin(np.abs(np.asarray(windows[:n_regular]) - xi0)))
-    order = list(range(first, n_regular)) + list(range(first - 1, -1, -1)) + list(range(n_regular, len(windows)))
     for name, (mk, e_set) in makers.items():
-        eng = mk()
-        wins: list[dict[str, Any]] = [{} for _ in windows]
-        stopped: dict[int, str] = {}
-        for w in order:
-            r0 = windows[w]
-            rdir = out / "umbrella" / name / f"window_{w:02d}"
-            # the coordinate restraint, and the keep-together one (same in every window: part of the ensemble)
-            rs = [parse_restraint(t) for t in per_window[w]]
+        folder = out / "umbrella" / name
+        if not analyze_only:
             s = MDSettings(
                 steps=steps,
                 dt_fs=cfg.md_dt_fs,
-                report_every=int(r.get("every", 5)),
+                report_every=every,
                 dcd_every=steps,
-                seed=cfg.seed + w,
+                seed=cfg.seed,
                 threads=threads,
                 max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,  # as in the free MD
             )
-            if analyze_only and not (rdir / "log.csv").exists():
-                continue
-            if not analyze_only and not (
-                (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= steps
-            ):
-                folder = out / "umbrella" / name
-                if w >= n_regular:  # an extra window: from the window that ran through and ended nearest its centre
-                    start = _start_from_nearest_end(folder, [v for v in range(w) if v not in stopped], r0)
-                else:  # where the neighbour towards the first window ended
-                    start = _start_from_neighbour(folder, w, first, n_regular, stopped)
-                try:
-                    run_md(
-                        system,
-                        eng,
-                        rdir,
-                        s,
-                        e_set,
-                        restart=(rdir / "checkpoint.chk").exists(),
-                        progress=progress,
-                        positions=start,
-                        restraints=rs,
-                    )
-                except QMLMMError as e:  # one bad window (e.g. its start) does not end the study
-                    log.error("umbrella %s window %d (r0 %.3f nm) failed: %s", name, w, r0, e)
-                    stopped[w] = f"{type(e).__name__}: {e}"
-                    continue
-            why = json.loads((rdir / "run.json").read_text()).get("stopped") if (rdir / "run.json").exists() else None
-            if why:
-                stopped[w] = why
-            if not (rdir / "log.csv").exists() or len((rdir / "log.csv").read_text().splitlines()) < 2:
-                continue  # stopped before its first report
-            data = np.genfromtxt(rdir / "log.csv", delimiter=",", names=True)
-            x = np.atleast_1d(data["rc0_nm"])
-            wins[w] = {"r0": r0, "k": ks[w], "x": x[len(x) // 5 :]}  # drop the first fifth (relaxation)
+            run_windows(system, mk(), folder, wins, s, e_set, progress=progress)
+        stopped: dict[int, str] = {}
+        samples = []
+        for w in wins:
+            d = window_folder(folder, w.index)
+            if (d / "run.json").exists():
+                info = json.loads((d / "run.json").read_text())
+                if info.get("stopped") or info.get("steps_done", 0) < steps:
+                    stopped[w.index] = info.get("stopped") or f"{info.get('steps_done', 0)} of {steps} steps"
+            elif not analyze_only:
+                stopped[w.index] = "failed to start (see the log)"
+            samples.append(_window_samples(d, w, every * cfg.md_dt_fs / 1000.0))
         result[name] = {
-            "windows": len(windows),
-            "window_centres_nm": [float(v) for v in windows],
-            "window_k": ks,
-            "window_mean_nm": [float(np.mean(wd["x"])) if len(wd.get("x", [])) else float("nan") for wd in wins],
-            "windows_stopped_early": {int(k): v for k, v in sorted(stopped.items())},
-            "samples_per_window": [len(wd.get("x", [])) for wd in wins],  # after dropping the first fifth
+            "windows": len(wins),
+            "window_centres_nm": [w.r0 for w in wins],
+            "window_k": [w.k for w in wins],
+            "window_mean_nm": [float(np.mean(sm["x"])) if sm else float("nan") for sm in samples],
+            "windows_stopped_early": dict(sorted(stopped.items())),
+            "samples_per_window": [len(sm.get("x", [])) for sm in samples],  # after dropping the first fifth
             "x_nm": [],
             "f_kjmol": [],
             "barrier_kjmol": float("nan"),
         }
-        wins = [wd for wd in wins if len(wd.get("x", [])) > 0]
-        if len(wins) < 2:
+        with_samples = [sm for sm in samples if sm]
+        if len(with_samples) < 2:
             log.warning("umbrella %s: fewer than two windows with samples; no profile", name)
             continue
-        try:
-            prof = free_energy_profile(wins, n_bins=int(r.get("bins", 25)))
-        except AnalysisError as e:  # recorded; the other model's profile and the summary still come
-            log.error("umbrella %s: no profile: %s", name, e)
-            result[name]["profile_error"] = str(e)
+        res = _profile_result(with_samples, int(r.get("bins", 25)))
+        result[name].update(res)
+        if "profile_error" in res:
+            log.error("umbrella %s: no profile: %s", name, res["profile_error"])
             continue
-        fwd, x_top = forward_barrier(prof)
-        weakest = int(np.argmin(prof["cut_overlap"]))
-        # a convergence check: the same analysis on the first and on the second half of every window's
-        # samples (the halves differ by more than statistics alone while the windows still relax)
-        halves = []
-        for part in (0, 1):
-            sub = []
-            for wd in wins:
-                h = len(wd["x"]) // 2
-                xs = wd["x"][:h] if part == 0 else wd["x"][h:]
-                if len(xs):
-                    sub.append({**wd, "x": xs})
-            try:  # half the samples may not overlap enough for MBAR: the check is lost, not the profile
-                halves.append(forward_barrier(free_energy_profile(sub, n_bins=int(r.get("bins", 25))))[0])
-            except (AnalysisError, InputError) as e:  # no consistent MBAR solution; fewer than two windows
-                log.warning("umbrella %s: no profile from half %d of the samples (%s)", name, part + 1, e)
-                halves.append(float("nan"))
-        result[name].update(
-            x_nm=prof["x"].tolist(),
-            f_kjmol=prof["f"].tolist(),
-            df_kjmol=np.nan_to_num(prof["df"], nan=0.0).tolist(),  # MBAR's analytical uncertainty
-            counts=prof["counts"].tolist(),
-            barrier_kjmol=barrier(prof),  # above the higher of the two end minima (the smaller barrier)
-            # from the minimum on the low-xi (reactant) side up to the highest interior point
-            barrier_forward_kjmol=fwd,
-            x_top_nm=x_top,
-            barrier_forward_halves_kjmol=halves,
-            # MBAR's overlap: 0 means windows in disconnected groups; the weakest place along the
-            # coordinate (windows ordered by sampled mean, cut in two: the overlap across the cut)
-            overlap_scalar=float(prof["overlap_scalar"]),
-            weakest_cut_overlap=float(prof["cut_overlap"][weakest]),
-            weakest_cut_nm=float(prof["cut_nm"][weakest]),
-        )
-        ax.errorbar(
-            prof["x"], prof["f"], yerr=np.nan_to_num(prof["df"], nan=0.0), fmt="o-", ms=4, capsize=2, label=name
-        )
+        ax.errorbar(res["x_nm"], res["f_kjmol"], yerr=res["df_kjmol"], fmt="o-", ms=4, capsize=2, label=name)
     ax.set_xlabel("reaction coordinate r(S-C) - r(C-N) (nm)")
     ax.set_ylabel("free energy (kJ/mol)")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "free_energy_profile.png", dpi=110)
     plt.close(fig)
     return result
-
-
-def _start_from_neighbour(folder: Path, w: int, first: int, n: int, stopped: dict[int, str]) -> np.ndarray | None:
-    """Final positions of regular window ``w``'s neighbour towards window ``first`` (``folder/window_NN``,
-    windows 0..n-1), or, if that one stopped early (its last state may be the distorted one that made it
-    fail), of the next one towards ``first`` that ran through; None for the first window (the built
-    structure)."""
-    step_back = -1 if w > first else 1
-    nb = w + step_back
-    while w != first and 0 <= nb < n and (nb - first) * step_back <= 0:
-        f = folder / f"window_{nb:02d}" / "final_positions.npy"
-        if f.exists() and nb not in stopped:
-            return np.load(f)
-        nb += step_back
-    return None
-
-
-def _start_from_nearest_end(folder: Path, candidates: list[int], r0: float) -> np.ndarray | None:
-    """Final positions of the candidate window (``folder/window_NN``) that ended nearest ``r0`` (nm): the
-    last ``rc0_nm`` of its log (a window that slid over a barrier can have its mean near ``r0`` and end
-    far from it); None if no candidate has a log and final positions."""
-    best: tuple[float, Path] | None = None
-    for v in candidates:
-        d = folder / f"window_{v:02d}"
-        if not (d / "final_positions.npy").exists() or not (d / "log.csv").exists():
-            continue
-        x = np.atleast_1d(np.genfromtxt(d / "log.csv", delimiter=",", names=True)["rc0_nm"])
-        if len(x) and (best is None or abs(float(x[-1]) - r0) < best[0]):
-            best = (abs(float(x[-1]) - r0), d)
-    return np.load(best[1] / "final_positions.npy") if best else None
 
 
 def _summary_md(s: dict[str, Any], out: Path) -> str:
@@ -828,15 +836,36 @@ def _summary_md(s: dict[str, Any], out: Path) -> str:
         for k, v in s["reaction"].items():
             early = v.get("windows_stopped_early", {})
             lines.append(
-                f"- {k}: forward barrier {v.get('barrier_forward_kjmol', float('nan')):.1f} kJ/mol "
+                f"- {k}: forward barrier {v.get('barrier_forward_kjmol', float('nan')):.1f} "
+                f"+- {v.get('barrier_forward_err_kjmol', float('nan')):.1f} kJ/mol "
                 f"(top at {v.get('x_top_nm', float('nan')):.3f} nm), barrier above the higher end minimum "
                 f"{v['barrier_kjmol']:.1f} kJ/mol; {v.get('windows', '?')} windows"
                 + (f", {len(early)} stopped early (see summary.json)" if early else "")
                 + (
                     "; from the first / second half of every window's samples: "
-                    + " / ".join(f"{b:.1f}" for b in v["barrier_forward_halves_kjmol"])
-                    + " kJ/mol"
+                    + " / ".join(
+                        f"{b:.1f} +- {e:.1f}"
+                        for b, e in zip(
+                            v["barrier_forward_halves_kjmol"],
+                            v.get("barrier_forward_halves_err_kjmol", [float("nan")] * 2),
+                            strict=True,
+                        )
+                    )
+                    + f" kJ/mol ({'agree' if v.get('halves_agree') else 'do not agree'} within their error bars)"
                     if v.get("barrier_forward_halves_kjmol")
+                    else ""
+                )
+                + (
+                    f"; keep-together restraint removed by reweighting: {v['barrier_forward_unbiased_kjmol']:.1f} "
+                    f"+- {v['barrier_forward_unbiased_err_kjmol']:.1f} kJ/mol (effective samples "
+                    f"{v['ess_unbiased']:.0f})"
+                    if "barrier_forward_unbiased_kjmol" in v
+                    else ""
+                )
+                + (
+                    f"; correlation time per window {min(v['window_correlation_time_ps']):.3f}-"
+                    f"{max(v['window_correlation_time_ps']):.3f} ps"
+                    if v.get("window_correlation_time_ps")
                     else ""
                 )
                 + (
