@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -147,7 +149,7 @@ def _ammonium_water_frame(box: float, x_mm: float) -> Frame:
     nh4 = np.array([[0, 0, 0], [0.0589, 0.0589, 0.0589], [-0.0589, -0.0589, 0.0589], [-0.0589, 0.0589, -0.0589],
                     [0.0589, -0.0589, -0.0589]])  # fmt: skip
     w = np.array([[0.0, 0.0, 0.0], [0.0757, 0.0586, 0.0], [-0.0757, 0.0586, 0.0]])
-    pos = np.concatenate([nh4, w + [1.7, 0, 0], w + [x_mm, 0.2, 0]])
+    pos = np.concatenate([nh4, w + np.array([1.7, 0, 0]), w + np.array([x_mm, 0.2, 0])])
     return Frame(
         numbers=np.array([7, 1, 1, 1, 1, 8, 1, 1, 8, 1, 1]),
         positions=pos,
@@ -192,7 +194,7 @@ def test_just_large_enough_box_gives_a_smooth_energy_without_image_jumps() -> No
         emb = select_embedding(fr, s)
         pos.append(emb.mm_positions[0] if emb.n_mm else None)
         energies.append(label_frame(eng, fr, s)[0].energy)
-    both = [(a, b) for a, b in zip(pos[:-1], pos[1:], strict=True) if a is not None and b is not None]
+    both = [(a, b) for a, b in itertools.pairwise(pos) if a is not None and b is not None]
     steps = np.array([np.linalg.norm(b - a) for a, b in both])
     assert len(both) > 5 and steps.max() < 0.011  # from frame to frame the image moves by the step only
     # it changes image (near the QM water, then near the NH4+ through the box edge) only after leaving
@@ -211,7 +213,7 @@ def test_elongated_qm_region_sets_the_box_needed(margin: float) -> None:
     from qmlmm.environment import PeriodicImageError
 
     chain = np.stack([np.linspace(0, 2.0, 11), np.zeros(11), np.zeros(11)], axis=1)
-    w = np.array([[0.0, 0.0, 0.0], [0.0757, 0.0586, 0.0], [-0.0757, 0.0586, 0.0]]) + [1.0, 0.5, 0.0]
+    w = np.array([[0.0, 0.0, 0.0], [0.0757, 0.0586, 0.0], [-0.0757, 0.0586, 0.0]]) + np.array([1.0, 0.5, 0.0])
     d_mol = float(np.linalg.norm(w[1] - w[2]))
     box = 2 * 1.0 + 2.0 + d_mol + margin
     fr = Frame(

@@ -73,6 +73,10 @@ def test_build_formula_charge_density(
     # the fixed charges of the MM-only stages: one per QM atom, adding up to the QM charge
     assert len(meta["qm_mm_charges"]) == len(res.qm_indices)
     assert sum(meta["qm_mm_charges"]) == pytest.approx(charge, abs=1e-4)
+    # the box serves its cutoff: unique images while the solute stays below max_qm_extent_nm, with room
+    # for it to stretch beyond its built extent
+    assert meta["embedding_cutoff_nm"] == 0.6
+    assert meta["max_qm_extent_nm"] > meta["qm_extent_built_nm"] + 0.1
 
 
 def test_bad_build_inputs(tmp_path: Path) -> None:
@@ -355,11 +359,27 @@ def test_nve_energy_conservation_with_trained_model(methanol_system: Path, tmp_p
     assert np.all(np.isfinite(data_["uncertainty_kjmol"]))
 
 
-def test_umbrella_extra_windows_with_their_own_force_constant(methanol_system: Path, tmp_path: Path) -> None:
-    """Extra umbrella windows (e.g. over a transition state) are numbered after the regular ones, carry
-    their own force constant into the restraint and the MBAR input, and start from the window that
-    ended nearest their centre. DFTB3/MM on methanol, xi = r(C-O) - r(O-H) (~0.046 nm)."""
-    from qmlmm.workflows.pipeline import PipelineConfig, _reaction, _start_from_nearest_end
+def test_umbrella_windows_continue_their_neighbours(
+    methanol_system: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The umbrella driver (qmlmm.md.umbrella, used by the pipeline and `qmlmm md --umbrella`): only the
+    first window runs the MM-only water relaxation; every other window starts from exactly the final
+    positions and velocities of the window it continues (its neighbour towards the first; for an extra
+    window, the one that ended nearest its centre). Extra windows are numbered after the regular ones and
+    carry their own force constant into the restraint and the MBAR input. DFTB3/MM on methanol,
+    xi = r(C-O) - r(O-H) (~0.046 nm)."""
+    import qmlmm.md.runner as runner
+    from qmlmm.md.runner import load_final_state
+    from qmlmm.workflows.pipeline import PipelineConfig, _reaction
+
+    relaxations: list[int] = []
+    real = runner.freeze_qm_and_relax_water
+
+    def counting(*a: object, **k: object) -> np.ndarray:
+        relaxations.append(1)
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "freeze_qm_and_relax_water", counting)
 
     class DFTB3AsModel:  # the pipeline's delta model slot, filled by the real DFTB3 engine
         embedding = EMB
@@ -371,7 +391,7 @@ def test_umbrella_extra_windows_with_their_own_force_constant(methanol_system: P
         name="methanol",
         solutes=["CO"],
         reaction={"atoms": ["0:0", "0:1", "0:1", "0:5"], "d": -1, "k": 5000.0, "every": 2, "compare_baseline": False},
-        reaction_windows="0.03:0.06:2",
+        reaction_windows="0.03:0.06:3",
         reaction_extra_windows="0.05:0.05:1",
         reaction_extra_k=40000.0,
         reaction_steps=10,
@@ -379,35 +399,97 @@ def test_umbrella_extra_windows_with_their_own_force_constant(methanol_system: P
         threads=2,
     )
     res = _reaction(cfg, tmp_path, methanol_system, DFTB3AsModel(), EMB, progress=False)["delta_ml"]
-    assert res["windows"] == 3 and res["window_centres_nm"] == pytest.approx([0.03, 0.06, 0.05])
-    assert res["window_k"] == [5000.0, 5000.0, 40000.0]
-    assert res["samples_per_window"] == [4, 4, 4] and not res["windows_stopped_early"]
-    assert np.all(np.isfinite(res["f_kjmol"]))
-    assert len(res["df_kjmol"]) == len(res["f_kjmol"]) == len(res["counts"]) and sum(res["counts"]) == 12
+    assert res["windows"] == 4 and res["window_centres_nm"] == pytest.approx([0.03, 0.045, 0.06, 0.05])
+    assert res["window_k"] == [5000.0, 5000.0, 5000.0, 40000.0]
+    assert res["samples_per_window"] == [4, 4, 4, 4] and not res["windows_stopped_early"]
+    assert np.all(np.isfinite(res["f_kjmol"])) and len(res["window_statistical_inefficiency"]) == 4
+    assert len(res["df_kjmol"]) == len(res["f_kjmol"]) == len(res["counts"]) and sum(res["counts"]) == 16
     assert len(res["barrier_forward_halves_kjmol"]) == 2
-    means = res["window_mean_nm"]
-    # the stiff window holds its centre better than the soft ones hold theirs (thermal width 0.008 nm
-    # against 0.022 nm at 300 K); starts are far from equilibrium here, so only loose bounds
-    assert abs(means[2] - 0.05) < 0.02
-    # the restraint each window ran with (its run.json) has the window's own centre and force constant
-    run = json.loads((tmp_path / "umbrella" / "delta_ml" / "window_02" / "run.json").read_text())
-    assert any(t.startswith("rc:") and t.endswith(",0.05,40000.0") for t in run["restraints"]), run["restraints"]
-    # the start of an extra window: the final frame of the window whose last logged coordinate is nearest
-    # its centre
     folder = tmp_path / "umbrella" / "delta_ml"
-    last = [
-        np.genfromtxt(folder / f"window_{v:02d}" / "log.csv", delimiter=",", names=True)["rc0_nm"][-1] for v in (0, 1)
-    ]
-    nearest = int(np.argmin(np.abs(np.asarray(last) - 0.05)))
-    start = _start_from_nearest_end(folder, [0, 1], 0.05)
-    expected = np.load(folder / f"window_{nearest:02d}" / "final_positions.npy")
-    assert start is not None and np.array_equal(start, expected)
-    assert _start_from_nearest_end(folder, [7], 0.05) is None  # no such window
-    # a window that slid over a barrier: its mean lies at the centre, its end far away; the other ended there
-    for v, xs in ((20, [0.01, 0.05, 0.09]), (21, [0.02, 0.03, 0.048])):
-        d = folder / f"window_{v}"
+    runs = {w: json.loads((folder / f"window_{w:02d}" / "run.json").read_text()) for w in range(4)}
+    # the restraint each window ran with has the window's own centre and force constant
+    assert any(t.startswith("rc:") and t.endswith(",0.05,40000.0") for t in runs[3]["restraints"])
+    # one MM-only stage: the first window's (the regular window nearest the built structure's xi)
+    msys = MDSystem.load(methanol_system)
+    xi0 = rc_value(msys.positions, RCRestraint(0, 1, 1, 5, -1, 0.0, 1.0), msys.box)
+    first = int(np.argmin(np.abs(np.array([0.03, 0.045, 0.06]) - xi0)))
+    assert len(relaxations) == 1
+    assert runs[first]["start"] == {"from": "built structure", "mm_relaxation": True, "velocities": "drawn"}
+    for w in {0, 1, 2} - {first}:  # outwards from the first: each from its neighbour towards the first
+        src = w - 1 if w > first else w + 1
+        assert runs[w]["start"] == {"from": str(folder / f"window_{src:02d}"), "mm_relaxation": False,
+                                    "velocities": "continued"}  # fmt: skip
+    last = {v: np.genfromtxt(folder / f"window_{v:02d}" / "log.csv", delimiter=",", names=True)["rc0_nm"][-1]
+            for v in range(3)}  # fmt: skip
+    nearest = min(last, key=lambda v: abs(last[v] - 0.05))
+    assert runs[3]["start"]["from"] == str(folder / f"window_{nearest:02d}")
+    for w in {0, 1, 2, 3} - {first}:  # exactly the source's final positions and velocities
+        end = load_final_state(runs[w]["start"]["from"])
+        with np.load(folder / f"window_{w:02d}" / "start_state.npz") as z:
+            assert end is not None and end.velocities is not None
+            assert np.array_equal(z["positions"], end.positions) and np.array_equal(z["velocities"], end.velocities)
+    # a rerun reuses every window (nothing runs again)
+    mtimes = [(folder / f"window_{w:02d}" / "log.csv").stat().st_mtime_ns for w in range(4)]
+    _reaction(cfg, tmp_path, methanol_system, DFTB3AsModel(), EMB, progress=False)
+    assert mtimes == [(folder / f"window_{w:02d}" / "log.csv").stat().st_mtime_ns for w in range(4)]
+
+
+def test_umbrella_extra_window_starts_from_the_nearest_end(tmp_path: Path) -> None:
+    """A window that slid over a barrier has its mean at an extra window's centre and its end far away: the
+    extra window starts from the window whose last logged coordinate is nearest its centre."""
+    from qmlmm.md.umbrella import WindowOutcome, _nearest_end_start
+
+    outcomes = {}
+    for v, xs in ((0, [0.01, 0.05, 0.09]), (1, [0.02, 0.03, 0.048])):
+        d = tmp_path / f"window_{v:02d}"
         d.mkdir()
         (d / "log.csv").write_text("step,rc0_nm\n" + "".join(f"{i},{x}\n" for i, x in enumerate(xs)))
-        np.save(d / "final_positions.npy", np.full((2, 3), float(v)))
-    start = _start_from_nearest_end(folder, [20, 21], 0.05)
-    assert start is not None and start[0, 0] == 21.0
+        np.savez(d / "final_state.npz", positions=np.full((2, 3), float(v)), velocities=np.zeros((2, 3)))
+        outcomes[v] = WindowOutcome(v, d, steps_done=3)
+    st = _nearest_end_start(0.05, outcomes)
+    assert st is not None and st.positions[0, 0] == 1.0
+    outcomes[1].stopped = "non-finite energy"  # a window that stopped early is never a start
+    st = _nearest_end_start(0.05, outcomes)
+    assert st is not None and st.positions[0, 0] == 0.0
+
+
+def test_box_is_sized_for_unique_images_and_small_paddings_are_refused() -> None:
+    """The box edge is 2 cutoff + D_qm + d_water + margin by default; a --padding or --box below that is
+    refused with the size it needs (never silently replaced), and a padding of 0 or less is an error."""
+    from qmlmm.errors import InputError
+    from qmlmm.md.build import WATER_EXTENT_NM, box_edge
+
+    d_qm = 1.6  # e.g. retinoic acid
+    s = BuildSettings()
+    assert box_edge(d_qm, s) == pytest.approx(2 * 1.4 + d_qm + WATER_EXTENT_NM + s.margin)
+    assert box_edge(d_qm, BuildSettings(cutoff=0.9)) == pytest.approx(1.8 + d_qm + WATER_EXTENT_NM + s.margin)
+    need_pad = 0.5 * (2 * 1.4 + WATER_EXTENT_NM + s.margin)
+    assert box_edge(d_qm, BuildSettings(padding=need_pad + 0.1)) == pytest.approx(d_qm + 2 * need_pad + 0.2)
+    with pytest.raises(InputError, match=f"padding >= {need_pad:.3f} nm"):
+        box_edge(d_qm, BuildSettings(padding=1.2))  # the old default: too small for a 1.4 nm embedding
+    for bad in (0.0, -1.0):
+        with pytest.raises(InputError, match="padding must be positive"):
+            box_edge(d_qm, BuildSettings(padding=bad))
+    with pytest.raises(InputError, match="at least"):
+        box_edge(d_qm, BuildSettings(box=4.3))
+    assert box_edge(d_qm, BuildSettings(box=6.0)) == 6.0
+
+
+def test_md_umbrella_cli_uses_the_driver(methanol_system: Path, tmp_path: Path) -> None:
+    """`qmlmm md --umbrella` runs the windows through qmlmm.md.umbrella: one MM-only start, the other windows
+    continue their neighbour's trajectory; a second call reuses the finished windows."""
+    from typer.testing import CliRunner
+
+    from qmlmm.cli import app
+
+    args = ["md", str(methanol_system), "--engine", "dftb3:3ob", "--cutoff", "0.8", "--steps", "6",
+            "--report-every", "3", "--restraint", "dist:0,1,0.14,20000", "--umbrella", "0.14:0.15:2",
+            "--threads", "1", "-o", str(tmp_path / "u")]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    starts = [json.loads((tmp_path / "u" / f"window_{w:02d}" / "run.json").read_text())["start"] for w in (0, 1)]
+    assert [s["mm_relaxation"] for s in starts] == [True, False]
+    assert starts[1]["from"].endswith("window_00") and starts[1]["velocities"] == "continued"
+    assert "window 1 (r0 = 0.150 nm): 6 steps from" in res.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("6 steps") == 2

@@ -256,3 +256,51 @@ def test_parallel_training_matches_serial_and_is_reused(syn: Path, tmp_path: Pat
     changed = [TrainJob(str(syn), TrainConfig(target="ref", ensemble=1, epochs=5, threads=1, **FAST), par[0].out)]  # type: ignore[arg-type]
     train_jobs(changed, workers=1, progress=False)
     assert Path(par[0].out).stat().st_mtime != mtime  # other settings: trained again
+
+
+def test_split_by_runs_keeps_runs_whole_and_falls_back_to_time_with_gaps() -> None:
+    """Default split: whole sampling runs per part; with fewer than three runs, each run in time order into
+    train | gap | valid | gap | test, the gap one statistical inefficiency of the energies."""
+    from qmlmm.training.data import SplitSettings, choose_split
+
+    rng = np.random.default_rng(0)
+    runs = np.repeat(np.arange(6), 10)
+    times = np.tile(np.arange(10) * 0.025, 6)
+    sp = choose_split(SplitSettings(valid_fraction=0.17, test_fraction=0.17), runs, times, rng.normal(size=60))
+    assert sp.info["kind"] == "runs"
+    parts = {k: set(runs[getattr(sp, k)].tolist()) for k in ("train", "valid", "test")}
+    assert len(parts["test"]) == 1 and len(parts["valid"]) == 1 and len(parts["train"]) == 4
+    assert not (parts["train"] & parts["test"]) and not (parts["valid"] & parts["test"])
+    assert len(sp.train) + len(sp.valid) + len(sp.test) == 60  # every frame of every run used
+    # two runs of an AR(1) energy (phi 0.8, g = 9 frames): time split, gaps of ~g frames
+    e = np.zeros(400)
+    for t in range(1, 400):
+        e[t] = 0.8 * e[t - 1] + rng.normal()
+    runs2 = np.repeat([0, 1], 200)
+    times2 = np.tile(np.arange(200) * 0.01, 2)
+    sp = choose_split(SplitSettings(), runs2, times2, e)
+    assert sp.info["kind"] == "time" and "fallback" in sp.info
+    gap = int(sp.info["gap_frames"])  # type: ignore[call-overload]
+    assert 6 <= gap <= 13, gap
+    assert sp.info["gap_ps"] == pytest.approx(gap * 0.01)
+    for r in (0, 1):
+        tr, va, te = (times2[idx][runs2[idx] == r] for idx in (sp.train, sp.valid, sp.test))
+        assert tr.max() < va.min() and va.max() < te.min()
+        assert va.min() - tr.max() == pytest.approx((gap + 1) * 0.01) and te.min() - va.max() == pytest.approx(
+            (gap + 1) * 0.01
+        )
+    # no run information at all: one time-ordered series; an explicit gap is used as given
+    sp = choose_split(SplitSettings(gap_frames=2), None, None, rng.normal(size=30))
+    assert sp.info["gap_frames"] == 2 and sp.valid.min() - sp.train.max() == 3 and sp.test.min() - sp.valid.max() == 3
+    with pytest.raises(InputError, match="split must be"):
+        SplitSettings(kind="random")
+    with pytest.raises(InputError, match="split must be"):
+        TrainConfig(split="random")
+
+
+def test_old_model_files_keep_their_block_split() -> None:
+    from qmlmm.training.data import SplitSettings
+
+    s = SplitSettings.of_training({"block_size": 4, "valid_fraction": 0.2, "seed": 3})
+    assert s.kind == "blocks" and s.block_size == 4 and s.valid_fraction == 0.2 and s.seed == 3
+    assert SplitSettings.of_training(TrainConfig().to_dict()).kind == "runs"

@@ -19,7 +19,7 @@ A = TypeVar("A")  # a numpy array or a torch tensor: only arithmetic and ``.clip
 
 
 def _x(d: A, r_on: float, r_off: float) -> A:
-    return ((d - r_on) / (r_off - r_on)).clip(0.0, 1.0)  # type: ignore[operator, attr-defined, no-any-return]
+    return ((d - r_on) / (r_off - r_on)).clip(0.0, 1.0)  # type: ignore[operator, attr-defined]
 
 
 def switch_value(d: A, r_on: float, r_off: float) -> A:
@@ -27,7 +27,7 @@ def switch_value(d: A, r_on: float, r_off: float) -> A:
     if r_off <= r_on:
         return (np.asarray(d) < r_off).astype(np.float64)  # type: ignore[return-value]
     x = _x(d, r_on, r_off)
-    return 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x * x)  # type: ignore[operator, no-any-return]
+    return 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x * x)  # type: ignore[operator]
 
 
 def switch_derivative(d: A, r_on: float, r_off: float) -> A:
@@ -35,4 +35,4 @@ def switch_derivative(d: A, r_on: float, r_off: float) -> A:
     if r_off <= r_on:
         return np.zeros_like(np.asarray(d, dtype=np.float64))  # type: ignore[return-value]
     x = _x(d, r_on, r_off)
-    return -30.0 * x * x * (1.0 - x) ** 2 / (r_off - r_on)  # type: ignore[operator, no-any-return]
+    return -30.0 * x * x * (1.0 - x) ** 2 / (r_off - r_on)  # type: ignore[operator, return-value]

@@ -148,7 +148,7 @@ def run_split(runs: np.ndarray, valid: float, test: float, seed: int) -> Split |
     order = labels[np.random.default_rng(seed).permutation(len(labels))]
     parts = {"test": order[:n_test], "valid": order[n_test : n_test + n_valid], "train": order[n_test + n_valid :]}
     idx = {k: np.flatnonzero(np.isin(runs, v)) for k, v in parts.items()}
-    info = {"kind": "runs", "runs": {k: sorted(v.tolist()) for k, v in parts.items()}}
+    info: dict[str, object] = {"kind": "runs", "runs": {k: sorted(v.tolist()) for k, v in parts.items()}}
     return Split(idx["train"], idx["valid"], idx["test"], info)
 
 

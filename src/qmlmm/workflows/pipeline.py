@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH
-from qmlmm.errors import AnalysisError, InputError, QMLMMError
+from qmlmm.errors import AnalysisError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -584,14 +584,16 @@ def _umbrella_windows(cfg: PipelineConfig, system: Path) -> list[Any]:
     """The umbrella windows of the reaction: the regular ones (config ``reaction_windows`` or the reaction's
     ``windows``, its ``k``), then the extra ones with their own force constant; each with the
     keep-together restraint (same in every window) after the coordinate restraint."""
-    from qmlmm.md.restraints import DistanceRestraint, RCRestraint, umbrella_windows
+    from qmlmm.md.restraints import DistanceRestraint, RCRestraint, Restraint, umbrella_windows
     from qmlmm.md.umbrella import make_windows
 
     r = cfg.reaction or {}
     (i, j, k, l), kt = _reaction_atoms(cfg, system)
     k_reg = float(r.get("k", 2000.0))
     coordinate = RCRestraint(i, j, k, l, int(r.get("d", -1)), 0.0, k_reg)
-    others = [DistanceRestraint(kt[0], kt[1], float(r["keep_together"][2]), float(r["keep_together"][3]))] if kt else []
+    others: list[Restraint] = (
+        [DistanceRestraint(kt[0], kt[1], float(r["keep_together"][2]), float(r["keep_together"][3]))] if kt else []
+    )
     return make_windows(
         coordinate,
         umbrella_windows(cfg.reaction_windows or r["windows"]),
