@@ -25,7 +25,16 @@ from qmlmm.errors import AnalysisError, InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineConfig", "run_pipeline", "run_lock", "load_pipeline_config", "load_run_config"]
+__all__ = [
+    "PipelineConfig",
+    "build_step",
+    "load_pipeline_config",
+    "load_run_config",
+    "profile_plot",
+    "run_lock",
+    "run_pipeline",
+    "umbrella_profile",
+]
 
 
 @dataclass
@@ -114,6 +123,25 @@ def load_pipeline_config(path: str | Path, size: str) -> PipelineConfig:
     except (InputError, KeyError, ValueError) as e:
         raise InputError(f"{path}: {e}") from e
     return cfg
+
+
+def build_step(cfg: PipelineConfig, system: Path) -> None:
+    """Build the config's solutes in water into the folder ``system`` (box sized for ``cfg.cutoff``)."""
+    from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
+
+    anchors = {int(k): v for k, v in cfg.anchors.items()}
+    specs = [
+        SoluteSpec(smiles=smi, anchor=tuple(anchors[k]) if k in anchors else None)  # type: ignore[arg-type]
+        for k, smi in enumerate(cfg.solutes)
+    ]
+    build_system(
+        specs,
+        system,
+        BuildSettings(
+            padding=cfg.padding, cutoff=cfg.cutoff, gap=cfg.gap, seed=cfg.seed, equilibrate_ps=cfg.equilibrate_ps
+        ),
+        total_charge=cfg.charge,
+    )
 
 
 def _step(out: Path, name: str, marker: str) -> bool:
@@ -210,21 +238,7 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
     t0 = time.perf_counter()
     system = out / "system"
     if not _step(out, "build", "system/meta.json"):
-        from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
-
-        anchors = {int(k): v for k, v in cfg.anchors.items()}
-        specs = [
-            SoluteSpec(smiles=smi, anchor=tuple(anchors[k]) if k in anchors else None)  # type: ignore[arg-type]
-            for k, smi in enumerate(cfg.solutes)
-        ]
-        build_system(
-            specs,
-            system,
-            BuildSettings(
-                padding=cfg.padding, cutoff=cfg.cutoff, gap=cfg.gap, seed=cfg.seed, equilibrate_ps=cfg.equilibrate_ps
-            ),
-            total_charge=cfg.charge,
-        )
+        build_step(cfg, system)
     timed("build", t0)
     # 2. sample with the baseline
     t0 = time.perf_counter()
@@ -696,13 +710,19 @@ def _profile_result(wins: list[dict[str, Any]], bins: int) -> dict[str, Any]:
     return res
 
 
-def _reaction(
-    cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any, progress: bool, analyze_only: bool = False
+def umbrella_profile(
+    cfg: PipelineConfig,
+    out: Path,
+    system: Path,
+    name: str,
+    make: Any,
+    embedding: Any,
+    progress: bool = True,
+    analyze_only: bool = False,
 ) -> dict[str, Any]:
-    """Umbrella sampling along the reaction coordinate (:mod:`qmlmm.md.umbrella`: windows chained from
-    their neighbours' final positions and velocities), an MBAR profile per model, delta-ML/MM vs
-    baseline."""
-    from qmlmm.engines import make_engine
+    """Run (or reuse) the umbrella windows of the reaction for one engine (``make()`` builds it) into
+    ``out/umbrella/<name>`` and return its summary entry: windows, samples, the MBAR profile and its checks
+    (:func:`_profile_result`). ``analyze_only`` reads what the folder holds."""
     from qmlmm.md.runner import MDSettings
     from qmlmm.md.umbrella import run_windows, window_folder
 
@@ -710,69 +730,89 @@ def _reaction(
     wins = _umbrella_windows(cfg, system)
     steps = int(cfg.reaction_steps or r.get("steps", cfg.md_steps))
     every = int(r.get("every", 5))
-    threads = cfg.total_threads
-    result: dict[str, Any] = {}
+    folder = out / "umbrella" / name
+    if not analyze_only:
+        s = MDSettings(
+            steps=steps,
+            dt_fs=cfg.md_dt_fs,
+            report_every=every,
+            dcd_every=steps,
+            seed=cfg.seed,
+            threads=cfg.total_threads,
+            max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,  # as in the free MD
+        )
+        run_windows(system, make(), folder, wins, s, embedding, progress=progress)
+    stopped: dict[int, str] = {}
+    samples = []
+    for w in wins:
+        d = window_folder(folder, w.index)
+        if (d / "run.json").exists():
+            info = json.loads((d / "run.json").read_text())
+            if info.get("stopped") or info.get("steps_done", 0) < steps:
+                stopped[w.index] = info.get("stopped") or f"{info.get('steps_done', 0)} of {steps} steps"
+        elif not analyze_only:
+            stopped[w.index] = "failed to start (see the log)"
+        samples.append(_window_samples(d, w, every * cfg.md_dt_fs / 1000.0))
+    res: dict[str, Any] = {
+        "windows": len(wins),
+        "steps_per_window": steps,
+        "window_centres_nm": [w.r0 for w in wins],
+        "window_k": [w.k for w in wins],
+        "window_mean_nm": [float(np.mean(sm["x"])) if sm else float("nan") for sm in samples],
+        "windows_stopped_early": dict(sorted(stopped.items())),
+        "samples_per_window": [len(sm.get("x", [])) for sm in samples],  # after dropping the first fifth
+        "x_nm": [],
+        "f_kjmol": [],
+        "barrier_kjmol": float("nan"),
+    }
+    with_samples = [sm for sm in samples if sm]
+    if len(with_samples) < 2:
+        log.warning("umbrella %s: fewer than two windows with samples; no profile", name)
+        return res
+    res.update(_profile_result(with_samples, int(r.get("bins", 25))))
+    if "profile_error" in res:
+        log.error("umbrella %s: no profile: %s", name, res["profile_error"])
+    return res
+
+
+def profile_plot(result: dict[str, Any], path: Path) -> None:
+    """The free-energy profiles of ``result`` (model name -> umbrella_profile entry) with MBAR error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    makers = {"delta_ml": (lambda: model.engine(threads), model.embedding)}
-    if r.get("compare_baseline", True):
-        makers["baseline"] = (lambda: make_engine(cfg.baseline, threads=threads), emb)
-    for name, (mk, e_set) in makers.items():
-        folder = out / "umbrella" / name
-        if not analyze_only:
-            s = MDSettings(
-                steps=steps,
-                dt_fs=cfg.md_dt_fs,
-                report_every=every,
-                dcd_every=steps,
-                seed=cfg.seed,
-                threads=threads,
-                max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,  # as in the free MD
-            )
-            run_windows(system, mk(), folder, wins, s, e_set, progress=progress)
-        stopped: dict[int, str] = {}
-        samples = []
-        for w in wins:
-            d = window_folder(folder, w.index)
-            if (d / "run.json").exists():
-                info = json.loads((d / "run.json").read_text())
-                if info.get("stopped") or info.get("steps_done", 0) < steps:
-                    stopped[w.index] = info.get("stopped") or f"{info.get('steps_done', 0)} of {steps} steps"
-            elif not analyze_only:
-                stopped[w.index] = "failed to start (see the log)"
-            samples.append(_window_samples(d, w, every * cfg.md_dt_fs / 1000.0))
-        result[name] = {
-            "windows": len(wins),
-            "window_centres_nm": [w.r0 for w in wins],
-            "window_k": [w.k for w in wins],
-            "window_mean_nm": [float(np.mean(sm["x"])) if sm else float("nan") for sm in samples],
-            "windows_stopped_early": dict(sorted(stopped.items())),
-            "samples_per_window": [len(sm.get("x", [])) for sm in samples],  # after dropping the first fifth
-            "x_nm": [],
-            "f_kjmol": [],
-            "barrier_kjmol": float("nan"),
-        }
-        with_samples = [sm for sm in samples if sm]
-        if len(with_samples) < 2:
-            log.warning("umbrella %s: fewer than two windows with samples; no profile", name)
-            continue
-        res = _profile_result(with_samples, int(r.get("bins", 25)))
-        result[name].update(res)
-        if "profile_error" in res:
-            log.error("umbrella %s: no profile: %s", name, res["profile_error"])
-            continue
-        ax.errorbar(res["x_nm"], res["f_kjmol"], yerr=res["df_kjmol"], fmt="o-", ms=4, capsize=2, label=name)
-    ax.set_xlabel("reaction coordinate r(S-C) - r(C-N) (nm)")
+    for name, res in result.items():
+        if res.get("f_kjmol"):
+            ax.errorbar(res["x_nm"], res["f_kjmol"], yerr=res["df_kjmol"], fmt="o-", ms=4, capsize=2, label=name)
+    ax.set_xlabel("reaction coordinate (nm)")
     ax.set_ylabel("free energy (kJ/mol)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "free_energy_profile.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _reaction(
+    cfg: PipelineConfig, out: Path, system: Path, model: Any, emb: Any, progress: bool, analyze_only: bool = False
+) -> dict[str, Any]:
+    """Umbrella sampling along the reaction coordinate (:mod:`qmlmm.md.umbrella`: windows chained from
+    their neighbours' final positions and velocities), an MBAR profile per model, delta-ML/MM vs
+    baseline."""
+    from qmlmm.engines import make_engine
+
+    r = cfg.reaction or {}
+    threads = cfg.total_threads
+    makers = {"delta_ml": (lambda: model.engine(threads), model.embedding)}
+    if r.get("compare_baseline", True):
+        makers["baseline"] = (lambda: make_engine(cfg.baseline, threads=threads), emb)
+    result = {
+        name: umbrella_profile(cfg, out, system, name, mk, e_set, progress, analyze_only)
+        for name, (mk, e_set) in makers.items()
+    }
+    profile_plot(result, out / "free_energy_profile.png")
     return result
 
 
