@@ -32,13 +32,23 @@ def _item(seed: int = 1, n_waters: int = 6, radius: float = 0.36) -> FrameTensor
     return frame_tensors(fr, EmbeddingSettings(cutoff=0.9))
 
 
-def _model(switch: float = 0.0, seed: int = 0) -> HDNNP:
+def _model(switch: float = 0.0, seed: int = 0, elec: str = "charges", charge_sum: str = "total") -> HDNNP:
     torch.manual_seed(seed)
-    m = HDNNP(ModelConfig(descriptor=CFG, hidden=[16, 16], cutoff=0.9, switch_width=switch)).double()
+    cfg = ModelConfig(
+        descriptor=CFG, hidden=[16, 16], cutoff=0.9, switch_width=switch, electrostatics=elec, charge_sum=charge_sum
+    )
+    m = HDNNP(cfg).double()
     with torch.no_grad():  # non-trivial scaling so that every term matters
         m.feat_std.fill_(0.5)
         m.e_scale.fill_(10.0)
+        if elec == "charges":  # charges that vary with the environment (training starts them even)
+            for net in m.charge_nets:
+                net[-1].weight.normal_(0.0, 0.3)  # type: ignore[index]
+                net[-1].bias.normal_(0.0, 0.2)  # type: ignore[index]
     return m
+
+
+ELEC = pytest.mark.parametrize("elec", ["none", "charges"])
 
 
 def _batch(items: list[FrameTensors]) -> FrameBatch:
@@ -63,10 +73,11 @@ def test_gradcheck_descriptors_qm_and_mm() -> None:
     )
 
 
+@ELEC
 @pytest.mark.parametrize("switch", [0.0, 0.3])
-def test_gradcheck_model_energy(switch: float) -> None:
+def test_gradcheck_model_energy(switch: float, elec: str) -> None:
     it = _item()
-    m = _model(switch)
+    m = _model(switch, elec=elec)
 
     def f(qm: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
         bb = _batch([it])
@@ -79,9 +90,10 @@ def test_gradcheck_model_energy(switch: float) -> None:
     )
 
 
-def test_forces_equal_minus_finite_differences_and_net_force_zero() -> None:
+@ELEC
+def test_forces_equal_minus_finite_differences_and_net_force_zero(elec: str) -> None:
     it = _item()
-    m = _model()
+    m = _model(elec=elec)
     b = _batch([it])
     _, fq, fm, pot = energy_and_forces(m, b, potential=True)
     assert torch.abs(fq.sum(0) + fm.sum(0)).max() < 1e-9  # translation invariance
@@ -115,9 +127,10 @@ def test_forces_equal_minus_finite_differences_and_net_force_zero() -> None:
     assert (energy(qm0, mm0, qp) - energy(qm0, mm0, qn)) / (2 * h) == pytest.approx(float(pot[3]), abs=1e-5)
 
 
-def test_switched_model_forces_include_switching_term() -> None:
+@ELEC
+def test_switched_model_forces_include_switching_term(elec: str) -> None:
     it = _item(radius=0.62)
-    m = _model(switch=0.4)
+    m = _model(switch=0.4, elec=elec)
     b = _batch([it])
     _, _, fm, _ = energy_and_forces(m, b)
     h = 1e-6
@@ -134,9 +147,10 @@ def test_switched_model_forces_include_switching_term() -> None:
         assert fd == pytest.approx(float(fm[a, k]), abs=1e-5)
 
 
-def test_rotation_translation_invariance() -> None:
+@ELEC
+def test_rotation_translation_invariance(elec: str) -> None:
     it = _item()
-    m = _model()
+    m = _model(elec=elec)
     e0 = float(m(_batch([it]))[0])
     R = Rotation.random(random_state=3).as_matrix()
     t = np.array([1.3, -0.7, 2.1])
@@ -148,9 +162,10 @@ def test_rotation_translation_invariance() -> None:
     assert torch.allclose(fq1, fq0 @ torch.as_tensor(R).T, atol=1e-9)  # forces rotate with the frame
 
 
-def test_permutation_invariance() -> None:
+@ELEC
+def test_permutation_invariance(elec: str) -> None:
     it = _item()
-    m = _model()
+    m = _model(elec=elec)
     e0 = float(m(_batch([it]))[0])
     # permute MM molecules (whole waters) and the atoms inside the list
     n_mol = int(it.mm_mol.max()) + 1
@@ -164,9 +179,10 @@ def test_permutation_invariance() -> None:
     assert float(m(_batch([pq]))[0]) == pytest.approx(e0, abs=1e-9)
 
 
-def test_no_leakage_between_frames_of_a_batch() -> None:
+@ELEC
+def test_no_leakage_between_frames_of_a_batch(elec: str) -> None:
     a, b_ = _item(seed=1), _item(seed=2)
-    m = _model()
+    m = _model(elec=elec)
     ea = m(_batch([a]))
     eb = m(_batch([b_]))
     both = _batch([a, b_])
@@ -253,3 +269,83 @@ def test_float32_model_keeps_total_energy_resolution_with_large_offsets() -> Non
     bt = collate([lab], dtype=torch.float32)
     assert bt.energy is not None and float(bt.energy[0]) == -4123456.789
     assert bt.to("cpu", torch.float32).energy.dtype == torch.float64  # type: ignore[union-attr]
+
+
+# ---- the electrostatic term: charges in the exact MM potential -----------------------------------------
+def _charged_item(charge: int, seed: int = 1) -> FrameTensors:
+    it = _item(seed=seed)
+    return dataclasses.replace(it, qm_charge=charge)
+
+
+@pytest.mark.parametrize("charge_sum", ["total", "zero"])
+def test_predicted_charges_add_up_to_the_qm_charge_per_frame(charge_sum: str) -> None:
+    """Frames of charge 0, +1 and -1 in one batch: each frame's predicted charges add up to its own QM
+    charge (direct models) or to zero (delta models), and differ between atoms (not all Q/n)."""
+    m = _model(charge_sum=charge_sum)
+    b = _batch([_charged_item(0, 1), _charged_item(1, 2), _charged_item(-1, 3)])
+    q = m.charges(b)
+    tot = torch.zeros(3, dtype=q.dtype).index_add(0, b.qm_frame, q)
+    want = torch.tensor([0.0, 1.0, -1.0], dtype=q.dtype) if charge_sum == "total" else torch.zeros(3, dtype=q.dtype)
+    assert torch.allclose(tot, want, atol=1e-12)
+    assert float(q.std()) > 0.05
+
+
+def test_electrostatic_term_is_the_coulomb_energy_of_the_charges() -> None:
+    """E(with the term) - E(same networks, without) = k_e sum_i q_i phi_i, phi_i = sum_J q_J / r_iJ over
+    every embedded charge (no cutoff, no damping)."""
+    from qmlmm.units import COULOMB_KJMOL_NM
+
+    it = _charged_item(1)
+    m = _model()
+    b = _batch([it])
+    q = m.charges(b).detach().numpy()
+    d = np.linalg.norm(it.qm_pos[:, None] - it.mm_pos[None], axis=-1)
+    e_coul = COULOMB_KJMOL_NM * float(q @ (it.mm_q[None, :] / d).sum(1))
+    short = m._per_element(m.nets, m.inputs(b).features, m.acsf.species(b.qm_z), m.short_cols) * m.e_scale
+    e_short = float(short.sum() + m.e_shift[m.acsf.species(b.qm_z)].sum())
+    assert float(m(b)[0]) == pytest.approx(e_short + e_coul, abs=1e-9)
+    assert abs(e_coul) > 1.0
+
+
+@pytest.mark.parametrize("charge", [0, 1])
+def test_far_field_of_the_model_is_its_charges_and_dipole(charge: int) -> None:
+    """A single point charge q far away (R = 10-80 nm) interacts with the model as with its vacuum charges:
+    E(R) - E(no charge) tends to k_e q (Q/R + mu . R_hat / R^2) (Q the QM charge, mu = sum_i q_i r_i from
+    the model's own charges without the point charge); the short-range networks add nothing at range."""
+    from qmlmm.units import COULOMB_KJMOL_NM
+
+    it = _charged_item(charge)
+    m = _model()
+    vac = FrameTensors(it.qm_z, it.qm_pos, np.zeros((0, 3)), np.zeros(0), np.zeros(0, dtype=np.int64), qm_charge=charge)
+    bv = _batch([vac])
+    e_vac = float(m(bv)[0])
+    q_vac = m.charges(bv).detach().numpy()
+    centre = it.qm_pos.mean(0)
+    mu = (q_vac[:, None] * (it.qm_pos - centre)).sum(0)
+    u = np.array([0.48, 0.6, 0.64])
+    u /= np.linalg.norm(u)
+    qj = 0.5
+    rel, resid = [], []
+    for R in (10.0, 20.0, 40.0, 80.0):
+        pos = centre + R * u
+        x = FrameTensors(it.qm_z, it.qm_pos, pos[None], np.array([qj]), np.zeros(1, dtype=np.int64), qm_charge=charge)
+        e_int = float(m(_batch([x]))[0]) - e_vac
+        expansion = COULOMB_KJMOL_NM * qj * (charge / R + float(mu @ u) / R**2)
+        coulomb = COULOMB_KJMOL_NM * qj * float((q_vac / np.linalg.norm(pos - it.qm_pos, axis=1)).sum())
+        rel.append(abs(e_int - expansion) / abs(expansion))
+        resid.append(abs(e_int - coulomb) * R**2)  # what is not the vacuum charges' Coulomb energy, times R^2
+    # measured: the remainder (the charges' response to the potential) falls as 1/R^3, so resid as 1/R
+    assert resid[-1] < 0.2 * resid[0], resid
+    assert rel[-1] < 0.02, rel
+
+
+def test_old_model_configs_load_as_they_were_made() -> None:
+    """A model file's config from before the electrostatic term and the undamped long-range features
+    loads with neither (the features those weights were trained on)."""
+    old = {"descriptor": {k: v for k, v in CFG.to_dict().items() if k != "long_range_damped"}, "hidden": [8]}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.electrostatics == "none" and cfg.descriptor.long_range_damped and cfg.switch_width == 0.0
+    new = ModelConfig.from_dict(ModelConfig(descriptor=CFG).to_dict())
+    assert new.electrostatics == "charges" and not new.descriptor.long_range_damped
+    with pytest.raises(InputError, match="electrostatics"):
+        ModelConfig(electrostatics="dipoles")

@@ -30,6 +30,7 @@ class FrameTensors:
         mm_mol: (m,) molecule index (local to the frame) of each MM atom.
         energy: target energy kJ/mol (NaN if absent).  qm_forces: (n, 3), mm_forces: (m, 3) kJ/mol/nm.
         index: frame index in its dataset.  qm_index, mm_index: atom indices in the frame.
+        qm_charge: total charge of the QM region (e).
     """
 
     qm_z: np.ndarray
@@ -43,6 +44,7 @@ class FrameTensors:
     index: int = -1
     qm_index: np.ndarray | None = None
     mm_index: np.ndarray | None = None
+    qm_charge: int = 0
 
 
 def frame_tensors(
@@ -60,6 +62,7 @@ def frame_tensors(
         index=index,
         qm_index=emb.qm_index,
         mm_index=emb.mm_index,
+        qm_charge=int(frame.qm_charge),
     )
     if level is not None and level in frame.labels:
         lab = frame.labels[level]
@@ -76,7 +79,8 @@ class FrameBatch:
     Attributes:
         qm_z (Nq,), qm_pos (Nq, 3), qm_frame (Nq,), mm_pos (Nm, 3), mm_q (Nm,), mm_frame (Nm,),
         mm_mol (Nm,) molecule index unique across the batch, n_frames,
-        energy (B,), qm_forces (Nq, 3), mm_forces (Nm, 3) targets when present.
+        energy (B,), qm_forces (Nq, 3), mm_forces (Nm, 3) targets when present,
+        qm_charge (B,) total QM charge of each frame in e (zeros when not given).
     """
 
     qm_z: torch.Tensor
@@ -90,7 +94,14 @@ class FrameBatch:
     energy: torch.Tensor | None = None
     qm_forces: torch.Tensor | None = None
     mm_forces: torch.Tensor | None = None
+    qm_charge: torch.Tensor | None = None
     meta: dict[str, object] = field(default_factory=dict)
+
+    def total_charges(self) -> torch.Tensor:
+        """(B,) total QM charge per frame in e, in the positions' dtype (zeros when not given)."""
+        if self.qm_charge is None:
+            return torch.zeros(self.n_frames, dtype=self.qm_pos.dtype, device=self.qm_pos.device)
+        return self.qm_charge.to(self.qm_pos.dtype)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FrameBatch:
         out = {}
@@ -127,6 +138,7 @@ def collate(
         mm_frame=torch.as_tensor(mm_frame, device=device, dtype=torch.long),
         mm_mol=torch.as_tensor(mm_mol, device=device, dtype=torch.long),
         n_frames=len(items),
+        qm_charge=torch.as_tensor([float(it.qm_charge) for it in items], dtype=torch.float64, device=device),
     )
     if have_targets:
         # float64 whatever the model dtype: a total energy of ~1e6 kJ/mol has a float32 spacing of 0.06-0.5 kJ/mol

@@ -7,12 +7,15 @@ Terms for QM atom i (all smooth: cosine cutoffs with zero slope at every cutoff)
   exp(-eta ((r_ij + r_ik)/2 - R_s)^2) f_c(r_ij) f_c(r_ik) (Behler G4 with a radial shift), r_c ~0.4 nm.
 - **MM radial** (charge-weighted, near field): sum_J q_J exp(-eta (r_iJ - R_s)^2) f_c(r_iJ), r_c ~0.8 nm
   (the first solvation shells: hydrogen bonds, close contacts).
-- **Long range** (out to the embedding cutoff, 1.4 nm): the potential phi_i = sum_J q_J f_c(r_iJ) / r_iJ,
-  the field magnitude |E_i| with E_i = sum_J q_J f_c(r_iJ) (r_i - r_J) / r_iJ^3, and the field
-  projected on the molecule: per element e, sum_{j in e} (E_i . u_ij) f_c(r_ij) (u_ij unit vector
-  i -> j, QM radial cutoff). Beyond the first shells the environment acts through these multipole
-  couplings (charge-potential, dipole-field), which cost a few operations per pair instead of one
-  Gaussian per shift.
+- **Long range** (every embedded charge): the potential phi_i = sum_J q_J / r_iJ, the field magnitude
+  |E_i| with E_i = sum_J q_J (r_i - r_J) / r_iJ^3, and the field projected on the molecule: per element
+  e, sum_{j in e} (E_i . u_ij) f_c(r_ij) (u_ij unit vector i -> j, QM radial cutoff). The charges q_J
+  are the embedding's switched ones, so these are the exact potential and field the labels' QM region
+  feels (no further damping: the labels couple to every embedded charge by 1/r). Beyond the first
+  shells the environment acts through these multipole couplings (charge-potential, dipole-field),
+  which cost a few operations per pair instead of one Gaussian per shift. Models made before this
+  (``long_range_damped``) damped both with a cosine cutoff from r = 0 (weight 0.39 at 0.8 nm, 0.05 at
+  1.2 nm of a 1.4 nm cutoff), so they could not represent the 1/r coupling.
 - **MM angular** (charge-weighted, short range): per element e of a QM neighbour j,
   sum_{j in e, K} q_K 2^(1-zeta) (1 + lambda cos theta_jiK)^zeta exp(-eta ((r_ij + r_iK)/2 - R_s)^2)
   f_c(r_ij) f_c(r_iK), with the QM angular cutoff for j and ~0.6 nm for K.
@@ -32,7 +35,21 @@ from qmlmm.data.batch import FrameBatch
 from qmlmm.descriptors.cutoffs import cosine_cutoff
 from qmlmm.descriptors.neighbors import pairs_within, triples_from_pairs
 
-__all__ = ["DescriptorConfig", "ACSF"]
+__all__ = ["DescriptorConfig", "ACSF", "potential_and_field"]
+
+
+def potential_and_field(b: FrameBatch, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact potential phi_i = sum_J q_J / r_iJ (Nq,) in e/nm and field E_i = sum_J q_J (r_i - r_J) / r_iJ^3
+    (Nq, 3) in e/nm^2 of the MM charges ``q`` (Nm,) e at every QM atom of the batch (all pairs of a frame)."""
+    nq = len(b.qm_z)
+    dt, dev = b.qm_pos.dtype, b.qm_pos.device
+    i, j = pairs_within(b.qm_pos, b.qm_frame, b.mm_pos, b.mm_frame, float("inf"))
+    vec = b.qm_pos[i] - b.mm_pos[j]
+    r = torch.linalg.norm(vec, dim=-1)
+    qr = q[j] / r
+    phi = torch.zeros(nq, dtype=dt, device=dev).index_add(0, i, qr)
+    field = torch.zeros(nq, 3, dtype=dt, device=dev).index_add(0, i, vec * (qr / (r * r))[:, None])
+    return phi, field
 
 
 def _linspace(a: float, b: float, n: int) -> list[float]:
@@ -55,19 +72,40 @@ class DescriptorConfig:
     mm_radial_shifts: list[float] = field(default_factory=lambda: _linspace(0.15, 0.75, 10))
     mm_radial_width: float = 0.07
     long_range: bool = True
-    long_range_cutoff: float = 1.4
+    long_range_cutoff: float = 1.4  # used only by long_range_damped descriptors
+    long_range_damped: bool = False  # True: the old cosine-damped potential/field (model files from before)
     mm_angular_cutoff: float = 0.6
     mm_angular_shifts: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5])
     mm_angular_width: float = 0.1
     field_epsilon: float = 1e-3  # e/nm^2, keeps |E| differentiable at E = 0
+
+    def __post_init__(self) -> None:
+        from qmlmm.errors import InputError
+
+        for name in ("qm_radial_cutoff", "qm_angular_cutoff", "mm_radial_cutoff", "long_range_cutoff",
+                     "mm_angular_cutoff", "qm_radial_width", "qm_angular_width", "mm_radial_width"):  # fmt: skip
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
+                raise InputError(f"descriptor {name} must be a positive number (nm), got {v!r}")
+        for name in ("qm_radial_shifts", "qm_angular_shifts", "mm_radial_shifts", "mm_angular_shifts",
+                     "angular_zetas", "elements"):  # fmt: skip
+            v = getattr(self, name)
+            if not isinstance(v, list | tuple) or not v:
+                raise InputError(f"descriptor {name} must be a non-empty list, got {v!r}")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> DescriptorConfig:
+        """A config from a mapping; an unknown key (a typo in a training YAML) is an error, not dropped."""
+        from qmlmm.errors import InputError
+
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown descriptor setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)  # type: ignore[arg-type]
 
 
 class ACSF(nn.Module):
@@ -141,6 +179,13 @@ class ACSF(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, b: FrameBatch, mm_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Features (Nq, n_features). ``mm_weight`` (Nm,) scales the MM charges (smooth switching)."""
+        return self.features_and_potential(b, mm_weight)[0]
+
+    def features_and_potential(
+        self, b: FrameBatch, mm_weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features (Nq, n_features) and, for undamped long-range terms, the exact potential of the
+        embedded (switched) charges at every QM atom, sum_J q_J / r_iJ (Nq,) in e/nm (else None)."""
         cfg = self.cfg
         nq = len(b.qm_z)
         dt, dev = b.qm_pos.dtype, b.qm_pos.device
@@ -171,7 +216,8 @@ class ACSF(nn.Module):
         parts.append(ang.reshape(nq, -1))
 
         # QM-MM pairs out to the longest MM cutoff; near-field radial terms on the short subset
-        rc_mm = max(cfg.mm_radial_cutoff, cfg.long_range_cutoff if cfg.long_range else 0.0, cfg.mm_angular_cutoff)
+        damped = cfg.long_range and cfg.long_range_damped
+        rc_mm = max(cfg.mm_radial_cutoff, cfg.long_range_cutoff if damped else 0.0, cfg.mm_angular_cutoff)
         mi, mj = pairs_within(b.qm_pos, b.qm_frame, b.mm_pos, b.mm_frame, rc_mm)
         mvec = b.qm_pos[mi] - b.mm_pos[mj]  # from MM atom to QM atom
         mr = torch.linalg.norm(mvec, dim=-1)
@@ -181,10 +227,15 @@ class ACSF(nn.Module):
         mg = torch.exp(-((rr[:, None] - self.rs_mm) ** 2) / (2 * cfg.mm_radial_width**2)) * rfc[:, None]
         mrad = torch.zeros(nq, self.n_mm_rad, dtype=dt, device=dev).index_add(0, ri, mg)
         parts.append(mrad)
+        phi_exact = None
         if cfg.long_range:
-            lfc = cosine_cutoff(mr, cfg.long_range_cutoff) * q[mj]
-            phi = torch.zeros(nq, dtype=dt, device=dev).index_add(0, mi, lfc / mr)
-            efield = torch.zeros(nq, 3, dtype=dt, device=dev).index_add(0, mi, mvec * (lfc / mr**3)[:, None])
+            if damped:
+                lfc = cosine_cutoff(mr, cfg.long_range_cutoff) * q[mj]
+                phi = torch.zeros(nq, dtype=dt, device=dev).index_add(0, mi, lfc / mr)
+                efield = torch.zeros(nq, 3, dtype=dt, device=dev).index_add(0, mi, mvec * (lfc / mr**3)[:, None])
+            else:
+                phi, efield = potential_and_field(b, q)
+                phi_exact = phi
             emag = torch.sqrt((efield * efield).sum(-1) + cfg.field_epsilon**2)
             proj = (efield[i] * dvec).sum(-1) / r * fc  # E_i . u_ij f_c
             eproj = torch.zeros(nq, self.n_el, dtype=dt, device=dev).index_put((i, sp[j]), proj, accumulate=True)
@@ -201,7 +252,7 @@ class ACSF(nn.Module):
             t = self._angular(cos_t, 0.5 * (ar[p] + cr[s]), fca, self.rs_mma, cfg.mm_angular_width)
             mang = mang.index_put((ai[p], sp[aj[p]]), t, accumulate=True)
         parts.append(mang.reshape(nq, -1))
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1), phi_exact
 
     def feature_names(self) -> list[str]:
         """Human-readable name of every feature column."""

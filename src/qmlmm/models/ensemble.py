@@ -53,8 +53,8 @@ class Ensemble(nn.Module):
     def member_energies(self, b: FrameBatch) -> torch.Tensor:
         """(K, B) energies of every member."""
         m0: HDNNP = self.members[0]  # type: ignore[assignment]
-        feats = m0.features(b)
-        return torch.stack([m(b, feats) for m in self.members])
+        shared = m0.inputs(b)  # features (and MM potential) once for all members
+        return torch.stack([m(b, shared) for m in self.members])
 
     def forward(self, b: FrameBatch) -> torch.Tensor:
         """(B,) mean energy."""

@@ -7,6 +7,22 @@ Forces on QM and MM atoms are minus the autograd gradient of E with respect to t
 With smooth embedding (switch_width > 0) the MM charges are scaled inside the model by the same
 molecule switching function as in the labels, computed from positions, so autograd includes the
 switching force exactly.
+
+Electrostatics from physics (``electrostatics="charges"``, the default of new models): per-element
+networks map the same scaled features to environment-dependent QM atomic charges q_i, shifted evenly
+within each frame so that they add up to the QM region's total charge (``charge_sum="total"``, direct
+models) or to zero (``"zero"``, delta models: the correction to the baseline's charges), and the model
+adds their Coulomb energy in the exact potential of the embedded, switched MM charges:
+
+    E = E_short + k_e sum_i q_i phi_i,      phi_i = sum_J S_J q_J / r_iJ    (k_e = 138.935 kJ/mol nm/e^2)
+
+so the 1/r coupling to every embedded charge, which the labels contain out to the cutoff, is
+represented exactly, and the short-range networks only need the first solvation shells: with the term,
+E_short does not see the long-range features (potential and field), only the charge networks do (the
+charges polarise in the field). So a distant charge interacts with the model through the charges alone:
+its energy tends to k_e q (Q/R + mu.R/R^3 + ...) with the QM region's model charges and dipole
+(tests/test_descriptors.py); a short-range network fed the potential would add a spurious 1/R term. Forces on QM
+and MM atoms (through q_i, phi_i and the switching weights) by autograd, as for E_short.
 """
 
 from __future__ import annotations
@@ -18,24 +34,50 @@ import torch
 from torch import nn
 
 from qmlmm.data.batch import FrameBatch
-from qmlmm.descriptors.acsf import ACSF, DescriptorConfig
+from qmlmm.descriptors.acsf import ACSF, DescriptorConfig, potential_and_field
 from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH, EmbeddingSettings
+from qmlmm.errors import InputError
 from qmlmm.switching import switch_value
+from qmlmm.units import COULOMB_KJMOL_NM
 
-__all__ = ["ModelConfig", "HDNNP", "switch_weights", "energy_and_forces"]
+__all__ = ["ModelConfig", "ModelInputs", "HDNNP", "switch_weights", "energy_and_forces", "ELECTROSTATICS"]
+
+#: the model's electrostatic term: none, or environment-dependent QM charges in the MM potential
+ELECTROSTATICS = ("none", "charges")
+CHARGE_SUMS = ("total", "zero")
 
 _ACT = {"silu": nn.SiLU, "tanh": nn.Tanh, "celu": nn.CELU, "softplus": nn.Softplus}
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of one network of the ensemble."""
+    """Architecture of one network of the ensemble.
+
+    ``electrostatics``: "charges" (predicted QM charges in the exact MM potential, module docstring) or
+    "none"; ``charge_hidden``: hidden layers of the per-element charge networks; ``charge_sum``: what the
+    charges of a frame add up to, "total" (its QM charge) or "zero" (delta models).
+    """
 
     descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     activation: str = "silu"
     cutoff: float = DEFAULT_CUTOFF  # embedding cutoff (nm) of the labels the model learns
     switch_width: float = DEFAULT_SWITCH_WIDTH  # smooth embedding width (nm), as in the labels
+    electrostatics: str = "charges"
+    charge_hidden: list[int] = field(default_factory=lambda: [16])
+    charge_sum: str = "total"
+
+    def __post_init__(self) -> None:
+        if self.electrostatics not in ELECTROSTATICS:
+            raise InputError(f"electrostatics must be one of {ELECTROSTATICS}, got {self.electrostatics!r}")
+        if self.charge_sum not in CHARGE_SUMS:
+            raise InputError(f"charge_sum must be one of {CHARGE_SUMS}, got {self.charge_sum!r}")
+        if self.activation not in _ACT:
+            raise InputError(f"activation must be one of {sorted(_ACT)}, got {self.activation!r}")
+        for name in ("hidden", "charge_hidden"):
+            v = getattr(self, name)
+            if not isinstance(v, list) or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in v):
+                raise InputError(f"{name} must be a list of positive layer sizes, got {v!r}")
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -44,22 +86,41 @@ class ModelConfig:
             "activation": self.activation,
             "cutoff": self.cutoff,
             "switch_width": self.switch_width,
+            "electrostatics": self.electrostatics,
+            "charge_hidden": list(self.charge_hidden),
+            "charge_sum": self.charge_sum,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> ModelConfig:
+        """The config of a model file; files from before a setting existed get the value they were made with
+        (sharp embedding, cosine-damped long-range features, no electrostatic term)."""
+        desc = dict(d["descriptor"])  # type: ignore[call-overload]
+        desc.setdefault("long_range_damped", True)
         return cls(
-            descriptor=DescriptorConfig.from_dict(d["descriptor"]),  # type: ignore[arg-type]
+            descriptor=DescriptorConfig.from_dict(desc),
             hidden=[int(h) for h in d.get("hidden", [64, 64])],  # type: ignore[attr-defined]
             activation=str(d.get("activation", "silu")),
             cutoff=float(d.get("cutoff", 1.4)),  # type: ignore[arg-type]
             # model files without the key predate smooth embedding: they were trained on sharp labels
             switch_width=float(d.get("switch_width", 0.0)),  # type: ignore[arg-type]
+            electrostatics=str(d.get("electrostatics", "none")),
+            charge_hidden=[int(h) for h in d.get("charge_hidden", [16])],  # type: ignore[attr-defined]
+            charge_sum=str(d.get("charge_sum", "total")),
         )
 
     @property
     def embedding(self) -> EmbeddingSettings:
         return EmbeddingSettings(self.cutoff, self.switch_width)
+
+
+@dataclass
+class ModelInputs:
+    """What the members of an ensemble share: raw features (Nq, F) and, with the electrostatic term, the
+    potential of the embedded (switched) MM charges at every QM atom (Nq,) in e/nm."""
+
+    features: torch.Tensor
+    potential: torch.Tensor | None = None
 
 
 def switch_weights(b: FrameBatch, cutoff: float, width: float) -> torch.Tensor:
@@ -97,6 +158,8 @@ class HDNNP(nn.Module):
     feat_std: torch.Tensor
     e_shift: torch.Tensor
     e_scale: torch.Tensor
+    q_shift: torch.Tensor
+    short_cols: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -107,17 +170,21 @@ class HDNNP(nn.Module):
         self.register_buffer("feat_std", torch.ones(ne, nf))
         self.register_buffer("e_shift", torch.zeros(ne))
         self.register_buffer("e_scale", torch.ones(()))
-        act = _ACT[cfg.activation]
-        nets = []
-        for _ in range(ne):
-            layers: list[nn.Module] = []
-            width = nf
-            for h in cfg.hidden:
-                layers += [nn.Linear(width, h), act()]
-                width = h
-            layers.append(nn.Linear(width, 1))
-            nets.append(nn.Sequential(*layers))
-        self.nets = nn.ModuleList(nets)
+        # columns of the features the short-range energy networks see: all, or, with the electrostatic
+        # term, all but the long-range block (the charges carry the long range)
+        cols = torch.arange(nf)
+        if cfg.electrostatics == "charges" and self.acsf.sizes["long_range"]:
+            sz = self.acsf.sizes  # block order: qm_radial, qm_angular, mm_radial, long_range, mm_angular
+            start = sz["qm_radial"] + sz["qm_angular"] + sz["mm_radial"]
+            cols = torch.cat([cols[:start], cols[start + self.acsf.sizes["long_range"] :]])
+        self.register_buffer("short_cols", cols, persistent=False)
+        self.nets = _element_mlps(ne, len(cols), cfg.hidden, cfg.activation)
+        if cfg.electrostatics == "charges":
+            self.charge_nets = _element_mlps(ne, nf, cfg.charge_hidden, cfg.activation)
+            for net in self.charge_nets:  # start from evenly shared charges (no electrostatic guess)
+                nn.init.zeros_(net[-1].weight)  # type: ignore[index]
+                nn.init.zeros_(net[-1].bias)  # type: ignore[index]
+            self.register_buffer("q_shift", torch.zeros(ne))  # per-element mean charge (e), set by training
 
     @property
     def elements(self) -> list[int]:
@@ -126,16 +193,24 @@ class HDNNP(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def features(self, b: FrameBatch) -> torch.Tensor:
-        """Raw (unscaled) features (Nq, F).
-
-        With smooth embedding the raw MM charges are switched here, unless the batch says its charges
-        are already the switched ones (``b.meta["switched"]``, as engines receive them).
-        """
-        w = None
+    def _mm_weight(self, b: FrameBatch) -> torch.Tensor | None:
         if self.cfg.switch_width > 0 and not b.meta.get("switched"):
-            w = switch_weights(b, self.cfg.cutoff, self.cfg.switch_width)
-        return self.acsf(b, mm_weight=w)
+            return switch_weights(b, self.cfg.cutoff, self.cfg.switch_width)
+        return None
+
+    def inputs(self, b: FrameBatch) -> ModelInputs:
+        """Features and (with the electrostatic term) the MM potential at the QM atoms, computed once for
+        all members. With smooth embedding the raw MM charges are switched here, unless the batch says its
+        charges are already the switched ones (``b.meta["switched"]``, as engines receive them)."""
+        w = self._mm_weight(b)
+        x, phi = self.acsf.features_and_potential(b, mm_weight=w)
+        if self.cfg.electrostatics == "charges" and phi is None:
+            phi = potential_and_field(b, b.mm_q if w is None else b.mm_q * w)[0]
+        return ModelInputs(x, phi if self.cfg.electrostatics == "charges" else None)
+
+    def features(self, b: FrameBatch) -> torch.Tensor:
+        """Raw (unscaled) features (Nq, F)."""
+        return self.acsf(b, mm_weight=self._mm_weight(b))
 
     def _apply(self, fn: Any, recurse: bool = True) -> HDNNP:
         # ``.to(float32)`` casts every buffer; the per-element energy offsets stay float64, since a
@@ -145,35 +220,89 @@ class HDNNP(nn.Module):
         self.e_shift = shift.to(device=self.e_scale.device, dtype=torch.float64)
         return self
 
-    def _network_part(self, b: FrameBatch, feats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-atom network outputs times the energy scale (Nq,) in the model dtype, and species (Nq,)."""
-        x = self.features(b) if feats is None else feats
-        sp = self.acsf.species(b.qm_z)
+    def _per_element(
+        self, nets: nn.ModuleList, x: torch.Tensor, sp: torch.Tensor, cols: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(Nq,) output of each atom's element network on its scaled features (columns ``cols``: all)."""
         out = torch.zeros(len(sp), dtype=x.dtype, device=x.device)
-        for e, net in enumerate(self.nets):
+        for e, net in enumerate(nets):
             idx = torch.nonzero(sp == e).flatten()
             if len(idx) == 0:
                 continue
             xe = (x[idx] - self.feat_mean[e]) / self.feat_std[e]
-            out = out.index_copy(0, idx, net(xe).squeeze(-1) * self.e_scale)
+            out = out.index_copy(0, idx, net(xe if cols is None else xe[:, cols]).squeeze(-1))
+        return out
+
+    def _resolve(self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None) -> ModelInputs:
+        if inputs is None:
+            return self.inputs(b)
+        if isinstance(inputs, torch.Tensor):  # features alone (models without the electrostatic term)
+            if self.cfg.electrostatics != "none":
+                raise InputError("this model needs ModelInputs with the MM potential, not features alone")
+            return ModelInputs(inputs)
+        return inputs
+
+    def charges(self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None = None) -> torch.Tensor:
+        """(Nq,) QM atomic charges in e (model dtype): network outputs plus the per-element shift, shifted
+        evenly within each frame to add up to its QM charge (``charge_sum`` "total") or to zero."""
+        if self.cfg.electrostatics != "charges":
+            raise InputError("this model has no charges (electrostatics: none)")
+        inp = self._resolve(b, inputs)
+        sp = self.acsf.species(b.qm_z)
+        raw = self._per_element(self.charge_nets, inp.features, sp) + self.q_shift[sp]
+        target = (
+            b.total_charges().to(raw.dtype)
+            if self.cfg.charge_sum == "total"
+            else torch.zeros_like(b.total_charges(), dtype=raw.dtype)
+        )
+        n = torch.bincount(b.qm_frame, minlength=b.n_frames).to(raw.dtype)
+        total = torch.zeros(b.n_frames, dtype=raw.dtype, device=raw.device).index_add(0, b.qm_frame, raw)
+        return raw + ((target - total) / n.clamp(min=1))[b.qm_frame]
+
+    def _network_part(
+        self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom energies without the offsets (Nq,) in the model dtype: short-range network times the
+        energy scale, plus k_e q_i phi_i with the electrostatic term; and species (Nq,)."""
+        inp = self._resolve(b, inputs)
+        sp = self.acsf.species(b.qm_z)
+        out = self._per_element(self.nets, inp.features, sp, self.short_cols) * self.e_scale
+        if self.cfg.electrostatics == "charges":
+            assert inp.potential is not None
+            out = out + COULOMB_KJMOL_NM * self.charges(b, inp) * inp.potential
         return out, sp
 
-    def atomic_energies(self, b: FrameBatch, feats: torch.Tensor | None = None) -> torch.Tensor:
+    def atomic_energies(self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None = None) -> torch.Tensor:
         """(Nq,) atomic energies in kJ/mol (float64: network part + per-element offset)."""
-        nn_part, sp = self._network_part(b, feats)
+        nn_part, sp = self._network_part(b, inputs)
         return nn_part.double() + self.e_shift[sp]
 
-    def forward(self, b: FrameBatch, feats: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None = None) -> torch.Tensor:
         """(B,) energies in kJ/mol, float64 whatever the model dtype.
 
         The network outputs (small) are summed in the model dtype, the per-element offsets (large)
         in float64, so float32 models keep sub-0.01 kJ/mol resolution of total energies."""
-        nn_part, sp = self._network_part(b, feats)
+        nn_part, sp = self._network_part(b, inputs)
         e_nn = torch.zeros(b.n_frames, dtype=nn_part.dtype, device=nn_part.device).index_add(0, b.qm_frame, nn_part)
         e_off = torch.zeros(b.n_frames, dtype=torch.float64, device=nn_part.device).index_add(
             0, b.qm_frame, self.e_shift[sp]
         )
         return e_nn.double() + e_off
+
+
+def _element_mlps(n_el: int, n_in: int, hidden: list[int], activation: str) -> nn.ModuleList:
+    """One MLP per element: n_in -> hidden layers (activation) -> 1."""
+    act = _ACT[activation]
+    nets = []
+    for _ in range(n_el):
+        layers: list[nn.Module] = []
+        width = n_in
+        for h in hidden:
+            layers += [nn.Linear(width, h), act()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        nets.append(nn.Sequential(*layers))
+    return nn.ModuleList(nets)
 
 
 def with_grad_inputs(b: FrameBatch, charges: bool = False) -> FrameBatch:
@@ -188,6 +317,7 @@ def with_grad_inputs(b: FrameBatch, charges: bool = False) -> FrameBatch:
         mm_frame=b.mm_frame,
         mm_mol=b.mm_mol,
         n_frames=b.n_frames,
+        qm_charge=b.qm_charge,
         meta=b.meta,
     )
 

@@ -310,6 +310,7 @@ class ModelEngine(Engine):
             mm_frame=torch.zeros(len(mm_charges), dtype=torch.long, device=dev),
             mm_mol=torch.zeros(len(mm_charges), dtype=torch.long, device=dev),
             n_frames=1,
+            qm_charge=torch.tensor([float(charge)], dtype=torch.float64, device=dev),
             meta={"switched": True},  # engines receive already switched charges
         )
         p = m.ensemble.predict(b, potential=need_potential)

@@ -18,7 +18,10 @@ class TrainConfig:
 
     Targets: ``target`` level [dft]; ``baseline`` level for delta learning [none]; the baseline's
     engine spec is read from the dataset. Model: ``hidden`` layer sizes [64, 64], ``activation``
-    [silu], ``ensemble`` members [4], ``descriptor`` overrides of DescriptorConfig fields.
+    [silu], ``ensemble`` members [4], ``descriptor`` overrides of DescriptorConfig fields,
+    ``electrostatics`` [charges] (predicted QM charges in the exact MM potential, or none) with
+    ``charge_hidden`` [16] layers per element (the charges add up to the QM charge for direct models,
+    to zero for delta models).
     Optimisation: Adam, ``lr`` [1e-3], ReduceLROnPlateau by ``lr_factor`` [0.5] after ``lr_patience``
     [25] epochs without validation improvement, down to ``lr_min`` [1e-5]; early stop after
     ``patience`` [80] epochs; at most ``epochs`` [600]; ``batch_size`` frames [8].
@@ -38,6 +41,8 @@ class TrainConfig:
     activation: str = "silu"
     ensemble: int = 4
     descriptor: dict[str, Any] = field(default_factory=dict)
+    electrostatics: str = "charges"
+    charge_hidden: list[int] = field(default_factory=lambda: [16])
     epochs: int = 600
     batch_size: int = 8
     lr: float = 1e-3
@@ -60,6 +65,7 @@ class TrainConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.dtype not in ("float32", "float64"):
             raise InputError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.ensemble < 1 or self.epochs < 1 or self.batch_size < 1:
@@ -73,6 +79,51 @@ class TrainConfig:
         if self.baseline is not None and self.baseline == self.target:
             raise InputError("baseline and target are the same level")
         self.split_settings  # noqa: B018 - validates split, split_gap_frames, block_size
+        positive = ("lr", "threads", "lr_patience", "patience")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0 < self.lr_factor < 1 or self.lr_min < 0:
+            raise InputError(f"lr_factor must lie in (0, 1) and lr_min be >= 0, got {self.lr_factor}, {self.lr_min}")
+        for name in ("w_energy", "w_qm_forces", "w_mm_forces"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_train_frames is not None and self.max_train_frames < 1:
+            raise InputError(f"max_train_frames must be >= 1, got {self.max_train_frames}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise InputError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        from qmlmm.descriptors.acsf import DescriptorConfig
+        from qmlmm.models.hdnnp import ModelConfig
+
+        # the architecture as it will be built: unknown descriptor keys, bad activation, layer sizes
+        ModelConfig(
+            descriptor=DescriptorConfig.from_dict(dict(self.descriptor)),
+            hidden=self.hidden,
+            activation=self.activation,
+            electrostatics=self.electrostatics,
+            charge_hidden=self.charge_hidden,
+        )
+
+    def _check_types(self) -> None:
+        """Every setting of the type its field declares (YAML gives strings, floats for ints, ...)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = str(f.type)
+            ok = True
+            if kind.startswith("int"):
+                ok = (isinstance(v, int) and not isinstance(v, bool)) or (v is None and "None" in kind)
+            elif kind == "float":
+                ok = isinstance(v, int | float) and not isinstance(v, bool)
+                if ok:
+                    setattr(self, f.name, float(v))
+            elif kind.startswith("str"):
+                ok = isinstance(v, str) or (v is None and "None" in kind)
+            elif kind.startswith("list[int]"):
+                ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            elif kind.startswith("dict"):
+                ok = isinstance(v, dict)
+            if not ok:
+                raise InputError(f"training setting {f.name} must be {kind}, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -66,6 +66,9 @@ def _model_config(cfg: TrainConfig, data: TrainingData) -> ModelConfig:
         activation=cfg.activation,
         cutoff=data.embedding.cutoff,
         switch_width=data.embedding.switch_width,
+        electrostatics=cfg.electrostatics,
+        charge_hidden=list(cfg.charge_hidden),
+        charge_sum="zero" if data.baseline else "total",
     )
 
 
