@@ -342,7 +342,10 @@ def test_far_field_of_the_model_is_its_charges_and_dipole(charge: int) -> None:
 def test_old_model_configs_load_as_they_were_made() -> None:
     """A model file's config from before the electrostatic term and the undamped long-range features
     loads with neither (the features those weights were trained on)."""
-    old = {"descriptor": {k: v for k, v in CFG.to_dict().items() if k != "long_range_damped"}, "hidden": [8]}
+    old: dict[str, object] = {
+        "descriptor": {k: v for k, v in CFG.to_dict().items() if k != "long_range_damped"},
+        "hidden": [8],
+    }
     cfg = ModelConfig.from_dict(old)
     assert cfg.electrostatics == "none" and cfg.descriptor.long_range_damped and cfg.switch_width == 0.0
     new = ModelConfig.from_dict(ModelConfig(descriptor=CFG).to_dict())
