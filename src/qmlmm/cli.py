@@ -128,12 +128,18 @@ def export(
     dataset: Annotated[Path, typer.Argument(help="qmlmm HDF5 dataset.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Extended XYZ file to write.")],
     level: Annotated[list[str] | None, typer.Option(help="Levels to include (default all).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Export a dataset to extended XYZ (Angstrom, eV; ASE conventions)."""
     from qmlmm.data import Dataset, write_extxyz
+    from qmlmm.fileio import check_output
 
     try:
+        check_output(out, [dataset], overwrite, "extended XYZ file")
         with Dataset(dataset) as ds:
+            unknown = sorted(set(level or []) - set(ds.levels()))
+            if unknown:
+                raise QMLMMError(f"no level(s) {unknown} in {dataset}; levels: {ds.levels()}")
             n = write_extxyz(out, iter(ds), levels=level)
     except (QMLMMError, FileNotFoundError) as e:
         _fail(e)
@@ -189,12 +195,16 @@ def train(
     dtype: Annotated[str | None, typer.Option(help="float32 or float64.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume an interrupted run from its checkpoint.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
 ) -> None:
     """Train an HDNNP ensemble (direct, or delta over a baseline level) on energies and QM/MM forces."""
     from qmlmm.training import load_config, load_training_data
     from qmlmm.training import train as run_train
 
     try:
+        from qmlmm.fileio import check_output
+
+        check_output(out, [data], overwrite, "model file")
         cfg = load_config(
             config,
             target=target,
@@ -269,11 +279,14 @@ def predict(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output: .extxyz or .h5.")],
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Predict energies, forces and their ensemble spread (levels 'model' and 'model_std')."""
+    from qmlmm.fileio import check_output
     from qmlmm.workflows.predict import predict_file
 
     try:
+        check_output(out, [src, model], overwrite, "prediction file")
         n = predict_file(model, src, out, threads=threads, device=device)
     except (QMLMMError, FileNotFoundError) as e:
         _fail(e)
@@ -299,7 +312,13 @@ def learning_curve_cmd(
 
     try:
         cfg = load_config(config, target=target, baseline=baseline, ensemble=ensemble, epochs=epochs)
-        res = learning_curve(data, cfg, [int(x) for x in sizes.split(",") if x.strip()], out, workers=workers)
+        try:
+            ns = [int(x) for x in sizes.split(",") if x.strip()]
+        except ValueError:
+            raise QMLMMError(f"--sizes must be comma-separated whole numbers of frames, got {sizes!r}") from None
+        if not ns or min(ns) < 1:
+            raise QMLMMError(f"--sizes must be positive numbers of frames, got {sizes!r}")
+        res = learning_curve(data, cfg, ns, out, workers=workers, strict=True)
     except (QMLMMError, FileNotFoundError, ValueError) as e:
         _fail(e)
         return
@@ -342,12 +361,15 @@ def build(
     qm_charges: Annotated[
         str, typer.Option(help="Fixed solute charges in the MM-only stages: mmff (else gasteiger), gasteiger, none.")
     ] = "mmff",
+    overwrite: Annotated[bool, typer.Option(help="Replace a system already built in the folder.")] = False,
 ) -> None:
     """Build a solvated QM/MM system (solutes = QM region, TIP3P water) for qmlmm md and sample."""
     from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
 
     specs = [SoluteSpec(smiles=s_) for s_ in (smiles or [])] + [SoluteSpec(path=str(p)) for p in (solute or [])]
     try:
+        if (out / "meta.json").exists() and not overwrite:
+            raise QMLMMError(f"{out} holds a built system; choose another -o or pass --overwrite to replace it")
         res = build_system(
             specs,
             out,
@@ -424,12 +446,17 @@ def md(
     restart: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
     seed: Annotated[int, typer.Option(help="Velocity and thermostat seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Start afresh in a run folder that holds a run.")] = False,
 ) -> None:
     """Run QM/MM (--engine) or ML/MM (--model) MD of a built system with OpenMM."""
     from qmlmm.md.restraints import parse_restraint, umbrella_windows
     from qmlmm.md.runner import MDSettings, run_md
 
     try:
+        if not umbrella and not restart and not overwrite and (out / "log.csv").exists():
+            raise QMLMMError(
+                f"{out} holds an MD run; --restart continues it, --overwrite starts afresh, or choose another -o"
+            )
         eng, emb = _engine_for_md(model, engine, threads, cutoff, switch_width)
         rs = [parse_restraint(t) for t in (restraint or [])]
         s = MDSettings(

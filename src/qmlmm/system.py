@@ -89,6 +89,9 @@ class Frame:
         self.qm_mult = int(self.qm_mult)
         if not np.all(np.isfinite(self.positions)):
             raise InputError("positions contain NaN or infinity")
+        if not np.all(np.isfinite(self.charges)):
+            bad = np.flatnonzero(~np.isfinite(self.charges))
+            raise InputError(f"MM charges contain NaN or infinity (atoms {bad[:5].tolist()})")
         if not self.is_qm.any():
             raise InputError("frame has no QM atoms (per-atom field 'qm' is 0 everywhere)")
 

@@ -169,6 +169,11 @@ def analyze_run(
 
         msys = MDSystem.load(system)
         pos, boxes = load_run(run)
+        if len(pos) and pos.shape[1] != len(msys.numbers):
+            raise InputError(
+                f"{run}'s trajectory has {pos.shape[1]} atoms, the system {system} {len(msys.numbers)}: "
+                "give the system folder the run was made from"
+            )
         if len(pos) and boxes is not None:
             pairs = rdf_pair_atoms(rdf_pairs or DEFAULT_RDF_PAIRS, msys.numbers, msys.is_qm)
             quads = conjugated_chain_dihedrals(smiles) if smiles else []

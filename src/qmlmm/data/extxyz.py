@@ -132,23 +132,13 @@ def write_extxyz(
     path: str | Path, frames: Sequence[Frame] | Iterator[Frame], levels: Sequence[str] | None = None
 ) -> int:
     """Write frames (with their labels) to ``path`` atomically; returns the number written."""
-    import os
-    import tempfile
-
     from ase.io import write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    from qmlmm.fileio import atomic_path
+
     n = 0
-    try:
-        with os.fdopen(fd, "w") as fh:
-            for fr in frames:
-                write(fh, frame_to_atoms(fr, levels), format="extxyz", write_results=False)  # type: ignore[arg-type]
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        for fr in frames:
+            write(fh, frame_to_atoms(fr, levels), format="extxyz", write_results=False)  # type: ignore[arg-type]
+            n += 1
     return n

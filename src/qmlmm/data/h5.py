@@ -159,7 +159,9 @@ class Dataset:
         if mode not in ("r", "a"):
             raise ValueError("mode must be 'r' or 'a'")
         try:
-            self._f = h5py.File(self.path, "r+" if mode == "a" else "r")
+            # read-only without HDF5's file lock, so `qmlmm info` can read a dataset that `qmlmm label` is
+            # writing (what it shows may be a few results old); writers keep the lock
+            self._f = h5py.File(self.path, "r+") if mode == "a" else h5py.File(self.path, "r", locking=False)
         except OSError as e:
             raise SchemaError(f"{self.path} is not a readable HDF5 file: {e}") from e
         self._check_schema()
@@ -209,6 +211,21 @@ class Dataset:
         if missing or "levels" not in f:
             self.close()
             raise SchemaError(f"{self.path} lacks required datasets: {missing or ['levels']}")
+        g = f["frames"]
+        off = g["atom_offset"][()]
+        n_frames, n_atoms = len(off) - 1, len(g["numbers"])
+        problems = []
+        if n_frames < 0 or (len(off) and off[0] != 0) or np.any(np.diff(off) < 1) or (len(off) and off[-1] != n_atoms):
+            problems.append(f"atom_offset must rise from 0 to the {n_atoms} atoms, one frame at least one atom")
+        for k in ("positions", "is_qm", "charges", "mol_id"):
+            if len(g[k]) != n_atoms:
+                problems.append(f"{k} has {len(g[k])} rows for {n_atoms} atoms")
+        for k in ("box", "qm_charge", "qm_mult"):
+            if len(g[k]) != n_frames:
+                problems.append(f"{k} has {len(g[k])} rows for {n_frames} frames")
+        if problems:
+            self.close()
+            raise SchemaError(f"{self.path} is inconsistent: " + "; ".join(problems))
 
     # ---- frames ------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -12,6 +12,7 @@ The family (the part before the colon) is the default label level name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from qmlmm.engines.base import Engine, EngineResult, label_frame
 from qmlmm.errors import InputError
@@ -43,8 +44,88 @@ class EngineSpec:
         return f"{self.family}:{self.method}{opts}"
 
 
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Any:
+    """A checker of a numeric option value: its type and range (inclusive, or open at ``low``)."""
+
+    def check(name: str, v: str) -> None:
+        try:
+            x = kind(v)
+        except ValueError:
+            want = "an integer" if kind is int else "a number"
+            raise InputError(f"engine option {name}={v!r} must be {want}") from None
+        if x != x or (low is not None and (x < low or (low_open and x == low))) or (high is not None and x > high):
+            rng = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
+            raise InputError(f"engine option {name}={v!r} must be {rng}")
+
+    return check
+
+
+def _choice(*values: str) -> Any:
+    def check(name: str, v: str) -> None:
+        if v.lower() not in values:
+            raise InputError(f"engine option {name}={v!r} must be one of {', '.join(values)}")
+
+    return check
+
+
+def _any(name: str, v: str) -> None:
+    if not v:
+        raise InputError(f"engine option {name} has no value")
+
+
+_YESNO = _choice("yes", "no", "true", "false", "1", "0", "on", "off")
+_DFTB_OPTIONS = {
+    "tol": _number(float, 0.0, low_open=True),
+    "maxiter": _number(int, 1),
+    "etemp": _number(float, 0.0),
+    "reuse": _choice("yes", "no"),
+    "device": _any,
+}
+#: the options of each family and their checks, applied when a spec is parsed (before any engine exists)
+OPTIONS: dict[str, dict[str, Any]] = {
+    "dft": {
+        "df": _YESNO,
+        "conv": _number(float, 0.0, low_open=True),
+        "grids": _number(int, 0, 9),
+        "maxcycle": _number(int, 1),
+        "reuse": _YESNO,
+        "soscf": _YESNO,
+        "aux": _any,
+        "dfmem": _number(float, 0.0),
+    },
+    "xtb": {"acc": _number(float, 1e-4, 1e3), "etemp": _number(float, 0.0), "maxiter": _number(int, 1)},
+    "dftb3": _DFTB_OPTIONS,
+    "dftb2": _DFTB_OPTIONS,
+}
+
+
+def _check_dft_method(spec: str, method: str) -> None:
+    """functional/basis: both known to PySCF (checked now, not after the first SCF of a long job)."""
+    if "/" not in method:
+        raise InputError(f"dft spec needs functional/basis, e.g. dft:b3lyp/def2-svp; got {spec!r}")
+    xc, basis = method.split("/", 1)
+    from pyscf import gto
+    from pyscf.dft import libxc
+
+    try:
+        libxc.parse_xc(xc)
+    except (KeyError, ValueError):
+        raise InputError(f"unknown DFT functional {xc!r} in {spec!r}") from None
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # PySCF's hint to install basis-set-exchange for unknown names
+            warnings.simplefilter("ignore")
+            ok = bool(gto.basis.load(basis, "H") or gto.basis.load(basis, "C"))
+    except Exception:  # PySCF raises BasisNotFoundError, KeyError, RuntimeError depending on the name
+        ok = False
+    if not ok:
+        raise InputError(f"unknown basis set {basis!r} in {spec!r} (PySCF has no basis of that name)")
+
+
 def parse_spec(spec: str) -> EngineSpec:
-    """Parse an engine spec string; raise InputError naming what is wrong."""
+    """Parse an engine spec string; raise InputError naming what is wrong (unknown family or option, an
+    option value of the wrong type or range, for dft an unknown functional or basis)."""
     if ":" not in spec:
         raise InputError(
             f"engine spec {spec!r} needs the form family:method, e.g. dft:b3lyp/def2-svp, "
@@ -63,6 +144,13 @@ def parse_spec(spec: str) -> EngineSpec:
             raise InputError(f"engine option {p!r} in {spec!r} must be key=value")
         k, v = p.split("=", 1)
         opts[k.strip().lower()] = v.strip()
+    known = OPTIONS[family]
+    for k, v in opts.items():
+        if k not in known:
+            raise InputError(f"unknown {family} option {k!r} in {spec!r}; known: {', '.join(sorted(known))}")
+        known[k](k, v)
+    if family == "dft":
+        _check_dft_method(spec, method)
     return EngineSpec(family, method, opts)
 
 

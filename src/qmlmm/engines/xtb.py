@@ -60,6 +60,10 @@ def _ptr(cdata: Any) -> int:
     return int(ffi.cast("uintptr_t", cdata))
 
 
+#: the heaviest element GFN1/GFN2-xTB has parameters for (Rn)
+MAX_XTB_Z = 86
+
+
 class XTBEngine(Engine):
     """``xtb:gfn2`` or ``xtb:gfn1``."""
 
@@ -116,6 +120,10 @@ class XTBEngine(Engine):
         from xtb.interface import Calculator, XTBException
         from xtb.libxtb import VERBOSITY_MUTED
 
+        # GFN1/GFN2-xTB are parametrised for H-Rn; libxtb crashes the process (SIGSEGV) beyond
+        bad = sorted({int(z) for z in np.concatenate([numbers, mm_numbers]) if not 1 <= z <= MAX_XTB_Z})
+        if bad:
+            raise InputError(f"xtb ({self.method}) has parameters for elements 1-{MAX_XTB_Z} (H-Rn) only, got {bad}")
         pos = qm_positions * BOHR_PER_NM
         calc = Calculator(self._param, numbers, pos, charge=charge, uhf=mult - 1)
         calc.set_verbosity(VERBOSITY_MUTED)

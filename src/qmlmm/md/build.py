@@ -428,8 +428,15 @@ def build_system(
     modeller = app.Modeller(top, allpos * u.nanometer)
     kw: dict[str, Any] = {"model": s.water_model, "neutralize": False}
     edge = box_edge(largest_internal_distance(allpos), s)
+    if edge < 2.0 * s.pme_cutoff:
+        raise InputError(f"box edge {edge:.2f} nm is below twice the PME cutoff ({2 * s.pme_cutoff} nm)")
+    n_est = int(100.3 * edge**3)  # ~33.4 waters/nm^3, 3 atoms each
+    if n_est > 300_000:
+        log.warning("box edge %.1f nm: about %d atoms; MM-only steps alone will be slow", edge, n_est)
     kw["boxSize"] = openmm.Vec3(edge, edge, edge) * u.nanometer
     modeller.addSolvent(ff, **kw)
+    if not any(r.name == "HOH" for r in modeller.topology.residues()):
+        raise InputError(f"no water fits in the {edge:.2f} nm box around the solutes; enlarge the box")
     system = ff.createSystem(
         modeller.topology,
         nonbondedMethod=app.PME,

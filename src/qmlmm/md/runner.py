@@ -98,6 +98,81 @@ class MDSettings:
     threads: int = 2
     restraints: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        checks = [
+            ("steps", self.steps >= 1, "at least 1"),
+            ("dt_fs", 0 < self.dt_fs <= 10, "in (0, 10] fs"),
+            ("temperature", self.temperature > 0, "positive (K)"),
+            ("friction_per_ps", self.friction_per_ps >= 0, ">= 0 (1/ps)"),
+            ("report_every", self.report_every >= 1, "at least 1"),
+            ("dcd_every", self.dcd_every >= 1, "at least 1"),
+            ("checkpoint_every", self.checkpoint_every >= 1, "at least 1"),
+            ("thermalize_steps", self.thermalize_steps >= 0, ">= 0"),
+            ("threads", self.threads >= 1, "at least 1"),
+            ("max_uncertainty", self.max_uncertainty is None or self.max_uncertainty > 0, "positive (kJ/mol)"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise InputError(f"MD setting {name} must be {want}, got {getattr(self, name)!r}")
+
+
+#: settings a restarted run must share with the run it continues (a different value mixes two Hamiltonians
+#: or ensembles in one log)
+RESTART_KEYS = ("dt_fs", "temperature", "nve", "friction_per_ps")
+
+
+def _run_identity(engine: Engine | None, emb: EmbeddingSettings, s: MDSettings, rs: list[Any]) -> dict[str, Any]:
+    """What a continuation must share with the run it continues (written to run_settings.json at the start)."""
+    return {
+        "engine": _engine_identity(engine),
+        "embedding": emb.to_dict(),
+        "restraints": [r.text() for r in rs],
+        **{k: getattr(s, k) for k in RESTART_KEYS},
+    }
+
+
+def _check_restart(out: Path, engine: Engine | None, emb: EmbeddingSettings, s: MDSettings, rs: list[Any]) -> None:
+    """Raise InputError when the run in ``out`` (its run_settings.json, written when it started, or the
+    run.json of older folders) used another engine, embedding, restraints or ensemble than this
+    continuation."""
+    now = _run_identity(engine, emb, s, rs)
+    if (out / "run_settings.json").exists():
+        was = json.loads((out / "run_settings.json").read_text())
+        diff = [k for k in now if now[k] != was.get(k)]
+        if diff:
+            raise InputError(
+                f"--restart of {out}: this command has another "
+                + ", ".join(f"{k} ({now[k]!r}, the run had {was.get(k)!r})" for k in diff)
+                + "; continue with the run's settings or start a new run folder"
+            )
+        return
+    p = out / "run.json"
+    if not p.exists():
+        return
+    before = json.loads(p.read_text())
+    was = {
+        "engine": before.get("engine_identity", before.get("engine")),
+        "embedding": before.get("embedding"),
+        "restraints": before.get("restraints", []),
+        **{k: before.get("settings", {}).get(k) for k in RESTART_KEYS},
+    }
+    if "engine_identity" not in before:  # run folders from before the identity was recorded: the spec only
+        now["engine"] = getattr(engine, "spec", "mm-only")
+    diff = [k for k in now if was[k] is not None and now[k] != was[k]]
+    if diff:
+        raise InputError(
+            f"--restart of {out}: this command has another "
+            + ", ".join(f"{k} ({now[k]!r}, the run had {was[k]!r})" for k in diff)
+            + "; continue with the run's settings or start a new run folder"
+        )
+
+
+def _engine_identity(engine: Engine | None) -> str:
+    """The engine's spec and the settings that determine its numbers (a model: its weights' fingerprint)."""
+    if engine is None:
+        return "mm-only"
+    return json.dumps({"spec": engine.spec, "settings": engine.settings()}, sort_keys=True, default=str)
+
 
 @dataclass
 class MDResult:
@@ -264,6 +339,7 @@ def run_md(
     if restart:
         if not chk.exists():
             raise InputError(f"--restart: no checkpoint in {out}")
+        _check_restart(out, engine, emb, s, rs)
         sim.loadCheckpoint(str(chk))
         start_step = round(ctx.getState().getStepCount())
         log.info("restarting %s at step %d", out, start_step)
@@ -288,6 +364,7 @@ def run_md(
         except Exception as e:
             raise EngineError(f"MD could not start in {out}: the QM/MM force failed at the start: {e}") from e
         ctx.setStepCount(0)
+        (out / "run_settings.json").write_text(json.dumps(_run_identity(engine, emb, s, rs), indent=2))
         st0 = ctx.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
         _save_state_npz(
             out / "start_state.npz",
@@ -389,6 +466,7 @@ def run_md(
         "settings": asdict(s),
         "embedding": emb.to_dict(),
         "engine": getattr(engine, "spec", "mm-only"),
+        "engine_identity": _engine_identity(engine),
         "steps_done": start_step + done,
         "seconds_this_run": seconds,
         "ns_per_day": nsday,

@@ -13,8 +13,6 @@ E_baseline + E_nn, running its baseline engine in the same call.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -118,17 +116,11 @@ class QMLMMModel:
 
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically."""
+        from qmlmm.fileio import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(self.state(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
         return path
 
     @classmethod
@@ -252,6 +244,18 @@ class QMLMMModel:
         """The model as a QM/MM engine (baseline included for delta models)."""
         return ModelEngine(self, threads)
 
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex digits) of every member's weights and buffers: two files with the same number
+        are the same model."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for m in self.ensemble.members:
+            for k, v in sorted(m.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().double().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def describe(self) -> str:
         m = self.meta
         kind = f"delta ({m.target} - {m.baseline}, baseline {m.baseline_method})" if m.delta else f"direct ({m.target})"
@@ -286,7 +290,7 @@ class ModelEngine(Engine):
         return v
 
     def settings(self) -> dict[str, object]:
-        return {"model": self.model.describe()}
+        return {"model": self.model.describe(), "fingerprint": self.model.fingerprint()}
 
     def _compute(
         self,

@@ -149,7 +149,10 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
         import yaml
 
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise InputError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise InputError(f"{path}: a training config must be a YAML mapping")
         d.update(loaded)

@@ -41,6 +41,14 @@ class LevelRequest:
     spec: str
     level: str
 
+    def __post_init__(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.level):
+            raise InputError(
+                f"level name {self.level!r} must be letters, digits and _ . + - only (it names an HDF5 group)"
+            )
+
     @classmethod
     def from_spec(cls, spec: str, level: str | None = None) -> LevelRequest:
         return cls(parse_spec(spec).text, level or parse_spec(spec).family)
@@ -145,7 +153,10 @@ def _dask_client(workers: int, threads: int, scheduler: str | None) -> Any:
         raise QMLMMError("parallel labelling needs dask[distributed]") from e
     if scheduler:
         log.info("connecting to Dask scheduler at %s", scheduler)
-        return Client(scheduler)
+        try:
+            return Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise QMLMMError(f"cannot reach the Dask scheduler at {scheduler!r} (20 s): {e}") from e
     import dask
 
     env = {

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from qmlmm.analysis.evaluate import baseline_collected
+from qmlmm.errors import InputError
 from qmlmm.training.config import TrainConfig
 from qmlmm.training.data import load_training_data
 from qmlmm.training.metrics import compute_metrics
@@ -52,6 +53,7 @@ def learning_curve(
     hidden_by_mode: dict[str, list[int]] | None = None,
     scale_epochs: bool = True,
     workers: int = 1,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Train direct and/or delta models on growing subsets; write learning_curve.{json,png} in out_dir.
 
@@ -60,6 +62,8 @@ def learning_curve(
     (epochs * 100 / N, at least 50), so large subsets do not take proportionally longer.
     ``workers`` > 1 trains that many models at once, one single-threaded process each.
     Each run resumes from its checkpoint (or is reused when its model file exists).
+    ``strict``: a size above the training frames is an error (the CLI); otherwise it is skipped with a
+    warning (the pipeline, where labels that failed can leave fewer frames than configured).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +79,12 @@ def learning_curve(
         data = load_training_data(data_path, cfg.target, base, cfg.split_settings, require=need)
         split_test = data.test
         planned[mode] = []
+        too_big = [n for n in sizes if n > len(data.train)]
+        if (strict and too_big) or not sizes or min(sizes) < 1:
+            raise InputError(
+                f"learning-curve sizes {sorted(sizes)}: each must lie in 1..{len(data.train)}, the training frames "
+                f"of the {data.split_info.get('kind') if data.split_info else ''} split of {data_path}"
+            )
         for n in sizes:
             if n > len(data.train):
                 log.warning("size %d exceeds the %d training frames; skipped", n, len(data.train))

@@ -88,6 +88,60 @@ class PipelineConfig:
     sample_windows: str | None = None  # start:stop:n windows for sampling (default: the umbrella windows)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from qmlmm.typecheck import check_field_types
+
+        check_field_types(self, "pipeline")
+        positive = ("sample_steps", "sample_every", "sample_runs", "workers", "threads", "md_steps", "md_report_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"pipeline setting {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("equil_steps", "md_reference_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"pipeline setting {name} must be >= 0, got {getattr(self, name)}")
+        if self.sample_steps < self.sample_every:
+            raise InputError(f"sample_steps ({self.sample_steps}) must be >= sample_every ({self.sample_every})")
+        if not self.solutes:
+            raise InputError("pipeline setting solutes names no solute")
+
+    def validate(self) -> None:
+        """Everything that can be checked before the first step runs: engine specs (options, functional,
+        basis), the training settings, the embedding, windows, the reaction block, the RDF pairs."""
+        from qmlmm.engines import parse_spec
+        from qmlmm.environment import EmbeddingSettings
+        from qmlmm.md.build import BuildSettings
+        from qmlmm.md.restraints import umbrella_windows
+        from qmlmm.training import TrainConfig
+
+        for spec in (self.sample_engine, self.reference, self.baseline):
+            parse_spec(spec)
+        EmbeddingSettings(self.cutoff, self.switch_width)
+        BuildSettings(padding=self.padding, cutoff=self.cutoff, gap=self.gap, equilibrate_ps=self.equilibrate_ps)
+        if self.padding is not None and self.padding <= 0:
+            raise InputError(f"pipeline setting padding must be positive, got {self.padding}")
+        for mode in ("direct", "delta"):
+            TrainConfig.from_dict(
+                {**{"target": "ref", "seed": self.seed}, **self.train, "baseline": "base" if mode == "delta" else None}
+            )
+        for name in ("reaction_windows", "reaction_extra_windows", "sample_windows"):
+            if getattr(self, name):
+                umbrella_windows(getattr(self, name))
+        if self.learning_curve is not None and (not self.learning_curve or min(self.learning_curve) < 1):
+            raise InputError(f"pipeline setting learning_curve must list positive sizes, got {self.learning_curve}")
+        if self.reaction is not None:
+            known = {"atoms", "d", "k", "keep_together", "windows", "steps", "every", "bins", "compare_baseline"}
+            unknown = sorted(set(self.reaction) - known)
+            if unknown:
+                raise InputError(f"unknown reaction setting(s) {unknown}; known: {sorted(known)}")
+            if not isinstance(self.reaction.get("atoms"), list) or len(self.reaction["atoms"]) != 4:
+                raise InputError("reaction atoms must list 4 atoms (i, j, k, l of xi = r_ij + d r_kl)")
+            if not (self.reaction_windows or self.reaction.get("windows")):
+                raise InputError("a reaction needs windows (reaction_windows or reaction: windows)")
+            umbrella_windows(self.reaction_windows or self.reaction["windows"])
+            kt = self.reaction.get("keep_together")
+            if kt is not None and (not isinstance(kt, list) or len(kt) != 4):
+                raise InputError("reaction keep_together must be [atom, atom, r0 (nm), k (kJ/mol/nm^2)]")
+
     @property
     def total_threads(self) -> int:
         """Threads for the steps that run in one process (MD, umbrella sampling): all workers' threads."""
@@ -104,7 +158,10 @@ def _default_rdf_pairs() -> list[list[str]]:
 def load_pipeline_config(path: str | Path, size: str) -> PipelineConfig:
     import yaml
 
-    d = yaml.safe_load(Path(path).read_text())
+    try:
+        d = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(d, dict) or "sizes" not in d:
         raise InputError(f"{path}: a pipeline config needs a 'sizes' mapping (tiny, small, full)")
     if size not in d["sizes"]:
@@ -116,6 +173,7 @@ def load_pipeline_config(path: str | Path, size: str) -> PipelineConfig:
     if unknown:
         raise InputError(f"{path}: unknown pipeline setting(s) {sorted(unknown)}")
     cfg = PipelineConfig(**merged)
+    cfg.validate()
     from qmlmm.analysis.report import rdf_pair_atoms
 
     try:  # checked now, not after hours of labelling and MD
@@ -142,6 +200,81 @@ def build_step(cfg: PipelineConfig, system: Path) -> None:
         ),
         total_charge=cfg.charge,
     )
+
+
+#: the settings each step's results depend on, and the files that hold those results. A folder's
+#: fingerprints.json records the values each step ran with; a changed value where results exist is refused
+#: (the step would be "done before, reused" with the old value while the summary showed the new one).
+STEP_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "build": (("solutes", "charge", "padding", "gap", "equilibrate_ps", "anchors", "seed", "cutoff"), ("system",)),
+    "sample": (
+        (
+            *("sample_engine", "sample_steps", "sample_every", "sample_runs", "equil_steps", "switch_width"),
+            *("sample_windows", "reaction:atoms", "reaction:d", "reaction:k", "reaction:keep_together"),
+            "reaction:windows",
+        ),
+        ("frames.h5", "frames.h5.parts"),
+    ),
+    "label": (("reference", "baseline"), ("labels.h5",)),
+    "train": (("train", "delta_hidden"), ("models",)),
+    "learning_curve": (("learning_curve",), ("learning_curve",)),
+    "md": (("md_dt_fs", "max_uncertainty"), ("md",)),
+    "reaction": (("reaction_windows", "reaction_extra_windows", "reaction_extra_k"), ("umbrella",)),
+}
+
+
+def _setting(cfg: PipelineConfig, key: str) -> Any:
+    if key.startswith("reaction:"):
+        return (cfg.reaction or {}).get(key.split(":", 1)[1])
+    return getattr(cfg, key)
+
+
+def step_fingerprints(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Per step, the values of the settings its results depend on (JSON-normalised)."""
+    return {
+        step: json.loads(json.dumps({k: _setting(cfg, k) for k in keys}, default=_jsonable))
+        for step, (keys, _) in STEP_SETTINGS.items()
+    }
+
+
+def check_fingerprints(cfg: PipelineConfig, out: Path) -> None:
+    """Refuse (InputError naming the setting, its old and new value and what to delete) a config whose
+    settings differ from those that made the results already in ``out``; record the current values for
+    steps that have results and no record (folders from before fingerprints.json)."""
+    path = out / "fingerprints.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    now = step_fingerprints(cfg)
+    changed = False
+    for step, (_, files) in STEP_SETTINGS.items():
+        if not any((out / f).exists() for f in files):
+            continue
+        if step not in stored:
+            stored[step], changed = now[step], True
+            continue
+        for key, value in now[step].items():
+            if key in stored[step] and stored[step][key] != value:
+                later = [f for s_, (_, fs) in STEP_SETTINGS.items() for f in fs if (out / f).exists()]
+                first = list(STEP_SETTINGS).index(step)
+                redo = [f for f in later if list(STEP_SETTINGS).index(_step_of(f)) >= first]
+                raise InputError(
+                    f"setting {key!r} changed ({stored[step][key]!r} -> {value!r}) since the {step} step ran in "
+                    f"{out}: its results were made with the old value. Use a new output folder, or delete "
+                    f"{', '.join(str(out / f) for f in redo)} to redo the {step} step and what follows"
+                )
+    if changed:
+        _write_json_atomic(path, stored)
+
+
+def _step_of(file: str) -> str:
+    return next(s for s, (_, fs) in STEP_SETTINGS.items() if file in fs)
+
+
+def record_fingerprint(cfg: PipelineConfig, out: Path, step: str) -> None:
+    """Record the values ``step`` ran with (after it ran)."""
+    path = out / "fingerprints.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored[step] = step_fingerprints(cfg)[step]
+    _write_json_atomic(path, stored)
 
 
 def _step(out: Path, name: str, marker: str) -> bool:
@@ -222,6 +355,7 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
     from qmlmm.environment import EmbeddingSettings
 
     if not analyze_only:  # what `qmlmm analyze RUN/` reads back
+        check_fingerprints(cfg, out)
         _write_json_atomic(out / "pipeline_config.json", {f.name: getattr(cfg, f.name) for f in fields(cfg)})
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -230,6 +364,8 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
     def timed(name: str, t0: float) -> None:
         dt = time.perf_counter() - t0
         timings[name] = timings.get(name, 0.0) + dt
+        if not analyze_only and name in STEP_SETTINGS:
+            record_fingerprint(cfg, out, name)
         if not analyze_only:  # every invocation's step times, appended as each step ends (survives a kill)
             with open(out / "timings.jsonl", "a") as f:
                 f.write(json.dumps({"step": name, "seconds": dt, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
@@ -460,7 +596,9 @@ def load_run_config(out: str | Path) -> PipelineConfig:
     else:
         raise InputError(f"{out} is not a pipeline folder (no pipeline_config.json or summary.json)")
     known = {f.name for f in fields(PipelineConfig)}
-    return PipelineConfig(**{k: v for k, v in d.items() if k in known})
+    d = {k: v for k, v in d.items() if k in known}
+    d["anchors"] = {int(k): v for k, v in (d.get("anchors") or {}).items()}  # JSON made the keys strings
+    return PipelineConfig(**d)
 
 
 def _jsonable(o: Any) -> Any:
