@@ -53,6 +53,8 @@ def check_output(out: str | Path, inputs: Sequence[str | Path] = (), overwrite: 
     probe = parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot write {out}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK):
         raise InputError(f"cannot write {out}: {probe} is not writable")
     return out

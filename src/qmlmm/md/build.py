@@ -164,8 +164,8 @@ def box_edge(d_qm: float, s: BuildSettings) -> float:
             )
         return float(s.box)
     pad_need = 0.5 * (need - d_qm)
-    if s.padding is None:
-        return need
+    if s.padding is None:  # also above twice the PME cutoff (with 2 % for the NPT box fluctuation)
+        return max(need, 2.04 * s.pme_cutoff)
     if not s.padding > 0:
         raise InputError(f"padding must be positive, got {s.padding} nm (leave it out to derive it from the cutoff)")
     if s.padding < pad_need - 1e-9:
