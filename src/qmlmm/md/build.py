@@ -124,6 +124,7 @@ class BuildSettings:
     pme_cutoff: float = 0.9
     equilibrate_ps: float = 10.0  # MM NPT (1 bar, 300 K) of the water around the restrained solute
     qm_charges: str = "mmff"  # fixed QM charges in MM-only stages: mmff (else gasteiger), gasteiger, none
+    threads: int = 2  # OpenMM CPU threads of the NPT equilibration (1: the same build every time, bit for bit)
 
 
 @dataclass
@@ -311,6 +312,8 @@ def _equilibrate_npt(
     import openmm.app as app
     import openmm.unit as u
 
+    from qmlmm.md.system import cpu_properties, openmm_seed
+
     sys_eq = with_qm_charges(system, qm_charges)
     hold = openmm.CustomExternalForce("0.5*k_hold*periodicdistance(x, y, z, x0, y0, z0)^2")
     hold.addGlobalParameter("k_hold", 1.0e5)
@@ -322,11 +325,11 @@ def _equilibrate_npt(
     sys_eq.addForce(hold)
     sys_eq.addForce(openmm.MonteCarloBarostat(1.0 * u.bar, 300.0 * u.kelvin, 25))
     integ = openmm.LangevinMiddleIntegrator(300.0 * u.kelvin, 1.0 / u.picosecond, 2.0 * u.femtoseconds)
-    integ.setRandomNumberSeed(s.seed)
-    sim = app.Simulation(topology, sys_eq, integ, openmm.Platform.getPlatformByName("CPU"))
+    integ.setRandomNumberSeed(openmm_seed(s.seed))
+    sim = app.Simulation(topology, sys_eq, integ, openmm.Platform.getPlatformByName("CPU"), cpu_properties(s.threads))
     sim.context.setPositions(positions)
     sim.minimizeEnergy(maxIterations=500)
-    sim.context.setVelocitiesToTemperature(300.0 * u.kelvin, s.seed)
+    sim.context.setVelocitiesToTemperature(300.0 * u.kelvin, openmm_seed(s.seed))
     sim.step(round(s.equilibrate_ps * 500))
     st = sim.context.getState(getPositions=True, enforcePeriodicBox=False)
     box_vecs = st.getPeriodicBoxVectors()

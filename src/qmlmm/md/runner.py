@@ -24,7 +24,7 @@ from qmlmm.environment import EmbeddingSettings
 from qmlmm.errors import EngineError, InputError
 from qmlmm.md.qmforce import QMMMCallback, make_python_force
 from qmlmm.md.restraints import Restraint, add_restraints, rc_value
-from qmlmm.md.system import MDSystem
+from qmlmm.md.system import MDSystem, cpu_properties, openmm_seed
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,9 @@ class MDSettings:
     platform: str = "CPU"
     threads: int = 2
     restraints: list[str] = field(default_factory=list)
+    # CPU platform: deterministic force summation (same seed and threads = 1: the same trajectory, bit for
+    # bit; see qmlmm.md.system.cpu_properties)
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -223,9 +226,9 @@ def make_simulation(
         integ = openmm.VerletIntegrator(dt)
     else:
         integ = openmm.LangevinMiddleIntegrator(s.temperature * u.kelvin, s.friction_per_ps / u.picosecond, dt)
-        integ.setRandomNumberSeed(s.seed)
+        integ.setRandomNumberSeed(openmm_seed(s.seed))
     plat = openmm.Platform.getPlatformByName(s.platform)
-    props = {"Threads": str(s.threads)} if s.platform == "CPU" else {}
+    props = cpu_properties(s.threads, s.deterministic) if s.platform == "CPU" else {}
     sim = app.Simulation(msys.topology, system, integ, plat, props)
     sim.context.setPositions(msys.positions * u.nanometer)
     bv = msys.box
@@ -271,15 +274,15 @@ def freeze_qm_and_relax_water(
     integ = openmm.LangevinMiddleIntegrator(
         temperature * u.kelvin, friction_per_ps / u.picosecond, 2.0 * u.femtoseconds
     )
-    integ.setRandomNumberSeed(seed)
+    integ.setRandomNumberSeed(openmm_seed(seed))
     sim = app.Simulation(
-        msys.topology, system, integ, openmm.Platform.getPlatformByName("CPU"), {"Threads": str(threads)}
+        msys.topology, system, integ, openmm.Platform.getPlatformByName("CPU"), cpu_properties(threads)
     )
     sim.context.setPositions(msys.positions * u.nanometer)
     sim.context.setPeriodicBoxVectors(*(openmm.Vec3(*row) * u.nanometer for row in msys.box))
     sim.minimizeEnergy(maxIterations=500)
     if steps > 0:
-        sim.context.setVelocitiesToTemperature(temperature * u.kelvin, seed)
+        sim.context.setVelocitiesToTemperature(temperature * u.kelvin, openmm_seed(seed))
         sim.step(steps)
     st = sim.context.getState(getPositions=True)
     return np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
@@ -360,7 +363,7 @@ def run_md(
             if continues:
                 ctx.setVelocities(start.velocities * (u.nanometer / u.picosecond))  # type: ignore[union-attr]
             else:
-                ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, s.seed)
+                ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, openmm_seed(s.seed))
         except Exception as e:
             raise EngineError(f"MD could not start in {out}: the QM/MM force failed at the start: {e}") from e
         ctx.setStepCount(0)

@@ -12,7 +12,24 @@ import numpy as np
 from qmlmm.errors import InputError, SchemaError
 from qmlmm.system import Frame
 
-__all__ = ["MDSystem"]
+__all__ = ["MDSystem", "cpu_properties", "openmm_seed"]
+
+
+def cpu_properties(threads: int, deterministic: bool = True) -> dict[str, str]:
+    """OpenMM CPU platform properties: ``threads``, and deterministic force summation. Without it two runs
+    with the same seed differ after a minimisation even on one thread (measured: 0.01 nm after a 500-step
+    minimisation of methanol in water); with it one thread is bitwise reproducible, two threads differ
+    by ~5e-7 nm after 50 steps (and diverge later, as any chaotic trajectory). Costs ~7 % of an MM step."""
+    props = {"Threads": str(int(threads))}
+    if deterministic:
+        props["DeterministicForces"] = "true"
+    return props
+
+
+def openmm_seed(seed: int) -> int:
+    """The OpenMM random seed for qmlmm's ``seed``: never 0, which OpenMM reads as "pick a new random seed"
+    (so seed 0, the default everywhere, gave a different trajectory every time); in 1..2^31 - 1."""
+    return int(seed) % (2**31 - 2) + 1
 
 
 @dataclass

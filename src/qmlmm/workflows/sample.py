@@ -22,7 +22,7 @@ from qmlmm.engines import make_engine
 from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH, EmbeddingSettings, select_embedding
 from qmlmm.errors import InputError
 from qmlmm.md.runner import MDSettings, freeze_qm_and_relax_water
-from qmlmm.md.system import MDSystem
+from qmlmm.md.system import MDSystem, openmm_seed
 from qmlmm.system import Frame
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def _one_run(system_dir: str, s: SampleSettings, run: int, part: str) -> str:
 
         rs = [parse_restraint(t) for t in s.restraints_per_run[run % len(s.restraints_per_run)]]
     sim, _ = make_simulation(msys, engine, emb, md, rs)
-    sim.context.setVelocitiesToTemperature(s.temperature * u.kelvin, seed)
+    sim.context.setVelocitiesToTemperature(s.temperature * u.kelvin, openmm_seed(seed))
     if s.qm_equil_steps:
         sim.step(s.qm_equil_steps)
     frames = []
