@@ -256,3 +256,39 @@ def test_written_files_get_the_umask_not_0600(tmp_path: Path) -> None:
         os.umask(old)
     for name in ("f.txt", "f.extxyz"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_import_labels_computed_elsewhere_with_their_embedding(files: dict[str, Path], tmp_path: Path) -> None:
+    """Labelled extxyz from another code: imported with the declared embedding, which the levels record and
+    `train` then uses; a wrong declaration (forces on MM atoms outside it) or missing MM forces are refused
+    with the frame named."""
+    from qmlmm.data import read_extxyz
+    from qmlmm.training import load_training_data
+
+    code, out = _run(["import", files["xyz"], "-o", tmp_path / "imp.h5", "--cutoff", "0.8", "--switch-width", "0",
+                      "--method-of", "ref=orca:b3lyp/def2-svp"])  # fmt: skip
+    assert code == 0, out
+    with Dataset(tmp_path / "imp.h5") as ds:
+        info = ds.level_info("ref")
+        assert info.method == "orca:b3lyp/def2-svp"
+        assert info.settings["embedding"] == {"cutoff": 0.8, "switch_width": 0.0}
+    data = load_training_data(tmp_path / "imp.h5", "ref")  # `train` refused imported levels before
+    assert len(data.items) == 6 and data.embedding.cutoff == 0.8
+    # labels made with a larger embedding than declared: a water 1.2 nm away carries forces
+    frames = read_extxyz(files["xyz"])
+    far = frames[2].mol_ids == frames[2].mol_ids[~frames[2].is_qm][0]
+    frames[2].positions[far] += np.array([1.2, 0.0, 0.0])
+    write_extxyz(tmp_path / "far.extxyz", frames)
+    code, out = _run(["import", tmp_path / "far.extxyz", "-o", tmp_path / "bad.h5", "--cutoff", "0.8",
+                      "--switch-width", "0"])  # fmt: skip
+    assert code == 2 and "frame 2, level 'ref'" in out and "outside the declared embedding" in out, out
+    # MM forces missing in frame 3
+    frames = read_extxyz(files["xyz"])
+    frames[3].labels["ref"].forces[~frames[3].is_qm] = 0.0
+    write_extxyz(tmp_path / "nomm.extxyz", frames)
+    code, out = _run(["import", tmp_path / "nomm.extxyz", "-o", tmp_path / "nomm.h5", "--cutoff", "0.8",
+                      "--switch-width", "0"])  # fmt: skip
+    assert code == 2 and "frame 3" in out and "has no force" in out, out
+    assert not (tmp_path / "bad.h5").exists() and not (tmp_path / "nomm.h5").exists()
+    code, out = _run(["import", files["xyz"], "-o", tmp_path / "x.h5", "--method-of", "dft=orca"])
+    assert code == 2 and "does not have" in out

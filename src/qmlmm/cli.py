@@ -147,6 +147,46 @@ def export(
     typer.echo(f"wrote {n} frames to {out}")
 
 
+@app.command("import")
+def import_cmd(
+    src: Annotated[Path, typer.Argument(help="Labelled extended XYZ (energy_<level>, forces_<level> on all atoms).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="HDF5 dataset to write.")],
+    cutoff: Annotated[
+        float, typer.Option(help="Embedding cutoff (nm) the labels were computed with.")
+    ] = DEFAULT_CUTOFF,
+    switch_width: Annotated[
+        float, typer.Option(help="Switching width (nm) the labels were computed with (0: sharp).")
+    ] = DEFAULT_SWITCH_WIDTH,
+    method_of: Annotated[
+        list[str] | None, typer.Option(help="LEVEL=METHOD, e.g. dft=orca:b3lyp/def2-svp (repeatable).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Import labels computed elsewhere (QM/MM energies and forces on QM and MM atoms) with the embedding
+    they used, checked frame by frame, into a dataset for qmlmm train."""
+    from qmlmm.environment import EmbeddingSettings
+    from qmlmm.fileio import check_output
+    from qmlmm.workflows.import_labels import import_labels
+
+    try:
+        check_output(out, [src], overwrite, "dataset")
+        methods = {}
+        for item in method_of or []:
+            if "=" not in item:
+                raise QMLMMError(f"--method-of {item!r} must be LEVEL=METHOD, e.g. dft=orca:b3lyp/def2-svp")
+            k, v = item.split("=", 1)
+            methods[k.strip()] = v.strip()
+        rep = import_labels(src, out, EmbeddingSettings(cutoff, switch_width), methods, overwrite=overwrite)
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    typer.echo(
+        f"imported {rep.n_frames} frames into {rep.path}: levels "
+        + ", ".join(f"{k} ({v})" for k, v in rep.levels.items())
+        + f"; embedding cutoff {cutoff} nm, switch {switch_width} nm"
+    )
+
+
 @app.command()
 def info(dataset: Annotated[Path, typer.Argument(help="qmlmm HDF5 dataset.")]) -> None:
     """Summarise a dataset: frames, atoms, levels and their progress."""

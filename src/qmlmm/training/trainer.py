@@ -225,8 +225,11 @@ def train(
                 log.warning("checkpoint %s belongs to another run; starting afresh", files["ckpt"])
                 ckpt = {}
             else:
-                log.info(
-                    "resuming from %s (member %d, epoch %d)", files["ckpt"], len(ckpt["done"]) + 1, ckpt.get("epoch", 0)
+                log.info(  # the epoch of the member in progress (the checkpoint holds it under "current")
+                    "resuming from %s (member %d, epoch %d)",
+                    files["ckpt"],
+                    len(ckpt["done"]) + 1,
+                    (ckpt.get("current") or {}).get("epoch", 0),
                 )
         except Exception as e:
             log.warning("cannot read checkpoint %s (%s); starting afresh", files["ckpt"], e)
