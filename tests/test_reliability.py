@@ -292,3 +292,14 @@ def test_import_labels_computed_elsewhere_with_their_embedding(files: dict[str, 
     assert not (tmp_path / "bad.h5").exists() and not (tmp_path / "nomm.h5").exists()
     code, out = _run(["import", files["xyz"], "-o", tmp_path / "x.h5", "--method-of", "dft=orca"])
     assert code == 2 and "does not have" in out
+
+
+def test_unreachable_scheduler_is_named(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qmlmm.workflows.label as label
+
+    monkeypatch.setattr(label, "SCHEDULER_TIMEOUT_S", 2)  # 20 s in use
+    code, out = _run(["label", files["xyz"], "-o", tmp_path / "s.h5", "-m", "xtb:gfn2", "--scheduler",
+                      "tcp://127.0.0.1:1"])  # fmt: skip
+    assert code == 2 and "cannot reach the Dask scheduler at 'tcp://127.0.0.1:1'" in out, out

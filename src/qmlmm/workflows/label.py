@@ -146,6 +146,10 @@ def prepare_output(src: str | Path, out: str | Path) -> Path:
     return out
 
 
+#: seconds to wait for a Dask scheduler given by address before saying it cannot be reached
+SCHEDULER_TIMEOUT_S = 20
+
+
 def _dask_client(workers: int, threads: int, scheduler: str | None) -> Any:
     try:
         from dask.distributed import Client, LocalCluster
@@ -154,9 +158,9 @@ def _dask_client(workers: int, threads: int, scheduler: str | None) -> Any:
     if scheduler:
         log.info("connecting to Dask scheduler at %s", scheduler)
         try:
-            return Client(scheduler, timeout="20s")
+            return Client(scheduler, timeout=f"{SCHEDULER_TIMEOUT_S}s")
         except (OSError, TimeoutError, ValueError) as e:
-            raise QMLMMError(f"cannot reach the Dask scheduler at {scheduler!r} (20 s): {e}") from e
+            raise QMLMMError(f"cannot reach the Dask scheduler at {scheduler!r} ({SCHEDULER_TIMEOUT_S} s): {e}") from e
     import dask
 
     env = {
