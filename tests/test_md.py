@@ -517,3 +517,47 @@ def test_same_seed_same_trajectory_on_one_thread(methanol_system: Path, tmp_path
         ends.append((st.positions, st.velocities))
     assert np.array_equal(ends[0][0], ends[1][0]) and np.array_equal(ends[0][1], ends[1][1])
     assert not np.allclose(ends[0][0], ends[2][0], atol=1e-4)
+
+
+def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_system: Path, tmp_path: Path) -> None:
+    """Above --max-uncertainty with --fallback baseline a delta model's step takes the energy and forces of its
+    baseline alone (exactly those of the baseline engine on that frame), the frame is queued to
+    RUN/uncertain.h5 (at most one every 20 calls) and the run goes on; run.json counts the fallback steps.
+    An ensemble of two untrained networks disagrees everywhere, so every step falls back."""
+    from qmlmm.data import Dataset
+    from qmlmm.engines import label_frame
+    from qmlmm.errors import InputError
+    from qmlmm.md.qmforce import QMMMCallback
+    from qmlmm.models import ModelMeta, QMLMMModel
+    from qmlmm.models.ensemble import Ensemble
+    from qmlmm.models.hdnnp import ModelConfig
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width, charge_sum="zero")
+    model = QMLMMModel(
+        Ensemble(cfg, 2), ModelMeta(target="ref", baseline="base", baseline_method="dftb3:3ob", target_method="x")
+    )
+    eng = model.engine(1)
+    msys = MDSystem.load(methanol_system)
+    cb = QMMMCallback(eng, msys, EMB, max_uncertainty=1e-9, fallback="baseline")
+    e, f = cb.energy_forces(msys.positions, msys.box)
+    lab, _ = label_frame(make_engine("dftb3:3ob"), msys.frame(), EMB)
+    assert cb.fallback_steps == 1 and cb.last_uncertainty > 1e-6
+    assert e == pytest.approx(lab.energy, abs=1e-6) and np.allclose(f, lab.forces, atol=1e-6)
+    assert not np.allclose(eng.compute_frame(msys.frame(), select_embedding(msys.frame(), EMB)).qm_forces,
+                           lab.forces[msys.is_qm], atol=1e-3)  # fmt: skip # the delta model's own forces differ
+    # in MD: the run goes on, the steps are counted, frames queued for labelling
+    s = MDSettings(steps=40, report_every=20, threads=1, thermalize_steps=20, max_uncertainty=1e-9, fallback="baseline")
+    res = run_md(methanol_system, eng, tmp_path / "fb", s, EMB, progress=False)
+    info = json.loads((tmp_path / "fb" / "run.json").read_text())
+    assert res.stopped is None and res.steps_done == 40
+    assert info["fallback"] == "baseline" and info["fallback_steps"] >= 40
+    with Dataset(tmp_path / "fb" / "uncertain.h5") as ds:
+        assert 2 <= len(ds) <= 3 and ds.frame(0).info["source"] == "uncertain"
+    # a direct model has no baseline to fall back to
+    direct = QMLMMModel(
+        Ensemble(ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width), 2), ModelMeta(target="r")
+    )
+    with pytest.raises(InputError, match="needs a delta model"):
+        QMMMCallback(direct.engine(1), msys, EMB, max_uncertainty=1.0, fallback="baseline")

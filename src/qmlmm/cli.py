@@ -480,7 +480,17 @@ def md(
         float | None, typer.Option(help=f"Smooth embedding width nm (engines; default {DEFAULT_SWITCH_WIDTH}).")
     ] = None,
     max_uncertainty: Annotated[
-        float | None, typer.Option(help="Stop when the ensemble spread (kJ/mol) exceeds this.")
+        float | None, typer.Option(help="Ensemble energy spread (kJ/mol) above which a step falls back.")
+    ] = None,
+    fallback: Annotated[
+        str,
+        typer.Option(
+            help="Above --max-uncertainty: stop the run, or take the step from the delta model's baseline or "
+            "the reference engine; frames go to RUN/uncertain.h5 for labelling."
+        ),
+    ] = "stop",
+    reference: Annotated[
+        str | None, typer.Option(help="Reference engine spec for --fallback reference (default: the model's).")
     ] = None,
     report_every: Annotated[int, typer.Option(help="Steps between log rows and DCD frames.")] = 10,
     restart: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
@@ -507,6 +517,8 @@ def md(
             report_every=report_every,
             dcd_every=report_every,
             max_uncertainty=max_uncertainty,
+            fallback=fallback,
+            reference=reference,
             threads=threads,
             seed=seed,
         )

@@ -47,6 +47,7 @@ __all__ = [
     "select_embedding",
     "shortest_lattice_vector",
     "switch",
+    "trim_frame",
 ]
 
 #: The embedding cutoff (nm) used by every command, the API, sampling, labelling, MD and the pipeline.
@@ -332,3 +333,33 @@ def embedding_forces_to_frame(
     forces[emb.qm_index] = qf
     forces[emb.mm_index] = mf
     return forces
+
+
+def trim_frame(frame: Frame, cutoff: float, margin: float) -> Frame:
+    """The QM region and the MM molecules within ``cutoff + margin`` of it, whole, near the QM region.
+
+    The margin shrinks when the box is too small for it (at most half the shortest box height). The
+    box must give unique images at ``cutoff`` (:class:`~qmlmm.environment.PeriodicImageError`
+    otherwise); the molecules of the margin beyond it need not be (they are never embedded at
+    ``cutoff``, and the frame keeps its box, so any later selection sees the same periodic system).
+    """
+    rc = cutoff + margin
+    if frame.box is not None:
+        box = frame.box
+        heights = abs(np.linalg.det(box)) / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
+        rc = max(cutoff, min(rc, 0.5 * float(heights.min()) - 1e-6))
+    select_embedding(frame, EmbeddingSettings(cutoff=cutoff, switch_width=0.0))  # raises for ambiguous images
+    emb = select_embedding(frame, EmbeddingSettings(cutoff=rc, switch_width=0.0), check_images=False)
+    idx = np.concatenate([emb.qm_index, emb.mm_index])
+    pos = np.concatenate([emb.qm_positions, emb.mm_positions])
+    return Frame(
+        numbers=frame.numbers[idx],
+        positions=pos,
+        is_qm=frame.is_qm[idx],
+        charges=frame.charges[idx],
+        mol_ids=frame.mol_ids[idx],
+        box=frame.box,
+        qm_charge=frame.qm_charge,
+        qm_mult=frame.qm_mult,
+        info=dict(frame.info),
+    )

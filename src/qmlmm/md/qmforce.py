@@ -10,34 +10,97 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qmlmm.engines.base import Engine
-from qmlmm.environment import EmbeddingSettings, embedding_forces_to_frame, select_embedding
+from qmlmm.environment import EmbeddingSettings, embedding_forces_to_frame, select_embedding, trim_frame
+from qmlmm.errors import InputError
 from qmlmm.md.system import MDSystem
 from qmlmm.system import Frame
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QMMMCallback", "MDStopError", "make_python_force"]
+__all__ = ["FALLBACKS", "QMMMCallback", "MDStopError", "UncertainFrames", "make_python_force"]
 
 
 class MDStopError(RuntimeError):
     """Raised inside the force callback to stop a simulation (non-finite forces, high uncertainty)."""
 
 
+#: what a step does when the model's ensemble spread exceeds the threshold
+FALLBACKS = ("stop", "baseline", "reference")
+
+
+class UncertainFrames:
+    """Frames where the model was unsure, queued for labelling: the QM region and its environment (the
+    embedding cutoff plus 0.3 nm, as sampling stores them) with the step and the spread; written to
+    ``path`` (a qmlmm dataset, rewritten atomically with every flush) so ``qmlmm label`` can take it.
+    At most one frame every ``every`` calls and ``limit`` in all (neighbouring steps are near-duplicates)."""
+
+    def __init__(self, path: Path, cutoff: float, every: int = 20, limit: int = 1000) -> None:
+        self.path = Path(path)
+        self.cutoff = cutoff
+        self.every = every
+        self.limit = limit
+        self.frames: list[Frame] = []
+        self._last_call = -(10**9)
+        self._flushed = 0
+
+    def offer(self, frame: Frame, call: int, uncertainty: float) -> bool:
+        """Queue ``frame`` (copied, trimmed) unless one was queued fewer than ``every`` calls ago."""
+        if call - self._last_call < self.every or len(self.frames) >= self.limit:
+            return False
+        fr = trim_frame(frame, self.cutoff, 0.3)
+        fr.info.update({"md_call": call, "uncertainty_kjmol": uncertainty, "source": "uncertain"})
+        self.frames.append(fr)
+        self._last_call = call
+        return True
+
+    def flush(self) -> None:
+        if len(self.frames) == self._flushed:
+            return
+        from qmlmm.data import write_dataset
+
+        write_dataset(self.path, self.frames, overwrite=True).close()
+        self._flushed = len(self.frames)
+
+
 class QMMMCallback:
-    """Callable for ``openmm.PythonForce``: (State) -> (energy kJ/mol, forces (N, 3) kJ/mol/nm)."""
+    """Callable for ``openmm.PythonForce``: (State) -> (energy kJ/mol, forces (N, 3) kJ/mol/nm).
+
+    Above ``max_uncertainty`` (the ensemble's energy spread, kJ/mol) a step ``fallback``s: "stop" ends the
+    run (MDStopError); "baseline" takes that step's energy and forces from the delta model's baseline
+    alone; "reference" from ``fallback_engine`` (the reference QM/MM engine). Either way the frame is
+    queued in ``queue`` for labelling and the run goes on; ``fallback_steps`` counts such calls.
+    """
 
     def __init__(
-        self, engine: Engine, system: MDSystem, embedding: EmbeddingSettings, max_uncertainty: float | None = None
+        self,
+        engine: Engine,
+        system: MDSystem,
+        embedding: EmbeddingSettings,
+        max_uncertainty: float | None = None,
+        fallback: str = "stop",
+        fallback_engine: Engine | None = None,
+        queue: UncertainFrames | None = None,
     ) -> None:
+        if fallback not in FALLBACKS:
+            raise InputError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+        if fallback == "baseline" and getattr(engine, "base", None) is None:
+            raise InputError("--fallback baseline needs a delta model (a model with a baseline engine)")
+        if fallback == "reference" and fallback_engine is None:
+            raise InputError("--fallback reference needs the reference engine")
         self.engine = engine
         self.sys = system
         self.embedding = embedding
         self.max_uncertainty = max_uncertainty
+        self.fallback = fallback
+        self.fallback_engine = fallback_engine
+        self.queue = queue
+        self.fallback_steps = 0
         self.calls = 0
         self.seconds = 0.0
         self.last_energy = float("nan")
@@ -55,20 +118,29 @@ class QMMMCallback:
         fr.box = box
         emb = select_embedding(fr, self.embedding)
         res = self.engine.compute_frame(fr, emb)
-        forces = embedding_forces_to_frame(fr, emb, res.qm_forces, res.mm_forces, res.mm_potential)
         self.calls += 1
+        self.last_uncertainty = float(res.info.get("energy_std", float("nan")))  # type: ignore[arg-type]
+        if self.max_uncertainty is not None and self.last_uncertainty > self.max_uncertainty:
+            if self.fallback == "stop":
+                self.stop_reason = (
+                    f"model uncertainty {self.last_uncertainty:.2f} kJ/mol exceeds the threshold "
+                    f"{self.max_uncertainty:.2f} kJ/mol"
+                )
+                raise MDStopError(self.stop_reason)
+            if self.fallback == "baseline":
+                res = self.engine.last_baseline  # type: ignore[attr-defined]
+            else:
+                assert self.fallback_engine is not None
+                res = self.fallback_engine.compute_frame(fr, emb)
+            self.fallback_steps += 1
+            if self.queue is not None:
+                self.queue.offer(fr, self.calls, self.last_uncertainty)
+        forces = embedding_forces_to_frame(fr, emb, res.qm_forces, res.mm_forces, res.mm_potential)
         self.seconds += time.perf_counter() - t0
         self.last_energy = res.energy
-        self.last_uncertainty = float(res.info.get("energy_std", float("nan")))  # type: ignore[arg-type]
         self.last_n_mm = emb.n_mm
         if not (np.isfinite(res.energy) and np.all(np.isfinite(forces))):
             self.stop_reason = "non-finite QM/MM energy or forces"
-            raise MDStopError(self.stop_reason)
-        if self.max_uncertainty is not None and self.last_uncertainty > self.max_uncertainty:
-            self.stop_reason = (
-                f"model uncertainty {self.last_uncertainty:.2f} kJ/mol exceeds the threshold "
-                f"{self.max_uncertainty:.2f} kJ/mol"
-            )
             raise MDStopError(self.stop_reason)
         return res.energy, forces
 

@@ -22,7 +22,7 @@ import numpy as np
 from qmlmm.engines.base import Engine
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.errors import EngineError, InputError
-from qmlmm.md.qmforce import QMMMCallback, make_python_force
+from qmlmm.md.qmforce import QMMMCallback, UncertainFrames, make_python_force
 from qmlmm.md.restraints import Restraint, add_restraints, rc_value
 from qmlmm.md.system import MDSystem, cpu_properties, openmm_seed
 
@@ -94,6 +94,11 @@ class MDSettings:
     # (never for a run that continues a trajectory: StartState with velocities)
     thermalize_steps: int = 500  # MM-only 2 fs steps of that thermalisation (Langevin 10/ps); 0: minimise only
     max_uncertainty: float | None = None
+    # above max_uncertainty: stop, or take the step from the delta model's baseline or from the reference
+    # engine (``reference``: an engine spec; default the model's target method), queueing the frame in
+    # RUN/uncertain.h5 for labelling
+    fallback: str = "stop"
+    reference: str | None = None
     platform: str = "CPU"
     threads: int = 2
     restraints: list[str] = field(default_factory=list)
@@ -113,6 +118,7 @@ class MDSettings:
             ("thermalize_steps", self.thermalize_steps >= 0, ">= 0"),
             ("threads", self.threads >= 1, "at least 1"),
             ("max_uncertainty", self.max_uncertainty is None or self.max_uncertainty > 0, "positive (kJ/mol)"),
+            ("fallback", self.fallback in ("stop", "baseline", "reference"), "stop, baseline or reference"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -204,8 +210,10 @@ def make_simulation(
     embedding: EmbeddingSettings,
     s: MDSettings,
     restraints: list[Restraint] | None = None,
+    out: Path | None = None,
 ) -> tuple[Any, QMMMCallback | None]:
-    """An OpenMM Simulation of the MM system + the QM/MM force of ``engine`` + restraints."""
+    """An OpenMM Simulation of the MM system + the QM/MM force of ``engine`` + restraints (``out``: the run
+    folder, where frames above the uncertainty threshold are queued)."""
     import openmm
     import openmm.app as app
     import openmm.unit as u
@@ -217,7 +225,18 @@ def make_simulation(
                 system.removeForce(k)
     cb = None
     if engine is not None:
-        cb = QMMMCallback(engine, msys, embedding, s.max_uncertainty)
+        fb_engine = None
+        if s.fallback == "reference" and s.max_uncertainty is not None:
+            from qmlmm.engines import make_engine
+
+            model = getattr(engine, "model", None)  # a ModelEngine's model names its target method
+            spec = s.reference or (model.meta.target_method if model is not None else None)
+            if not spec:
+                raise InputError("--fallback reference needs --reference ENGINE (the model names no target method)")
+            fb_engine = make_engine(str(spec), threads=s.threads)
+        queue = UncertainFrames(out / "uncertain.h5", embedding.cutoff) if out is not None else None
+        fallback = s.fallback if s.max_uncertainty is not None else "stop"
+        cb = QMMMCallback(engine, msys, embedding, s.max_uncertainty, fallback, fb_engine, queue)
         system.addForce(make_python_force(cb))
     if restraints:
         add_restraints(system, restraints)
@@ -328,7 +347,7 @@ def run_md(
         msys.positions = start.positions
     emb = embedding or EmbeddingSettings()
     rs = list(restraints or []) + [parse_restraint(t) for t in s.restraints]
-    sim, cb = make_simulation(msys, engine, emb, s, rs)
+    sim, cb = make_simulation(msys, engine, emb, s, rs, out)
     ctx = sim.context
     chk = out / "checkpoint.chk"
     csv_path = out / "log.csv"
@@ -437,6 +456,8 @@ def run_md(
                 ]
             )
             fh.flush()
+            if cb is not None and cb.queue is not None:
+                cb.queue.flush()
             last_good = st
             el = time.perf_counter() - t0
             nsday = done * s.dt_fs * 1e-6 / (el / 86400.0) if el > 0 else float("nan")
@@ -478,6 +499,9 @@ def run_md(
         "restraints": [r.text() for r in rs],
         "start": _start_record(out, start_info, restart),
         "qmmm_seconds_per_call": (cb.seconds / cb.calls) if cb and cb.calls else None,
+        "fallback": cb.fallback if cb else None,
+        "fallback_steps": cb.fallback_steps if cb else 0,  # QM/MM calls this invocation took from the fallback
+        "uncertain_frames_queued": len(cb.queue.frames) if cb and cb.queue else 0,
     }
     (out / "run.json").write_text(json.dumps(info, indent=2))
     return MDResult(out, start_step + done, seconds, nsday, stopped, csv_path, drift)

@@ -168,7 +168,7 @@ class HDNNP(nn.Module):
         ne, nf = self.acsf.n_el, self.acsf.n_features
         self.register_buffer("feat_mean", torch.zeros(ne, nf))
         self.register_buffer("feat_std", torch.ones(ne, nf))
-        self.register_buffer("e_shift", torch.zeros(ne))
+        self.register_buffer("e_shift", torch.zeros(ne, dtype=torch.float64))  # float64 always (see _apply)
         self.register_buffer("e_scale", torch.ones(()))
         # columns of the features the short-range energy networks see: all, or, with the electrostatic
         # term, all but the long-range block (the charges carry the long range)

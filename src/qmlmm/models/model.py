@@ -276,6 +276,7 @@ class ModelEngine(Engine):
         self.model = model
         self.spec = "model" + (f"+{model.meta.baseline_method}" if model.meta.delta else "")
         self.base = model.baseline_engine(threads) if model.meta.delta else None
+        self.last_baseline: EngineResult | None = None
         self.set_threads(threads)
 
     def set_threads(self, n: int) -> None:
@@ -329,6 +330,7 @@ class ModelEngine(Engine):
             rb = self.base.compute(
                 numbers, qm_positions, mm_positions, mm_charges, charge, mult, mm_numbers, need_potential
             )
+            self.last_baseline = rb  # the baseline alone, for a step that falls back to it
             res.info["baseline_energy"] = rb.energy
             res.energy += rb.energy
             res.qm_forces = res.qm_forces + rb.qm_forces
