@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from qmlmm.descriptors import DescriptorConfig
 from qmlmm.engines import make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
 from qmlmm.models import Ensemble, ModelConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 DEFAULT_FRAME = Path(__file__).resolve().parents[2] / "shared" / "data" / "retinoic_acid_in_water.extxyz"
 
@@ -45,7 +48,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
-    fr = read_extxyz(args.frame)[0]
+    from dftb_speed import cluster_of
+
+    fr = cluster_of(read_extxyz(args.frame)[0])  # the 4.4 nm box is too small for unique images at 1.4 nm
     emb = select_embedding(fr, EmbeddingSettings(1.4))
     z = fr.numbers[emb.qm_index]
     qm, mm, q = emb.qm_positions, emb.mm_positions, emb.mm_charges
