@@ -290,3 +290,52 @@ def test_labels_and_model_weight_every_mm_charge_identically() -> None:
     b = collate([frame_tensors(fr, s, emb=emb)], dtype=torch.float64)
     w = switch_weights(b, s.cutoff, s.switch_width).numpy()
     assert np.array_equal(emb.mm_weights, w) or np.allclose(emb.mm_weights, w, rtol=0, atol=1e-14)
+
+
+def _brute_force_embedding(fr: Frame, rc: float) -> dict[int, np.ndarray]:
+    """molecule id -> embedded positions (atoms, 3) by brute force: every one of the 27 images of every
+    molecule (made whole), embedded at the image whose closest atom is nearest the whole QM region."""
+    import itertools
+
+    L = np.diagonal(fr.box)
+    qm = fr.positions[fr.qm_indices]
+    qm = qm[0] % L + minimum_image(qm - qm[0], fr.box)  # whole, its first atom in the box
+    out = {}
+    for m in np.unique(fr.mol_ids[~fr.is_qm]):
+        idx = np.flatnonzero(fr.mol_ids == m)
+        whole = fr.positions[idx[0]] % L + minimum_image(fr.positions[idx] - fr.positions[idx[0]], fr.box)
+        best = None
+        for n in itertools.product((-1, 0, 1), repeat=3):
+            p = whole + np.array(n) @ fr.box
+            d = np.linalg.norm(p[:, None] - qm[None], axis=-1).min()
+            if d < rc and (best is None or d < best[0]):
+                best = (d, p)
+        if best is not None:
+            out[int(m)] = best[1]
+    return out
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_fast_selection_equals_brute_force_on_wrapped_and_shifted_frames(seed: int) -> None:
+    """The distance-to-the-centre-image selection (valid under unique images) embeds exactly the molecules,
+    at exactly the images, that a brute-force search over all 27 images finds, for a frame wrapped into the
+    box, shifted by arbitrary box vectors and with the solute across a corner; and equals the per-pair
+    minimum-image path."""
+    fr = solvated_frame("methanol", box=3.3, seed=seed, center=(0.1, 0.2, 3.2))  # split across the faces
+    rng = np.random.default_rng(seed)
+    shifted = fr.copy()
+    shifted.positions = fr.positions + rng.integers(-2, 3, size=(fr.n_atoms, 1)) * 3.3 * rng.integers(0, 2, size=3)
+    s = EmbeddingSettings(cutoff=1.4, switch_width=0.2)
+    for f in (fr, shifted):
+        fast = select_embedding(f, s)
+        exact = select_embedding(f, s, pairwise=True)
+        ref = _brute_force_embedding(f, 1.4)
+        mols = f.mol_ids[fast.mm_index]
+        assert sorted(set(mols.tolist())) == sorted(ref)
+        # the same images relative to the QM region (qmlmm keeps the QM region where its first atom is; the
+        # brute force puts that atom in the box: one box-vector translation of everything)
+        t = fast.qm_positions[0] - fast.qm_positions[0] % 3.3
+        for m in ref:
+            assert np.allclose(fast.mm_positions[mols == m] - t, ref[m], atol=1e-9), m
+        for a in ("mm_index", "mm_positions", "mm_weights", "switch_mm", "switch_qm", "switch_grad"):
+            assert np.allclose(getattr(fast, a), getattr(exact, a), atol=1e-12, rtol=0), a

@@ -207,14 +207,19 @@ def make_qm_whole(positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
 
 
 def select_embedding(
-    frame: Frame, settings: EmbeddingSettings | None = None, chunk: int = 8192, check_images: bool = True
+    frame: Frame,
+    settings: EmbeddingSettings | None = None,
+    chunk: int = 8192,
+    check_images: bool = True,
+    pairwise: bool = False,
 ) -> Embedding:
     """Embedded MM environment of ``frame`` (see module docstring for the rule).
 
-    Cost is O(n_qm * n_mm), processed in chunks of ``chunk`` MM atoms to bound memory. Raises
+    Cost is O(n_qm * n_candidates) distances, processed in chunks of ``chunk`` MM atoms to bound memory. Raises
     :class:`PeriodicImageError` when the box is too small for unique images (``check_images``; only
     callers that check it themselves for another cutoff, as :func:`qmlmm.workflows.sample.trim_frame`,
-    turn it off).
+    turn it off). ``pairwise`` forces the per-pair minimum-image search (the reference for tests; the
+    default takes the cheaper centre-image path wherever it gives the same result).
     """
     settings = settings or EmbeddingSettings()
     box = frame.box
@@ -240,16 +245,34 @@ def select_embedding(
     radius = float(np.sqrt(((qm_pos - centre) ** 2).sum(1)).max())
     dc = minimum_image(frame.positions[mm_all] - centre, box)
     cand = np.flatnonzero((dc * dc).sum(1) < (rc + radius + 1e-9) ** 2)
-    for s0 in range(0, len(cand), chunk):
-        sl = cand[s0 : s0 + chunk]
-        r_mm = frame.positions[mm_all[sl]]
-        d = minimum_image(r_mm[:, None, :] - qm_pos[None, :, :], box)  # (c, n, 3)
-        r2 = np.einsum("cnk,cnk->cn", d, d)
-        i = np.argmin(r2, axis=1)
-        rows = np.arange(len(i))
-        near_qm[sl] = i
-        dmin[sl] = np.sqrt(r2[rows, i])
-        image_pos[sl] = qm_pos[i] + d[rows, i]
+    if not pairwise and (box is None or shortest_lattice_vector(box) >= 2.0 * (rc + radius) + 1e-9):
+        # When every box vector is at least 2 (r_c + radius) long, the image of an atom within the cutoff of
+        # any QM atom is its image nearest the QM centre (|x - c| <= r_c + radius, every other image lies
+        # >= L - r_c - radius >= r_c + radius away), so plain distances to that image decide: one (c, n)
+        # distance matrix instead of a minimum image per QM-MM pair (2x faster for retinoic acid in 3559
+        # waters). A box sized for unique images (2 r_c + D_qm + d_mol) does not always give this (the
+        # centroid's radius can exceed D_qm / 2): then the per-pair minimum image below.
+        img = centre + dc[cand]
+        for s0 in range(0, len(cand), chunk):
+            sl = slice(s0, s0 + chunk)
+            p = img[sl]
+            r2 = (p * p).sum(1)[:, None] + (qm_pos * qm_pos).sum(1)[None, :] - 2.0 * p @ qm_pos.T
+            i = np.argmin(r2, axis=1)
+            idx = cand[sl]
+            near_qm[idx] = i
+            dmin[idx] = np.linalg.norm(p - qm_pos[i], axis=1)  # exact for the nearest (no cancellation)
+            image_pos[idx] = p
+    else:  # no guarantee of unique images (a larger radius than the box serves): per-pair minimum image
+        for s0 in range(0, len(cand), chunk):
+            sl = cand[s0 : s0 + chunk]
+            r_mm = frame.positions[mm_all[sl]]
+            d = minimum_image(r_mm[:, None, :] - qm_pos[None, :, :], box)  # (c, n, 3)
+            r2 = np.einsum("cnk,cnk->cn", d, d)
+            i = np.argmin(r2, axis=1)
+            rows = np.arange(len(i))
+            near_qm[sl] = i
+            dmin[sl] = np.sqrt(r2[rows, i])
+            image_pos[sl] = qm_pos[i] + d[rows, i]
 
     # molecules: the atom of each molecule closest to the QM region decides and anchors
     mol = frame.mol_ids[mm_all]
