@@ -297,6 +297,7 @@ def _brute_force_embedding(fr: Frame, rc: float) -> dict[int, np.ndarray]:
     molecule (made whole), embedded at the image whose closest atom is nearest the whole QM region."""
     import itertools
 
+    assert fr.box is not None
     L = np.diagonal(fr.box)
     qm = fr.positions[fr.qm_indices]
     qm = qm[0] % L + minimum_image(qm - qm[0], fr.box)  # whole, its first atom in the box

@@ -254,15 +254,14 @@ def select_embedding(
         # centroid's radius can exceed D_qm / 2): then the per-pair minimum image below.
         img = centre + dc[cand]
         for s0 in range(0, len(cand), chunk):
-            sl = slice(s0, s0 + chunk)
-            p = img[sl]
+            p = img[s0 : s0 + chunk]
             r2 = (p * p).sum(1)[:, None] + (qm_pos * qm_pos).sum(1)[None, :] - 2.0 * p @ qm_pos.T
             i = np.argmin(r2, axis=1)
-            idx = cand[sl]
+            idx = cand[s0 : s0 + chunk]
             near_qm[idx] = i
             dmin[idx] = np.linalg.norm(p - qm_pos[i], axis=1)  # exact for the nearest (no cancellation)
             image_pos[idx] = p
-    else:  # no guarantee of unique images (a larger radius than the box serves): per-pair minimum image
+    else:  # the centre image may not be the one within the cutoff: per-pair minimum image
         for s0 in range(0, len(cand), chunk):
             sl = cand[s0 : s0 + chunk]
             r_mm = frame.positions[mm_all[sl]]
