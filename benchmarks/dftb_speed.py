@@ -28,7 +28,7 @@ from qmlmm.data import read_extxyz
 from qmlmm.engines import make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
 from qmlmm.system import Frame
-from qmlmm.toy import solute_from_smiles, solvated_frame
+from qmlmm.testing import solute_from_smiles, solvated_frame
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "retinoic_acid_in_water.extxyz"
 RETINOIC_ACID = "CC1=C(C(CCC1)(C)C)/C=C/C(=C/C=C/C(=C/C(=O)O)/C)/C"

@@ -29,7 +29,7 @@ from qmlmm.data import write_extxyz
 from qmlmm.engines import label_frame, make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
 from qmlmm.system import Frame
-from qmlmm.toy import solute_from_smiles, solvated_frame
+from qmlmm.testing import solute_from_smiles, solvated_frame
 from qmlmm.workflows.label import LevelRequest, label_dataset
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qmlmm.system import Frame
-from qmlmm.toy import TIP3P_CHARGES, solute, tip3p_water
+from qmlmm.testing import TIP3P_CHARGES, solute, tip3p_water
 
 
 def central_difference(f: Callable[[np.ndarray], float], x: np.ndarray, h: float) -> np.ndarray:

@@ -12,7 +12,7 @@ from qmlmm.data import Dataset, load_frames, read_extxyz, write_dataset, write_e
 from qmlmm.data.h5 import STATUS_DONE, STATUS_FAILED
 from qmlmm.errors import InputError, LevelConflictError, SchemaError
 from qmlmm.system import Frame, Label
-from qmlmm.toy import solvated_frame
+from qmlmm.testing import solvated_frame
 
 
 def _frames(n: int = 3, labelled: bool = True) -> list[Frame]:

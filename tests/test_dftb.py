@@ -9,9 +9,9 @@ import torch
 from conftest import central_difference, water_shell
 from qmlmm.engines import make_engine
 from qmlmm.engines.dftb.calculator import DFTBCalculator, SCCOptions
-from qmlmm.engines.dftb.parameters import load_parameters
+from qmlmm.engines.dftb.tensors import load_parameters
 from qmlmm.errors import InputError, MissingParametersError, SCFNotConvergedError
-from qmlmm.toy import solute_from_smiles
+from qmlmm.testing import solute_from_smiles
 from qmlmm.units import BOHR_PER_ANGSTROM
 
 sparrow = pytest.importorskip("scine_sparrow")
@@ -94,7 +94,7 @@ def qmmm_system() -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(5)
     mm: list[np.ndarray] = []
     q: list[np.ndarray] = []
-    from qmlmm.toy import TIP3P_CHARGES, tip3p_water
+    from qmlmm.testing import TIP3P_CHARGES, tip3p_water
 
     while len(mm) < 60:
         c = rng.uniform(-0.9, 0.9, size=3)

@@ -10,7 +10,7 @@ import pytest
 from qmlmm.environment import EmbeddingSettings, embedding_forces_to_frame, select_embedding, switch
 from qmlmm.errors import InputError
 from qmlmm.system import Frame, minimum_image
-from qmlmm.toy import solvated_frame
+from qmlmm.testing import solvated_frame
 
 
 def _two_atom_frame(dist: float, box: float | None = 4.0) -> Frame:

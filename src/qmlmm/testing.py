@@ -1,4 +1,4 @@
-"""Small solutes in TIP3P water for tests, benchmarks and demos (no MD needed).
+"""Test and benchmark fixtures: small solutes in TIP3P water (no MD needed; not used by the pipeline).
 
 Waters sit on a jittered lattice with random orientations; any water with an atom closer than
 ``min_dist`` to the solute is removed. Geometries are not equilibrated: use them to exercise

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from qmlmm.elements import symbol
-from qmlmm.engines.dftb.params import parameter_dir
 from qmlmm.engines.dftb.skf import SKTable, read_skf
+from qmlmm.engines.dftb.slako_files import parameter_dir
 from qmlmm.errors import MissingParametersError
 
 log = logging.getLogger(__name__)
