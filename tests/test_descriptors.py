@@ -11,7 +11,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from conftest import cluster_frame
-from qmlmm.data.batch import FrameBatch, FrameTensors, collate, frame_tensors
+from qmlmm.batch import FrameBatch
+from qmlmm.data.batch import FrameTensors, collate, frame_tensors
 from qmlmm.descriptors import ACSF, DescriptorConfig
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.errors import InputError

@@ -261,7 +261,7 @@ def test_parallel_training_matches_serial_and_is_reused(syn: Path, tmp_path: Pat
 def test_split_by_runs_keeps_runs_whole_and_falls_back_to_time_with_gaps() -> None:
     """Default split: whole sampling runs per part; with fewer than three runs, each run in time order into
     train | gap | valid | gap | test, the gap one statistical inefficiency of the energies."""
-    from qmlmm.training.data import SplitSettings, choose_split
+    from qmlmm.data.training_set import SplitSettings, choose_split
 
     rng = np.random.default_rng(0)
     runs = np.repeat(np.arange(6), 10)
@@ -299,7 +299,7 @@ def test_split_by_runs_keeps_runs_whole_and_falls_back_to_time_with_gaps() -> No
 
 
 def test_old_model_files_keep_their_block_split() -> None:
-    from qmlmm.training.data import SplitSettings
+    from qmlmm.data.training_set import SplitSettings
 
     s = SplitSettings.of_training({"block_size": 4, "valid_fraction": 0.2, "seed": 3})
     assert s.kind == "blocks" and s.block_size == 4 and s.valid_fraction == 0.2 and s.seed == 3

@@ -257,6 +257,9 @@ def train(
         )
         d = load_training_data(data, cfg.target, cfg.baseline, cfg.split_settings)
         res = run_train(d, cfg, out, resume=resume)
+        from qmlmm.analysis.plots import parity_plot_of_model
+
+        parity_plot_of_model(res.path)
     except (QMLMMError, FileNotFoundError) as e:
         _fail(e)
         return

@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 
 from qmlmm.data.batch import frame_tensors
+from qmlmm.data.training_set import SplitSettings, load_training_data
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.errors import InputError
+from qmlmm.models.evaluation import Collected, collect_predictions, compute_metrics
 from qmlmm.models.model import QMLMMModel
-from qmlmm.training.data import SplitSettings, load_training_data
-from qmlmm.training.metrics import Collected, compute_metrics
-from qmlmm.training.trainer import collect_predictions
 
 log = logging.getLogger(__name__)
 

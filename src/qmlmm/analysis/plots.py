@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from qmlmm.training.metrics import Collected
+from qmlmm.models.evaluation import Collected
 
-__all__ = ["parity_plot", "learning_curve_plot"]
+__all__ = ["parity_plot", "parity_plot_of_model", "learning_curve_plot"]
 
 
 def _plt() -> Any:
@@ -85,3 +85,27 @@ def learning_curve_plot(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def parity_plot_of_model(model_path: str | Path) -> Path | None:
+    """The parity plot of a trained model's test set (``<stem>.test.npz`` written by training) as
+    ``<stem>.parity.png`` next to it; None when the model has no test predictions."""
+    from qmlmm.models.evaluation import Collected
+
+    model_path = Path(model_path)
+    stem = model_path.with_suffix("") if model_path.suffix else model_path
+    npz = stem.parent / f"{stem.name}.test.npz"
+    if not npz.exists():
+        return None
+    meta = {}
+    mj = stem.parent / f"{stem.name}.metrics.json"
+    if mj.exists():
+        import json
+
+        meta = json.loads(mj.read_text())
+    what = (
+        f"delta {meta.get('target')} - {meta.get('baseline')}" if meta.get("baseline") else str(meta.get("target", ""))
+    )
+    return parity_plot(
+        Collected.load(npz), stem.parent / f"{stem.name}.parity.png", title=f"{model_path.name}: test set ({what})"
+    )

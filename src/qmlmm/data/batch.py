@@ -10,11 +10,12 @@ The charges are the raw MM charges; ``mm_mol`` lets the model apply the smooth s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from qmlmm.batch import FrameBatch
 from qmlmm.environment import Embedding, EmbeddingSettings, select_embedding
 from qmlmm.system import Frame
 
@@ -70,53 +71,6 @@ def frame_tensors(
         ft.qm_forces = lab.forces[emb.qm_index]
         ft.mm_forces = lab.forces[emb.mm_index]
     return ft
-
-
-@dataclass
-class FrameBatch:
-    """Several frames concatenated (tensors on one device, positions with the model's dtype).
-
-    Attributes:
-        qm_z (Nq,), qm_pos (Nq, 3), qm_frame (Nq,), mm_pos (Nm, 3), mm_q (Nm,), mm_frame (Nm,),
-        mm_mol (Nm,) molecule index unique across the batch, n_frames,
-        energy (B,), qm_forces (Nq, 3), mm_forces (Nm, 3) targets when present,
-        qm_charge (B,) total QM charge of each frame in e (zeros when not given).
-    """
-
-    qm_z: torch.Tensor
-    qm_pos: torch.Tensor
-    qm_frame: torch.Tensor
-    mm_pos: torch.Tensor
-    mm_q: torch.Tensor
-    mm_frame: torch.Tensor
-    mm_mol: torch.Tensor
-    n_frames: int
-    energy: torch.Tensor | None = None
-    qm_forces: torch.Tensor | None = None
-    mm_forces: torch.Tensor | None = None
-    qm_charge: torch.Tensor | None = None
-    meta: dict[str, object] = field(default_factory=dict)
-
-    def total_charges(self) -> torch.Tensor:
-        """(B,) total QM charge per frame in e, in the positions' dtype (zeros when not given)."""
-        if self.qm_charge is None:
-            return torch.zeros(self.n_frames, dtype=self.qm_pos.dtype, device=self.qm_pos.device)
-        return self.qm_charge.to(self.qm_pos.dtype)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FrameBatch:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v.to(device)
-                if dtype is not None and v.is_floating_point() and f.name != "energy":
-                    v = v.to(dtype)  # target energies stay float64 (totals ~1e6 kJ/mol)
-            out[f.name] = v
-        return FrameBatch(**out)
-
-    @property
-    def n_qm_per_frame(self) -> torch.Tensor:
-        return torch.bincount(self.qm_frame, minlength=self.n_frames)
 
 
 def collate(

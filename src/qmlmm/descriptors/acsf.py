@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from qmlmm.data.batch import FrameBatch
+from qmlmm.batch import FrameBatch
 from qmlmm.descriptors.cutoffs import cosine_cutoff
 from qmlmm.descriptors.neighbors import pairs_within, triples_from_pairs
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qmlmm.data.batch import FrameBatch
+from qmlmm.batch import FrameBatch
 from qmlmm.models.hdnnp import HDNNP, ModelConfig, with_grad_inputs
 
 __all__ = ["Ensemble", "EnsemblePrediction"]

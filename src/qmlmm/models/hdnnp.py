@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qmlmm.data.batch import FrameBatch
+from qmlmm.batch import FrameBatch
 from qmlmm.descriptors.acsf import ACSF, DescriptorConfig, potential_and_field
 from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH, EmbeddingSettings
 from qmlmm.errors import InputError

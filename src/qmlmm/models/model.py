@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from qmlmm import __version__
-from qmlmm.data.batch import FrameBatch, FrameTensors, collate, frame_tensors
+from qmlmm.batch import FrameBatch
+from qmlmm.data.batch import FrameTensors, collate, frame_tensors
 from qmlmm.engines.base import Engine, EngineResult
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.errors import InputError, SchemaError

@@ -1,7 +1,7 @@
 """Training HDNNP ensembles: configuration, data and splits, loss, trainer, metrics."""
 
+from qmlmm.data.training_set import SplitSettings, TrainingData, block_split, load_training_data
 from qmlmm.training.config import TrainConfig, load_config
-from qmlmm.training.data import SplitSettings, TrainingData, block_split, load_training_data
 from qmlmm.training.parallel import TrainJob, train_jobs
 from qmlmm.training.trainer import TrainResult, train
 

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qmlmm.data.training_set import SplitSettings
 from qmlmm.errors import InputError
-from qmlmm.training.data import SplitSettings
 
 __all__ = ["TrainConfig", "load_config"]
 
@@ -27,7 +27,7 @@ class TrainConfig:
     ``patience`` [80] epochs; at most ``epochs`` [600]; ``batch_size`` frames [8].
     Loss: each term's mean squared error divided by the variance of that target on the training
     set, weighted by ``w_energy`` (per atom) [1], ``w_qm_forces`` [1], ``w_mm_forces`` [1].
-    Split (:class:`qmlmm.training.data.SplitSettings`): ``split`` [runs] whole sampling runs to train /
+    Split (:class:`qmlmm.data.training_set.SplitSettings`): ``split`` [runs] whole sampling runs to train /
     validation / test (fractions ``valid_fraction`` [0.1] and ``test_fraction`` [0.1] of the runs,
     shuffled with ``seed`` [0]; fewer than three runs: ``time``, each run cut in time order with
     gaps of ``split_gap_frames`` [None: one statistical inefficiency of the energies]); ``blocks``:

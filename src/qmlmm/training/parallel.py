@@ -63,7 +63,7 @@ def finished(job: TrainJob) -> dict[str, Any] | None:
 def _run(job: TrainJob, progress: bool, position: int | None) -> tuple[str, dict[str, Any], float]:
     import torch
 
-    from qmlmm.training.data import load_training_data
+    from qmlmm.data.training_set import load_training_data
     from qmlmm.training.trainer import train
 
     torch.set_num_threads(max(1, job.cfg.threads))

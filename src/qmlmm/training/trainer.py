@@ -2,7 +2,9 @@
 
 Outputs next to the model file ``MODEL``: ``MODEL`` (the self-describing model),
 ``<stem>.metrics.json`` (test/validation/train errors and, for delta models, the baseline's own
-errors), ``<stem>.parity.png``, ``<stem>.history.json`` and, while training, ``<stem>.ckpt``
+errors), ``<stem>.test.npz`` (test-set predictions and references, which callers turn into
+``<stem>.parity.png`` with :func:`qmlmm.analysis.plots.parity_plot_of_model`), ``<stem>.history.json``
+and, while training, ``<stem>.ckpt``
 (resumed when the same command runs again after an interruption).
 """
 
@@ -23,17 +25,17 @@ import numpy as np
 import torch
 
 from qmlmm.data.batch import FrameTensors, collate
+from qmlmm.data.training_set import TrainingData
 from qmlmm.descriptors.acsf import DescriptorConfig
 from qmlmm.models.ensemble import Ensemble
+from qmlmm.models.evaluation import collect_predictions, compute_metrics
 from qmlmm.models.hdnnp import HDNNP, ModelConfig, energy_and_forces
 from qmlmm.models.model import ModelMeta, QMLMMModel
 from qmlmm.training.config import TrainConfig
-from qmlmm.training.data import TrainingData
-from qmlmm.training.metrics import Collected, compute_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "train", "collect_predictions", "side_files"]
+__all__ = ["TrainResult", "train", "side_files"]
 
 
 @dataclass
@@ -48,7 +50,8 @@ class TrainResult:
 
 def side_files(model_path: Path) -> dict[str, Path]:
     stem = model_path.with_suffix("") if model_path.suffix else model_path
-    return {k: stem.parent / f"{stem.name}.{k}" for k in ("metrics.json", "parity.png", "history.json", "ckpt")}
+    names = ("metrics.json", "test.npz", "parity.png", "history.json", "ckpt")
+    return {k: stem.parent / f"{stem.name}.{k}" for k in names}
 
 
 def _model_config(cfg: TrainConfig, data: TrainingData) -> ModelConfig:
@@ -137,37 +140,6 @@ def _loss(model: torch.nn.Module, b: Any, st: _Stats, cfg: TrainConfig) -> tuple
         "lq": float(lq.detach()),
         "lm": float(lm.detach()),
     }
-
-
-def collect_predictions(
-    model: torch.nn.Module, items: Sequence[FrameTensors], dtype: torch.dtype, device: str = "cpu", batch_size: int = 8
-) -> Collected:
-    """Predictions of a model (HDNNP or Ensemble) and the targets of ``items``."""
-    parts = []
-    for k in range(0, len(items), batch_size):
-        chunk = items[k : k + batch_size]
-        b = collate(chunk, dtype=dtype, device=device)
-        std = None
-        if isinstance(model, Ensemble):
-            p = model.predict(b)
-            e, fq, fm, std = p.energy, p.qm_forces, p.mm_forces, p.energy_std.double().cpu().numpy()
-        else:
-            e, fq, fm, _ = energy_and_forces(model, b)
-        assert b.energy is not None and b.qm_forces is not None and b.mm_forces is not None
-        parts.append(
-            Collected(
-                e.detach().double().cpu().numpy(),
-                b.energy.double().cpu().numpy(),
-                fq.detach().double().cpu().numpy(),
-                b.qm_forces.double().cpu().numpy(),
-                b.qm_z.cpu().numpy(),
-                fm.detach().double().cpu().numpy(),
-                b.mm_forces.double().cpu().numpy(),
-                b.n_qm_per_frame.cpu().numpy(),
-                std,
-            )
-        )
-    return Collected.concat(parts)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -378,15 +350,8 @@ def train(
         if len(idx):
             c = collect_predictions(ens, data.subset(idx), dtype, device, cfg.batch_size)
             metrics[name] = compute_metrics(c)
-            if name == "test":
-                from qmlmm.analysis.plots import parity_plot
-
-                parity_plot(
-                    c,
-                    files["parity.png"],
-                    title=f"{out.name}: test set "
-                    f"({'delta ' + data.target + ' - ' + str(data.baseline) if data.baseline else data.target})",
-                )
+            if name == "test":  # the numbers behind a parity plot; callers plot (training imports no analysis)
+                c.save(files["test.npz"])
     meta.metrics = metrics
     model_obj.save(out)
     files["metrics.json"].write_text(json.dumps(metrics, indent=2))

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from qmlmm.analysis.evaluate import baseline_collected
+from qmlmm.data.training_set import load_training_data
 from qmlmm.errors import InputError
+from qmlmm.models.evaluation import compute_metrics
 from qmlmm.training.config import TrainConfig
-from qmlmm.training.data import load_training_data
-from qmlmm.training.metrics import compute_metrics
 from qmlmm.training.parallel import TrainJob, train_jobs
 
 log = logging.getLogger(__name__)

@@ -451,6 +451,11 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
     # direct and delta side by side, one single-threaded process each (see qmlmm.training.parallel)
     for path_s, (m, _) in train_jobs(jobs, workers=min(cfg.workers, 2), progress=progress).items():
         metrics[Path(path_s).stem] = m
+    from qmlmm.analysis.plots import parity_plot_of_model
+
+    for mode in ("direct", "delta"):
+        if not (models / f"{mode}.parity.png").exists():
+            parity_plot_of_model(models / f"{mode}.pt")
     timed("train", t0)
     # 4b. learning curve (optional): test errors against training-set size, direct and delta
     t0 = time.perf_counter()

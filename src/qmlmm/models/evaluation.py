@@ -1,15 +1,21 @@
-"""Error metrics of energies and forces (MAE, RMSE), overall and per element."""
+"""A model's predictions on labelled frames and their errors (MAE, RMSE of energies and forces, overall and
+per element): numbers that training (validation, test) and analysis (evaluation, plots) share."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
+import torch
 
+from qmlmm.data.batch import FrameTensors, collate
 from qmlmm.elements import symbol
+from qmlmm.models.ensemble import Ensemble
+from qmlmm.models.hdnnp import energy_and_forces
 
-__all__ = ["ErrorStats", "compute_metrics", "Collected"]
+__all__ = ["Collected", "ErrorStats", "collect_predictions", "compute_metrics"]
 
 
 @dataclass
@@ -25,6 +31,20 @@ class Collected:
     fm_ref: np.ndarray
     n_qm: np.ndarray
     e_std: np.ndarray | None = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the arrays to ``path`` (.npz, atomically)."""
+        from qmlmm.fileio import atomic_path
+
+        arrays = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Collected:
+        with np.load(path) as z:
+            return cls(**{k: np.array(z[k]) for k in z.files})
 
     @classmethod
     def concat(cls, parts: Sequence[Collected]) -> Collected:
@@ -82,3 +102,34 @@ def compute_metrics(c: Collected, shift_energy: bool = False) -> dict[str, objec
         if len(de) > 2 and np.std(c.e_std) > 0:
             out["spread_error_correlation"] = float(np.corrcoef(c.e_std, np.abs(de))[0, 1])
     return out
+
+
+def collect_predictions(
+    model: torch.nn.Module, items: Sequence[FrameTensors], dtype: torch.dtype, device: str = "cpu", batch_size: int = 8
+) -> Collected:
+    """Predictions of a model (HDNNP or Ensemble) and the targets of ``items``."""
+    parts = []
+    for k in range(0, len(items), batch_size):
+        chunk = items[k : k + batch_size]
+        b = collate(chunk, dtype=dtype, device=device)
+        std = None
+        if isinstance(model, Ensemble):
+            p = model.predict(b)
+            e, fq, fm, std = p.energy, p.qm_forces, p.mm_forces, p.energy_std.double().cpu().numpy()
+        else:
+            e, fq, fm, _ = energy_and_forces(model, b)
+        assert b.energy is not None and b.qm_forces is not None and b.mm_forces is not None
+        parts.append(
+            Collected(
+                e.detach().double().cpu().numpy(),
+                b.energy.double().cpu().numpy(),
+                fq.detach().double().cpu().numpy(),
+                b.qm_forces.double().cpu().numpy(),
+                b.qm_z.cpu().numpy(),
+                fm.detach().double().cpu().numpy(),
+                b.mm_forces.double().cpu().numpy(),
+                b.n_qm_per_frame.cpu().numpy(),
+                std,
+            )
+        )
+    return Collected.concat(parts)
