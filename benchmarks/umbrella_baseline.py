@@ -27,9 +27,10 @@ def main() -> None:
     ap.add_argument("--name", default="baseline_umbrella")
     a = ap.parse_args()
 
+    from qmlmm.analysis.plots import profile_plot
     from qmlmm.engines import make_engine
     from qmlmm.environment import EmbeddingSettings
-    from qmlmm.workflows.pipeline import build_step, load_pipeline_config, profile_plot, umbrella_profile
+    from qmlmm.workflows.pipeline import build_step, load_pipeline_config, umbrella_profile
 
     cfg = load_pipeline_config(a.config, a.size)
     if not cfg.reaction:

@@ -229,7 +229,7 @@ def test_nearest_distances_minimum_image_against_all_images() -> None:
 def test_pipeline_summary_table_has_the_structure_observables(tmp_path: Path) -> None:
     """summary.md lists per MD run the RDF maximum and the nearest solute-water distance; a summary
     written before the nearest distances existed (no ``nearest_nm``) still renders."""
-    from qmlmm.workflows.pipeline import _summary_md
+    from qmlmm.workflows.pipeline import summary_markdown
 
     err = {"energy": {"mae": 1.0}, "qm_forces": {"mae": 20.0}, "mm_forces": {"mae": 0.5}}
     s = {
@@ -245,10 +245,10 @@ def test_pipeline_summary_table_has_the_structure_observables(tmp_path: Path) ->
         },
         "timings_s": {"md": 5.0},
     }
-    row = [ln for ln in _summary_md(s, tmp_path).splitlines() if ln.startswith("| delta_ml |") and "O-OW" in ln]
+    row = [ln for ln in summary_markdown(s, tmp_path).splitlines() if ln.startswith("| delta_ml |") and "O-OW" in ln]
     assert row == ["| delta_ml | O-OW 0.275, 3.10 | O-OW 0.261 | - |"]
     del s["analysis"]["nearest_nm"]  # type: ignore[attr-defined]
-    assert "| delta_ml | O-OW 0.275, 3.10 | - | - |" in _summary_md(s, tmp_path)
+    assert "| delta_ml | O-OW 0.275, 3.10 | - | - |" in summary_markdown(s, tmp_path)
 
 
 def test_step_times_summed_over_invocations(tmp_path: Path) -> None:
@@ -256,7 +256,7 @@ def test_step_times_summed_over_invocations(tmp_path: Path) -> None:
     last one (where reused steps take ~0 s); a line cut by a kill is skipped."""
     import json
 
-    from qmlmm.workflows.pipeline import _summary_md, step_seconds_all
+    from qmlmm.workflows.pipeline import step_seconds_all, summary_markdown
 
     assert step_seconds_all(tmp_path) == {}
     recs = [("label", 6900.0), ("train", 830.0), ("label", 2.5), ("reaction", 820.0), ("reaction", 1500.0)]
@@ -273,7 +273,7 @@ def test_step_times_summed_over_invocations(tmp_path: Path) -> None:
         "timings_s": {"label": 2.5, "reaction": 1500.0},
         "timings_all_s": total,
     }
-    md = _summary_md(s, tmp_path)
+    md = summary_markdown(s, tmp_path)
     assert "| label | 2 | 6902 |" in md and "| reaction | 1500 | 2320 |" in md
 
 

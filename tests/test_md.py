@@ -378,7 +378,7 @@ def test_umbrella_windows_continue_their_neighbours(
     xi = r(C-O) - r(O-H) (~0.046 nm)."""
     import qmlmm.md.runner as runner
     from qmlmm.md.runner import load_final_state
-    from qmlmm.workflows.pipeline import PipelineConfig, _reaction
+    from qmlmm.workflows.pipeline import PipelineConfig, reaction_step
 
     relaxations: list[int] = []
     real = runner.freeze_qm_and_relax_water
@@ -406,7 +406,7 @@ def test_umbrella_windows_continue_their_neighbours(
         workers=1,
         threads=2,
     )
-    res = _reaction(cfg, tmp_path, methanol_system, DFTB3AsModel(), EMB, progress=False)["delta_ml"]
+    res = reaction_step(cfg, tmp_path, methanol_system, DFTB3AsModel(), progress=False)["delta_ml"]
     assert res["windows"] == 4 and res["window_centres_nm"] == pytest.approx([0.03, 0.045, 0.06, 0.05])
     assert res["window_k"] == [5000.0, 5000.0, 5000.0, 40000.0]
     assert res["samples_per_window"] == [4, 4, 4, 4] and not res["windows_stopped_early"]
@@ -438,7 +438,7 @@ def test_umbrella_windows_continue_their_neighbours(
             assert np.array_equal(z["positions"], end.positions) and np.array_equal(z["velocities"], end.velocities)
     # a rerun reuses every window (nothing runs again)
     mtimes = [(folder / f"window_{w:02d}" / "log.csv").stat().st_mtime_ns for w in range(4)]
-    _reaction(cfg, tmp_path, methanol_system, DFTB3AsModel(), EMB, progress=False)
+    reaction_step(cfg, tmp_path, methanol_system, DFTB3AsModel(), progress=False)
     assert mtimes == [(folder / f"window_{w:02d}" / "log.csv").stat().st_mtime_ns for w in range(4)]
 
 

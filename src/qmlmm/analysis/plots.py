@@ -10,7 +10,14 @@ import numpy as np
 
 from qmlmm.models.evaluation import Collected
 
-__all__ = ["parity_plot", "parity_plot_of_model", "learning_curve_plot"]
+__all__ = [
+    "dihedral_panels",
+    "learning_curve_plot",
+    "md_observables_plot",
+    "parity_plot",
+    "parity_plot_of_model",
+    "profile_plot",
+]
 
 
 def _plt() -> Any:
@@ -109,3 +116,71 @@ def parity_plot_of_model(model_path: str | Path) -> Path | None:
     return parity_plot(
         Collected.load(npz), stem.parent / f"{stem.name}.parity.png", title=f"{model_path.name}: test set ({what})"
     )
+
+
+def profile_plot(result: dict[str, Any], path: Path) -> None:
+    """The free-energy profiles of ``result`` (model name -> umbrella_profile entry) with MBAR error bars."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, res in result.items():
+        if res.get("f_kjmol"):
+            ax.errorbar(res["x_nm"], res["f_kjmol"], yerr=res["df_kjmol"], fmt="o-", ms=4, capsize=2, label=name)
+    ax.set_xlabel("reaction coordinate (nm)")
+    ax.set_ylabel("free energy (kJ/mol)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def dihedral_panels(angles: dict[str, np.ndarray], labels: list[str], path: Path) -> None:
+    """One histogram panel per chain dihedral (|angle|, deg), the MD runs overlaid."""
+    plt = _plt()
+
+    n = len(labels)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for q, ax in enumerate(axes.ravel()):
+        if q >= n:
+            ax.axis("off")
+            continue
+        for name, ang in angles.items():
+            ax.hist(np.abs(ang[:, q]), bins=36, range=(0, 180), histtype="step", density=True, label=name)
+        ax.set_title(labels[q], fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=7)
+    fig.supxlabel("|dihedral| (deg); solute atom indices")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def md_observables_plot(
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    angles: dict[str, np.ndarray],
+    quads: Sequence[Sequence[Any]],
+    path: str | Path,
+) -> Path:
+    """Two panels: solute-water RDFs of every run (run -> pair -> (r nm, g)) and the pooled |dihedral|
+    distribution around chain single bonds (run -> angles (F, Q) deg, ``quads`` the dihedrals' atoms and kind)."""
+    from qmlmm.analysis.report import single_bond_angles
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, cs in curves.items():
+        for pair, (r, g) in cs.items():
+            axes[0].plot(r, g, label=f"{name} {pair}")
+    for name, ang in angles.items():
+        axes[1].hist(single_bond_angles(ang, quads), bins=36, range=(0, 180), histtype="step", density=True, label=name)  # type: ignore[arg-type]
+    axes[0].set_xlabel("r (nm)")
+    axes[0].set_ylabel("g(r) solute - water")
+    axes[1].set_xlabel("|dihedral| around chain single bonds (deg)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
