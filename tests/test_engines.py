@@ -140,7 +140,7 @@ def test_bad_input_errors(shell: tuple[np.ndarray, ...]) -> None:
         parse_spec("mp2:cc-pvdz")
     with pytest.raises(InputError, match="functional/basis"):
         make_engine("dft:b3lyp")
-    with pytest.raises(InputError, match="unknown functional"):
+    with pytest.raises(InputError, match="unknown DFT functional"):
         make_engine("dft:notafunctional/sto-3g")
     with pytest.raises(InputError, match="unknown xtb option"):
         make_engine("xtb:gfn2,foo=1")
@@ -170,3 +170,19 @@ def test_dft_density_fitting_in_memory_equals_direct_j(shell: tuple[np.ndarray, 
     assert "auxbasis" not in a.settings() and c.settings()["auxbasis"] == "weigend"
     with pytest.raises(InputError, match="auxiliary basis"):
         make_engine("dft:pbe/sto-3g,aux=no-such-aux").compute(z, p)
+
+
+@pytest.mark.parametrize("spec", ["dft:pbe/sto-3g", "xtb:gfn2", "dftb3:3ob"])
+def test_engines_report_qm_charges_that_add_up_to_the_qm_charge(spec: str, shell: tuple[np.ndarray, ...]) -> None:
+    """Each engine's QM atomic charges (DFT meta-Lowdin, xtb's, DFTB Mulliken; the model's electrostatic
+    term is trained against them) add up to the QM region's charge, with the water's O negative and its
+    H positive; label_frame puts them on the QM atoms of the frame and NaN on the MM atoms."""
+    z, p, mm, q, zn = shell
+    res = make_engine(spec).compute(z, p, mm, q, mm_numbers=zn)
+    qc = np.asarray(res.info["qm_charges"])
+    assert qc.shape == (3,) and abs(qc.sum()) < 1e-6, qc
+    assert qc[0] < -0.2 and np.all(qc[1:] > 0.1), qc  # O, H, H
+    fr = cluster_frame("water", n_waters=4, radius=0.35, seed=1, box=2.4)
+    lab, r = label_frame(make_engine(spec), fr, EmbeddingSettings(cutoff=1.0))
+    assert lab.charges is not None and lab.charges.shape == (len(fr.numbers),)
+    assert np.allclose(lab.charges[fr.is_qm], r.info["qm_charges"]) and np.all(np.isnan(lab.charges[~fr.is_qm]))

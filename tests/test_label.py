@@ -173,3 +173,35 @@ def test_resume_after_kill_labels_every_frame_once(tmp_path: Path) -> None:
         for i, (e, f) in kept.items():
             lab = ds.label("dft", i)
             assert lab is not None and lab.energy == e and np.array_equal(lab.forces, f)
+
+
+def test_labels_keep_the_engines_qm_charges_and_delta_targets_their_difference(tmp_path: Path) -> None:
+    """The dataset stores each level's QM charges (NaN on MM atoms); a level written before charges were
+    recorded reads as None and gets the array on its next write; the delta training target's charges
+    are the target's minus the baseline's, frame by frame."""
+    from qmlmm.data.training_set import SplitSettings, load_training_data
+
+    _write_frames(tmp_path / "f.extxyz", 3)
+    req = [LevelRequest.from_spec("xtb:gfn2"), LevelRequest.from_spec("dftb3:3ob")]
+    assert label_dataset(tmp_path / "f.extxyz", tmp_path / "l.h5", req, CUT, workers=0, progress=False).ok
+    with Dataset(tmp_path / "l.h5") as ds:
+        fr = ds.frame(0)
+        qx, qd = fr.labels["xtb"].charges, fr.labels["dftb3"].charges
+        assert qx is not None and qd is not None
+        assert np.all(np.isfinite(qx[fr.is_qm])) and np.all(np.isnan(qx[~fr.is_qm]))
+        assert abs(np.nansum(qx)) < 1e-6 and not np.allclose(qx[fr.is_qm], qd[fr.is_qm], atol=1e-3)
+        copy = fr.copy()
+        assert copy.labels["xtb"].charges is not qx and np.array_equal(copy.labels["xtb"].charges, qx, equal_nan=True)
+    data = load_training_data(tmp_path / "l.h5", "xtb", "dftb3", split=SplitSettings(kind="blocks", block_size=1))
+    it = next(x for x in data.items if x.index == 0)
+    assert it.qm_q_ref is not None and np.allclose(it.qm_q_ref, qx[fr.is_qm] - qd[fr.is_qm])
+    with h5py.File(tmp_path / "l.h5", "a") as f:  # as written by qmlmm before charges were recorded
+        del f["levels/xtb/qm_charges"]
+    with Dataset(tmp_path / "l.h5", "a") as ds:
+        lab = ds.label("xtb", 1)
+        assert lab is not None and lab.charges is None
+        ds.write_label("xtb", 1, type(lab)(lab.energy, lab.forces, qx))
+        assert np.array_equal(ds.label("xtb", 1).charges, qx, equal_nan=True)  # type: ignore[union-attr]
+        assert ds.label("xtb", 0).charges is None  # type: ignore[union-attr]
+    data = load_training_data(tmp_path / "l.h5", "xtb", split=SplitSettings(kind="blocks", block_size=1))
+    assert [it.qm_q_ref is not None for it in sorted(data.items, key=lambda x: x.index)] == [False, True, False]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,12 @@ def test_parallel_training_matches_serial_and_is_reused(syn: Path, tmp_path: Pat
     again = train_jobs(par, workers=2, progress=False)
     assert Path(par[0].out).stat().st_mtime == mtime  # not retrained
     assert again[par[1].out][0]["test"]["energy"]["mae"] == rp[par[1].out][0]["test"]["energy"]["mae"]
+    # a split parameter its split kind does not use decides nothing: reused (the pipeline retrained
+    # every learning-curve point of a runs-split after the config's unused block_size changed)
+    assert cfgs[0].split == "blocks"
+    unused = [TrainJob(str(syn), replace(cfgs[0], split_gap_frames=7), par[0].out)]
+    train_jobs(unused, workers=1, progress=False)
+    assert Path(par[0].out).stat().st_mtime == mtime
     changed = [TrainJob(str(syn), TrainConfig(target="ref", ensemble=1, epochs=5, threads=1, **FAST), par[0].out)]  # type: ignore[arg-type]
     train_jobs(changed, workers=1, progress=False)
     assert Path(par[0].out).stat().st_mtime != mtime  # other settings: trained again

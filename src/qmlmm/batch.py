@@ -23,7 +23,8 @@ class FrameBatch:
         qm_z (Nq,), qm_pos (Nq, 3), qm_frame (Nq,), mm_pos (Nm, 3), mm_q (Nm,), mm_frame (Nm,),
         mm_mol (Nm,) molecule index unique across the batch, n_frames,
         energy (B,), qm_forces (Nq, 3), mm_forces (Nm, 3) targets when present,
-        qm_charge (B,) total QM charge of each frame in e (zeros when not given).
+        qm_charge (B,) total QM charge of each frame in e (zeros when not given),
+        qm_q_ref (Nq,) reference QM atomic charges in e (NaN for frames without; None when no frame has).
     """
 
     qm_z: torch.Tensor
@@ -38,6 +39,7 @@ class FrameBatch:
     qm_forces: torch.Tensor | None = None
     mm_forces: torch.Tensor | None = None
     qm_charge: torch.Tensor | None = None
+    qm_q_ref: torch.Tensor | None = None
     meta: dict[str, object] = field(default_factory=dict)
 
     def total_charges(self) -> torch.Tensor:

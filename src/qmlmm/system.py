@@ -27,11 +27,16 @@ OVERLAP_NM: float = 0.05
 class Label:
     """Energy (kJ/mol) and forces (N, 3) in kJ/mol/nm on every atom of a frame.
 
-    Forces on MM atoms outside the embedding are zero.
+    Forces on MM atoms outside the embedding are zero. ``charges``: (N,) the engine's QM atomic charges
+    in e (DFTB Mulliken, xtb's, DFT meta-Lowdin), NaN on MM atoms; None when the level has none.
     """
 
     energy: float
     forces: np.ndarray
+    charges: np.ndarray | None = None
+
+    def copy(self) -> Label:
+        return Label(self.energy, self.forces.copy(), None if self.charges is None else self.charges.copy())
 
 
 @dataclass
@@ -132,7 +137,7 @@ class Frame:
             None if self.box is None else self.box.copy(),
             self.qm_charge,
             self.qm_mult,
-            {k: Label(v.energy, v.forces.copy()) for k, v in self.labels.items()},
+            {k: v.copy() for k, v in self.labels.items()},
             dict(self.info),
         )
 

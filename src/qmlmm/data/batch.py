@@ -32,6 +32,8 @@ class FrameTensors:
         energy: target energy kJ/mol (NaN if absent).  qm_forces: (n, 3), mm_forces: (m, 3) kJ/mol/nm.
         index: frame index in its dataset.  qm_index, mm_index: atom indices in the frame.
         qm_charge: total charge of the QM region (e).
+        qm_q_ref: (n,) reference QM atomic charges e of the target (for a delta target, target minus
+        baseline), or None when the level records none.
     """
 
     qm_z: np.ndarray
@@ -46,6 +48,7 @@ class FrameTensors:
     qm_index: np.ndarray | None = None
     mm_index: np.ndarray | None = None
     qm_charge: int = 0
+    qm_q_ref: np.ndarray | None = None
 
 
 def frame_tensors(
@@ -70,6 +73,8 @@ def frame_tensors(
         ft.energy = float(lab.energy)
         ft.qm_forces = lab.forces[emb.qm_index]
         ft.mm_forces = lab.forces[emb.mm_index]
+        if lab.charges is not None and np.all(np.isfinite(lab.charges[emb.qm_index])):
+            ft.qm_q_ref = np.asarray(lab.charges[emb.qm_index], dtype=np.float64)
     return ft
 
 
@@ -99,4 +104,7 @@ def collate(
         b.energy = torch.as_tensor(np.array([it.energy for it in items]), dtype=torch.float64, device=device)
         b.qm_forces = torch.as_tensor(np.concatenate([it.qm_forces for it in items]), **t)  # type: ignore[arg-type]
         b.mm_forces = torch.as_tensor(np.concatenate([it.mm_forces for it in items]).reshape(-1, 3), **t)  # type: ignore[arg-type]
+    if any(it.qm_q_ref is not None for it in items):  # NaN for the frames without reference charges
+        q = [it.qm_q_ref if it.qm_q_ref is not None else np.full(len(it.qm_z), np.nan) for it in items]
+        b.qm_q_ref = torch.as_tensor(np.concatenate(q), **t)  # type: ignore[arg-type]
     return b

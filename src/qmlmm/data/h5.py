@@ -19,6 +19,8 @@ Layout (all atoms of all frames concatenated; frame f owns rows atom_offset[f]:a
         status  (F,) int8        0 missing, 1 done, 2 failed
         error   (F,) S512        reason of a failure
         time_s  (F,) float64     wall time of the calculation
+        qm_charges (A,) float64  e, the engine's QM atomic charges (NaN on MM atoms and where the
+                                 engine gives none; absent in files written before qmlmm 0.x)
 
 Crash safety: a file is created whole in a temporary file and renamed. Label arrays are allocated
 and filled at level creation (contiguous, uncompressed), so recording a result only overwrites raw
@@ -328,6 +330,7 @@ class Dataset:
         g.create_dataset("status", data=np.zeros(n_f, dtype=np.int8))
         g.create_dataset("error", data=np.zeros(n_f, dtype=f"S{_ERR_LEN}"))
         g.create_dataset("time_s", data=np.full(n_f, np.nan))
+        g.create_dataset("qm_charges", data=np.full(n_a, np.nan))
         self.flush()
 
     def status(self, name: str) -> np.ndarray:
@@ -347,7 +350,9 @@ class Dataset:
         g = self._level(name)
         if g["status"][i] != STATUS_DONE:
             return None
-        return Label(float(g["energy"][i]), g["forces"][self.atom_slice(i)])
+        s = self.atom_slice(i)
+        q = g["qm_charges"][s] if "qm_charges" in g else None
+        return Label(float(g["energy"][i]), g["forces"][s], None if q is None or not np.isfinite(q).any() else q)
 
     def energies(self, name: str) -> np.ndarray:
         """(F,) energies of level ``name`` in kJ/mol (NaN where not done)."""
@@ -365,6 +370,13 @@ class Dataset:
             raise ValueError(f"forces of frame {i} have shape {f.shape}, expected {(s.stop - s.start, 3)}")
         g["energy"][i] = label.energy
         g["forces"][s] = f
+        if label.charges is not None:
+            q = np.asarray(label.charges, dtype=np.float64)
+            if q.shape != (s.stop - s.start,):
+                raise ValueError(f"charges of frame {i} have shape {q.shape}, expected {(s.stop - s.start,)}")
+            if "qm_charges" not in g:  # a level made before charges were recorded
+                g.create_dataset("qm_charges", data=np.full(self.n_atoms_total, np.nan))
+            g["qm_charges"][s] = q
         g["time_s"][i] = time_s
         g["error"][i] = b""
         if flush:

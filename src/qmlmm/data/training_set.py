@@ -282,6 +282,8 @@ def load_training_data(
                 ft.energy -= b.energy
                 ft.qm_forces = ft.qm_forces - b.qm_forces  # type: ignore[operator]
                 ft.mm_forces = ft.mm_forces - b.mm_forces  # type: ignore[operator]
+                # the delta model's charges correct the baseline's
+                ft.qm_q_ref = None if ft.qm_q_ref is None or b.qm_q_ref is None else ft.qm_q_ref - b.qm_q_ref
             items.append(ft)
             elements.update(int(z) for z in ft.qm_z)
             runs.append(fr.info.get("run"))

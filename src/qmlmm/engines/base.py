@@ -149,4 +149,9 @@ def label_frame(engine: Engine, frame: Frame, settings: EmbeddingSettings | None
     res = engine.compute_frame(frame, emb)
     forces = embedding_forces_to_frame(frame, emb, res.qm_forces, res.mm_forces, res.mm_potential)
     res.info["n_mm"] = emb.n_mm
-    return Label(res.energy, forces), res
+    charges = None
+    q = res.info.get("qm_charges")
+    if q is not None:
+        charges = np.full(len(frame.numbers), np.nan)
+        charges[emb.qm_index] = np.asarray(q, dtype=np.float64)
+    return Label(res.energy, forces, charges), res

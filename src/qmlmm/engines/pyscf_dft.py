@@ -179,6 +179,9 @@ class PySCFEngine(Engine):
         if need_potential and has_mm:
             potential = self._potential_at(mol, dm_tot, mm_pos) * KJMOL_PER_HARTREE
         t_mm = time.perf_counter() - t0
+        # meta-Lowdin populations (PySCF's mulliken_meta): atomic charges far less basis-dependent than
+        # Mulliken's, for the model's electrostatic term to be anchored to (qmlmm.training)
+        _, qm_charges = mf.mulliken_meta(mol, dm, verbose=0)
         return EngineResult(
             energy=float(e_tot) * KJMOL_PER_HARTREE,
             qm_forces=-np.asarray(grad_qm) * KJMOLNM_PER_HARTREEBOHR,
@@ -191,6 +194,7 @@ class PySCFEngine(Engine):
                 "time_grad_mm_s": t_mm,
                 "guess": "previous" if dm0 is not None else "minao",
                 "scf_fallback": fallback,
+                "qm_charges": np.asarray(qm_charges, dtype=np.float64),
             },
         )
 

@@ -133,3 +133,26 @@ def collect_predictions(
             )
         )
     return Collected.concat(parts)
+
+
+def charge_errors(
+    model: torch.nn.Module, items: Sequence[FrameTensors], dtype: torch.dtype, device: str = "cpu", batch_size: int = 8
+) -> dict[str, float] | None:
+    """MAE, RMSE (e) and count of the model's QM charges (ensemble mean) against the reference charges of
+    ``items`` (the target's; target minus baseline for a delta model), or None when the model has no
+    charges or no item has references."""
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    if getattr(members[0].cfg, "electrostatics", "none") != "charges":
+        return None
+    with_q = [it for it in items if it.qm_q_ref is not None]
+    if not with_q:
+        return None
+    err = []
+    with torch.no_grad():
+        for k in range(0, len(with_q), batch_size):
+            b = collate(with_q[k : k + batch_size], dtype=dtype, device=device)
+            q = torch.stack([m.charges(b) for m in members]).mean(0)  # type: ignore[operator]
+            assert b.qm_q_ref is not None
+            err.append((q - b.qm_q_ref).double().cpu().numpy())
+    d = np.concatenate(err)
+    return {"mae": float(np.mean(np.abs(d))), "rmse": float(np.sqrt(np.mean(d**2))), "n": int(d.size)}

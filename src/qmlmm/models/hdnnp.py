@@ -269,7 +269,9 @@ class HDNNP(nn.Module):
         out = self._per_element(self.nets, inp.features, sp, self.short_cols) * self.e_scale
         if self.cfg.electrostatics == "charges":
             assert inp.potential is not None
-            out = out + COULOMB_KJMOL_NM * self.charges(b, inp) * inp.potential
+            q = self.charges(b, inp)
+            self.last_charges = q  # (Nq,) of the last evaluation, for the trainer's charge loss
+            out = out + COULOMB_KJMOL_NM * q * inp.potential
         return out, sp
 
     def atomic_energies(self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None = None) -> torch.Tensor:

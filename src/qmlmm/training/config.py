@@ -53,6 +53,7 @@ class TrainConfig:
     w_energy: float = 1.0
     w_qm_forces: float = 1.0
     w_mm_forces: float = 1.0
+    w_charges: float = 1.0
     split: str = "runs"
     split_gap_frames: int | None = None
     block_size: int = 10
@@ -85,7 +86,7 @@ class TrainConfig:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not 0 < self.lr_factor < 1 or self.lr_min < 0:
             raise InputError(f"lr_factor must lie in (0, 1) and lr_min be >= 0, got {self.lr_factor}, {self.lr_min}")
-        for name in ("w_energy", "w_qm_forces", "w_mm_forces"):
+        for name in ("w_energy", "w_qm_forces", "w_mm_forces", "w_charges"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_train_frames is not None and self.max_train_frames < 1:
@@ -133,6 +134,10 @@ class TrainConfig:
         """How the frames are split (checked when the config is made)."""
         return SplitSettings.of_training(self.to_dict())
 
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that decide the trained model (:func:`result_settings_of` of :meth:`to_dict`)."""
+        return result_settings_of(self.to_dict())
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
@@ -140,6 +145,19 @@ class TrainConfig:
         if unknown:
             raise InputError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+def result_settings_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a training config (a dict, e.g. stored in a metrics file) that decide the trained
+    model: all but where it runs (threads, device) and the split parameters its split kind does not use
+    (block_size outside ``blocks``, split_gap_frames with ``blocks``). Stored keys are taken as stored
+    (a key a file lacks stays missing, so an older model never matches a newer setting by its default)."""
+    d = {k: v for k, v in config.items() if k not in ("threads", "device")}
+    if d.get("split", "blocks") != "blocks":
+        d.pop("block_size", None)
+    else:
+        d.pop("split_gap_frames", None)
+    return d
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:

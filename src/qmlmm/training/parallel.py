@@ -39,9 +39,6 @@ class TrainJob:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-_IGNORED = ("threads", "device")
-
-
 def finished(job: TrainJob) -> dict[str, Any] | None:
     """The metrics of ``job`` if its model was already trained with the same configuration, else None."""
     import json
@@ -55,9 +52,10 @@ def finished(job: TrainJob) -> dict[str, Any] | None:
         m: dict[str, Any] = json.loads(mfile.read_text())
     except (OSError, ValueError):
         return None
-    want = {k: v for k, v in job.cfg.to_dict().items() if k not in _IGNORED}
-    have = {k: v for k, v in (m.get("config") or {}).items() if k not in _IGNORED}
-    return m if json.loads(json.dumps(want)) == have else None
+    from qmlmm.training.config import result_settings_of
+
+    want = json.loads(json.dumps(job.cfg.result_settings()))
+    return m if result_settings_of(m.get("config") or {}) == want else None
 
 
 def _run(job: TrainJob, progress: bool, position: int | None) -> tuple[str, dict[str, Any], float]:

@@ -28,7 +28,7 @@ from qmlmm.data.batch import FrameTensors, collate
 from qmlmm.data.training_set import TrainingData
 from qmlmm.descriptors.acsf import DescriptorConfig
 from qmlmm.models.ensemble import Ensemble
-from qmlmm.models.evaluation import collect_predictions, compute_metrics
+from qmlmm.models.evaluation import charge_errors, collect_predictions, compute_metrics
 from qmlmm.models.hdnnp import HDNNP, ModelConfig, energy_and_forces
 from qmlmm.models.model import ModelMeta, QMLMMModel
 from qmlmm.training.config import TrainConfig
@@ -82,6 +82,8 @@ class _Stats:
     var_e: float
     var_fq: float
     var_fm: float
+    q_shift: torch.Tensor  # (ne,) per-element mean reference charge (e), zeros without references
+    var_q: float  # mean square reference charge (e^2), the charge loss's scale
 
 
 def _statistics(mcfg: ModelConfig, items: Sequence[FrameTensors], dtype: torch.dtype) -> _Stats:
@@ -116,6 +118,7 @@ def _statistics(mcfg: ModelConfig, items: Sequence[FrameTensors], dtype: torch.d
     e_scale = float(max(np.std(resid) / math.sqrt(max(n_at.mean(), 1.0)), 1.0))  # type: ignore[arg-type]
     fq = np.concatenate([it.qm_forces for it in items])
     fm = np.concatenate([it.mm_forces for it in items]).reshape(-1, 3)
+    q_shift, var_q = _charge_statistics(probe, items)
     return _Stats(
         mean.to(dtype),
         std.to(dtype),
@@ -124,7 +127,22 @@ def _statistics(mcfg: ModelConfig, items: Sequence[FrameTensors], dtype: torch.d
         var_e,
         float(max(np.mean(fq**2), 1e-6)),
         float(max(np.mean(fm**2), 1e-8)) if len(fm) else 1.0,
+        q_shift.to(dtype),
+        var_q,
     )
+
+
+def _charge_statistics(probe: HDNNP, items: Sequence[FrameTensors]) -> tuple[torch.Tensor, float]:
+    """Per-element mean of the reference QM charges (e; the charge networks start from it) and their
+    mean square (e^2, floor 1e-4: the charge loss's scale), over the frames that have references."""
+    ne = probe.acsf.n_el
+    with_q = [it for it in items if it.qm_q_ref is not None]
+    if not with_q:
+        return torch.zeros(ne, dtype=torch.float64), 1.0
+    sp = probe.acsf.species(torch.as_tensor(np.concatenate([it.qm_z for it in with_q]))).numpy()
+    q = np.concatenate([it.qm_q_ref for it in with_q])
+    mean = np.bincount(sp, weights=q, minlength=ne) / np.maximum(np.bincount(sp, minlength=ne), 1)
+    return torch.as_tensor(mean, dtype=torch.float64), float(max(np.mean(q**2), 1e-4))
 
 
 def _loss(model: torch.nn.Module, b: Any, st: _Stats, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
@@ -134,11 +152,19 @@ def _loss(model: torch.nn.Module, b: Any, st: _Stats, cfg: TrainConfig) -> tuple
     lq = ((fq - b.qm_forces) ** 2).mean() / st.var_fq
     lm = ((fm - b.mm_forces) ** 2).mean() / st.var_fm if len(fm) else torch.zeros((), dtype=e.dtype)
     loss = cfg.w_energy * le + cfg.w_qm_forces * lq + cfg.w_mm_forces * lm
+    lc = torch.zeros((), dtype=e.dtype)
+    q = getattr(model, "last_charges", None)  # the charges of the forward pass above
+    if cfg.w_charges > 0 and q is not None and b.qm_q_ref is not None:
+        have = torch.isfinite(b.qm_q_ref)
+        if bool(have.any()):
+            lc = ((q[have] - b.qm_q_ref[have]) ** 2).mean() / st.var_q
+            loss = loss + cfg.w_charges * lc
     return loss, {
         "loss": float(loss.detach()),
         "le": float(le.detach()),
         "lq": float(lq.detach()),
         "lm": float(lm.detach()),
+        "lc": float(lc.detach()),
     }
 
 
@@ -216,6 +242,8 @@ def train(
         model.feat_std.copy_(st.feat_std)
         model.e_shift.copy_(st.e_shift)
         model.e_scale.fill_(st.e_scale)
+        if mcfg.electrostatics == "charges":
+            model.q_shift.copy_(st.q_shift)
         model.to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -350,6 +378,9 @@ def train(
         if len(idx):
             c = collect_predictions(ens, data.subset(idx), dtype, device, cfg.batch_size)
             metrics[name] = compute_metrics(c)
+            qerr = charge_errors(ens, data.subset(idx), dtype, device)
+            if qerr is not None:
+                metrics[name]["charges"] = qerr
             if name == "test":  # the numbers behind a parity plot; callers plot (training imports no analysis)
                 c.save(files["test.npz"])
     meta.metrics = metrics

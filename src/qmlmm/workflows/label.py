@@ -86,7 +86,13 @@ def _label_one(spec: str, threads: int, frame: Frame, settings: dict[str, float]
         label, _ = label_frame(_ENGINE_CACHE[key], frame, EmbeddingSettings.from_dict(settings))
         if not np.isfinite(label.energy) or not np.all(np.isfinite(label.forces)):
             raise QMLMMError("engine returned non-finite energy or forces")
-        return {"ok": True, "energy": label.energy, "forces": label.forces, "time": time.perf_counter() - t0}
+        return {
+            "ok": True,
+            "energy": label.energy,
+            "forces": label.forces,
+            "charges": label.charges,
+            "time": time.perf_counter() - t0,
+        }
     except QMLMMError as e:
         return {"ok": False, "error": f"{type(e).__name__}: {e}", "time": time.perf_counter() - t0}
     except Exception as e:
@@ -315,7 +321,8 @@ def label_dataset(
                 if res["ok"]:
                     from qmlmm.system import Label
 
-                    ds.write_label(level, i, Label(res["energy"], res["forces"]), time_s=res["time"])
+                    lab = Label(res["energy"], res["forces"], res.get("charges"))
+                    ds.write_label(level, i, lab, time_s=res["time"])
                     report.computed[level] += 1
                     times[level].append(res["time"])
                 else:
