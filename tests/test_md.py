@@ -488,20 +488,22 @@ def test_box_is_sized_for_unique_images_and_small_paddings_are_refused() -> None
 
 def test_md_umbrella_cli_uses_the_driver(methanol_system: Path, tmp_path: Path) -> None:
     """`qmlmm md --umbrella` runs the windows through qmlmm.md.umbrella: one MM-only start, the other windows
-    continue their neighbour's trajectory; a second call reuses the finished windows."""
+    continue their neighbour's trajectory; a second call reuses the finished windows. Both centres lie above
+    the built C-O bond (~0.143 nm), so the first window (nearest the start) is window 0 whatever the build
+    (with centres 0.14 and 0.15 a rebuilt fixture started at window 1)."""
     from typer.testing import CliRunner
 
     from qmlmm.cli import app
 
     args = ["md", str(methanol_system), "--engine", "dftb3:3ob", "--cutoff", "0.8", "--steps", "6",
-            "--report-every", "3", "--restraint", "dist:0,1,0.14,20000", "--umbrella", "0.14:0.15:2",
+            "--report-every", "3", "--restraint", "dist:0,1,0.17,20000", "--umbrella", "0.17:0.18:2",
             "--threads", "1", "-o", str(tmp_path / "u")]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     starts = [json.loads((tmp_path / "u" / f"window_{w:02d}" / "run.json").read_text())["start"] for w in (0, 1)]
     assert [s["mm_relaxation"] for s in starts] == [True, False]
     assert starts[1]["from"].endswith("window_00") and starts[1]["velocities"] == "continued"
-    assert "window 1 (r0 = 0.150 nm): 6 steps from" in res.output
+    assert "window 1 (r0 = 0.180 nm): 6 steps from" in res.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and again.output.count("6 steps") == 2
 
