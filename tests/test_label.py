@@ -191,7 +191,8 @@ def test_labels_keep_the_engines_qm_charges_and_delta_targets_their_difference(t
         assert np.all(np.isfinite(qx[fr.is_qm])) and np.all(np.isnan(qx[~fr.is_qm]))
         assert abs(np.nansum(qx)) < 1e-6 and not np.allclose(qx[fr.is_qm], qd[fr.is_qm], atol=1e-3)
         copy = fr.copy()
-        assert copy.labels["xtb"].charges is not qx and np.array_equal(copy.labels["xtb"].charges, qx, equal_nan=True)
+        qc = copy.labels["xtb"].charges
+        assert qc is not None and qc is not qx and np.array_equal(qc, qx, equal_nan=True)
     data = load_training_data(tmp_path / "l.h5", "xtb", "dftb3", split=SplitSettings(kind="blocks", block_size=1))
     it = next(x for x in data.items if x.index == 0)
     assert it.qm_q_ref is not None and np.allclose(it.qm_q_ref, qx[fr.is_qm] - qd[fr.is_qm])
@@ -201,7 +202,9 @@ def test_labels_keep_the_engines_qm_charges_and_delta_targets_their_difference(t
         lab = ds.label("xtb", 1)
         assert lab is not None and lab.charges is None
         ds.write_label("xtb", 1, type(lab)(lab.energy, lab.forces, qx))
-        assert np.array_equal(ds.label("xtb", 1).charges, qx, equal_nan=True)  # type: ignore[union-attr]
+        again = ds.label("xtb", 1)
+        assert again is not None and again.charges is not None
+        assert np.array_equal(again.charges, qx, equal_nan=True)
         assert ds.label("xtb", 0).charges is None  # type: ignore[union-attr]
     data = load_training_data(tmp_path / "l.h5", "xtb", split=SplitSettings(kind="blocks", block_size=1))
     assert [it.qm_q_ref is not None for it in sorted(data.items, key=lambda x: x.index)] == [False, True, False]
