@@ -270,7 +270,8 @@ class HDNNP(nn.Module):
         if self.cfg.electrostatics == "charges":
             assert inp.potential is not None
             q = self.charges(b, inp)
-            self.last_charges = q  # (Nq,) of the last evaluation, for the trainer's charge loss
+            if self.training:  # (Nq,) of the last training evaluation, for the trainer's charge loss
+                self.last_charges = q
             out = out + COULOMB_KJMOL_NM * q * inp.potential
         return out, sp
 
