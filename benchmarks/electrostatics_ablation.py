@@ -103,7 +103,10 @@ def main() -> None:
     ap.add_argument("--md-steps", type=int, default=1000)
     ap.add_argument("--work", default="runs/electrostatics")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (the rest untouched)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each training")
     args = ap.parse_args()
+    variants = {k: VARIANTS[k] for k in args.variants.split(",")}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -141,7 +144,7 @@ def main() -> None:
             curves[f"{mode}/{name}"] = pts
     t_train = time.time() - t0 - t_sample - t_label
     md_runs = {}
-    for name in VARIANTS:
+    for name in variants:
         n = max(p["n_train"] for p in curves[f"direct/{name}"])
         md_runs[name] = stability(
             work / "system", work / f"lc_{name}" / f"direct_{n}.pt", work / f"md_{name}", args.md_steps
