@@ -311,3 +311,20 @@ def test_old_model_files_keep_their_block_split() -> None:
     s = SplitSettings.of_training({"block_size": 4, "valid_fraction": 0.2, "seed": 3})
     assert s.kind == "blocks" and s.block_size == 4 and s.valid_fraction == 0.2 and s.seed == 3
     assert SplitSettings.of_training(TrainConfig().to_dict()).kind == "runs"
+
+
+def test_training_without_reference_charges_warns(syn: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Labels without QM charges (the synthetic set, imported or older levels) train the electrostatic term's
+    charges from energies and forces alone; the user is told, with the remedy. With charges off, no warning."""
+    from qmlmm.data.training_set import SplitSettings
+
+    data = load_training_data(syn, "ref", split=SplitSettings(kind="blocks", block_size=4))
+    assert not any(it.qm_q_ref is not None for it in data.items)
+    with caplog.at_level("WARNING", logger="qmlmm.training.trainer"):
+        train(data, TrainConfig(target="ref", ensemble=1, epochs=1, **FAST), tmp_path / "a.pt", progress=False)  # type: ignore[arg-type]
+    assert "carry no QM charges" in caplog.text and "--overwrite" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qmlmm.training.trainer"):
+        cfg = TrainConfig(target="ref", ensemble=1, epochs=1, electrostatics="none", **FAST)  # type: ignore[arg-type]
+        train(data, cfg, tmp_path / "b.pt", progress=False)
+    assert "carry no QM charges" not in caplog.text

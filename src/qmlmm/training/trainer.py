@@ -211,6 +211,13 @@ def train(
     va_items = data.subset(data.valid) if len(data.valid) else tr_items
     mcfg = _model_config(cfg, data)
     st = _statistics(mcfg, tr_items, dtype)
+    if mcfg.electrostatics == "charges" and cfg.w_charges > 0 and not any(it.qm_q_ref is not None for it in tr_items):
+        log.warning(
+            "the labels of %s carry no QM charges: the electrostatic term's charges are learnt from energies "
+            "and forces alone, which on few frames can drift to unphysical values and break MD (docs/model.md); "
+            "relabel with qmlmm label --overwrite to record them",
+            data.source,
+        )
     fp = _fingerprint(cfg, data)
 
     ckpt: dict[str, Any] = {}
