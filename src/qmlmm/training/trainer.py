@@ -176,8 +176,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _fingerprint(cfg: TrainConfig, data: TrainingData) -> str:
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "device")}
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(cfg.result_settings(), sort_keys=True).encode())
     h.update(data.source.encode())
     h.update(np.asarray(data.train).tobytes())
     h.update(np.array([it.energy for it in data.items]).tobytes())
