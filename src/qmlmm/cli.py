@@ -496,6 +496,13 @@ def md(
         str | None, typer.Option(help="Reference engine spec for --fallback reference (default: the model's).")
     ] = None,
     report_every: Annotated[int, typer.Option(help="Steps between log rows and DCD frames.")] = 10,
+    hmr: Annotated[
+        float | None,
+        typer.Option(
+            help="Hydrogen mass repartitioning: solute H masses in amu (e.g. 3.024), taken from the bonded heavy "
+            "atom; for 1-2 fs steps (docs/md.md)."
+        ),
+    ] = None,
     restart: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
     seed: Annotated[int, typer.Option(help="Velocity and thermostat seed.")] = 0,
@@ -524,6 +531,7 @@ def md(
             reference=reference,
             threads=threads,
             seed=seed,
+            hmr_amu=hmr,
         )
         if umbrella:
             if not rs:

@@ -30,6 +30,9 @@ class MDStopError(RuntimeError):
     """Raised inside the force callback to stop a simulation (non-finite forces, high uncertainty)."""
 
 
+#: the timed parts of a QM/MM force call (QMMMCallback.phase_seconds)
+PHASES = ("state_transfer", "embedding", "engine", "forces_to_frame")
+
 #: what a step does when the model's ensemble spread exceeds the threshold
 FALLBACKS = ("stop", "baseline", "reference")
 
@@ -103,6 +106,9 @@ class QMMMCallback:
         self.fallback_steps = 0
         self.calls = 0
         self.seconds = 0.0
+        #: wall seconds of each part of the calls so far: OpenMM state to numpy, embedding selection, the
+        #: engine (QM/ML), forces back to the frame's atoms (with the switching term)
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
         self.last_energy = float("nan")
         self.last_uncertainty = float("nan")
         self.last_n_mm = 0
@@ -117,7 +123,9 @@ class QMMMCallback:
         fr.positions = pos
         fr.box = box
         emb = select_embedding(fr, self.embedding)
+        t1 = time.perf_counter()
         res = self.engine.compute_frame(fr, emb)
+        t2 = time.perf_counter()
         self.calls += 1
         self.last_uncertainty = float(res.info.get("energy_std", float("nan")))  # type: ignore[arg-type]
         if self.max_uncertainty is not None and self.last_uncertainty > self.max_uncertainty:
@@ -136,7 +144,12 @@ class QMMMCallback:
             if self.queue is not None:
                 self.queue.offer(fr, self.calls, self.last_uncertainty)
         forces = embedding_forces_to_frame(fr, emb, res.qm_forces, res.mm_forces, res.mm_potential)
-        self.seconds += time.perf_counter() - t0
+        t3 = time.perf_counter()
+        self.seconds += t3 - t0
+        ph = self.phase_seconds
+        ph["embedding"] += t1 - t0
+        ph["engine"] += t2 - t1
+        ph["forces_to_frame"] += t3 - t2
         self.last_energy = res.energy
         self.last_n_mm = emb.n_mm
         if not (np.isfinite(res.energy) and np.all(np.isfinite(forces))):
@@ -147,10 +160,12 @@ class QMMMCallback:
     def __call__(self, state: Any) -> tuple[float, np.ndarray]:
         import openmm.unit as u
 
-        pos = state.getPositions(asNumpy=True).value_in_unit(u.nanometer)
-        box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(u.nanometer)
+        t0 = time.perf_counter()
+        pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+        box = np.asarray(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(u.nanometer))
+        self.phase_seconds["state_transfer"] += time.perf_counter() - t0
         try:
-            return self.energy_forces(np.asarray(pos), np.asarray(box))
+            return self.energy_forces(pos, box)
         except MDStopError:
             raise
         except Exception as e:

@@ -105,6 +105,9 @@ class MDSettings:
     # CPU platform: deterministic force summation (same seed and threads = 1: the same trajectory, bit for
     # bit; see qmlmm.md.system.cpu_properties)
     deterministic: bool = True
+    # hydrogen mass repartitioning: solute hydrogens weigh this many amu, taken from their heavy atoms
+    # (qmlmm.md.hmr; None: natural masses). For steps above 0.5 fs with the flexible QM X-H bonds.
+    hmr_amu: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -119,6 +122,7 @@ class MDSettings:
             ("threads", self.threads >= 1, "at least 1"),
             ("max_uncertainty", self.max_uncertainty is None or self.max_uncertainty > 0, "positive (kJ/mol)"),
             ("fallback", self.fallback in ("stop", "baseline", "reference"), "stop, baseline or reference"),
+            ("hmr_amu", self.hmr_amu is None or 1.0 <= self.hmr_amu <= 5.0, "None or in [1, 5] amu"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -127,7 +131,7 @@ class MDSettings:
 
 #: settings a restarted run must share with the run it continues (a different value mixes two Hamiltonians
 #: or ensembles in one log)
-RESTART_KEYS = ("dt_fs", "temperature", "nve", "friction_per_ps")
+RESTART_KEYS = ("dt_fs", "temperature", "nve", "friction_per_ps", "hmr_amu")
 
 
 def _run_identity(engine: Engine | None, emb: EmbeddingSettings, s: MDSettings, rs: list[Any]) -> dict[str, Any]:
@@ -223,6 +227,17 @@ def make_simulation(
         for k in reversed(range(system.getNumForces())):
             if isinstance(system.getForce(k), openmm.CMMotionRemover):
                 system.removeForce(k)
+    if s.hmr_amu is not None:
+        from qmlmm.md.hmr import repartition_hydrogen_masses
+
+        rep = repartition_hydrogen_masses(system, msys.topology, s.hmr_amu)
+        log.info("HMR: %d hydrogens at %.3f amu (from %d heavy atoms)", rep.hydrogens, s.hmr_amu, rep.heavy_atoms)
+    elif s.dt_fs > 1.0 and engine is not None:
+        log.warning(
+            "%.2f fs steps with flexible QM X-H bonds at natural masses: the X-H stretches (periods ~8-9 fs) "
+            "are under-resolved; use hydrogen mass repartitioning (qmlmm md --hmr) or <= 0.5-1 fs",
+            s.dt_fs,
+        )
     cb = None
     if engine is not None:
         fb_engine = None
@@ -419,6 +434,7 @@ def run_md(
     stopped: str | None = None
     remaining = max(0, s.steps - start_step)
     t0 = time.perf_counter()
+    phases0 = dict(cb.phase_seconds) if cb is not None else {}
     done = 0
     bar = tqdm(total=remaining, desc="md", unit="step", disable=not progress, dynamic_ncols=True)
     last_good = ctx.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
@@ -499,12 +515,29 @@ def run_md(
         "restraints": [r.text() for r in rs],
         "start": _start_record(out, start_info, restart),
         "qmmm_seconds_per_call": (cb.seconds / cb.calls) if cb and cb.calls else None,
+        "ms_per_step": _step_profile(seconds, done, cb, phases0),
         "fallback": cb.fallback if cb else None,
         "fallback_steps": cb.fallback_steps if cb else 0,  # QM/MM calls this invocation took from the fallback
         "uncertain_frames_queued": len(cb.queue.frames) if cb and cb.queue else 0,
     }
     (out / "run.json").write_text(json.dumps(info, indent=2))
     return MDResult(out, start_step + done, seconds, nsday, stopped, csv_path, drift)
+
+
+def _step_profile(
+    seconds: float, steps: int, cb: QMMMCallback | None, phases0: dict[str, float]
+) -> dict[str, float] | None:
+    """Wall ms per step of this invocation: total, each timed part of the QM/MM force calls (including
+    the extra call of every energy report) and the rest (OpenMM's MM forces and integration, passing
+    forces back, reporting)."""
+    if steps == 0:
+        return None
+    prof = {"total": 1000 * seconds / steps}
+    if cb is not None:
+        for k, v in cb.phase_seconds.items():
+            prof[k] = 1000 * (v - phases0.get(k, 0.0)) / steps
+        prof["openmm_and_rest"] = prof["total"] - sum(prof[k] for k in cb.phase_seconds)
+    return prof
 
 
 def _start_record(out: Path, info: dict[str, Any], restart: bool) -> dict[str, Any]:

@@ -1,0 +1,213 @@
+"""Where an ML/MM MD step's time goes, on retinoic acid in water, beside MM alone and the QM/MM engines.
+
+Two views, one run, same machine state:
+
+1. The model call on the built frame (50 QM atoms and the ~2600 charges of its 1.4 nm shell), ensemble
+   of 4 (the ra_small pipeline's trained members, each used twice: the architecture sets the time),
+   split into embedding selection, batch assembly, descriptor (shared by the members), the members'
+   networks and the autograd backward pass for QM and MM forces; plus torch's profiler's top operators.
+2. MD steps (Langevin, 0.5 fs, after a short MM-only water relaxation) with each driver: ms per step
+   split by the run's own timers (run.json ``ms_per_step``: OpenMM state to numpy, embedding, engine,
+   forces back to the atoms, and the rest: OpenMM's MM forces and integration), and the MM-only step
+   (the same system, solute frozen) that the speed issue measures the others against.
+
+Run: `.venv/bin/python benchmarks/md_profile.py [--system runs/ra_small/system] [--steps 60] [--threads 2]`
+Writes benchmarks/results/md_profile.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _results import machine, save_json, save_markdown
+from qmlmm.data.batch import collate, frame_tensors
+from qmlmm.environment import select_embedding
+from qmlmm.md.system import MDSystem
+from qmlmm.models import QMLMMModel
+from qmlmm.models.ensemble import Ensemble
+from qmlmm.models.hdnnp import with_grad_inputs
+
+
+def median_ms(fn: Callable[[], Any], repeat: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(ts)
+
+
+def ensemble_of(model: QMLMMModel, k: int) -> QMLMMModel:
+    """The model with ``k`` members (its own, repeated): same architecture, same cost per member."""
+    members = [copy.deepcopy(model.ensemble.members[i % model.ensemble.size]) for i in range(k)]
+    return QMLMMModel(Ensemble(model.ensemble.cfg, members), model.meta)  # type: ignore[arg-type]
+
+
+def model_breakdown(model: QMLMMModel, msys: MDSystem, repeat: int) -> dict[str, Any]:
+    """ms of each part of one energy + QM and MM forces call on the built frame."""
+    fr = msys.frame()
+    fr.validate()
+    settings = model.embedding
+    emb = select_embedding(fr, settings)
+    ft = frame_tensors(fr, settings, emb=emb)
+    b = collate([ft], dtype=model.dtype)
+    ens = model.ensemble.eval()
+    m0 = ens.members[0]
+
+    def descriptor() -> None:
+        bb = with_grad_inputs(b)
+        with torch.enable_grad():
+            m0.inputs(bb)  # type: ignore[operator]
+
+    def forward() -> None:
+        bb = with_grad_inputs(b)
+        with torch.enable_grad():
+            ens.member_energies(bb)
+
+    t = {
+        "embedding_selection": median_ms(lambda: select_embedding(fr, settings), repeat),
+        "batch_assembly": median_ms(lambda: collate([frame_tensors(fr, settings, emb=emb)], dtype=model.dtype), repeat),
+        "descriptor": median_ms(descriptor, repeat),
+        "descriptor_and_networks": median_ms(forward, repeat),
+        "forward_and_backward": median_ms(lambda: ens.predict(b), repeat),
+        "engine_call": median_ms(lambda: model.engine(torch.get_num_threads()).compute_frame(fr, emb), repeat),
+    }
+    t["networks"] = t["descriptor_and_networks"] - t["descriptor"]
+    t["autograd_backward"] = t["forward_and_backward"] - t["descriptor_and_networks"]
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            ens.predict(b)
+    top = [
+        {"op": e.key, "self_ms_per_call": e.self_cpu_time_total / 1000 / 5, "calls_per_call": e.count // 5}
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    ]
+    return {"n_qm": len(ft.qm_z), "n_mm": len(ft.mm_q), "ms": t, "top_ops": top}
+
+
+def md_steps(system: Path, driver: str, engine: Any, emb: Any, steps: int, threads: int, work: Path) -> dict[str, Any]:
+    from qmlmm.md.runner import MDSettings, run_md
+
+    s = MDSettings(steps=steps, dt_fs=0.5, report_every=20, threads=threads, thermalize_steps=100)
+    out = work / driver
+    run_md(system, engine, out, s, emb, progress=False)
+    run = json.loads((out / "run.json").read_text())
+    return {"ms_per_step": run["ms_per_step"], "ns_per_day": run["ns_per_day"], "stopped": run["stopped"]}
+
+
+def mm_only_ms_per_step(msys: MDSystem, steps: int, threads: int) -> float:
+    """ms per 0.5 fs Langevin step of the MM system with the solute frozen (zero mass, fixed charges)."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
+    from qmlmm.md.build import with_qm_charges
+    from qmlmm.md.system import cpu_properties
+
+    sysm = with_qm_charges(msys.system, msys.meta.get("qm_mm_charges"))
+    for i in msys.qm_indices:
+        sysm.setParticleMass(int(i), 0.0)
+    integ = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, 0.5 * u.femtoseconds)
+    sim = app.Simulation(msys.topology, sysm, integ, openmm.Platform.getPlatformByName("CPU"), cpu_properties(threads))
+    sim.context.setPeriodicBoxVectors(*(openmm.Vec3(*row) * u.nanometer for row in msys.box))
+    sim.context.setPositions(msys.positions * u.nanometer)
+    sim.minimizeEnergy(maxIterations=200)
+    sim.context.setVelocitiesToTemperature(300 * u.kelvin, 1)
+    sim.step(20)
+    t0 = time.perf_counter()
+    for _ in range(steps // 20):  # reporting every 20 steps, as the QM/MM runs
+        sim.step(20)
+        sim.context.getState(getEnergy=True)
+    return 1000 * (time.perf_counter() - t0) / (steps // 20 * 20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--system", default="runs/ra_small/system")
+    ap.add_argument("--direct", default="runs/ra_small/models/direct.pt")
+    ap.add_argument("--delta", default="runs/ra_small/models/delta.pt")
+    ap.add_argument("--members", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--drivers", default="direct,delta,dftb3,xtb")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    system = Path(args.system)
+    msys = MDSystem.load(system)
+    models = {
+        k: ensemble_of(QMLMMModel.load(p), args.members) for k, p in (("direct", args.direct), ("delta", args.delta))
+    }
+    breakdown = {k: model_breakdown(m, msys, args.repeat) for k, m in models.items()}
+    mm_ms = mm_only_ms_per_step(msys, max(args.steps, 100), args.threads)
+    runs: dict[str, Any] = {}
+    from qmlmm.engines import Engine, make_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in args.drivers.split(","):
+            emb = models["direct"].embedding
+            eng: Engine = (
+                models[d].engine(args.threads)
+                if d in models
+                else make_engine({"dftb3": "dftb3:3ob", "xtb": "xtb:gfn2"}[d], threads=args.threads)
+            )
+            runs[d] = md_steps(system, d, eng, emb, args.steps, args.threads, Path(tmp))
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "system": f"{system}: {len(msys.numbers)} atoms, {int(msys.is_qm.sum())} QM",
+        "threads": args.threads,
+        "members": args.members,
+        "model_breakdown_ms": breakdown,
+        "mm_only_ms_per_step": mm_ms,
+        "md_ms_per_step": runs,
+    }
+    save_json("md_profile", result)
+    md = [
+        f"# Where an ML/MM step's time goes ({result['date']})",
+        "",
+        f"`python benchmarks/md_profile.py` on {result['machine']}, {args.threads} threads. {result['system']}; "
+        f"models: the ra_small pipeline's, {args.members} members. Model call on the built frame "
+        f"({breakdown['direct']['n_qm']} QM atoms, {breakdown['direct']['n_mm']} embedded charges), median ms:",
+        "",
+        "| part | direct | delta (network only) |",
+        "|---|---|---|",
+    ]
+    for k in breakdown["direct"]["ms"]:
+        md.append(f"| {k} | {breakdown['direct']['ms'][k]:.2f} | {breakdown['delta']['ms'][k]:.2f} |")
+    md += ["", "Top operators of the direct model's forward + backward (torch profiler, self CPU ms per call):", ""]
+    md += ["| op | ms | calls |", "|---|---|---|"]
+    for o in breakdown["direct"]["top_ops"]:
+        md.append(f"| {o['op']} | {o['self_ms_per_call']:.2f} | {o['calls_per_call']} |")
+    parts = ("state_transfer", "embedding", "engine", "forces_to_frame", "openmm_and_rest")
+    md += [
+        "",
+        f"MD, ms per 0.5 fs step ({args.steps} Langevin steps; MM-only with the solute frozen: {mm_ms:.1f} ms):",
+        "",
+        "| driver | total | " + " | ".join(parts) + " | x MM-only | ns/day |",
+        "|---|---|" + "---|" * len(parts) + "---|---|",
+    ]
+    for d, r in runs.items():
+        p = r["ms_per_step"]
+        md.append(
+            f"| {d} | {p['total']:.1f} | "
+            + " | ".join(f"{p[k]:.1f}" for k in parts)
+            + f" | {p['total'] / mm_ms:.1f} | {r['ns_per_day']:.3f} |"
+        )
+    save_markdown("md_profile", md)
+
+
+if __name__ == "__main__":
+    main()
