@@ -126,10 +126,12 @@ def test_cli_bad_spec_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def _n_done(path: Path) -> int:
+    """Frames labelled so far, read while the labelling process writes (without locks: a read can meet
+    half-written metadata, which h5py reports as OSError, KeyError or RuntimeError; then try again)."""
     try:
         with h5py.File(path, "r", locking=False) as f:
             return int((f["levels/dft/status"][()] == 1).sum()) if "levels/dft/status" in f else 0
-    except (OSError, KeyError):
+    except (OSError, KeyError, RuntimeError):
         return 0
 
 
