@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +45,14 @@ def save_markdown(name: str, lines: list[str], folder: Path = RESULTS) -> Path:
     _write(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return path
+
+
+def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
+    """Median wall seconds of ``repeat`` calls of ``fn`` after one warm-up call."""
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -23,23 +22,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import machine, save_json, save_markdown
+from _results import machine, median_seconds, save_json, save_markdown
 from dftb_speed import load_frame
 from qmlmm.data import write_dataset
 from qmlmm.engines import label_frame, make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
 from qmlmm.models import QMLMMModel
 from qmlmm.training import SplitSettings, TrainConfig, load_training_data, train
-
-
-def median_time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -76,13 +65,13 @@ def main() -> None:
         rows["training (ensemble of 4, frames/s per network)"] = {"frames_per_s": res.frames_per_second}
         model = QMLMMModel.load(Path(tmp) / "m.pt")
     eng = model.engine(args.threads)
-    t_model = median_time(lambda: eng.compute(z, emb.qm_positions, emb.mm_positions, emb.mm_charges), args.repeat)
-    t_model_emb = median_time(lambda: eng.compute_frame(fr, select_embedding(fr, settings)), args.repeat)
-    t_emb = median_time(lambda: select_embedding(fr, settings), args.repeat)
+    t_model = median_seconds(lambda: eng.compute(z, emb.qm_positions, emb.mm_positions, emb.mm_charges), args.repeat)
+    t_model_emb = median_seconds(lambda: eng.compute_frame(fr, select_embedding(fr, settings)), args.repeat)
+    t_emb = median_seconds(lambda: select_embedding(fr, settings), args.repeat)
     rows["model (ensemble of 4, float32): energy + QM and MM forces"] = {"ms": t_model * 1e3}
     rows["embedding selection (numpy)"] = {"ms": t_emb * 1e3}
     rows["model incl. embedding selection"] = {"ms": t_model_emb * 1e3}
-    t_dftb = median_time(
+    t_dftb = median_seconds(
         lambda: make_engine("dftb3:3ob,reuse=no", threads=args.threads).compute(
             z, emb.qm_positions, emb.mm_positions, emb.mm_charges
         ),
@@ -90,7 +79,7 @@ def main() -> None:
     )
     rows["dftb3:3ob QM/MM"] = {"ms": t_dftb * 1e3}
     xtb = make_engine("xtb:gfn2", threads=args.threads)
-    t_xtb = median_time(
+    t_xtb = median_seconds(
         lambda: xtb.compute(z, emb.qm_positions, emb.mm_positions, emb.mm_charges, mm_numbers=fr.numbers[emb.mm_index]),
         max(3, args.repeat // 4),
     )

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from _results import machine, save_json, save_markdown
+from qmlmm.md.hmr import DEFAULT_H_MASS_AMU
 
-SETTINGS = {"0.5fs": (0.5, None), "1fs_hmr": (1.0, 3.024), "2fs_hmr": (2.0, 3.024)}
+SETTINGS = {"0.5fs": (0.5, None), "1fs_hmr": (1.0, DEFAULT_H_MASS_AMU), "2fs_hmr": (2.0, DEFAULT_H_MASS_AMU)}
 SKIP_PS = 0.5
 
 
@@ -74,29 +75,14 @@ def mm_only_nve(system: str, dt: float, steps: int, folder: Path) -> None:
     """NVE of the MM system with the solute frozen (zero mass: HMR does not apply) and carrying its fixed
     build charges."""
     import openmm
-    import openmm.app as app
     import openmm.unit as u
 
-    from qmlmm.md.build import with_qm_charges
-    from qmlmm.md.runner import freeze_qm_and_relax_water
-    from qmlmm.md.system import MDSystem, cpu_properties, openmm_seed
+    from qmlmm.md.runner import freeze_qm_and_relax_water, frozen_solute_simulation
+    from qmlmm.md.system import MDSystem, openmm_seed
 
     msys = MDSystem.load(system)
     pos = freeze_qm_and_relax_water(msys, steps=500, threads=1)
-    sysm = with_qm_charges(msys.system, msys.meta.get("qm_mm_charges"))
-    for i in msys.qm_indices:
-        sysm.setParticleMass(int(i), 0.0)
-    for k in reversed(range(sysm.getNumForces())):
-        if isinstance(sysm.getForce(k), openmm.CMMotionRemover):
-            sysm.removeForce(k)
-    sim = app.Simulation(
-        msys.topology,
-        sysm,
-        openmm.VerletIntegrator(dt * u.femtoseconds),
-        openmm.Platform.getPlatformByName("CPU"),
-        cpu_properties(1),
-    )
-    sim.context.setPeriodicBoxVectors(*(openmm.Vec3(*row) * u.nanometer for row in msys.box))
+    sim = frozen_solute_simulation(msys, openmm.VerletIntegrator(dt * u.femtoseconds), threads=1, nve=True)
     sim.context.setPositions(pos * u.nanometer)
     sim.context.setVelocitiesToTemperature(300 * u.kelvin, openmm_seed(0))
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,10 @@ from typing import Any
 
 from qmlmm.errors import InputError
 
-#: the hydrogen mass (amu) that ``qmlmm md --hmr`` uses without a value: the common choice for 4 fs
-#: steps with constrained X-H bonds, here for 1-2 fs steps with flexible ones
+#: the recommended hydrogen mass (amu) for ``qmlmm md --hmr``: the common choice for 4 fs steps with
+#: constrained X-H bonds, here for 1-2 fs steps with flexible ones (benchmarks/nve_drift.py)
 DEFAULT_H_MASS_AMU = 3.024
+#: the hydrogen masses (amu) accepted, by MDSettings and by repartition_hydrogen_masses
 H_MASS_RANGE_AMU = (1.0, 5.0)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from qmlmm.engines.base import Engine
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.errors import EngineError, InputError
+from qmlmm.md.hmr import H_MASS_RANGE_AMU
 from qmlmm.md.qmforce import QMMMCallback, UncertainFrames, make_python_force
 from qmlmm.md.restraints import Restraint, add_restraints, rc_value
 from qmlmm.md.system import MDSystem, cpu_properties, openmm_seed
@@ -110,6 +111,7 @@ class MDSettings:
     hmr_amu: float | None = None
 
     def __post_init__(self) -> None:
+        lo_h, hi_h = H_MASS_RANGE_AMU
         checks = [
             ("steps", self.steps >= 1, "at least 1"),
             ("dt_fs", 0 < self.dt_fs <= 10, "in (0, 10] fs"),
@@ -122,7 +124,7 @@ class MDSettings:
             ("threads", self.threads >= 1, "at least 1"),
             ("max_uncertainty", self.max_uncertainty is None or self.max_uncertainty > 0, "positive (kJ/mol)"),
             ("fallback", self.fallback in ("stop", "baseline", "reference"), "stop, baseline or reference"),
-            ("hmr_amu", self.hmr_amu is None or 1.0 <= self.hmr_amu <= 5.0, "None or in [1, 5] amu"),
+            ("hmr_amu", self.hmr_amu is None or lo_h <= self.hmr_amu <= hi_h, f"None or in [{lo_h}, {hi_h}] amu"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -270,6 +272,38 @@ def make_simulation(
     return sim, cb
 
 
+def frozen_solute_simulation(msys: MDSystem, integrator: Any, threads: int = 2, nve: bool = False) -> Any:
+    """An MM-only OpenMM Simulation (CPU) of ``msys`` at its built positions and box, the QM atoms frozen
+    (zero mass) and carrying the fixed charges of the build (``meta.json`` ``qm_mm_charges``; older system
+    folders have none: uncharged, with a warning). ``nve`` drops the centre-of-mass motion remover."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
+    from qmlmm.md.build import with_qm_charges
+
+    qm_q = msys.meta.get("qm_mm_charges")
+    if qm_q is None:
+        log.warning(
+            "%s has no fixed QM charges (built by an older qmlmm): MM-only water relaxation sees an "
+            "uncharged solute; rebuild the system to get them",
+            msys.folder,
+        )
+    system = with_qm_charges(msys.system, qm_q)
+    for i in msys.qm_indices:
+        system.setParticleMass(int(i), 0.0)
+    if nve:
+        for k in reversed(range(system.getNumForces())):
+            if isinstance(system.getForce(k), openmm.CMMotionRemover):
+                system.removeForce(k)
+    sim = app.Simulation(
+        msys.topology, system, integrator, openmm.Platform.getPlatformByName("CPU"), cpu_properties(threads)
+    )
+    sim.context.setPositions(msys.positions * u.nanometer)
+    sim.context.setPeriodicBoxVectors(*(openmm.Vec3(*row) * u.nanometer for row in msys.box))
+    return sim
+
+
 def freeze_qm_and_relax_water(
     msys: MDSystem,
     steps: int = 2000,
@@ -290,30 +324,13 @@ def freeze_qm_and_relax_water(
     Returns the new positions (N, 3) nm.
     """
     import openmm
-    import openmm.app as app
     import openmm.unit as u
 
-    from qmlmm.md.build import with_qm_charges
-
-    qm_q = msys.meta.get("qm_mm_charges")
-    if qm_q is None:
-        log.warning(
-            "%s has no fixed QM charges (built by an older qmlmm): MM-only water relaxation sees an "
-            "uncharged solute; rebuild the system to get them",
-            msys.folder,
-        )
-    system = with_qm_charges(msys.system, qm_q)
-    for i in msys.qm_indices:
-        system.setParticleMass(int(i), 0.0)
     integ = openmm.LangevinMiddleIntegrator(
         temperature * u.kelvin, friction_per_ps / u.picosecond, 2.0 * u.femtoseconds
     )
     integ.setRandomNumberSeed(openmm_seed(seed))
-    sim = app.Simulation(
-        msys.topology, system, integ, openmm.Platform.getPlatformByName("CPU"), cpu_properties(threads)
-    )
-    sim.context.setPositions(msys.positions * u.nanometer)
-    sim.context.setPeriodicBoxVectors(*(openmm.Vec3(*row) * u.nanometer for row in msys.box))
+    sim = frozen_solute_simulation(msys, integ, threads)
     sim.minimizeEnergy(maxIterations=500)
     if steps > 0:
         sim.context.setVelocitiesToTemperature(temperature * u.kelvin, openmm_seed(seed))
