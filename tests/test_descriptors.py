@@ -353,3 +353,104 @@ def test_old_model_configs_load_as_they_were_made() -> None:
     assert new.electrostatics == "charges" and not new.descriptor.long_range_damped
     with pytest.raises(InputError, match="electrostatics"):
         ModelConfig(electrostatics="dipoles")
+
+
+def _mm_angular_by_loops(acsf: ACSF, b: FrameBatch) -> np.ndarray:
+    """The QM-MM angular block (Nq, n_el * n_zl * n_shift) from its definition (module docstring of
+    qmlmm.descriptors.acsf), by plain loops over centre i, QM neighbour j and MM atom K."""
+    cfg = acsf.cfg
+    qm, mm, q = b.qm_pos.numpy(), b.mm_pos.numpy(), b.mm_q.numpy()
+    els = acsf.elements
+    zl = [(z, lam) for z in cfg.angular_zetas for lam in (1.0, -1.0)]
+    ns = len(acsf.rs_mma)
+    out = np.zeros((len(qm), len(els), len(zl), ns))
+
+    def fc(r: float, rc: float) -> float:
+        return 0.5 * (np.cos(np.pi * r / rc) + 1.0) if r < rc else 0.0
+
+    for i in range(len(qm)):
+        for j in range(len(qm)):
+            rij = float(np.linalg.norm(qm[j] - qm[i]))
+            if j == i or b.qm_frame[j] != b.qm_frame[i] or rij >= cfg.qm_angular_cutoff:
+                continue
+            e = els.index(int(b.qm_z[j]))
+            for k in range(len(mm)):
+                rik = float(np.linalg.norm(mm[k] - qm[i]))
+                if b.mm_frame[k] != b.qm_frame[i] or rik >= cfg.mm_angular_cutoff:
+                    continue
+                cos = np.dot(qm[j] - qm[i], mm[k] - qm[i]) / (rij * rik)
+                w = q[k] * fc(rij, cfg.qm_angular_cutoff) * fc(rik, cfg.mm_angular_cutoff)
+                for a, (z, lam) in enumerate(zl):
+                    for s, rs in enumerate(acsf.rs_mma.tolist()):  # the module's (float32-rounded) shifts
+                        g = np.exp(-(((rij + rik) / 2 - rs) ** 2) / (2 * cfg.mm_angular_width**2))
+                        out[i, e, a, s] += w * 2 ** (1 - z) * max(0.0, 1 + lam * cos) ** z * g
+    return out.reshape(len(qm), -1)
+
+
+def test_qm_mm_angular_block_equals_its_definition_by_loops() -> None:
+    """The padded per-centre evaluation (batched matrix products) gives the definition's sums, in a
+    two-frame batch (no pair across frames) with a zeta that is not a whole number."""
+    cfg = dataclasses.replace(CFG, angular_zetas=[1.0, 2.5, 4.0])
+    acsf = ACSF(cfg).double()
+    b = _batch([_item(seed=1, n_waters=8), _item(seed=5, n_waters=5, radius=0.3)])
+    names = acsf.feature_names()
+    cols = [k for k, n in enumerate(names) if n.startswith("MM G4")]
+    got = acsf(b)[:, cols].detach().numpy()
+    want = _mm_angular_by_loops(acsf, b)
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_potential_and_field_float32_far_from_the_origin() -> None:
+    """The field's matrix-product form (r_i sum w - sum w r_J) stays accurate in float32 when the frame
+    sits far from the coordinate origin (positions taken from the QM centre), against float64 sums."""
+    from qmlmm.descriptors.qm_mm import potential_and_field
+
+    it = _item(seed=3, n_waters=12, radius=0.4)
+    b64 = _batch([it])
+    shift = torch.tensor([40.0, -25.0, 60.0], dtype=torch.float64)
+    b32 = collate([it], dtype=torch.float32)
+    b32.qm_pos, b32.mm_pos = (b32.qm_pos.double() + shift).float(), (b32.mm_pos.double() + shift).float()
+    vec = b64.qm_pos[:, None, :] - b64.mm_pos[None, :, :]
+    r = vec.norm(dim=-1)
+    phi_ref = (b64.mm_q / r).sum(1)
+    field_ref = (vec * (b64.mm_q / r**3)[:, :, None]).sum(1)
+    phi, field = potential_and_field(b32, b32.mm_q)
+    assert field_ref.norm(dim=1).min() > 1.0  # e/nm^2: a field worth resolving
+    # float32 positions 60 nm from the origin carry ~4e-6 nm of rounding: the reference sees the same
+    # rounded geometry only to that level, so the bound is set by it, not by the field's formula
+    np.testing.assert_allclose(phi.double().numpy(), phi_ref.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        field.double().numpy(), field_ref.numpy(), rtol=2e-3, atol=5e-3 * float(field_ref.abs().max())
+    )
+
+
+@ELEC
+def test_fused_ensemble_equals_its_members_one_by_one(elec: str) -> None:
+    """Eval-mode ensembles run all members' networks as batched products (qmlmm.models.fused); energies
+    and QM and MM forces equal those of each member run alone, with members that differ in weights,
+    feature scaling, energy scale and offsets."""
+    from qmlmm.models.ensemble import Ensemble
+
+    members = [_model(switch=0.3, seed=s, elec=elec) for s in range(3)]
+    with torch.no_grad():
+        for s, m in enumerate(members):
+            m.feat_mean.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(s))
+            m.e_scale.fill_(5.0 + s)
+            m.e_shift.copy_(torch.tensor([-1000.0, -2000.0, -3000.0], dtype=torch.float64) * (1 + s))
+    ens = Ensemble(members[0].cfg, members).eval()
+    b = _batch([_item(seed=1, n_waters=8), _item(seed=5, n_waters=5, radius=0.3)])
+    pred = ens.predict(b, force_spread=True)
+    alone = [energy_and_forces(m, b) for m in members]
+    e = torch.stack([a[0] for a in alone])
+    fq = torch.stack([a[1] for a in alone])
+    fm = torch.stack([a[2] for a in alone])
+    torch.testing.assert_close(pred.energy, e.mean(0), rtol=0, atol=1e-9)
+    torch.testing.assert_close(pred.energy_std, e.std(0, unbiased=False), rtol=0, atol=1e-9)
+    torch.testing.assert_close(pred.qm_forces, fq.mean(0), rtol=0, atol=1e-9)
+    torch.testing.assert_close(pred.mm_forces, fm.mean(0), rtol=0, atol=1e-9)
+    assert pred.qm_forces_std is not None
+    torch.testing.assert_close(pred.qm_forces_std, fq.std(0, unbiased=False), rtol=0, atol=1e-9)
+    assert float(e.std(0).min()) > 1.0  # the members differ: the comparison means something
+    ens.train()
+    torch.testing.assert_close(ens.member_energies(b), e, rtol=0, atol=1e-9)  # the training path agrees

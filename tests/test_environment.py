@@ -340,3 +340,34 @@ def test_fast_selection_equals_brute_force_on_wrapped_and_shifted_frames(seed: i
             assert np.allclose(fast.mm_positions[mols == m] - t, ref[m], atol=1e-9), m
         for a in ("mm_index", "mm_positions", "mm_weights", "switch_mm", "switch_qm", "switch_grad"):
             assert np.allclose(getattr(fast, a), getattr(exact, a), atol=1e-12, rtol=0), a
+
+
+def test_selection_does_not_depend_on_the_order_or_numbering_of_atoms_and_molecules() -> None:
+    """Atoms stored in shuffled order with scattered molecule ids (not molecule by molecule) give the same
+    embedding, atom for atom: the per-molecule anchor (first closest atom) and size do not assume sorted
+    molecules."""
+    fr = solvated_frame("methanol", box=3.3, seed=4, center=(0.1, 0.2, 3.2))
+    s = EmbeddingSettings(cutoff=1.4, switch_width=0.2)
+    ref = select_embedding(fr, s)
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(fr.n_atoms)
+    relabel = rng.permutation(int(fr.mol_ids.max()) + 1) * 7 + 3  # sparse, unordered ids
+    sh = Frame(
+        numbers=fr.numbers[perm],
+        positions=fr.positions[perm],
+        is_qm=fr.is_qm[perm],
+        charges=fr.charges[perm],
+        mol_ids=relabel[fr.mol_ids[perm]],
+        box=fr.box,
+    )
+    got = select_embedding(sh, s)
+    assert len(got.mm_index) == len(ref.mm_index)
+    back = perm[got.mm_index]  # original atom index of every embedded atom
+    order, ref_order = np.argsort(back), np.argsort(ref.mm_index)
+    assert np.array_equal(back[order], ref.mm_index[ref_order])
+    # the QM region is made whole about its first atom, which the shuffle changes: compare relative to it
+    qm0_ref = ref.qm_positions[np.argsort(ref.qm_index)][0]
+    qm0 = got.qm_positions[np.argsort(perm[got.qm_index])][0]
+    np.testing.assert_allclose(got.mm_positions[order] - qm0, ref.mm_positions[ref_order] - qm0_ref, atol=1e-9)
+    np.testing.assert_allclose(got.mm_weights[order], ref.mm_weights[ref_order], atol=1e-12)
+    assert len(got.switch_mm) == len(ref.switch_mm)

@@ -171,18 +171,34 @@ def check_unique_images(box: np.ndarray | None, cutoff: float, d_qm: float, d_mo
 
 def _largest_molecule(mm_pos: np.ndarray, mol_of_atom: np.ndarray) -> float:
     """Largest internal distance (nm) over the molecules of atoms at ``mm_pos`` (m, 3) (molecules whole),
-    ``mol_of_atom`` (m,) their molecule labels."""
+    ``mol_of_atom`` (m,) their molecule numbers 0..G-1."""
     if len(mm_pos) == 0:
         return 0.0
-    _, mol, counts = np.unique(mol_of_atom, return_inverse=True, return_counts=True)
-    order = np.argsort(mol, kind="stable")
+    counts = np.bincount(mol_of_atom)
+    if counts.max() < 2:
+        return 0.0
+    order = np.argsort(mol_of_atom, kind="stable")  # linear for atoms stored molecule by molecule
     start = np.cumsum(counts) - counts
-    rank = np.empty(len(mol), dtype=np.int64)
-    rank[order] = np.arange(len(mol)) - np.repeat(start, counts)
+    rank = np.empty(len(mol_of_atom), dtype=np.int64)
+    rank[order] = np.arange(len(mol_of_atom)) - start[mol_of_atom[order]]
     padded = np.full((len(counts), int(counts.max()), 3), np.nan)
-    padded[mol, rank] = mm_pos
-    d = np.linalg.norm(padded[:, :, None, :] - padded[:, None, :, :], axis=-1)
-    return float(np.nanmax(d)) if counts.max() > 1 else 0.0
+    padded[mol_of_atom, rank] = mm_pos
+    d = padded[:, :, None, :] - padded[:, None, :, :]
+    return float(np.sqrt(np.nanmax((d * d).sum(-1))))
+
+
+def _first_minimum_per_group(group: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """(G,) index of the smallest ``value`` within each group 0..G-1 of ``group`` (n,), the first in index
+    order among equal values (as ``np.lexsort((value, group))`` would pick it; a stable sort by group is
+    linear for atoms stored molecule by molecule, where lexsort sorts every atom)."""
+    if len(group) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(group, kind="stable")
+    g, v = group[order], value[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    at_min = np.flatnonzero(v == np.minimum.reduceat(v, starts)[g])
+    first = at_min[np.r_[True, g[at_min[1:]] != g[at_min[:-1]]]]
+    return order[first]
 
 
 def make_qm_whole(positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
@@ -273,41 +289,42 @@ def select_embedding(
             dmin[sl] = np.sqrt(r2[rows, i])
             image_pos[sl] = qm_pos[i] + d[rows, i]
 
-    # molecules: the atom of each molecule closest to the QM region decides and anchors
+    # molecules: the atom of each molecule closest to the QM region decides and anchors. Only molecules
+    # with a candidate atom can be within the cutoff, so the sort runs over the candidates alone.
     mol = frame.mol_ids[mm_all]
-    uniq, inv = np.unique(mol, return_inverse=True)
-    order = np.lexsort((dmin, inv))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = inv[order[1:]] != inv[order[:-1]]
-    anchor_of_mol = np.empty(len(uniq), dtype=np.int64)
-    anchor_of_mol[inv[order[first]]] = order[first]
-    d_mol = dmin[anchor_of_mol]
-    selected_mol = d_mol < rc
-    sel_atoms = np.flatnonzero(selected_mol[inv])  # positions within mm_all, source order kept
+    cand_mols, cinv = np.unique(mol[cand], return_inverse=True)
+    anchor_of_mol = cand[_first_minimum_per_group(cinv, dmin[cand])]  # molecule (sorted by id) -> mm_all index
+    keep = dmin[anchor_of_mol] < rc
+    sel_mols, sel_anchor = cand_mols[keep], anchor_of_mol[keep]
+    d_mol = dmin[sel_anchor]
+    row = np.searchsorted(sel_mols, mol).clip(max=max(len(sel_mols) - 1, 0))
+    in_sel = sel_mols[row] == mol if len(sel_mols) else np.zeros(len(mol), dtype=bool)
+    sel_atoms = np.flatnonzero(in_sel)  # positions within mm_all, source order kept
+    sel_row = row[sel_atoms]  # each embedded atom's molecule, 0..n_sel-1
 
-    anchor = anchor_of_mol[inv[sel_atoms]]
+    anchor = sel_anchor[sel_row]
     rel = minimum_image(frame.positions[mm_all[sel_atoms]] - frame.positions[mm_all[anchor]], box)
     mm_pos = image_pos[anchor] + rel
     if check_images and box is not None:
-        check_unique_images(box, rc, largest_internal_distance(qm_pos), _largest_molecule(mm_pos, inv[sel_atoms]))
+        check_unique_images(box, rc, largest_internal_distance(qm_pos), _largest_molecule(mm_pos, sel_row))
 
     r_on = rc - settings.switch_width
     w_mol, dw_mol = switch(d_mol, r_on, rc)
-    weights = w_mol[inv[sel_atoms]]
+    weights = w_mol[sel_row]
     charges = frame.charges[mm_all[sel_atoms]] * weights
 
     # switching-derivative bookkeeping for molecules with 0 < S < 1 region (dS != 0)
-    sw_mols = np.flatnonzero(selected_mol & (dw_mol != 0.0))
+    sw_mols = np.flatnonzero(dw_mol != 0.0)
     local_of = -np.ones(m_all, dtype=np.int64)
     local_of[sel_atoms] = np.arange(len(sel_atoms))
-    sw_anchor = anchor_of_mol[sw_mols]
+    sw_anchor = sel_anchor[sw_mols]
     sw_mm = local_of[sw_anchor]
     sw_qm = near_qm[sw_anchor]
     vec = mm_pos[sw_mm] - qm_pos[sw_qm]
     sw_grad = (dw_mol[sw_mols] / d_mol[sw_mols])[:, None] * vec
-    row_of_mol = -np.ones(len(uniq), dtype=np.int64)
+    row_of_mol = -np.ones(len(sel_mols), dtype=np.int64)
     row_of_mol[sw_mols] = np.arange(len(sw_mols))
-    group = row_of_mol[inv[sel_atoms]]
+    group = row_of_mol[sel_row]
 
     return Embedding(
         qm_index=qm_index,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pairs_within", "triples_from_pairs"]
+__all__ = ["padded_slots", "pairs_within", "triples_from_pairs"]
 
 
 @torch.no_grad()
@@ -89,3 +89,13 @@ def triples_from_pairs(
         keep = a < b
         p, q = p[keep], q[keep]
     return p, q
+
+
+@torch.no_grad()
+def padded_slots(center: torch.Tensor, n_centres: int) -> tuple[torch.Tensor, int]:
+    """Slot of every pair in its centre's padded row: pairs sorted by ``center`` (P,) get slots
+    0, 1, ... within each centre. Returns slots (P,) and the row width (the largest count, >= 1)."""
+    counts = torch.bincount(center, minlength=n_centres)
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(center), device=center.device) - start[center]
+    return slot, max(1, int(counts.max().item()) if len(counts) else 1)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qmlmm.batch import FrameBatch
+from qmlmm.models.fused import fused_member_energies
 from qmlmm.models.hdnnp import HDNNP, ModelConfig, with_grad_inputs
 
 __all__ = ["Ensemble", "EnsemblePrediction"]
@@ -51,10 +52,14 @@ class Ensemble(nn.Module):
         return self.members[0].elements  # type: ignore[return-value]
 
     def member_energies(self, b: FrameBatch) -> torch.Tensor:
-        """(K, B) energies of every member."""
+        """(K, B) energies of every member: the features (and MM potential) once for all members, then, in
+        eval mode, all members' networks in one batched pass (:mod:`qmlmm.models.fused`); in training mode
+        member by member (each member keeps its charges for the charge loss)."""
         m0: HDNNP = self.members[0]  # type: ignore[assignment]
-        shared = m0.inputs(b)  # features (and MM potential) once for all members
-        return torch.stack([m(b, shared) for m in self.members])
+        shared = m0.inputs(b)
+        if self.training:
+            return torch.stack([m(b, shared) for m in self.members])
+        return fused_member_energies(list(self.members), b, shared)  # type: ignore[arg-type]
 
     def forward(self, b: FrameBatch) -> torch.Tensor:
         """(B,) mean energy."""

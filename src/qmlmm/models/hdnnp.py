@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from qmlmm.batch import FrameBatch
-from qmlmm.descriptors.acsf import ACSF, DescriptorConfig, potential_and_field
+from qmlmm.descriptors.acsf import ACSF, DescriptorConfig
+from qmlmm.descriptors.qm_mm import QMMMBlock, potential_and_field, qm_mm_blocks, shortest_qm_distance
 from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH, EmbeddingSettings
 from qmlmm.errors import InputError
 from qmlmm.switching import switch_value
@@ -123,28 +124,17 @@ class ModelInputs:
     potential: torch.Tensor | None = None
 
 
-def switch_weights(b: FrameBatch, cutoff: float, width: float) -> torch.Tensor:
+def switch_weights(b: FrameBatch, cutoff: float, width: float, blocks: list[QMMMBlock] | None = None) -> torch.Tensor:
     """(Nm,) molecule switching weight of every MM atom, differentiable in positions.
 
     S(d_J) with d_J the shortest distance between an atom of molecule J and a QM atom of its frame,
-    the one switching function of :mod:`qmlmm.switching`, as the labels use it.
+    the one switching function of :mod:`qmlmm.switching`, as the labels use it. ``blocks``: the batch's
+    dense QM-MM distances, if the caller has them.
     """
     nm = len(b.mm_q)
     if width <= 0 or nm == 0:
         return torch.ones(nm, dtype=b.mm_pos.dtype, device=b.mm_pos.device)
-    dmin = torch.empty(nm, dtype=b.mm_pos.dtype, device=b.mm_pos.device)
-    parts = []
-    for f in range(b.n_frames):
-        im = torch.nonzero(b.mm_frame == f).flatten()
-        iq = torch.nonzero(b.qm_frame == f).flatten()
-        if len(im) == 0:
-            continue
-        # explicit differences, not torch.cdist: cdist's small-input kernel has no double backward (the
-        # force loss of training needs one), its large-input one has
-        d2 = ((b.mm_pos[im][:, None, :] - b.qm_pos[iq][None, :, :]) ** 2).sum(-1)
-        parts.append((im, d2.amin(dim=1).sqrt()))
-    for im, d in parts:
-        dmin = dmin.index_copy(0, im, d)
+    dmin = shortest_qm_distance(b, qm_mm_blocks(b) if blocks is None else blocks)
     n_mol = int(b.mm_mol.max().item()) + 1
     dmol = torch.full((n_mol,), float("inf"), dtype=dmin.dtype, device=dmin.device)
     dmol = dmol.scatter_reduce(0, b.mm_mol, dmin, reduce="amin", include_self=True)
@@ -193,19 +183,20 @@ class HDNNP(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _mm_weight(self, b: FrameBatch) -> torch.Tensor | None:
+    def _mm_weight(self, b: FrameBatch, blocks: list[QMMMBlock] | None = None) -> torch.Tensor | None:
         if self.cfg.switch_width > 0 and not b.meta.get("switched"):
-            return switch_weights(b, self.cfg.cutoff, self.cfg.switch_width)
+            return switch_weights(b, self.cfg.cutoff, self.cfg.switch_width, blocks)
         return None
 
     def inputs(self, b: FrameBatch) -> ModelInputs:
         """Features and (with the electrostatic term) the MM potential at the QM atoms, computed once for
         all members. With smooth embedding the raw MM charges are switched here, unless the batch says its
         charges are already the switched ones (``b.meta["switched"]``, as engines receive them)."""
-        w = self._mm_weight(b)
-        x, phi = self.acsf.features_and_potential(b, mm_weight=w)
+        blocks = qm_mm_blocks(b)  # every QM-MM distance once: switching, potential, MM pair list
+        w = self._mm_weight(b, blocks)
+        x, phi = self.acsf.features_and_potential(b, mm_weight=w, blocks=blocks)
         if self.cfg.electrostatics == "charges" and phi is None:
-            phi = potential_and_field(b, b.mm_q if w is None else b.mm_q * w)[0]
+            phi = potential_and_field(b, b.mm_q if w is None else b.mm_q * w, blocks)[0]
         return ModelInputs(x, phi if self.cfg.electrostatics == "charges" else None)
 
     def features(self, b: FrameBatch) -> torch.Tensor:
