@@ -504,7 +504,14 @@ def md(
         ),
     ] = None,
     restart: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
-    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    threads: Annotated[int, typer.Option(help="OpenMM CPU threads.")] = 2,
+    engine_threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Threads of the QM/ML engine inside OpenMM's force call (default: the cores OpenMM's threads "
+            "leave, at least 1; more oversubscribes them, docs/md.md)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Velocity and thermostat seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Start afresh in a run folder that holds a run.")] = False,
 ) -> None:
@@ -530,6 +537,7 @@ def md(
             fallback=fallback,
             reference=reference,
             threads=threads,
+            engine_threads=engine_threads,
             seed=seed,
             hmr_amu=hmr,
         )

@@ -109,6 +109,7 @@ class QMMMCallback:
         #: wall seconds of each part of the calls so far: OpenMM state to numpy, embedding selection, the
         #: engine (QM/ML), forces back to the frame's atoms (with the switching term)
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self.engine_threads: int | None = None  # set by the runner (threads beside OpenMM's)
         self.last_energy = float("nan")
         self.last_uncertainty = float("nan")
         self.last_n_mm = 0
@@ -118,12 +119,22 @@ class QMMMCallback:
 
     def energy_forces(self, pos: np.ndarray, box: np.ndarray) -> tuple[float, np.ndarray]:
         """QM/MM energy and forces (N, 3) for positions (N, 3) nm and box (3, 3) nm."""
-        t0 = time.perf_counter()
+        marks = [time.perf_counter()]  # start, after embedding, after engine, after forces
+        try:
+            return self._energy_forces(pos, box, marks)
+        finally:  # a call that raises (engine failure, uncertainty stop) still counts its time
+            now = time.perf_counter()
+            marks += [now] * (4 - len(marks))
+            self.seconds += now - marks[0]
+            for name, a, b in zip(("embedding", "engine", "forces_to_frame"), marks, marks[1:], strict=False):
+                self.phase_seconds[name] += b - a
+
+    def _energy_forces(self, pos: np.ndarray, box: np.ndarray, marks: list[float]) -> tuple[float, np.ndarray]:
         fr: Frame = self._frame
         fr.positions = pos
         fr.box = box
         emb = select_embedding(fr, self.embedding)
-        t1 = time.perf_counter()
+        marks.append(time.perf_counter())
         res = self.engine.compute_frame(fr, emb)
         self.calls += 1
         self.last_uncertainty = float(res.info.get("energy_std", float("nan")))  # type: ignore[arg-type]
@@ -142,14 +153,9 @@ class QMMMCallback:
             self.fallback_steps += 1
             if self.queue is not None:
                 self.queue.offer(fr, self.calls, self.last_uncertainty)
-        t2 = time.perf_counter()  # engine time includes a fallback engine's call and the queueing
+        marks.append(time.perf_counter())  # engine time includes a fallback engine's call and the queueing
         forces = embedding_forces_to_frame(fr, emb, res.qm_forces, res.mm_forces, res.mm_potential)
-        t3 = time.perf_counter()
-        self.seconds += t3 - t0
-        ph = self.phase_seconds
-        ph["embedding"] += t1 - t0
-        ph["engine"] += t2 - t1
-        ph["forces_to_frame"] += t3 - t2
+        marks.append(time.perf_counter())
         self.last_energy = res.energy
         self.last_n_mm = emb.n_mm
         if not (np.isfinite(res.energy) and np.all(np.isfinite(forces))):

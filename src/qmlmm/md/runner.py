@@ -25,7 +25,7 @@ from qmlmm.errors import EngineError, InputError
 from qmlmm.md.hmr import H_MASS_RANGE_AMU
 from qmlmm.md.qmforce import QMMMCallback, UncertainFrames, make_python_force
 from qmlmm.md.restraints import Restraint, add_restraints, rc_value
-from qmlmm.md.system import MDSystem, cpu_properties, openmm_seed
+from qmlmm.md.system import MDSystem, cpu_properties, engine_threads_beside_openmm, openmm_seed
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,10 @@ class MDSettings:
     fallback: str = "stop"
     reference: str | None = None
     platform: str = "CPU"
-    threads: int = 2
+    threads: int = 2  # OpenMM CPU threads
+    # threads of the QM/ML engine inside OpenMM's force callback; None: the cores OpenMM's threads leave, at
+    # least 1 (qmlmm.md.system.engine_threads_beside_openmm: more oversubscribes the cores, 2.5x slower)
+    engine_threads: int | None = None
     restraints: list[str] = field(default_factory=list)
     # CPU platform: deterministic force summation (same seed and threads = 1: the same trajectory, bit for
     # bit; see qmlmm.md.system.cpu_properties)
@@ -122,6 +125,7 @@ class MDSettings:
             ("checkpoint_every", self.checkpoint_every >= 1, "at least 1"),
             ("thermalize_steps", self.thermalize_steps >= 0, ">= 0"),
             ("threads", self.threads >= 1, "at least 1"),
+            ("engine_threads", self.engine_threads is None or self.engine_threads >= 1, "None or at least 1"),
             ("max_uncertainty", self.max_uncertainty is None or self.max_uncertainty > 0, "positive (kJ/mol)"),
             ("fallback", self.fallback in ("stop", "baseline", "reference"), "stop, baseline or reference"),
             ("hmr_amu", self.hmr_amu is None or lo_h <= self.hmr_amu <= hi_h, f"None or in [{lo_h}, {hi_h}] amu"),
@@ -251,9 +255,15 @@ def make_simulation(
             if not spec:
                 raise InputError("--fallback reference needs --reference ENGINE (the model names no target method)")
             fb_engine = make_engine(str(spec), threads=s.threads)
+        n_eng = s.engine_threads or engine_threads_beside_openmm(s.threads if s.platform == "CPU" else 0)
+        for e in (engine, fb_engine):
+            if e is not None:
+                e.set_threads(n_eng)
+        log.info("QM/MM engine: %d thread(s) beside OpenMM's %d", n_eng, s.threads)
         queue = UncertainFrames(out / "uncertain.h5", embedding.cutoff) if out is not None else None
         fallback = s.fallback if s.max_uncertainty is not None else "stop"
         cb = QMMMCallback(engine, msys, embedding, s.max_uncertainty, fallback, fb_engine, queue)
+        cb.engine_threads = n_eng
         system.addForce(make_python_force(cb))
     if restraints:
         add_restraints(system, restraints)
@@ -533,6 +543,7 @@ def run_md(
         "start": _start_record(out, start_info, restart),
         "qmmm_seconds_per_call": (cb.seconds / cb.calls) if cb and cb.calls else None,
         "ms_per_step": _step_profile(seconds, done, cb, phases0),
+        "engine_threads": cb.engine_threads if cb else None,
         "fallback": cb.fallback if cb else None,
         "fallback_steps": cb.fallback_steps if cb else 0,  # QM/MM calls this invocation took from the fallback
         "uncertain_frames_queued": len(cb.queue.frames) if cb and cb.queue else 0,

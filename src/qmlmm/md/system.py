@@ -12,7 +12,7 @@ import numpy as np
 from qmlmm.errors import InputError, SchemaError
 from qmlmm.system import Frame
 
-__all__ = ["MDSystem", "cpu_properties", "openmm_seed"]
+__all__ = ["MDSystem", "cpu_properties", "engine_threads_beside_openmm", "openmm_seed"]
 
 
 def cpu_properties(threads: int, deterministic: bool = True) -> dict[str, str]:
@@ -24,6 +24,21 @@ def cpu_properties(threads: int, deterministic: bool = True) -> dict[str, str]:
     if deterministic:
         props["DeterministicForces"] = "true"
     return props
+
+
+def engine_threads_beside_openmm(openmm_threads: int) -> int:
+    """Threads for a QM/ML engine called inside OpenMM's force computation: the cores that OpenMM's own
+    CPU threads (``openmm_threads``; 0 for a GPU platform) leave, at least 1.
+
+    The CPU platform computes its nonbonded forces in its worker threads while the main thread runs the
+    other forces, the QM/MM callback among them, so an engine with as many threads as cores shares them
+    with OpenMM's workers, and each of its parallel regions waits for a descheduled thread. Measured on
+    retinoic acid in water (2 cores, OpenMM 2 threads, benchmarks/results/md_profile.md): the ML model's
+    call took 105 ms a step with 2 torch threads and 42 ms with 1 (alone, 2 threads: ~20 ms)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - max(0, int(openmm_threads)))
 
 
 def openmm_seed(seed: int) -> int:
