@@ -77,6 +77,10 @@ def model_breakdown(model: QMLMMModel, msys: MDSystem, repeat: int) -> dict[str,
         "forward_and_backward": median_ms(lambda: ens.predict(b), repeat),
         "engine_call": median_ms(lambda: engine.compute_frame(fr, emb), repeat),
     }
+    threads = torch.get_num_threads()
+    engine.set_threads(1)  # the engine's threads inside MD on 2 cores (qmlmm.md.system.engine_threads_beside_openmm)
+    t["engine_call_1_thread"] = median_ms(lambda: engine.compute_frame(fr, emb), repeat)
+    engine.set_threads(threads)
     t["networks"] = t["descriptor_and_networks"] - t["descriptor"]
     t["autograd_backward"] = t["forward_and_backward"] - t["descriptor_and_networks"]
     from torch.profiler import ProfilerActivity, profile
@@ -98,7 +102,12 @@ def md_steps(system: Path, driver: str, engine: Any, emb: Any, steps: int, threa
     out = work / driver
     run_md(system, engine, out, s, emb, progress=False)
     run = json.loads((out / "run.json").read_text())
-    return {"ms_per_step": run["ms_per_step"], "ns_per_day": run["ns_per_day"], "stopped": run["stopped"]}
+    return {
+        "ms_per_step": run["ms_per_step"],
+        "ns_per_day": run["ns_per_day"],
+        "stopped": run["stopped"],
+        "engine_threads": run["engine_threads"],
+    }
 
 
 def mm_only_ms_per_step(msys: MDSystem, steps: int, threads: int) -> float:
@@ -183,13 +192,13 @@ def main() -> None:
         "",
         f"MD, ms per 0.5 fs step ({args.steps} Langevin steps; MM-only with the solute frozen: {mm_ms:.1f} ms):",
         "",
-        "| driver | total | " + " | ".join(parts) + " | x MM-only | ns/day |",
-        "|---|---|" + "---|" * len(parts) + "---|---|",
+        "| driver | engine threads | total | " + " | ".join(parts) + " | x MM-only | ns/day |",
+        "|---|---|---|" + "---|" * len(parts) + "---|---|",
     ]
     for d, r in runs.items():
         p = r["ms_per_step"]
         md.append(
-            f"| {d} | {p['total']:.1f} | "
+            f"| {d} | {r['engine_threads']} | {p['total']:.1f} | "
             + " | ".join(f"{p[k]:.1f}" for k in parts)
             + f" | {p['total'] / mm_ms:.1f} | {r['ns_per_day']:.3f} |"
         )

@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--drivers", default="mm,dftb3,direct,delta")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", default="runs/nve_drift")
+    ap.add_argument("--name", default="nve_drift", help="results file name (benchmarks/results/NAME.{json,md})")
+    ap.add_argument("--label", default="acetate in TIP3P water", help="what the system is, for the table")
     args = ap.parse_args()
     models = {"mm": None, "dftb3": None, "direct": args.direct, "delta": args.delta}
     jobs = [
@@ -168,7 +170,7 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
-        "system": f"acetate in TIP3P water, {n_atoms} atoms ({int(msys.is_qm.sum())} QM)",
+        "system": f"{args.label} ({args.system}), {n_atoms} atoms ({int(msys.is_qm.sum())} QM)",
         "models": {"direct": args.direct, "delta": args.delta},
         "ps_per_run": args.ps,
         "skip_ps": SKIP_PS,
@@ -176,11 +178,12 @@ def main() -> None:
         "errors": errors,
         "seconds": time.time() - t0,
     }
-    save_json("nve_drift", result)
+    save_json(args.name, result)
     md = [
         f"# NVE energy conservation ({result['date']})",
         "",
-        f"`python benchmarks/nve_drift.py --ps {args.ps:g}` on {result['machine']}. {result['system']}; "
+        f"`python benchmarks/nve_drift.py --ps {args.ps:g} --system {args.system} --settings {args.settings} "
+        f"--drivers {args.drivers}` on {result['machine']}. {result['system']}; "
         "velocity Verlet from the same MM-relaxed start and 300 K velocities; drift = slope of the total "
         f"energy after {SKIP_PS} ps. HMR: solute H at 3.024 amu. mm: the solute frozen with its fixed charges "
         "(the MM floor). Target (issue 21): |drift| < 1 kJ/mol/ps per 1000 atoms.",
@@ -198,7 +201,7 @@ def main() -> None:
         )
     for name, why in errors.items():
         md.append(f"\nFAILED {name}: {why}")
-    save_markdown("nve_drift", md)
+    save_markdown(args.name, md)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -603,6 +604,10 @@ def test_hydrogen_mass_repartitioning_keeps_every_molecule_mass(methanol_system:
         repartition_hydrogen_masses(fresh, msys.topology, 5.0)
     with pytest.raises(InputError, match="hmr_amu"):
         MDSettings(hmr_amu=7.0)
+    frozen = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(msys.system))
+    frozen.setParticleMass(int(c), 0.0)  # the C frozen, its hydrogens not
+    with pytest.raises(InputError, match="frozen"):
+        repartition_hydrogen_masses(frozen, msys.topology, 3.024)
 
 
 def test_nve_with_hmr_at_1p5fs_conserves_energy(methanol_system: Path, tmp_path: Path) -> None:
@@ -678,3 +683,21 @@ def test_engine_threads_beside_openmm_and_the_timers_of_a_call_that_stops(
         assert cb.seconds == pytest.approx(sum(cb.phase_seconds.values()))
     finally:
         torch.set_num_threads(before)
+
+
+def test_restart_of_a_legacy_run_folder_refuses_a_setting_it_predates(tmp_path: Path) -> None:
+    """A run folder from before run_settings.json (only run.json) and before hmr_amu was recorded ran at
+    natural masses: continuing it with --hmr is refused; with the same settings it goes on."""
+    from qmlmm.errors import InputError
+    from qmlmm.md.runner import _check_restart
+
+    s = MDSettings(steps=10)
+    legacy = {k: v for k, v in dataclasses.asdict(s).items() if k != "hmr_amu"}
+    (tmp_path / "run.json").write_text(
+        json.dumps({"settings": legacy, "engine": "mm-only", "embedding": EMB.to_dict()})
+    )
+    _check_restart(tmp_path, None, EMB, s, [])  # same settings: fine
+    with pytest.raises(InputError, match="hmr_amu"):
+        _check_restart(tmp_path, None, EMB, MDSettings(steps=10, hmr_amu=3.024), [])
+    with pytest.raises(InputError, match="dt_fs"):
+        _check_restart(tmp_path, None, EMB, MDSettings(steps=10, dt_fs=1.0), [])

@@ -65,6 +65,11 @@ def repartition_hydrogen_masses(system: Any, topology: Any, h_mass_amu: float) -
                 "atoms in the topology, need exactly 1"
             )
         j = bonded[0]
+        if mass[j] == 0:
+            raise InputError(
+                f"HMR: hydrogen {a.index} is free to move but its heavy atom {j} ({atoms[j].element.symbol}) is "
+                "frozen (mass 0): there is no mass to take; freeze the hydrogen with it or run without --hmr"
+            )
         new[j] -= h_mass_amu - mass[a.index]
         new[a.index] = h_mass_amu
         hydrogens += 1

@@ -138,6 +138,8 @@ class MDSettings:
 #: settings a restarted run must share with the run it continues (a different value mixes two Hamiltonians
 #: or ensembles in one log)
 RESTART_KEYS = ("dt_fs", "temperature", "nve", "friction_per_ps", "hmr_amu")
+#: what a run folder's run.json that lacks a restart key had (the key came later)
+_LEGACY_DEFAULTS: dict[str, object] = {"hmr_amu": None}
 
 
 def _run_identity(engine: Engine | None, emb: EmbeddingSettings, s: MDSettings, rs: list[Any]) -> dict[str, Any]:
@@ -169,15 +171,19 @@ def _check_restart(out: Path, engine: Engine | None, emb: EmbeddingSettings, s: 
     if not p.exists():
         return
     before = json.loads(p.read_text())
+    settings = before.get("settings", {})
+    # a setting the old run.json lacks predates it: the run had the value it was made with then (natural
+    # masses); a key recorded as null is a value too (hmr_amu None), so only unknown ones are skipped
+    unknown = object()
     was = {
-        "engine": before.get("engine_identity", before.get("engine")),
-        "embedding": before.get("embedding"),
+        "engine": before.get("engine_identity", before.get("engine", unknown)),
+        "embedding": before.get("embedding", unknown),
         "restraints": before.get("restraints", []),
-        **{k: before.get("settings", {}).get(k) for k in RESTART_KEYS},
+        **{k: settings.get(k, _LEGACY_DEFAULTS.get(k, unknown)) for k in RESTART_KEYS},
     }
     if "engine_identity" not in before:  # run folders from before the identity was recorded: the spec only
         now["engine"] = getattr(engine, "spec", "mm-only")
-    diff = [k for k in now if was[k] is not None and now[k] != was[k]]
+    diff = [k for k in now if was[k] is not unknown and now[k] != was[k]]
     if diff:
         raise InputError(
             f"--restart of {out}: this command has another "
