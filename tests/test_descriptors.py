@@ -355,6 +355,14 @@ def test_old_model_configs_load_as_they_were_made() -> None:
         ModelConfig(electrostatics="dipoles")
 
 
+def _mm_angular_shifts(acsf: ACSF) -> list[float]:
+    from qmlmm.descriptors.terms import MMAngular
+
+    term = acsf.terms[-1]
+    assert isinstance(term, MMAngular)
+    return [float(x) for x in term.shifts]  # the module's (float32-rounded) shifts
+
+
 def _mm_angular_by_loops(acsf: ACSF, b: FrameBatch) -> np.ndarray:
     """The QM-MM angular block (Nq, n_el * n_zl * n_shift) from its definition (module docstring of
     qmlmm.descriptors.acsf), by plain loops over centre i, QM neighbour j and MM atom K."""
@@ -362,7 +370,8 @@ def _mm_angular_by_loops(acsf: ACSF, b: FrameBatch) -> np.ndarray:
     qm, mm, q = b.qm_pos.numpy(), b.mm_pos.numpy(), b.mm_q.numpy()
     els = acsf.elements
     zl = [(z, lam) for z in cfg.angular_zetas for lam in (1.0, -1.0)]
-    ns = len(acsf.rs_mma)
+    shifts = _mm_angular_shifts(acsf)
+    ns = len(shifts)
     out = np.zeros((len(qm), len(els), len(zl), ns))
 
     def fc(r: float, rc: float) -> float:
@@ -381,7 +390,7 @@ def _mm_angular_by_loops(acsf: ACSF, b: FrameBatch) -> np.ndarray:
                 cos = np.dot(qm[j] - qm[i], mm[k] - qm[i]) / (rij * rik)
                 w = q[k] * fc(rij, cfg.qm_angular_cutoff) * fc(rik, cfg.mm_angular_cutoff)
                 for a, (z, lam) in enumerate(zl):
-                    for s, rs in enumerate(acsf.rs_mma.tolist()):  # the module's (float32-rounded) shifts
+                    for s, rs in enumerate(shifts):
                         g = np.exp(-(((rij + rik) / 2 - rs) ** 2) / (2 * cfg.mm_angular_width**2))
                         out[i, e, a, s] += w * 2 ** (1 - z) * max(0.0, 1 + lam * cos) ** z * g
     return out.reshape(len(qm), -1)
