@@ -328,3 +328,31 @@ def test_training_without_reference_charges_warns(syn: Path, tmp_path: Path, cap
         cfg = TrainConfig(target="ref", ensemble=1, epochs=1, electrostatics="none", **FAST)  # type: ignore[arg-type]
         train(data, cfg, tmp_path / "b.pt", progress=False)
     assert "carry no QM charges" not in caplog.text
+
+
+def test_validation_loss_is_the_training_loss_of_the_whole_validation_set(syn: Path) -> None:
+    """The validation loss that picks the best epoch is the training loss function evaluated on all
+    validation frames at once: summed batch by batch it equals one batch of them all, and its MAEs equal
+    the evaluation module's."""
+    from qmlmm.data.batch import collate
+    from qmlmm.models.evaluation import collect_predictions, compute_metrics
+    from qmlmm.models.hdnnp import HDNNP
+    from qmlmm.training.trainer import _error_sums, _loss, _model_config, _statistics, _validation
+
+    cfg = TrainConfig(target="ref", batch_size=3, **{k: v for k, v in FAST.items() if k != "batch_size"})  # type: ignore[arg-type]
+    data = load_training_data(syn, "ref", split=cfg.split_settings)
+    items = data.items[:11]  # batches of 3, 3, 3, 2
+    torch.manual_seed(0)
+    mcfg = _model_config(cfg, data)
+    st = _statistics(mcfg, items, torch.float64)
+    model = HDNNP(mcfg).double().train()
+    with torch.no_grad():
+        model.feat_mean.copy_(st.feat_mean)
+        model.feat_std.copy_(st.feat_std)
+        model.e_shift.copy_(st.e_shift)
+    vloss, mae = _validation(model, items, st, cfg, torch.float64, "cpu")
+    whole, _ = _loss(_error_sums(model, collate(items, dtype=torch.float64), cfg, create_graph=False), st, cfg)
+    assert vloss == pytest.approx(float(whole), rel=1e-10) and vloss > 0
+    m = compute_metrics(collect_predictions(model, items, torch.float64))
+    for k in ("energy", "qm_forces", "mm_forces"):
+        assert mae[k] == pytest.approx(m[k]["mae"], rel=1e-9), k  # type: ignore[index]

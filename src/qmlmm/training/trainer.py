@@ -11,6 +11,7 @@ and, while training, ``<stem>.ckpt``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -145,20 +146,71 @@ def _charge_statistics(probe: HDNNP, items: Sequence[FrameTensors]) -> tuple[tor
     return torch.as_tensor(mean, dtype=torch.float64), float(max(np.mean(q**2), 1e-4))
 
 
-def _loss(model: torch.nn.Module, b: Any, st: _Stats, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    e, fq, fm, _ = energy_and_forces(model, b, create_graph=True)
+@dataclass
+class _ErrorSums:
+    """Sums of squared errors over a set of frames and the counts they are averaged by: the training
+    loss's terms before the division, so that a loss over many batches is exactly that of their union.
+    Also the sums of absolute errors (kJ/mol, kJ/mol/nm) for the validation MAEs."""
+
+    se_e: torch.Tensor  # sum over frames of ((E - E_ref) / n_qm)^2
+    n_e: int
+    se_fq: torch.Tensor  # sum over QM force components
+    n_fq: int
+    se_fm: torch.Tensor
+    n_fm: int
+    se_q: torch.Tensor  # sum over QM atoms with reference charges
+    n_q: int
+    ae_e: float
+    ae_fq: float
+    ae_fm: float
+
+    def detached(self) -> _ErrorSums:
+        return dataclasses.replace(
+            self, se_e=self.se_e.detach(), se_fq=self.se_fq.detach(), se_fm=self.se_fm.detach(), se_q=self.se_q.detach()
+        )
+
+    def __add__(self, o: _ErrorSums) -> _ErrorSums:
+        return _ErrorSums(
+            self.se_e + o.se_e, self.n_e + o.n_e, self.se_fq + o.se_fq, self.n_fq + o.n_fq,
+            self.se_fm + o.se_fm, self.n_fm + o.n_fm, self.se_q + o.se_q, self.n_q + o.n_q,
+            self.ae_e + o.ae_e, self.ae_fq + o.ae_fq, self.ae_fm + o.ae_fm,
+        )  # fmt: skip
+
+
+def _error_sums(model: torch.nn.Module, b: Any, cfg: TrainConfig, create_graph: bool) -> _ErrorSums:
+    """Error sums of ``model`` (an HDNNP in training mode, which keeps its charges) on batch ``b``."""
+    e, fq, fm, _ = energy_and_forces(model, b, create_graph=create_graph)
     n = b.n_qm_per_frame.to(e.dtype)
-    le = (((e - b.energy) / n) ** 2).mean() / st.var_e
-    lq = ((fq - b.qm_forces) ** 2).mean() / st.var_fq
-    lm = ((fm - b.mm_forces) ** 2).mean() / st.var_fm if len(fm) else torch.zeros((), dtype=e.dtype)
-    loss = cfg.w_energy * le + cfg.w_qm_forces * lq + cfg.w_mm_forces * lm
-    lc = torch.zeros((), dtype=e.dtype)
+    de, dq, dm = e - b.energy, fq - b.qm_forces, fm - b.mm_forces
+    zero = torch.zeros((), dtype=e.dtype, device=e.device)
+    se_q, n_q = zero, 0
     q = getattr(model, "last_charges", None)  # the charges of the forward pass above
     if cfg.w_charges > 0 and q is not None and b.qm_q_ref is not None:
         have = torch.isfinite(b.qm_q_ref)
-        if bool(have.any()):
-            lc = ((q[have] - b.qm_q_ref[have]) ** 2).mean() / st.var_q
-            loss = loss + cfg.w_charges * lc
+        se_q, n_q = ((q[have] - b.qm_q_ref[have]) ** 2).sum(), int(have.sum())
+    return _ErrorSums(
+        se_e=((de / n) ** 2).sum(),
+        n_e=len(e),
+        se_fq=(dq**2).sum(),
+        n_fq=dq.numel(),
+        se_fm=(dm**2).sum() if len(fm) else zero,
+        n_fm=dm.numel(),
+        se_q=se_q,
+        n_q=n_q,
+        ae_e=float(de.detach().abs().sum()),
+        ae_fq=float(dq.detach().abs().sum()),
+        ae_fm=float(dm.detach().abs().sum()),
+    )
+
+
+def _loss(s: _ErrorSums, st: _Stats, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of error sums: weighted mean squared errors of per-atom energies, QM forces, MM
+    forces and (with references) QM charges, each over its variance in the training set."""
+    le = s.se_e / max(s.n_e, 1) / st.var_e
+    lq = s.se_fq / max(s.n_fq, 1) / st.var_fq
+    lm = s.se_fm / s.n_fm / st.var_fm if s.n_fm else torch.zeros_like(le)
+    lc = s.se_q / s.n_q / st.var_q if s.n_q else torch.zeros_like(le)
+    loss = cfg.w_energy * le + cfg.w_qm_forces * lq + cfg.w_mm_forces * lm + (cfg.w_charges * lc if s.n_q else 0.0)
     return loss, {
         "loss": float(loss.detach()),
         "le": float(le.detach()),
@@ -166,6 +218,26 @@ def _loss(model: torch.nn.Module, b: Any, st: _Stats, cfg: TrainConfig) -> tuple
         "lm": float(lm.detach()),
         "lc": float(lc.detach()),
     }
+
+
+def _validation(
+    model: torch.nn.Module, items: Sequence[FrameTensors], st: _Stats, cfg: TrainConfig, dtype: torch.dtype, device: str
+) -> tuple[float, dict[str, float]]:
+    """The training loss on the validation frames (all of them, batch by batch, exactly as one set) and
+    their MAEs of energy, QM forces and MM forces."""
+    total: _ErrorSums | None = None
+    for s0 in range(0, len(items), cfg.batch_size):
+        b = collate(list(items[s0 : s0 + cfg.batch_size]), dtype=dtype, device=device)
+        s = _error_sums(model, b, cfg, create_graph=False).detached()
+        total = s if total is None else total + s
+    assert total is not None
+    loss, _ = _loss(total, st, cfg)
+    mae = {
+        "energy": total.ae_e / max(total.n_e, 1),
+        "qm_forces": total.ae_fq / max(total.n_fq, 1),
+        "mm_forces": total.ae_fm / max(total.n_fm, 1),
+    }
+    return float(loss.detach()), mae
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -287,19 +359,14 @@ def train(
             for s0 in range(0, len(order), cfg.batch_size):
                 b = collate([tr_items[i] for i in order[s0 : s0 + cfg.batch_size]], dtype=dtype, device=device)
                 opt.zero_grad(set_to_none=True)
-                loss, parts = _loss(model, b, st, cfg)
+                loss, parts = _loss(_error_sums(model, b, cfg, create_graph=True), st, cfg)
                 loss.backward()
                 opt.step()
                 tl.append(parts["loss"])
                 n_frames_seen += b.n_frames
-            model.eval()
-            c = collect_predictions(model, va_items, dtype, device, cfg.batch_size)
-            m = compute_metrics(c)
-            vloss = (
-                cfg.w_energy * m["energy_per_atom"]["rmse"] ** 2 / st.var_e  # type: ignore[index]
-                + cfg.w_qm_forces * m["qm_forces"]["rmse"] ** 2 / st.var_fq  # type: ignore[index]
-                + cfg.w_mm_forces * (m["mm_forces"]["rmse"] ** 2 / st.var_fm if c.fm_ref.size else 0.0)  # type: ignore[index]
-            )
+            # the training loss on the validation set (the model stays in training mode, which only keeps its
+            # charges for the charge term: an HDNNP has no dropout or batch statistics)
+            vloss, vmae = _validation(model, va_items, st, cfg, dtype, device)
             sched.step(vloss)
             lr = opt.param_groups[0]["lr"]
             rec = {
@@ -307,9 +374,9 @@ def train(
                 "train_loss": float(np.mean(tl)),
                 "valid_loss": float(vloss),
                 "lr": lr,
-                "valid_energy_mae": m["energy"]["mae"],  # type: ignore[index]
-                "valid_qm_forces_mae": m["qm_forces"]["mae"],  # type: ignore[index]
-                "valid_mm_forces_mae": m["mm_forces"]["mae"],  # type: ignore[index]
+                "valid_energy_mae": vmae["energy"],
+                "valid_qm_forces_mae": vmae["qm_forces"],
+                "valid_mm_forces_mae": vmae["mm_forces"],
             }
             hist.append(rec)
             if vloss < best:
