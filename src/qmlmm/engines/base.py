@@ -19,7 +19,7 @@ from qmlmm.elements import check_charge_multiplicity
 from qmlmm.environment import Embedding, EmbeddingSettings, embedding_forces_to_frame, select_embedding
 from qmlmm.system import Frame, Label
 
-__all__ = ["Engine", "EngineResult", "label_frame"]
+__all__ = ["Engine", "EngineResult", "QMMMInput", "label_frame"]
 
 
 @dataclass
@@ -40,6 +40,28 @@ class EngineResult:
     mm_forces: np.ndarray
     mm_potential: np.ndarray | None = None
     info: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QMMMInput:
+    """What an engine computes on: the QM atoms in the field of the embedded point charges, checked and in
+    qmlmm units (built by :meth:`Engine.compute`).
+
+    Attributes:
+        numbers (n,) atomic numbers and qm_positions (n, 3) nm of the QM atoms; mm_positions (m, 3) nm,
+        mm_charges (m,) e and mm_numbers (m,) atomic numbers of the point charges (m = 0: vacuum);
+        charge, mult: total charge and spin multiplicity of the QM region; need_potential: also return
+        dE/dq at the charges.
+    """
+
+    numbers: np.ndarray
+    qm_positions: np.ndarray
+    mm_positions: np.ndarray
+    mm_charges: np.ndarray
+    mm_numbers: np.ndarray
+    charge: int = 0
+    mult: int = 1
+    need_potential: bool = False
 
 
 class Engine(abc.ABC):
@@ -83,31 +105,22 @@ class Engine(abc.ABC):
             mm_numbers = np.full(len(mm_charges), 8, dtype=np.int64)
         check_charge_multiplicity(numbers, charge, mult)
         t0 = time.perf_counter()
-        res = self._compute(
+        inp = QMMMInput(
             numbers,
             qm_positions,
             mm_positions,
             mm_charges,
+            np.asarray(mm_numbers, dtype=np.int64),
             int(charge),
             int(mult),
-            np.asarray(mm_numbers, dtype=np.int64),
-            need_potential,
+            bool(need_potential),
         )
+        res = self._compute(inp)
         res.info.setdefault("time_s", time.perf_counter() - t0)
         return res
 
     @abc.abstractmethod
-    def _compute(
-        self,
-        numbers: np.ndarray,
-        qm_positions: np.ndarray,
-        mm_positions: np.ndarray,
-        mm_charges: np.ndarray,
-        charge: int,
-        mult: int,
-        mm_numbers: np.ndarray,
-        need_potential: bool,
-    ) -> EngineResult:
+    def _compute(self, inp: QMMMInput) -> EngineResult:
         """Engine-specific computation, inputs already checked and in qmlmm units."""
 
     @abc.abstractmethod

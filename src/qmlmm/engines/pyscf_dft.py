@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qmlmm.engines.base import Engine, EngineResult
+from qmlmm.engines.base import Engine, EngineResult, QMMMInput
 from qmlmm.errors import DependencyError, EngineError, InputError, SCFNotConvergedError
 from qmlmm.units import BOHR_PER_NM, KJMOL_PER_HARTREE, KJMOLNM_PER_HARTREEBOHR
 
@@ -110,34 +110,24 @@ class PySCFEngine(Engine):
         except (KeyError, RuntimeError, ValueError) as e:
             raise InputError(f"PySCF cannot build the molecule with basis {self.basis!r}: {e}") from e
 
-    def _compute(
-        self,
-        numbers: np.ndarray,
-        qm_positions: np.ndarray,
-        mm_positions: np.ndarray,
-        mm_charges: np.ndarray,
-        charge: int,
-        mult: int,
-        mm_numbers: np.ndarray,
-        need_potential: bool,
-    ) -> EngineResult:
+    def _compute(self, inp: QMMMInput) -> EngineResult:
         from pyscf import dft, lib, qmmm
 
         lib.num_threads(self.threads)
-        pos = qm_positions * BOHR_PER_NM
-        mm_pos = mm_positions * BOHR_PER_NM
-        mol = self._mol(numbers, pos, charge, mult)
-        mf = dft.RKS(mol) if mult == 1 else dft.UKS(mol)
+        pos = inp.qm_positions * BOHR_PER_NM
+        mm_pos = inp.mm_positions * BOHR_PER_NM
+        mol = self._mol(inp.numbers, pos, inp.charge, inp.mult)
+        mf = dft.RKS(mol) if inp.mult == 1 else dft.UKS(mol)
         mf.xc = self.xc
         mf.grids.level = self.grids_level
         mf.conv_tol = self.conv_tol
         mf.max_cycle = self.max_cycle
         if self.density_fit:
             mf = self._density_fit(mf, mol)
-        has_mm = len(mm_charges) > 0
+        has_mm = len(inp.mm_charges) > 0
         if has_mm:
-            mf = qmmm.mm_charge(mf, mm_pos, mm_charges, unit="Bohr")
-        key = (tuple(numbers.tolist()), charge, mult)
+            mf = qmmm.mm_charge(mf, mm_pos, inp.mm_charges, unit="Bohr")
+        key = (tuple(inp.numbers.tolist()), inp.charge, inp.mult)
         dm0 = self._dm_cache.get(key) if self.reuse_density else None
         t0 = time.perf_counter()
         try:
@@ -172,11 +162,11 @@ class PySCFEngine(Engine):
         t0 = time.perf_counter()
         dm_tot = dm if dm.ndim == 2 else dm[0] + dm[1]
         if has_mm:
-            grad_mm = self._grad_mm_electrons(mol, dm_tot, mm_pos, mm_charges) + g.grad_nuc_mm()
+            grad_mm = self._grad_mm_electrons(mol, dm_tot, mm_pos, inp.mm_charges) + g.grad_nuc_mm()
         else:
             grad_mm = np.zeros((0, 3))
         potential = None
-        if need_potential and has_mm:
+        if inp.need_potential and has_mm:
             potential = self._potential_at(mol, dm_tot, mm_pos) * KJMOL_PER_HARTREE
         t_mm = time.perf_counter() - t0
         # meta-Lowdin populations (PySCF's mulliken_meta): atomic charges far less basis-dependent than

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from qmlmm.engines.base import Engine, EngineResult
+from qmlmm.engines.base import Engine, EngineResult, QMMMInput
 from qmlmm.errors import DependencyError, EngineError, InputError, SCFNotConvergedError
 from qmlmm.units import BOHR_PER_NM, KJMOL_PER_HARTREE, KJMOLNM_PER_HARTREEBOHR
 
@@ -106,36 +106,26 @@ class XTBEngine(Engine):
             "point_charge_hardness": "element of the MM atom",
         }
 
-    def _compute(
-        self,
-        numbers: np.ndarray,
-        qm_positions: np.ndarray,
-        mm_positions: np.ndarray,
-        mm_charges: np.ndarray,
-        charge: int,
-        mult: int,
-        mm_numbers: np.ndarray,
-        need_potential: bool,
-    ) -> EngineResult:
+    def _compute(self, inp: QMMMInput) -> EngineResult:
         from xtb.interface import Calculator, XTBException
         from xtb.libxtb import VERBOSITY_MUTED
 
         # GFN1/GFN2-xTB are parametrised for H-Rn; libxtb crashes the process (SIGSEGV) beyond
-        bad = sorted({int(z) for z in np.concatenate([numbers, mm_numbers]) if not 1 <= z <= MAX_XTB_Z})
+        bad = sorted({int(z) for z in np.concatenate([inp.numbers, inp.mm_numbers]) if not 1 <= z <= MAX_XTB_Z})
         if bad:
             raise InputError(f"xtb ({self.method}) has parameters for elements 1-{MAX_XTB_Z} (H-Rn) only, got {bad}")
-        pos = qm_positions * BOHR_PER_NM
-        calc = Calculator(self._param, numbers, pos, charge=charge, uhf=mult - 1)
+        pos = inp.qm_positions * BOHR_PER_NM
+        calc = Calculator(self._param, inp.numbers, pos, charge=inp.charge, uhf=inp.mult - 1)
         calc.set_verbosity(VERBOSITY_MUTED)
         calc.set_accuracy(self.accuracy)
         calc.set_electronic_temperature(self.etemp)
         calc.set_max_iterations(self.maxiter)
-        m = len(mm_charges)
-        mm_pos = mm_positions * BOHR_PER_NM
+        m = len(inp.mm_charges)
+        mm_pos = inp.mm_positions * BOHR_PER_NM
         if m:
             calc.set_external_charges(
-                np.ascontiguousarray(mm_numbers, dtype=np.int32),
-                np.ascontiguousarray(mm_charges, dtype=np.float64),
+                np.ascontiguousarray(inp.mm_numbers, dtype=np.int32),
+                np.ascontiguousarray(inp.mm_charges, dtype=np.float64),
                 np.ascontiguousarray(mm_pos, dtype=np.float64),
             )
         try:
@@ -152,7 +142,7 @@ class XTBEngine(Engine):
             _xtb_libs()["xtb"].xtb_getPCGradient(_ptr(calc._env), _ptr(res._res), gpc.ctypes.data)
         q = res.get_charges()
         potential = None
-        if need_potential and m:
+        if inp.need_potential and m:
             r = np.linalg.norm(mm_pos[:, None, :] - pos[None, :, :], axis=2)
             potential = (q[None, :] / r).sum(1) * KJMOL_PER_HARTREE
         return EngineResult(

@@ -25,7 +25,7 @@ import torch
 from qmlmm import __version__
 from qmlmm.batch import FrameBatch
 from qmlmm.data.batch import FrameTensors, collate, frame_tensors
-from qmlmm.engines.base import Engine, EngineResult
+from qmlmm.engines.base import Engine, EngineResult, QMMMInput
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.errors import InputError, SchemaError
 from qmlmm.models.ensemble import Ensemble
@@ -294,32 +294,22 @@ class ModelEngine(Engine):
     def settings(self) -> dict[str, object]:
         return {"model": self.model.describe(), "fingerprint": self.model.fingerprint()}
 
-    def _compute(
-        self,
-        numbers: np.ndarray,
-        qm_positions: np.ndarray,
-        mm_positions: np.ndarray,
-        mm_charges: np.ndarray,
-        charge: int,
-        mult: int,
-        mm_numbers: np.ndarray,
-        need_potential: bool,
-    ) -> EngineResult:
+    def _compute(self, inp: QMMMInput) -> EngineResult:
         m = self.model
         dt, dev = m.dtype, m.device
         b = FrameBatch(
-            qm_z=torch.as_tensor(numbers, device=dev),
-            qm_pos=torch.as_tensor(qm_positions, dtype=dt, device=dev),
-            qm_frame=torch.zeros(len(numbers), dtype=torch.long, device=dev),
-            mm_pos=torch.as_tensor(mm_positions, dtype=dt, device=dev).reshape(-1, 3),
-            mm_q=torch.as_tensor(mm_charges, dtype=dt, device=dev),
-            mm_frame=torch.zeros(len(mm_charges), dtype=torch.long, device=dev),
-            mm_mol=torch.zeros(len(mm_charges), dtype=torch.long, device=dev),
+            qm_z=torch.as_tensor(inp.numbers, device=dev),
+            qm_pos=torch.as_tensor(inp.qm_positions, dtype=dt, device=dev),
+            qm_frame=torch.zeros(len(inp.numbers), dtype=torch.long, device=dev),
+            mm_pos=torch.as_tensor(inp.mm_positions, dtype=dt, device=dev).reshape(-1, 3),
+            mm_q=torch.as_tensor(inp.mm_charges, dtype=dt, device=dev),
+            mm_frame=torch.zeros(len(inp.mm_charges), dtype=torch.long, device=dev),
+            mm_mol=torch.zeros(len(inp.mm_charges), dtype=torch.long, device=dev),
             n_frames=1,
-            qm_charge=torch.tensor([float(charge)], dtype=torch.float64, device=dev),
+            qm_charge=torch.tensor([float(inp.charge)], dtype=torch.float64, device=dev),
             meta={"switched": True},  # engines receive already switched charges
         )
-        p = m.ensemble.predict(b, potential=need_potential)
+        p = m.ensemble.predict(b, potential=inp.need_potential)
         res = EngineResult(
             energy=float(p.energy[0]),
             qm_forces=p.qm_forces.double().cpu().numpy(),
@@ -329,13 +319,20 @@ class ModelEngine(Engine):
         )
         if self.base is not None:
             rb = self.base.compute(
-                numbers, qm_positions, mm_positions, mm_charges, charge, mult, mm_numbers, need_potential
+                inp.numbers,
+                inp.qm_positions,
+                inp.mm_positions,
+                inp.mm_charges,
+                inp.charge,
+                inp.mult,
+                inp.mm_numbers,
+                inp.need_potential,
             )
             self.last_baseline = rb  # the baseline alone, for a step that falls back to it
             res.info["baseline_energy"] = rb.energy
             res.energy += rb.energy
             res.qm_forces = res.qm_forces + rb.qm_forces
             res.mm_forces = res.mm_forces + rb.mm_forces
-            if need_potential and res.mm_potential is not None and rb.mm_potential is not None:
+            if inp.need_potential and res.mm_potential is not None and rb.mm_potential is not None:
                 res.mm_potential = res.mm_potential + rb.mm_potential
         return res

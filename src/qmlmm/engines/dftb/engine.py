@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qmlmm.engines.base import Engine, EngineResult
+from qmlmm.engines.base import Engine, EngineResult, QMMMInput
 from qmlmm.engines.dftb.calculator import DFTBCalculator, SCCOptions
 from qmlmm.engines.dftb.tensors import DFTBParameters, load_parameters
 from qmlmm.errors import InputError
@@ -107,20 +107,12 @@ class DFTBEngine(Engine):
             self._calcs[key] = DFTBCalculator(self.params, key[0], charge=key[1], options=self.options)
         return self._calcs[key]
 
-    def _compute(
-        self,
-        numbers: np.ndarray,
-        qm_positions: np.ndarray,
-        mm_positions: np.ndarray,
-        mm_charges: np.ndarray,
-        charge: int,
-        mult: int,
-        mm_numbers: np.ndarray,
-        need_potential: bool,
-    ) -> EngineResult:
-        if mult != 1:
-            raise InputError(f"the DFTB engine is closed-shell only (multiplicity {mult} asked for)")
-        b = self.compute_batch(numbers, qm_positions[None], [mm_positions], [mm_charges], charge, need_potential)
+    def _compute(self, inp: QMMMInput) -> EngineResult:
+        if inp.mult != 1:
+            raise InputError(f"the DFTB engine is closed-shell only (multiplicity {inp.mult} asked for)")
+        b = self.compute_batch(
+            inp.numbers, inp.qm_positions[None], [inp.mm_positions], [inp.mm_charges], inp.charge, inp.need_potential
+        )
         return EngineResult(
             energy=float(b.energy[0]),
             qm_forces=b.qm_forces[0],
