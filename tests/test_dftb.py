@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import central_difference, water_shell
+from conftest import water_shell
 from qmlmm.engines import make_engine
 from qmlmm.engines.dftb.calculator import DFTBCalculator, SCCOptions
 from qmlmm.engines.dftb.tensors import load_parameters
@@ -108,41 +108,6 @@ def qmmm_system() -> tuple[np.ndarray, ...]:
     return z, p, np.concatenate(mm), np.concatenate(q)
 
 
-@pytest.mark.parametrize(
-    "spec",
-    # etemp=30000 K: kT 0.095 Eh, fractional occupations of a few % (Mermin free energy and its forces)
-    ["dftb3:3ob,tol=1e-11", "dftb2:mio,tol=1e-11", "dftb3:3ob,tol=1e-11,etemp=30000"],
-)
-def test_qmmm_forces_equal_finite_differences(spec: str, qmmm_system: tuple[np.ndarray, ...]) -> None:
-    z, p, mm, q = qmmm_system
-    eng = make_engine(spec)
-    res = eng.compute(z, p, mm, q, need_potential=True)
-    h = 1e-5  # nm
-    f_qm = -central_difference(lambda x: eng.compute(z, x, mm, q).energy, p, h)
-    sub = slice(0, 9)
-
-    def e_mm(x: np.ndarray) -> float:
-        full = mm.copy()
-        full[sub] = x
-        return eng.compute(z, p, full, q).energy
-
-    f_mm = -central_difference(e_mm, mm[sub], h)
-    tol = 1e-6 * 2625.4996394799 / 0.0529177210903  # 1e-6 Hartree/Bohr in kJ/mol/nm
-    assert np.abs(f_qm - res.qm_forces).max() < tol
-    assert np.abs(f_mm - res.mm_forces[sub]).max() < tol
-    assert np.abs(res.mm_forces).max() > 1.0  # the charges feel the solute
-    net = res.qm_forces.sum(0) + res.mm_forces.sum(0)
-    assert np.abs(net).max() < 1e-6
-    # dE/dq at the charges (bare Coulomb potential of the Mulliken charges) by finite differences
-    assert res.mm_potential is not None
-    for j in (0, 7):
-        qp, qm_ = q.copy(), q.copy()
-        qp[j] += 1e-5
-        qm_[j] -= 1e-5
-        fd = (eng.compute(z, p, mm, qp).energy - eng.compute(z, p, mm, qm_).energy) / 2e-5
-        assert res.mm_potential[j] == pytest.approx(fd, abs=1e-5)
-
-
 def test_electronic_temperature(qmmm_system: tuple[np.ndarray, ...]) -> None:
     """Fermi occupations: a vanishing temperature gives the aufbau result, a high one lowers the
     (free) energy, with fractional occupations."""
@@ -159,21 +124,6 @@ def test_electronic_temperature(qmmm_system: tuple[np.ndarray, ...]) -> None:
     assert float(f.sum()) == pytest.approx(2 * calc.n_occ, abs=1e-10) and 0 < float(f[0, calc.n_occ]) < 2
     with pytest.raises(InputError, match="etemp"):
         make_engine("dftb3:3ob,etemp=-5")
-
-
-def test_batched_equals_one_by_one(qmmm_system: tuple[np.ndarray, ...]) -> None:
-    z, p, mm, q = qmmm_system
-    eng = make_engine("dftb3:3ob,tol=1e-11")
-    rng = np.random.default_rng(0)
-    frames = [p + rng.normal(scale=0.005, size=p.shape) for _ in range(4)]
-    mms = [mm[: 30 * (k + 2)] for k in range(4)]  # ragged environments
-    qs = [q[: 30 * (k + 2)] for k in range(4)]
-    b = eng.compute_batch(z, np.stack(frames), mms, qs)  # type: ignore[attr-defined]
-    for k in range(4):
-        one = make_engine("dftb3:3ob,tol=1e-11,reuse=no").compute(z, frames[k], mms[k], qs[k])
-        assert b.energy[k] == pytest.approx(one.energy, abs=1e-7)
-        assert np.allclose(b.qm_forces[k], one.qm_forces, atol=1e-6)
-        assert np.allclose(b.mm_forces[k], one.mm_forces, atol=1e-6)
 
 
 def test_charged_molecule_in_water(qmmm_system: tuple[np.ndarray, ...]) -> None:
