@@ -17,8 +17,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +255,158 @@ def _fingerprint(cfg: TrainConfig, data: TrainingData) -> str:
     return h.hexdigest()[:16]
 
 
+def _training_frames(data: TrainingData, cfg: TrainConfig) -> tuple[np.ndarray, list[FrameTensors], list[FrameTensors]]:
+    """Training frame indices (subsampled to ``max_train_frames``), training items and validation items
+    (the training items when there is no validation part)."""
+    train_idx = data.train
+    if cfg.max_train_frames is not None and len(train_idx) > cfg.max_train_frames:
+        train_idx = np.sort(np.random.default_rng(cfg.seed).choice(train_idx, cfg.max_train_frames, replace=False))
+    tr_items = data.subset(train_idx)
+    return train_idx, tr_items, data.subset(data.valid) if len(data.valid) else tr_items
+
+
+def _read_checkpoint(path: Path, fp: str, resume: bool) -> dict[str, Any]:
+    """The checkpoint of this run (fingerprint ``fp``), or {} (none, another run's, unreadable)."""
+    if not (resume and path.exists()):
+        return {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        log.warning("cannot read checkpoint %s (%s); starting afresh", path, e)
+        return {}
+    if ckpt.get("fingerprint") != fp:
+        log.warning("checkpoint %s belongs to another run; starting afresh", path)
+        return {}
+    log.info(  # the epoch of the member in progress (the checkpoint holds it under "current")
+        "resuming from %s (member %d, epoch %d)",
+        path,
+        len(ckpt["done"]) + 1,
+        (ckpt.get("current") or {}).get("epoch", 0),
+    )
+    return dict(ckpt)
+
+
+@dataclass
+class _Member:
+    """One network's training state: what a checkpoint holds for the member in progress."""
+
+    model: HDNNP
+    opt: torch.optim.Optimizer
+    sched: Any
+    rng: np.random.Generator
+    epoch: int = 0
+    best: float = float("inf")
+    best_state: dict[str, torch.Tensor] | None = None
+    hist: list[dict[str, float]] = field(default_factory=list)
+    since_best: int = 0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "epoch": self.epoch,
+            "best": self.best,
+            "best_state": self.best_state,
+            "hist": self.hist,
+            "since_best": self.since_best,
+        }
+
+
+def _start_member(k: int, mcfg: ModelConfig, st: _Stats, cfg: TrainConfig, dtype: torch.dtype, device: str,
+                  current: dict[str, Any] | None) -> _Member:  # fmt: skip
+    """Member ``k``: fresh (seeded, scaled by the training statistics) or, given the checkpoint's
+    ``current`` state, where it stopped."""
+    torch.manual_seed(cfg.seed * 1000 + k)
+    model = HDNNP(mcfg).to(dtype)
+    model.feat_mean.copy_(st.feat_mean)
+    model.feat_std.copy_(st.feat_std)
+    model.e_shift.copy_(st.e_shift)
+    model.e_scale.fill_(st.e_scale)
+    if mcfg.electrostatics == "charges":
+        model.q_shift.copy_(st.q_shift)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience,
+                                                       min_lr=cfg.lr_min)  # fmt: skip
+    m = _Member(model, opt, sched, np.random.default_rng(cfg.seed * 1000 + k))
+    if current is not None:
+        model.load_state_dict(current["model"])
+        opt.load_state_dict(current["opt"])
+        sched.load_state_dict(current["sched"])
+        m.epoch, m.best, m.best_state = current["epoch"], current["best"], current["best_state"]
+        m.hist, m.since_best = current["hist"], current["since_best"]
+        m.rng = np.random.default_rng(cfg.seed * 1000 + k + 7919 * m.epoch)
+    return m
+
+
+def _train_epoch(m: _Member, items: Sequence[FrameTensors], st: _Stats, cfg: TrainConfig, dtype: torch.dtype,
+                 device: str) -> tuple[float, int]:  # fmt: skip
+    """One pass over ``items`` in random batches: mean training loss and frames seen."""
+    m.model.train()
+    order = m.rng.permutation(len(items))
+    losses, seen = [], 0
+    for s0 in range(0, len(order), cfg.batch_size):
+        b = collate([items[i] for i in order[s0 : s0 + cfg.batch_size]], dtype=dtype, device=device)
+        m.opt.zero_grad(set_to_none=True)
+        loss, parts = _loss(_error_sums(m.model, b, cfg, create_graph=True), st, cfg)
+        loss.backward()
+        m.opt.step()
+        losses.append(parts["loss"])
+        seen += b.n_frames
+    return float(np.mean(losses)), seen
+
+
+def _train_member(m: _Member, tr_items: Sequence[FrameTensors], va_items: Sequence[FrameTensors], st: _Stats,
+                  cfg: TrainConfig, dtype: torch.dtype, device: str, bar: Any,
+                  save: Callable[[_Member], None]) -> int:  # fmt: skip
+    """Epochs until early stopping (or ``cfg.epochs``), checkpointing after each with ``save``; keeps the
+    best validation state in ``m``. Returns the frames seen."""
+    seen = 0
+    for _ in bar:
+        train_loss, n = _train_epoch(m, tr_items, st, cfg, dtype, device)
+        seen += n
+        # the training loss on the validation set (the model stays in training mode, which only keeps its
+        # charges for the charge term: an HDNNP has no dropout or batch statistics)
+        vloss, vmae = _validation(m.model, va_items, st, cfg, dtype, device)
+        m.sched.step(vloss)
+        lr = m.opt.param_groups[0]["lr"]
+        m.epoch += 1
+        m.hist.append({
+            "epoch": m.epoch, "train_loss": train_loss, "valid_loss": vloss, "lr": lr,
+            "valid_energy_mae": vmae["energy"], "valid_qm_forces_mae": vmae["qm_forces"],
+            "valid_mm_forces_mae": vmae["mm_forces"],
+        })  # fmt: skip
+        if vloss < m.best:
+            m.best, m.best_state, m.since_best = vloss, copy.deepcopy(m.model.state_dict()), 0
+        else:
+            m.since_best += 1
+        bar.set_postfix_str(
+            f"E {vmae['energy']:.3f} Fqm {vmae['qm_forces']:.2f} Fmm {vmae['mm_forces']:.3f} lr {lr:.1e}"
+        )
+        save(m)
+        if m.since_best >= cfg.patience or (lr <= cfg.lr_min * 1.0001 and m.since_best >= cfg.lr_patience):
+            break
+    return seen
+
+
+def _final_metrics(ens: Ensemble, data: TrainingData, cfg: TrainConfig, train_idx: np.ndarray, dtype: torch.dtype,
+                   device: str, test_npz: Path) -> dict[str, Any]:  # fmt: skip
+    """Metrics of the trained ensemble on the test, validation and training frames (and the charges where
+    the labels have them); the test predictions saved to ``test_npz`` for a parity plot."""
+    metrics: dict[str, Any] = {}
+    for name, idx in (("test", data.test), ("valid", data.valid), ("train", train_idx)):
+        if len(idx):
+            c = collect_predictions(ens, data.subset(idx), dtype, device, cfg.batch_size)
+            metrics[name] = compute_metrics(c)
+            qerr = charge_errors(ens, data.subset(idx), dtype, device)
+            if qerr is not None:
+                metrics[name]["charges"] = qerr
+            if name == "test":  # the numbers behind a parity plot; callers plot (training imports no analysis)
+                c.save(test_npz)
+    return metrics
+
+
 def train(
     data: TrainingData,
     cfg: TrainConfig,
@@ -265,7 +417,9 @@ def train(
 ) -> TrainResult:
     """Train an ensemble on ``data`` with ``cfg``; write the model and its side files at ``out``.
 
-    ``position`` places the progress bar on its own line when several runs share a terminal.
+    Members one after the other, each checkpointed after every epoch (a killed run resumes where it
+    stopped, if its data and settings are unchanged). ``position`` places the progress bar on its own line
+    when several runs share a terminal.
     """
     from tqdm.auto import tqdm
 
@@ -275,11 +429,7 @@ def train(
     torch.set_num_threads(max(1, cfg.threads))
     dtype = getattr(torch, cfg.dtype)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    train_idx = data.train
-    if cfg.max_train_frames is not None and len(train_idx) > cfg.max_train_frames:
-        train_idx = np.sort(np.random.default_rng(cfg.seed).choice(train_idx, cfg.max_train_frames, replace=False))
-    tr_items = data.subset(train_idx)
-    va_items = data.subset(data.valid) if len(data.valid) else tr_items
+    train_idx, tr_items, va_items = _training_frames(data, cfg)
     mcfg = _model_config(cfg, data)
     st = _statistics(mcfg, tr_items, dtype)
     if mcfg.electrostatics == "charges" and cfg.w_charges > 0 and not any(it.qm_q_ref is not None for it in tr_items):
@@ -290,128 +440,27 @@ def train(
             data.source,
         )
     fp = _fingerprint(cfg, data)
-
-    ckpt: dict[str, Any] = {}
-    if resume and files["ckpt"].exists():
-        try:
-            ckpt = torch.load(files["ckpt"], map_location="cpu", weights_only=False)
-            if ckpt.get("fingerprint") != fp:
-                log.warning("checkpoint %s belongs to another run; starting afresh", files["ckpt"])
-                ckpt = {}
-            else:
-                log.info(  # the epoch of the member in progress (the checkpoint holds it under "current")
-                    "resuming from %s (member %d, epoch %d)",
-                    files["ckpt"],
-                    len(ckpt["done"]) + 1,
-                    (ckpt.get("current") or {}).get("epoch", 0),
-                )
-        except Exception as e:
-            log.warning("cannot read checkpoint %s (%s); starting afresh", files["ckpt"], e)
-            ckpt = {}
+    ckpt = _read_checkpoint(files["ckpt"], fp, resume)
     done_states: list[dict[str, torch.Tensor]] = ckpt.get("done", [])
     history: list[list[dict[str, float]]] = ckpt.get("history", [])
     t0 = time.perf_counter()
     n_frames_seen = 0
     for k in range(len(done_states), cfg.ensemble):
-        torch.manual_seed(cfg.seed * 1000 + k)
-        rng = np.random.default_rng(cfg.seed * 1000 + k)
-        model = HDNNP(mcfg).to(dtype)
-        model.feat_mean.copy_(st.feat_mean)
-        model.feat_std.copy_(st.feat_std)
-        model.e_shift.copy_(st.e_shift)
-        model.e_scale.fill_(st.e_scale)
-        if mcfg.electrostatics == "charges":
-            model.q_shift.copy_(st.q_shift)
-        model.to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.lr_min
-        )
-        start_epoch, best, best_state, hist, since_best = 0, float("inf"), None, [], 0
-        if ckpt.get("current") is not None and ckpt.get("member") == k:
-            cur = ckpt["current"]
-            model.load_state_dict(cur["model"])
-            opt.load_state_dict(cur["opt"])
-            sched.load_state_dict(cur["sched"])
-            start_epoch, best, best_state, hist, since_best = (
-                cur["epoch"],
-                cur["best"],
-                cur["best_state"],
-                cur["hist"],
-                cur["since_best"],
-            )
-            rng = np.random.default_rng(cfg.seed * 1000 + k + 7919 * start_epoch)
-        bar = tqdm(
-            range(start_epoch, cfg.epochs),
-            desc=f"{out.stem} network {k + 1}/{cfg.ensemble}",
-            position=position,
-            leave=position is None,
-            unit="epoch",
-            disable=not progress,
-            dynamic_ncols=True,
-            initial=start_epoch,
-            total=cfg.epochs,
-        )
-        for epoch in bar:
-            model.train()
-            order = rng.permutation(len(tr_items))
-            tl = []
-            for s0 in range(0, len(order), cfg.batch_size):
-                b = collate([tr_items[i] for i in order[s0 : s0 + cfg.batch_size]], dtype=dtype, device=device)
-                opt.zero_grad(set_to_none=True)
-                loss, parts = _loss(_error_sums(model, b, cfg, create_graph=True), st, cfg)
-                loss.backward()
-                opt.step()
-                tl.append(parts["loss"])
-                n_frames_seen += b.n_frames
-            # the training loss on the validation set (the model stays in training mode, which only keeps its
-            # charges for the charge term: an HDNNP has no dropout or batch statistics)
-            vloss, vmae = _validation(model, va_items, st, cfg, dtype, device)
-            sched.step(vloss)
-            lr = opt.param_groups[0]["lr"]
-            rec = {
-                "epoch": epoch + 1,
-                "train_loss": float(np.mean(tl)),
-                "valid_loss": float(vloss),
-                "lr": lr,
-                "valid_energy_mae": vmae["energy"],
-                "valid_qm_forces_mae": vmae["qm_forces"],
-                "valid_mm_forces_mae": vmae["mm_forces"],
-            }
-            hist.append(rec)
-            if vloss < best:
-                best, best_state, since_best = vloss, copy.deepcopy(model.state_dict()), 0
-            else:
-                since_best += 1
-            bar.set_postfix_str(
-                f"E {rec['valid_energy_mae']:.3f} Fqm {rec['valid_qm_forces_mae']:.2f} "
-                f"Fmm {rec['valid_mm_forces_mae']:.3f} lr {lr:.1e}"
-            )
-            _atomic_save(
-                {
-                    "fingerprint": fp,
-                    "done": done_states,
-                    "history": history,
-                    "member": k,
-                    "current": {
-                        "model": model.state_dict(),
-                        "opt": opt.state_dict(),
-                        "sched": sched.state_dict(),
-                        "epoch": epoch + 1,
-                        "best": best,
-                        "best_state": best_state,
-                        "hist": hist,
-                        "since_best": since_best,
-                    },
-                },
-                files["ckpt"],
-            )
-            if since_best >= cfg.patience or (lr <= cfg.lr_min * 1.0001 and since_best >= cfg.lr_patience):
-                break
+        current = ckpt.get("current") if ckpt.get("member") == k else None
+        m = _start_member(k, mcfg, st, cfg, dtype, device, current)
+        bar = tqdm(range(m.epoch, cfg.epochs), desc=f"{out.stem} network {k + 1}/{cfg.ensemble}", position=position,
+                   leave=position is None, unit="epoch", disable=not progress, dynamic_ncols=True, initial=m.epoch,
+                   total=cfg.epochs)  # fmt: skip
+
+        def save(m: _Member, k: int = k) -> None:
+            state = {"fingerprint": fp, "done": done_states, "history": history, "member": k, "current": m.state()}
+            _atomic_save(state, files["ckpt"])
+
+        n_frames_seen += _train_member(m, tr_items, va_items, st, cfg, dtype, device, bar, save)
         bar.close()
-        assert best_state is not None
-        done_states.append({kk: v.detach().cpu() for kk, v in best_state.items()})
-        history.append(hist)
+        assert m.best_state is not None
+        done_states.append({kk: v.detach().cpu() for kk, v in m.best_state.items()})
+        history.append(m.hist)
         _atomic_save(
             {"fingerprint": fp, "done": done_states, "history": history, "member": k + 1, "current": None},
             files["ckpt"],
@@ -419,9 +468,9 @@ def train(
     seconds = time.perf_counter() - t0
     members = []
     for sd in done_states:
-        m_ = HDNNP(mcfg).to(dtype)
-        m_.load_state_dict(sd)
-        members.append(m_)
+        member = HDNNP(mcfg).to(dtype)
+        member.load_state_dict(sd)
+        members.append(member)
     ens = Ensemble(mcfg, members).to(device)
     meta = ModelMeta(
         target=data.target,
@@ -432,7 +481,6 @@ def train(
         training=cfg.to_dict(),
         data=data.source,
     )
-    model_obj = QMLMMModel(ens, meta)
     metrics: dict[str, Any] = {
         "n_train": len(tr_items),
         "n_valid": len(data.valid),
@@ -446,17 +494,10 @@ def train(
         "baseline": data.baseline,
         "config": cfg.to_dict(),
         "data": data.source,
+        **_final_metrics(ens, data, cfg, train_idx, dtype, device, files["test.npz"]),
     }
-    for name, idx in (("test", data.test), ("valid", data.valid), ("train", train_idx)):
-        if len(idx):
-            c = collect_predictions(ens, data.subset(idx), dtype, device, cfg.batch_size)
-            metrics[name] = compute_metrics(c)
-            qerr = charge_errors(ens, data.subset(idx), dtype, device)
-            if qerr is not None:
-                metrics[name]["charges"] = qerr
-            if name == "test":  # the numbers behind a parity plot; callers plot (training imports no analysis)
-                c.save(files["test.npz"])
     meta.metrics = metrics
+    model_obj = QMLMMModel(ens, meta)
     model_obj.save(out)
     files["metrics.json"].write_text(json.dumps(metrics, indent=2))
     files["history.json"].write_text(json.dumps(history))
