@@ -9,7 +9,19 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "qmlmm"
 
 #: the core modules (qmlmm/<name>.py), usable by every part
-CORE = {"units", "elements", "errors", "system", "environment", "switching", "fileio", "typecheck", "batch", "testing"}
+CORE = {
+    "units",
+    "elements",
+    "errors",
+    "system",
+    "environment",
+    "switching",
+    "fileio",
+    "typecheck",
+    "batch",
+    "testing",
+    "threads",
+}
 
 #: part -> the parts it may import (besides itself and core); the same table as docs/architecture.md
 ALLOWED: dict[str, set[str]] = {

@@ -701,3 +701,25 @@ def test_restart_of_a_legacy_run_folder_refuses_a_setting_it_predates(tmp_path: 
         _check_restart(tmp_path, None, EMB, MDSettings(steps=10, hmr_amu=3.024), [])
     with pytest.raises(InputError, match="dt_fs"):
         _check_restart(tmp_path, None, EMB, MDSettings(steps=10, dt_fs=1.0), [])
+
+
+def test_numpy_blas_threads_are_held_for_the_block_and_restored() -> None:
+    """The QM/MM callback holds numpy's OpenBLAS to 1 thread around qmlmm's numpy work (its spinning
+    workers slowed the engine's torch threads 2.5x); the count comes back after, also after an error."""
+    from qmlmm.threads import _openblas, numpy_blas_threads
+
+    fns = _openblas()
+    if fns is None:
+        pytest.skip("numpy has no OpenBLAS here")
+    get, set_ = fns
+    before = get()
+    set_(2)
+    try:
+        with numpy_blas_threads(1):
+            assert get() == 1
+        assert get() == 2
+        with pytest.raises(ValueError), numpy_blas_threads(1):
+            raise ValueError("boom")
+        assert get() == 2
+    finally:
+        set_(before)

@@ -20,6 +20,7 @@ from qmlmm.environment import EmbeddingSettings, embedding_forces_to_frame, sele
 from qmlmm.errors import InputError
 from qmlmm.md.system import MDSystem
 from qmlmm.system import Frame
+from qmlmm.threads import numpy_blas_threads
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ class QMMMCallback:
         fr: Frame = self._frame
         fr.positions = pos
         fr.box = box
-        emb = select_embedding(fr, self.embedding)
+        with numpy_blas_threads(1):  # qmlmm's small products; spinning BLAS threads would slow the engine
+            emb = select_embedding(fr, self.embedding)
         marks.append(time.perf_counter())
         res = self.engine.compute_frame(fr, emb)
         self.calls += 1
@@ -154,7 +156,8 @@ class QMMMCallback:
             if self.queue is not None:
                 self.queue.offer(fr, self.calls, self.last_uncertainty)
         marks.append(time.perf_counter())  # engine time includes a fallback engine's call and the queueing
-        forces = embedding_forces_to_frame(fr, emb, res.qm_forces, res.mm_forces, res.mm_potential)
+        with numpy_blas_threads(1):
+            forces = embedding_forces_to_frame(fr, emb, res.qm_forces, res.mm_forces, res.mm_potential)
         marks.append(time.perf_counter())
         self.last_energy = res.energy
         self.last_n_mm = emb.n_mm

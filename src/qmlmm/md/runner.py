@@ -103,7 +103,7 @@ class MDSettings:
     platform: str = "CPU"
     threads: int = 2  # OpenMM CPU threads
     # threads of the QM/ML engine inside OpenMM's force callback; None: the cores OpenMM's threads leave, at
-    # least 1 (qmlmm.md.system.engine_threads_beside_openmm: more oversubscribes the cores, 2.5x slower)
+    # least 1 (qmlmm.md.system.engine_threads_beside_openmm: more oversubscribes the cores; measured 35 % slower)
     engine_threads: int | None = None
     restraints: list[str] = field(default_factory=list)
     # CPU platform: deterministic force summation (same seed and threads = 1: the same trajectory, bit for
