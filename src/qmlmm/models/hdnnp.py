@@ -241,14 +241,7 @@ class HDNNP(nn.Module):
         inp = self._resolve(b, inputs)
         sp = self.acsf.species(b.qm_z)
         raw = self._per_element(self.charge_nets, inp.features, sp) + self.q_shift[sp]
-        target = (
-            b.total_charges().to(raw.dtype)
-            if self.cfg.charge_sum == "total"
-            else torch.zeros_like(b.total_charges(), dtype=raw.dtype)
-        )
-        n = torch.bincount(b.qm_frame, minlength=b.n_frames).to(raw.dtype)
-        total = torch.zeros(b.n_frames, dtype=raw.dtype, device=raw.device).index_add(0, b.qm_frame, raw)
-        return raw + ((target - total) / n.clamp(min=1))[b.qm_frame]
+        return charges_adding_up(raw, b, self.cfg.charge_sum)
 
     def _network_part(
         self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None
@@ -277,11 +270,31 @@ class HDNNP(nn.Module):
         The network outputs (small) are summed in the model dtype, the per-element offsets (large)
         in float64, so float32 models keep sub-0.01 kJ/mol resolution of total energies."""
         nn_part, sp = self._network_part(b, inputs)
-        e_nn = torch.zeros(b.n_frames, dtype=nn_part.dtype, device=nn_part.device).index_add(0, b.qm_frame, nn_part)
-        e_off = torch.zeros(b.n_frames, dtype=torch.float64, device=nn_part.device).index_add(
-            0, b.qm_frame, self.e_shift[sp]
-        )
-        return e_nn.double() + e_off
+        return frame_energies(nn_part, self.e_shift[sp], b)
+
+
+def charges_adding_up(raw: torch.Tensor, b: FrameBatch, charge_sum: str) -> torch.Tensor:
+    """Charges (..., Nq) in e: ``raw`` (..., Nq) shifted evenly within each frame of ``b`` to add up to the
+    frame's QM charge (``charge_sum`` "total") or to zero ("zero"); leading dimensions (ensemble members)
+    are shifted each on their own."""
+    if charge_sum == "total":
+        target = b.total_charges().to(raw.dtype)
+    else:
+        target = torch.zeros(b.n_frames, dtype=raw.dtype, device=raw.device)
+    n = torch.bincount(b.qm_frame, minlength=b.n_frames).to(raw.dtype)
+    total = torch.zeros(*raw.shape[:-1], b.n_frames, dtype=raw.dtype, device=raw.device)
+    total = total.index_add(-1, b.qm_frame, raw)
+    return raw + ((target - total) / n.clamp(min=1))[..., b.qm_frame]
+
+
+def frame_energies(nn_part: torch.Tensor, offsets: torch.Tensor, b: FrameBatch) -> torch.Tensor:
+    """(..., B) frame energies in kJ/mol (float64) from per-atom network parts (..., Nq) in the model dtype
+    and per-atom offsets (..., Nq) in float64: the small network parts are summed in the model dtype, the
+    large offsets in float64, so float32 models keep sub-0.01 kJ/mol resolution of total energies."""
+    lead = nn_part.shape[:-1]
+    e_nn = torch.zeros(*lead, b.n_frames, dtype=nn_part.dtype, device=nn_part.device).index_add(-1, b.qm_frame, nn_part)
+    e_off = torch.zeros(*offsets.shape[:-1], b.n_frames, dtype=torch.float64, device=nn_part.device)
+    return e_nn.double() + e_off.index_add(-1, b.qm_frame, offsets)
 
 
 def _element_mlps(n_el: int, n_in: int, hidden: list[int], activation: str) -> nn.ModuleList:
