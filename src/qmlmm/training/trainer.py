@@ -160,9 +160,9 @@ class _ErrorSums:
     n_fm: int
     se_q: torch.Tensor  # sum over QM atoms with reference charges
     n_q: int
-    ae_e: float
-    ae_fq: float
-    ae_fm: float
+    ae_e: torch.Tensor  # detached: the MAEs are read only from validation sums (no sync per training batch)
+    ae_fq: torch.Tensor
+    ae_fm: torch.Tensor
 
     def detached(self) -> _ErrorSums:
         return dataclasses.replace(
@@ -197,9 +197,9 @@ def _error_sums(model: torch.nn.Module, b: Any, cfg: TrainConfig, create_graph: 
         n_fm=dm.numel(),
         se_q=se_q,
         n_q=n_q,
-        ae_e=float(de.detach().abs().sum()),
-        ae_fq=float(dq.detach().abs().sum()),
-        ae_fm=float(dm.detach().abs().sum()),
+        ae_e=de.detach().abs().sum(),
+        ae_fq=dq.detach().abs().sum(),
+        ae_fm=dm.detach().abs().sum(),
     )
 
 
@@ -233,9 +233,9 @@ def _validation(
     assert total is not None
     loss, _ = _loss(total, st, cfg)
     mae = {
-        "energy": total.ae_e / max(total.n_e, 1),
-        "qm_forces": total.ae_fq / max(total.n_fq, 1),
-        "mm_forces": total.ae_fm / max(total.n_fm, 1),
+        "energy": float(total.ae_e) / max(total.n_e, 1),
+        "qm_forces": float(total.ae_fq) / max(total.n_fq, 1),
+        "mm_forces": float(total.ae_fm) / max(total.n_fm, 1),
     }
     return float(loss.detach()), mae
 
