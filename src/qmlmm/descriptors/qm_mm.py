@@ -29,13 +29,11 @@ class QMMMBlock:
 
     Attributes:
         qm (nq,), mm (nm,): indices of the frame's QM and MM atoms in the batch.
-        vec (nq, nm, 3): r_i - r_J in nm (from MM atom J to QM atom i).
         r (nq, nm): |r_i - r_J| in nm.
     """
 
     qm: torch.Tensor
     mm: torch.Tensor
-    vec: torch.Tensor
     r: torch.Tensor
 
 
@@ -59,7 +57,7 @@ def qm_mm_blocks(b: FrameBatch) -> list[QMMMBlock]:
         # explicit sum of squares, not torch.cdist: cdist's small-input kernel has no double backward (the
         # force loss of training needs one)
         r = torch.sqrt((vec * vec).sum(-1))
-        blocks.append(QMMMBlock(iq, im, vec, r))
+        blocks.append(QMMMBlock(iq, im, r))
     return blocks
 
 
