@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from qmlmm.batch import FrameBatch
+from qmlmm.descriptors.cutoffs import cosine_cutoff
 from qmlmm.descriptors.neighbors import pairs_within
 from qmlmm.descriptors.qm_mm import QMMMBlock, pairs_from_blocks, potential_and_field, qm_mm_blocks
 from qmlmm.descriptors.terms import LongRange, MMAngular, MMRadial, Neighbours, QMAngular, QMRadial, Term
@@ -113,13 +114,12 @@ class ACSF(nn.Module):
         self.register_buffer("zmap", zmap, persistent=False)
         ne = self.n_el = len(els)
         terms: list[Term] = [
-            QMRadial(cfg.qm_radial_shifts, cfg.qm_radial_width, cfg.qm_radial_cutoff, ne),
+            QMRadial(cfg.qm_radial_shifts, cfg.qm_radial_width, ne),
             QMAngular(cfg.qm_angular_shifts, cfg.qm_angular_width, cfg.qm_angular_cutoff, cfg.angular_zetas, ne),
             MMRadial(cfg.mm_radial_shifts, cfg.mm_radial_width, cfg.mm_radial_cutoff),
         ]
         if cfg.long_range:
-            terms.append(LongRange(ne, cfg.qm_radial_cutoff, cfg.field_epsilon, cfg.long_range_damped,
-                                   cfg.long_range_cutoff))  # fmt: skip
+            terms.append(LongRange(ne, cfg.field_epsilon, cfg.long_range_damped, cfg.long_range_cutoff))
         terms.append(
             MMAngular(
                 cfg.mm_angular_shifts,
@@ -168,6 +168,7 @@ class ACSF(nn.Module):
             j=j,
             dvec=dvec,
             r=r,
+            fc=cosine_cutoff(r, cfg.qm_radial_cutoff),
             ai=i[ka],
             aj=j[ka],
             ad=dvec[ka],

@@ -31,7 +31,8 @@ class Neighbours:
 
     Attributes:
         b: the batch; sp (Nq,) element index 0..E-1 of every QM atom; q (Nm,) the (switched) MM charges, e.
-        i, j (P,), dvec (P, 3) = r_j - r_i, r (P,): QM pairs within the QM radial cutoff, sorted by i.
+        i, j (P,), dvec (P, 3) = r_j - r_i, r (P,): QM pairs within the QM radial cutoff, sorted by i;
+            fc (P,) f_c(r) with that cutoff.
         ai, aj, ad, ar: the subset within the QM angular cutoff.
         mi, mj (M,), mvec (M, 3) = r_i - r_J, mr (M,): QM-MM pairs within the longest short-range MM cutoff.
         blocks: the dense QM-MM distances of every frame (:mod:`qmlmm.descriptors.qm_mm`).
@@ -46,6 +47,7 @@ class Neighbours:
     j: torch.Tensor
     dvec: torch.Tensor
     r: torch.Tensor
+    fc: torch.Tensor
     ai: torch.Tensor
     aj: torch.Tensor
     ad: torch.Tensor
@@ -91,6 +93,13 @@ class Term(nn.Module):
 
     name: str = ""
     size: int = 0
+    shifts: torch.Tensor
+
+    def _set_shifts(self, shifts: list[float]) -> None:
+        """The radial shifts R_s (nm) as a buffer, and as the configured numbers for the feature names
+        (not their float32 roundings)."""
+        self.register_buffer("shifts", torch.tensor(shifts), persistent=False)
+        self.shift_values = [float(x) for x in shifts]
 
     def forward(self, nb: Neighbours) -> torch.Tensor:  # pragma: no cover - interface
         """(Nq, size) features of every QM atom."""
@@ -105,18 +114,15 @@ class QMRadial(Term):
     """Per neighbour element e: G2 = sum_{j in e} exp(-(r_ij - R_s)^2 / (2 w^2)) f_c(r_ij), r_c ~0.6 nm."""
 
     name = "qm_radial"
-    shifts: torch.Tensor
 
-    def __init__(self, shifts: list[float], width: float, cutoff: float, n_el: int) -> None:
+    def __init__(self, shifts: list[float], width: float, n_el: int) -> None:
         super().__init__()
-        self.register_buffer("shifts", torch.tensor(shifts), persistent=False)
-        self.shift_values = [float(x) for x in shifts]  # for names: the configured values, not float32's
-        self.width, self.cutoff, self.n_el = width, cutoff, n_el
+        self._set_shifts(shifts)
+        self.width, self.n_el = width, n_el
         self.size = n_el * len(shifts)
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
-        fc = cosine_cutoff(nb.r, self.cutoff)
-        g = torch.exp(-((nb.r[:, None] - self.shifts) ** 2) / (2 * self.width**2)) * fc[:, None]
+        g = torch.exp(-((nb.r[:, None] - self.shifts) ** 2) / (2 * self.width**2)) * nb.fc[:, None]
         rad = nb.zeros(nb.nq, self.n_el, len(self.shifts)).index_put((nb.i, nb.sp[nb.j]), g, accumulate=True)
         return rad.reshape(nb.nq, -1)
 
@@ -130,7 +136,6 @@ class QMAngular(Term):
     f_c(r_ij) f_c(r_ik)."""
 
     name = "qm_angular"
-    shifts: torch.Tensor
     zetas: torch.Tensor
     lambdas: torch.Tensor
     pair_index: torch.Tensor
@@ -138,8 +143,7 @@ class QMAngular(Term):
     def __init__(self, shifts: list[float], width: float, cutoff: float, zetas: list[float], n_el: int) -> None:
         super().__init__()
         zl = _zeta_lambda(zetas)
-        self.register_buffer("shifts", torch.tensor(shifts), persistent=False)
-        self.shift_values = [float(x) for x in shifts]  # for names: the configured values, not float32's
+        self._set_shifts(shifts)
         self.register_buffer("zetas", torch.tensor([z for z, _ in zl]), persistent=False)
         self.register_buffer("lambdas", torch.tensor([lam for _, lam in zl]), persistent=False)
         self.pairs = [(a, b) for a in range(n_el) for b in range(a, n_el)]
@@ -179,12 +183,10 @@ class MMRadial(Term):
     first solvation shells: hydrogen bonds, close contacts)."""
 
     name = "mm_radial"
-    shifts: torch.Tensor
 
     def __init__(self, shifts: list[float], width: float, cutoff: float) -> None:
         super().__init__()
-        self.register_buffer("shifts", torch.tensor(shifts), persistent=False)
-        self.shift_values = [float(x) for x in shifts]  # for names: the configured values, not float32's
+        self._set_shifts(shifts)
         self.width, self.cutoff = width, cutoff
         self.size = len(shifts)
 
@@ -214,9 +216,9 @@ class LongRange(Term):
 
     name = "long_range"
 
-    def __init__(self, n_el: int, qm_cutoff: float, epsilon: float, damped: bool, damped_cutoff: float) -> None:
+    def __init__(self, n_el: int, epsilon: float, damped: bool, damped_cutoff: float) -> None:
         super().__init__()
-        self.n_el, self.qm_cutoff, self.epsilon = n_el, qm_cutoff, epsilon
+        self.n_el, self.epsilon = n_el, epsilon
         self.damped, self.damped_cutoff = damped, damped_cutoff
         self.size = 2 + n_el
 
@@ -229,7 +231,7 @@ class LongRange(Term):
             phi, field = potential_and_field(nb.b, nb.q, nb.blocks)
             nb.potential = phi
         emag = torch.sqrt((field * field).sum(-1) + self.epsilon**2)
-        proj = (field[nb.i] * nb.dvec).sum(-1) / nb.r * cosine_cutoff(nb.r, self.qm_cutoff)  # E_i . u_ij f_c
+        proj = (field[nb.i] * nb.dvec).sum(-1) / nb.r * nb.fc  # E_i . u_ij f_c (QM radial cutoff)
         eproj = nb.zeros(nb.nq, self.n_el).index_put((nb.i, nb.sp[nb.j]), proj, accumulate=True)
         return torch.cat([phi[:, None], emag[:, None], eproj], dim=1)
 
@@ -249,7 +251,6 @@ class MMAngular(Term):
     48000 triples). Padded slots carry zero weight, so they add exactly nothing."""
 
     name = "mm_angular"
-    shifts: torch.Tensor
     zetas: torch.Tensor
 
     def __init__(
@@ -257,8 +258,7 @@ class MMAngular(Term):
     ) -> None:
         super().__init__()
         self.zl = _zeta_lambda(zetas)
-        self.register_buffer("shifts", torch.tensor(shifts), persistent=False)
-        self.shift_values = [float(x) for x in shifts]  # for names: the configured values, not float32's
+        self._set_shifts(shifts)
         self.register_buffer("zetas", torch.tensor([z for z, _ in self.zl]), persistent=False)
         self.width, self.cutoff, self.qm_cutoff, self.n_el = width, cutoff, qm_cutoff, n_el
         self.size = n_el * len(self.zl) * len(shifts)
