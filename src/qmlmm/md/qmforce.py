@@ -90,6 +90,7 @@ class QMMMCallback:
         fallback: str = "stop",
         fallback_engine: Engine | None = None,
         queue: UncertainFrames | None = None,
+        engine_threads: int | None = None,
     ) -> None:
         if fallback not in FALLBACKS:
             raise InputError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
@@ -110,7 +111,7 @@ class QMMMCallback:
         #: wall seconds of each part of the calls so far: OpenMM state to numpy, embedding selection, the
         #: engine (QM/ML), forces back to the frame's atoms (with the switching term)
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)
-        self.engine_threads: int | None = None  # set by the runner (threads beside OpenMM's)
+        self.engine_threads = engine_threads  # what the runner gave the engine (threads beside OpenMM's)
         self.last_energy = float("nan")
         self.last_uncertainty = float("nan")
         self.last_n_mm = 0

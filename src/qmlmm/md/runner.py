@@ -268,8 +268,7 @@ def make_simulation(
         log.info("QM/MM engine: %d thread(s) beside OpenMM's %d", n_eng, s.threads)
         queue = UncertainFrames(out / "uncertain.h5", embedding.cutoff) if out is not None else None
         fallback = s.fallback if s.max_uncertainty is not None else "stop"
-        cb = QMMMCallback(engine, msys, embedding, s.max_uncertainty, fallback, fb_engine, queue)
-        cb.engine_threads = n_eng
+        cb = QMMMCallback(engine, msys, embedding, s.max_uncertainty, fallback, fb_engine, queue, n_eng)
         system.addForce(make_python_force(cb))
     if restraints:
         add_restraints(system, restraints)
