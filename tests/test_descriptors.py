@@ -463,3 +463,24 @@ def test_fused_ensemble_equals_its_members_one_by_one(elec: str) -> None:
     assert float(e.std(0).min()) > 1.0  # the members differ: the comparison means something
     ens.train()
     torch.testing.assert_close(ens.member_energies(b), e, rtol=0, atol=1e-9)  # the training path agrees
+
+
+def test_a_batch_without_mm_atoms_has_zero_mm_features_and_pairs_on_the_batch_device() -> None:
+    """Gas-phase frames (no embedded charges): every MM column is 0 (|field| is its regulariser,
+    field_epsilon) and the empty QM-MM pair list lives on the batch's device (it was created on the CPU,
+    which breaks indexing on a CUDA model)."""
+    from qmlmm.descriptors.qm_mm import pairs_from_blocks
+
+    it = _item()
+    vac = dataclasses.replace(it, mm_pos=it.mm_pos[:0], mm_q=it.mm_q[:0], mm_mol=it.mm_mol[:0])
+    if it.mm_forces is not None:
+        vac = dataclasses.replace(vac, mm_forces=it.mm_forces[:0])
+    acsf = ACSF(CFG).double()
+    x = acsf(_batch([vac]))
+    names = acsf.feature_names()
+    mm_cols = [k for k, n in enumerate(names) if n.startswith("MM") and n != "MM |field|"]
+    assert torch.isfinite(x).all() and float(x[:, mm_cols].abs().max()) == 0.0
+    assert torch.equal(x[:, names.index("MM |field|")], torch.full((len(x),), CFG.field_epsilon, dtype=x.dtype))
+    assert float(x.abs().max()) > 0.1  # the QM columns are there
+    i, j = pairs_from_blocks([], 0.8, torch.device("meta"))
+    assert i.device.type == "meta" and j.device.type == "meta" and len(i) == 0

@@ -158,7 +158,7 @@ class ACSF(nn.Module):
         dvec = b.qm_pos[j] - b.qm_pos[i]
         r = torch.linalg.norm(dvec, dim=-1)
         ka = r < cfg.qm_angular_cutoff
-        mi, mj = pairs_from_blocks(blocks, self.mm_pair_cutoff)
+        mi, mj = pairs_from_blocks(blocks, self.mm_pair_cutoff, b.qm_pos.device)
         mvec = b.qm_pos[mi] - b.mm_pos[mj]  # from MM atom to QM atom
         return Neighbours(
             b=b,

@@ -95,7 +95,9 @@ def potential_and_field(
 
 
 @torch.no_grad()
-def pairs_from_blocks(blocks: list[QMMMBlock], cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pairs_from_blocks(
+    blocks: list[QMMMBlock], cutoff: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All QM-MM pairs (i, J) of the batch with r_iJ < ``cutoff`` (nm), as batch indices i (P,), J (P,),
     sorted by i (the order of :func:`qmlmm.descriptors.neighbors.pairs_within`)."""
     out_i, out_j = [], []
@@ -104,8 +106,7 @@ def pairs_from_blocks(blocks: list[QMMMBlock], cutoff: float) -> tuple[torch.Ten
         out_i.append(blk.qm[a])
         out_j.append(blk.mm[c])
     if not out_i:
-        dev = blocks[0].r.device if blocks else None
-        e = torch.zeros(0, dtype=torch.long, device=dev)
+        e = torch.zeros(0, dtype=torch.long, device=device)  # no frame has QM and MM atoms: the batch's device
         return e, e.clone()
     i, j = torch.cat(out_i), torch.cat(out_j)
     order = torch.sort(i, stable=True).indices
