@@ -74,7 +74,7 @@ def charge_mae(model_path: Path) -> float | None:
 
 def stability(system: Path, model_path: Path, out: Path, steps: int) -> dict[str, Any]:
     """NVT ML/MM run of ``steps`` 0.5 fs steps: steps done, why it stopped, largest solute extent (nm)."""
-    from qmlmm.md.dcd import read_dcd
+    from qmlmm.analysis.md_analysis import read_dcd
     from qmlmm.md.runner import MDSettings, run_md
     from qmlmm.md.system import MDSystem
     from qmlmm.models import QMLMMModel

@@ -255,7 +255,7 @@ def test_nve_energy_conservation_with_dftb3(methanol_system: Path, tmp_path: Pat
     assert fluct < 0.05 * ke_scale
     assert np.ptp(e) < 20.0
     # the trajectory has every reported frame, in nm, with the box
-    from qmlmm.md.dcd import read_dcd
+    from qmlmm.analysis.md_analysis import read_dcd
 
     pos, boxes = read_dcd(tmp_path / "nve" / "traj.dcd")
     msys = MDSystem.load(methanol_system)
@@ -274,7 +274,7 @@ def test_restart_continues_and_appends(methanol_system: Path, tmp_path: Path) ->
     steps = np.genfromtxt(res.log_csv, delimiter=",", names=True)["step"]
     assert list(steps) == [10, 20, 30, 40]
     # where the run ended (the start of a following run, e.g. the next umbrella window): the last frame
-    from qmlmm.md.dcd import read_dcd
+    from qmlmm.analysis.md_analysis import read_dcd
 
     pos, _ = read_dcd(tmp_path / "r" / "traj.dcd")
     from qmlmm.md.runner import load_final_state

@@ -1,15 +1,23 @@
 """Observables from MD runs: radial distribution functions, dihedral distributions, energy drift and
-umbrella-sampling free-energy profiles (MBAR with pymbar)."""
+umbrella-sampling free-energy profiles (MBAR with pymbar).
+
+Trajectories are read, and RDFs and dihedrals computed, by mdtraj (its DCD reader, ``compute_rdf`` and
+``compute_dihedrals``, minimum image in orthorhombic boxes); this module keeps qmlmm's array interface
+(positions (F, N, 3) nm, box lengths (F, 3) nm) so callers need no mdtraj topology.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qmlmm.errors import AnalysisError, InputError
+from qmlmm.errors import AnalysisError, InputError, SchemaError
+
+if TYPE_CHECKING:
+    import mdtraj
 
 __all__ = [
     "rdf",
@@ -22,66 +30,98 @@ __all__ = [
     "decorrelate",
     "forward_barrier",
     "load_run",
+    "read_dcd",
 ]
 
 KB = 0.00831446261815324  # kJ/mol/K
 
 
-def load_run(run_dir: str | Path, stride: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
-    """Positions (F, N, 3) nm and box lengths (F, 3) of a ``qmlmm md`` run folder."""
-    from qmlmm.md.dcd import read_dcd
+def read_dcd(path: str | Path, stride: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions (F, N, 3) in nm (float64) and orthorhombic box lengths (F, 3) in nm (or None, when the
+    file has no unit cell) of a DCD file, every ``stride``-th frame, read by mdtraj.
 
+    A partially written last frame (a run killed while writing) is left out. Raises SchemaError for a
+    file that is not a DCD trajectory or whose cell is not orthorhombic.
+    """
+    import mdtraj
+
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"{path}: no such trajectory file")
+    try:
+        with mdtraj.formats.DCDTrajectoryFile(str(path)) as fh:
+            xyz, lengths, angles = fh.read(stride=stride)
+    except OSError as e:
+        raise SchemaError(f"{path} is not a readable DCD file ({e})") from e
+    pos = np.asarray(xyz, dtype=np.float64) / 10.0  # Angstrom -> nm
+    if lengths is None or not np.any(lengths):
+        return pos, None
+    if not np.allclose(angles, 90.0, atol=1e-3):
+        raise SchemaError(
+            f"{path}: the unit cell is not orthorhombic (angles {angles[0]}); qmlmm writes rectangular boxes"
+        )
+    return pos, np.asarray(lengths, dtype=np.float64) / 10.0
+
+
+def load_run(run_dir: str | Path, stride: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions (F, N, 3) nm and box lengths (F, 3) nm (or None) of a ``qmlmm md`` run folder's traj.dcd."""
     return read_dcd(Path(run_dir) / "traj.dcd", stride=stride)
+
+
+def _trajectory(positions: np.ndarray, boxes: np.ndarray | None) -> mdtraj.Trajectory:
+    """An mdtraj Trajectory of positions (F, N, 3) nm with orthorhombic box lengths (F, 3) nm (or no
+    cell), on a topology of N unnamed atoms (distances and angles need no more)."""
+    import mdtraj
+
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim != 3 or pos.shape[-1] != 3:
+        raise InputError(f"positions must have shape (frames, atoms, 3), got {pos.shape}")
+    top = mdtraj.Topology()
+    res = top.add_residue("X", top.add_chain())
+    for _ in range(pos.shape[1]):
+        top.add_atom("X", mdtraj.element.virtual, res)
+    if boxes is None:
+        return mdtraj.Trajectory(pos, top)
+    lengths = np.broadcast_to(np.asarray(boxes, dtype=np.float64), (len(pos), 3))
+    return mdtraj.Trajectory(pos, top, unitcell_lengths=lengths, unitcell_angles=np.full((len(pos), 3), 90.0))
 
 
 def rdf(
     positions: np.ndarray, boxes: np.ndarray, a: Sequence[int], b: Sequence[int], r_max: float = 0.8, n_bins: int = 80
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Radial distribution function g(r) between atom sets a and b (minimum image, orthorhombic).
+    """Radial distribution function g(r) between atom sets a and b (minimum image, orthorhombic), by
+    mdtraj's ``compute_rdf``.
 
-    Returns bin centres (nm) and g(r), normalised by the mean density of b over the box.
+    positions (F, N, 3) nm, boxes (F, 3) nm. Pairs of an atom with itself are left out, and g is
+    normalised by the number of pairs counted and the mean inverse box volume (so g -> 1 for
+    uncorrelated sets, also when a and b overlap). Returns bin centres (n_bins,) nm and g (n_bins,).
     """
-    a_idx, b_idx = np.asarray(a), np.asarray(b)
-    edges = np.linspace(0.0, r_max, n_bins + 1)
-    hist = np.zeros(n_bins)
-    rho = 0.0
-    for pos, box in zip(positions, boxes, strict=True):
-        d = pos[b_idx][None, :, :] - pos[a_idx][:, None, :]
-        d -= box * np.round(d / box)
-        r = np.sqrt((d * d).sum(-1)).ravel()
-        r = r[r > 1e-9]
-        hist += np.histogram(r, bins=edges)[0]
-        rho += len(b_idx) / np.prod(box)
-    n_frames = len(positions)
-    rho /= max(n_frames, 1)
-    shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
-    g = hist / (max(n_frames, 1) * len(a_idx) * rho * shell)
-    return 0.5 * (edges[1:] + edges[:-1]), g
+    import mdtraj
+
+    a_idx, b_idx = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    pairs = np.stack(np.meshgrid(a_idx, b_idx, indexing="ij"), axis=-1).reshape(-1, 2)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    if len(pairs) == 0:
+        raise InputError("rdf needs at least one pair of distinct atoms in a and b")
+    traj = _trajectory(positions, boxes)
+    r, g = mdtraj.compute_rdf(traj, pairs, r_range=(0.0, r_max), n_bins=n_bins, periodic=True)
+    return np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
 
 
 def dihedrals(positions: np.ndarray, quads: Sequence[Sequence[int]], boxes: np.ndarray | None = None) -> np.ndarray:
-    """Dihedral angles (F, Q) in degrees for atom quadruples; bond vectors by minimum image when
-    orthorhombic box lengths (F, 3) are given."""
-    q = np.asarray(quads)
+    """Dihedral angles (F, Q) in degrees in (-180, 180] (IUPAC sign) for atom quadruples (Q, 4), by
+    mdtraj's ``compute_dihedrals``; bond vectors by minimum image when orthorhombic box lengths (F, 3)
+    nm are given."""
+    import mdtraj
+
+    q = np.asarray(quads, dtype=np.int64)
     if q.size == 0:
         return np.zeros((len(positions), 0))
-    p = positions[:, q]  # (F, Q, 4, 3)
-
-    def mi(v: np.ndarray) -> np.ndarray:
-        if boxes is None:
-            return v
-        L = boxes[:, None, :]
-        return v - L * np.round(v / L)
-
-    b0 = mi(p[:, :, 0] - p[:, :, 1])
-    b1 = mi(p[:, :, 2] - p[:, :, 1])
-    b2 = mi(p[:, :, 3] - p[:, :, 2])
-    b1n = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
-    v = b0 - (b0 * b1n).sum(-1, keepdims=True) * b1n
-    w = b2 - (b2 * b1n).sum(-1, keepdims=True) * b1n
-    x = (v * w).sum(-1)
-    y = (np.cross(b1n, v) * w).sum(-1)
-    return np.degrees(np.arctan2(y, x))
+    if q.ndim != 2 or q.shape[1] != 4:
+        raise InputError(f"dihedral quadruples must have shape (Q, 4), got {q.shape}")
+    traj = _trajectory(positions, boxes)
+    ang = mdtraj.compute_dihedrals(traj, q, periodic=boxes is not None)
+    return np.degrees(np.asarray(ang, dtype=np.float64))
 
 
 def dihedral_stats(angles: np.ndarray) -> dict[str, np.ndarray]:
