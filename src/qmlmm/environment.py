@@ -222,6 +222,31 @@ def make_qm_whole(positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
     return whole
 
 
+@dataclass
+class _Nearest:
+    """Per MM atom of the frame (arrays over ``frame.mm_indices``): distance (nm) to its nearest QM atom
+    and that atom's index in the QM region, and the position (nm) of the atom's image used. Filled for
+    the candidates (``cand``, atoms that can be within the cutoff); inf / 0 elsewhere."""
+
+    dmin: np.ndarray
+    near_qm: np.ndarray
+    image_pos: np.ndarray
+    cand: np.ndarray
+
+
+@dataclass
+class _Molecules:
+    """The embedded molecules: their ids (sorted), anchor atoms (index into ``mm_indices``) and anchor
+    distances d_mol (nm); the embedded atoms (index into ``mm_indices``, source order) and each one's
+    row in the molecule arrays."""
+
+    ids: np.ndarray
+    anchor: np.ndarray
+    d_mol: np.ndarray
+    atoms: np.ndarray
+    row: np.ndarray
+
+
 def select_embedding(
     frame: Frame,
     settings: EmbeddingSettings | None = None,
@@ -238,29 +263,65 @@ def select_embedding(
     default takes the cheaper centre-image path wherever it gives the same result).
     """
     settings = settings or EmbeddingSettings()
-    box = frame.box
-    qm_index = frame.qm_indices
+    box, rc = frame.box, settings.cutoff
     mm_all = frame.mm_indices
-    qm_pos = make_qm_whole(frame.positions[qm_index], box)
-    rc = settings.cutoff
-    if box is not None:
-        heights = abs(np.linalg.det(box)) / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
-        if rc > 0.5 * heights.min():
-            raise InputError(
-                f"embedding cutoff {rc} nm exceeds half the box height ({0.5 * heights.min():.2f} nm): "
-                "a molecule could be embedded twice"
-            )
+    qm_pos = make_qm_whole(frame.positions[frame.qm_indices], box)
+    _check_cutoff_within_half_box(rc, box)
+    near = _nearest_qm_atoms(frame, qm_pos, rc, chunk, pairwise)
+    mols = _embedded_molecules(frame.mol_ids[mm_all], near, rc)
+    anchor = mols.anchor[mols.row]
+    rel = minimum_image(frame.positions[mm_all[mols.atoms]] - frame.positions[mm_all[anchor]], box)
+    mm_pos = near.image_pos[anchor] + rel  # each molecule whole, at its anchor's image
+    if check_images and box is not None:
+        check_unique_images(box, rc, largest_internal_distance(qm_pos), _largest_molecule(mm_pos, mols.row))
+    w_mol, dw_mol = switch(mols.d_mol, rc - settings.switch_width, rc)
+    weights = w_mol[mols.row]
+    sw_mols = np.flatnonzero(dw_mol != 0.0)  # molecules in the switching region (dS != 0)
+    local_of = -np.ones(len(mm_all), dtype=np.int64)
+    local_of[mols.atoms] = np.arange(len(mols.atoms))
+    sw_anchor = mols.anchor[sw_mols]
+    sw_mm, sw_qm = local_of[sw_anchor], near.near_qm[sw_anchor]
+    sw_grad = (dw_mol[sw_mols] / mols.d_mol[sw_mols])[:, None] * (mm_pos[sw_mm] - qm_pos[sw_qm])
+    row_of_mol = -np.ones(len(mols.ids), dtype=np.int64)
+    row_of_mol[sw_mols] = np.arange(len(sw_mols))
+    return Embedding(
+        qm_index=frame.qm_indices,
+        qm_positions=qm_pos,
+        mm_index=mm_all[mols.atoms],
+        mm_positions=mm_pos,
+        mm_charges=frame.charges[mm_all[mols.atoms]] * weights,
+        mm_weights=weights,
+        switch_mm=sw_mm,
+        switch_qm=sw_qm,
+        switch_grad=sw_grad,
+        switch_group=row_of_mol[mols.row],
+    )
 
-    # nearest QM atom and nearest image for every MM atom that can be within the cutoff: an atom
-    # farther than cutoff + (QM radius) from the QM centre cannot (cheap pre-filter, then exact)
+
+def _check_cutoff_within_half_box(rc: float, box: np.ndarray | None) -> None:
+    """Raise InputError when the cutoff (nm) exceeds half the smallest height of the box (3, 3) nm."""
+    if box is None:
+        return
+    heights = abs(np.linalg.det(box)) / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
+    if rc > 0.5 * heights.min():
+        raise InputError(
+            f"embedding cutoff {rc} nm exceeds half the box height ({0.5 * heights.min():.2f} nm): "
+            "a molecule could be embedded twice"
+        )
+
+
+def _nearest_qm_atoms(frame: Frame, qm_pos: np.ndarray, rc: float, chunk: int, pairwise: bool) -> _Nearest:
+    """Nearest QM atom and nearest image of every MM atom that can be within ``rc`` (nm) of the QM
+    region ``qm_pos`` (n_qm, 3) nm (whole): an atom farther than rc + (QM radius) from the QM centre
+    cannot (cheap pre-filter, then exact distances in chunks of ``chunk`` atoms)."""
+    box, mm_all = frame.box, frame.mm_indices
     m_all = len(mm_all)
-    dmin = np.full(m_all, np.inf)
-    near_qm = np.zeros(m_all, dtype=np.int64)
-    image_pos = np.zeros((m_all, 3))
+    near = _Nearest(np.full(m_all, np.inf), np.zeros(m_all, dtype=np.int64), np.zeros((m_all, 3)), np.zeros(0, int))
     centre = qm_pos.mean(0)
     radius = float(np.sqrt(((qm_pos - centre) ** 2).sum(1)).max())
     dc = minimum_image(frame.positions[mm_all] - centre, box)
     cand = np.flatnonzero((dc * dc).sum(1) < (rc + radius + 1e-9) ** 2)
+    near.cand = cand
     if not pairwise and (box is None or shortest_lattice_vector(box) >= 2.0 * (rc + radius) + 1e-9):
         # When every box vector is at least 2 (r_c + radius) long, the image of an atom within the cutoff of
         # any QM atom is its image nearest the QM centre (|x - c| <= r_c + radius, every other image lies
@@ -274,70 +335,35 @@ def select_embedding(
             r2 = (p * p).sum(1)[:, None] + (qm_pos * qm_pos).sum(1)[None, :] - 2.0 * p @ qm_pos.T
             i = np.argmin(r2, axis=1)
             idx = cand[s0 : s0 + chunk]
-            near_qm[idx] = i
-            dmin[idx] = np.linalg.norm(p - qm_pos[i], axis=1)  # exact for the nearest (no cancellation)
-            image_pos[idx] = p
-    else:  # the centre image may not be the one within the cutoff: per-pair minimum image
-        for s0 in range(0, len(cand), chunk):
-            sl = cand[s0 : s0 + chunk]
-            r_mm = frame.positions[mm_all[sl]]
-            d = minimum_image(r_mm[:, None, :] - qm_pos[None, :, :], box)  # (c, n, 3)
-            r2 = np.einsum("cnk,cnk->cn", d, d)
-            i = np.argmin(r2, axis=1)
-            rows = np.arange(len(i))
-            near_qm[sl] = i
-            dmin[sl] = np.sqrt(r2[rows, i])
-            image_pos[sl] = qm_pos[i] + d[rows, i]
+            near.near_qm[idx] = i
+            near.dmin[idx] = np.linalg.norm(p - qm_pos[i], axis=1)  # exact for the nearest (no cancellation)
+            near.image_pos[idx] = p
+        return near
+    for s0 in range(0, len(cand), chunk):  # the centre image may not be the one within rc: per-pair images
+        sl = cand[s0 : s0 + chunk]
+        d = minimum_image(frame.positions[mm_all[sl]][:, None, :] - qm_pos[None, :, :], box)  # (c, n, 3)
+        r2 = np.einsum("cnk,cnk->cn", d, d)
+        i = np.argmin(r2, axis=1)
+        rows = np.arange(len(i))
+        near.near_qm[sl] = i
+        near.dmin[sl] = np.sqrt(r2[rows, i])
+        near.image_pos[sl] = qm_pos[i] + d[rows, i]
+    return near
 
-    # molecules: the atom of each molecule closest to the QM region decides and anchors. Only molecules
-    # with a candidate atom can be within the cutoff, so the sort runs over the candidates alone.
-    mol = frame.mol_ids[mm_all]
+
+def _embedded_molecules(mol: np.ndarray, near: _Nearest, rc: float) -> _Molecules:
+    """The molecules (ids ``mol`` per MM atom) whose atom closest to the QM region lies within ``rc``
+    nm; that atom decides and anchors. Only molecules with a candidate atom can be within the cutoff,
+    so the sort runs over the candidates alone."""
+    cand = near.cand
     cand_mols, cinv = np.unique(mol[cand], return_inverse=True)
-    anchor_of_mol = cand[_first_minimum_per_group(cinv, dmin[cand])]  # molecule (sorted by id) -> mm_all index
-    keep = dmin[anchor_of_mol] < rc
-    sel_mols, sel_anchor = cand_mols[keep], anchor_of_mol[keep]
-    d_mol = dmin[sel_anchor]
-    row = np.searchsorted(sel_mols, mol).clip(max=max(len(sel_mols) - 1, 0))
-    in_sel = sel_mols[row] == mol if len(sel_mols) else np.zeros(len(mol), dtype=bool)
-    sel_atoms = np.flatnonzero(in_sel)  # positions within mm_all, source order kept
-    sel_row = row[sel_atoms]  # each embedded atom's molecule, 0..n_sel-1
-
-    anchor = sel_anchor[sel_row]
-    rel = minimum_image(frame.positions[mm_all[sel_atoms]] - frame.positions[mm_all[anchor]], box)
-    mm_pos = image_pos[anchor] + rel
-    if check_images and box is not None:
-        check_unique_images(box, rc, largest_internal_distance(qm_pos), _largest_molecule(mm_pos, sel_row))
-
-    r_on = rc - settings.switch_width
-    w_mol, dw_mol = switch(d_mol, r_on, rc)
-    weights = w_mol[sel_row]
-    charges = frame.charges[mm_all[sel_atoms]] * weights
-
-    # switching-derivative bookkeeping for molecules with 0 < S < 1 region (dS != 0)
-    sw_mols = np.flatnonzero(dw_mol != 0.0)
-    local_of = -np.ones(m_all, dtype=np.int64)
-    local_of[sel_atoms] = np.arange(len(sel_atoms))
-    sw_anchor = sel_anchor[sw_mols]
-    sw_mm = local_of[sw_anchor]
-    sw_qm = near_qm[sw_anchor]
-    vec = mm_pos[sw_mm] - qm_pos[sw_qm]
-    sw_grad = (dw_mol[sw_mols] / d_mol[sw_mols])[:, None] * vec
-    row_of_mol = -np.ones(len(sel_mols), dtype=np.int64)
-    row_of_mol[sw_mols] = np.arange(len(sw_mols))
-    group = row_of_mol[sel_row]
-
-    return Embedding(
-        qm_index=qm_index,
-        qm_positions=qm_pos,
-        mm_index=mm_all[sel_atoms],
-        mm_positions=mm_pos,
-        mm_charges=charges,
-        mm_weights=weights,
-        switch_mm=sw_mm,
-        switch_qm=sw_qm,
-        switch_grad=sw_grad,
-        switch_group=group,
-    )
+    anchor_of_mol = cand[_first_minimum_per_group(cinv, near.dmin[cand])]  # molecule (sorted by id) -> atom
+    keep = near.dmin[anchor_of_mol] < rc
+    ids, anchor = cand_mols[keep], anchor_of_mol[keep]
+    row = np.searchsorted(ids, mol).clip(max=max(len(ids) - 1, 0))
+    in_sel = ids[row] == mol if len(ids) else np.zeros(len(mol), dtype=bool)
+    atoms = np.flatnonzero(in_sel)  # positions within mm_indices, source order kept
+    return _Molecules(ids, anchor, near.dmin[anchor], atoms, row[atoms])
 
 
 def embedding_forces_to_frame(
