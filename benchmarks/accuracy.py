@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from _results import RESULTS, save_json, save_markdown
+from qmlmm.analysis.tables import learning_curve_table
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
 from qmlmm.training import TrainConfig
@@ -141,18 +142,9 @@ def main() -> None:
         f"{args.reference} and DFTB3/3ob (1.4 nm embedding, 0.2 nm switching). Test set: held-out blocks of 10 "
         "frames (15 %), the same for every model. Networks: direct 2x64, delta 2x32 (per element), one per model.",
         "",
-        "| mode | train frames | params/network | E MAE (kJ/mol) | QM F MAE (kJ/mol/nm) | MM F MAE (kJ/mol/nm) |",
-        "|---|---|---|---|---|---|",
     ]
-    for mode, pts in lc["curves"].items():
-        for p in pts:
-            md.append(
-                f"| {mode} | {p['n_train']} | {p['n_parameters']} | {p['energy_mae']:.3f} | "
-                f"{p['qm_forces_mae']:.2f} | {p['mm_forces_mae']:.3f} |"
-            )
-    md.append(
-        f"| DFTB3 alone (shifted) | - | - | {base['energy']['mae']:.3f} | {base['qm_forces']['mae']:.2f} | "
-        f"{base['mm_forces']['mae']:.3f} |"
+    md += learning_curve_table(
+        lc["curves"], base, {"params/network": lambda p: str(p["n_parameters"])}, "DFTB3 alone (shifted)"
     )
     md += [
         "",

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from _results import machine, save_json, save_markdown
+from qmlmm.analysis.tables import learning_curve_table
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
 from qmlmm.training import TrainConfig
@@ -175,21 +176,9 @@ def main() -> None:
         "none: short-range HDNNP only; free: + electrostatic term, charges from energies and forces alone; "
         "anchored: + charges fitted to the labels' charges (default).",
         "",
-        "| mode/variant | train frames | E MAE (kJ/mol) | QM F MAE (kJ/mol/nm) | MM F MAE (kJ/mol/nm) | q MAE (e) |",
-        "|---|---|---|---|---|---|",
     ]
-    for key, pts in curves.items():
-        for p in pts:
-            q = "-" if p["charge_mae"] is None else f"{p['charge_mae']:.3f}"
-            md.append(
-                f"| {key} | {p['n_train']} | {p['energy_mae']:.3f} | {p['qm_forces_mae']:.2f} | "
-                f"{p['mm_forces_mae']:.3f} | {q} |"
-            )
-    if base:
-        md.append(
-            f"| DFTB3 alone (shifted) | - | {base['energy']['mae']:.3f} | {base['qm_forces']['mae']:.2f} | "
-            f"{base['mm_forces']['mae']:.3f} | - |"
-        )
+    q_mae = {"q MAE (e)": lambda p: "-" if p["charge_mae"] is None else f"{p['charge_mae']:.3f}"}
+    md += learning_curve_table(curves, base or None, q_mae, "DFTB3 alone (shifted)")
     md += [
         "",
         f"NVT ML/MM with the largest direct model of each variant ({args.md_steps} steps of 0.5 fs, 300 K):",

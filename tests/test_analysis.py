@@ -413,3 +413,22 @@ def test_read_dcd_drops_a_partial_last_frame_and_names_a_bad_file(tmp_path: Path
         read_dcd(bad)
     with pytest.raises(SchemaError, match="no such trajectory"):
         read_dcd(tmp_path / "missing.dcd")
+
+
+def test_learning_curve_table_rows_with_the_baseline_beside_them() -> None:
+    """One row per (model, size) in the order given, errors at their precision, extra columns after
+    the errors, and the baseline's own errors as the last row (dashes under the extra columns)."""
+    from qmlmm.analysis.tables import learning_curve_table
+
+    pt = {"n_train": 20, "energy_mae": 1.23456, "qm_forces_mae": 45.678, "mm_forces_mae": 0.98765, "k": 7}
+    curves = {"direct": [pt], "delta": [{**pt, "n_train": 40}]}
+    base = {"energy": {"mae": 5.2}, "qm_forces": {"mae": 255.0}, "mm_forces": {"mae": 1.79}}
+    lines = learning_curve_table(curves, base, {"k": lambda p: str(p["k"])}, "DFTB3 alone")
+    assert lines[0] == "| model | train frames | E MAE (kJ/mol) | QM F MAE (kJ/mol/nm) | MM F MAE (kJ/mol/nm) | k |"
+    assert lines[1] == "|---|---|---|---|---|---|"
+    assert lines[2:] == [
+        "| direct | 20 | 1.235 | 45.68 | 0.988 | 7 |",
+        "| delta | 40 | 1.235 | 45.68 | 0.988 | 7 |",
+        "| DFTB3 alone | - | 5.200 | 255.00 | 1.790 | - |",
+    ]
+    assert len(learning_curve_table(curves)) == 4  # no baseline row without a baseline

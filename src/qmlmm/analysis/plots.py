@@ -29,6 +29,18 @@ def _plt() -> Any:
     return plt
 
 
+def _saved(plt: Any, fig: Any, path: str | Path, title: str = "") -> Path:
+    """Save ``fig`` (with ``title`` as its suptitle, if any) to ``path`` at 110 dpi, close it, and
+    return the path."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def parity_plot(c: Collected, path: str | Path, title: str = "") -> Path:
     """Three panels: energies (shifted by the reference mean), QM forces, MM forces; prediction vs reference."""
     plt = _plt()
@@ -49,13 +61,7 @@ def parity_plot(c: Collected, path: str | Path, title: str = "") -> Path:
             ax.set_title(f"MAE {mae:.3g}, RMSE {rmse:.3g}", fontsize=10)
         ax.set_xlabel(f"reference {label}")
         ax.set_ylabel(f"model {label}")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path, title)
 
 
 def learning_curve_plot(
@@ -85,13 +91,7 @@ def learning_curve_plot(
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     np.atleast_1d(axes)[0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path, title)
 
 
 def parity_plot_of_model(model_path: str | Path) -> Path | None:

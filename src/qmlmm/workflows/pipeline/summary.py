@@ -69,21 +69,12 @@ def summary_markdown(s: dict[str, Any], out: Path) -> str:
             f"| baseline alone (shifted) | {b['energy']['mae']:.3f} | {b['qm_forces']['mae']:.2f} | "
             f"{b['mm_forces']['mae']:.3f} |"
         )
-    curves = (s.get("learning_curve") or {}).get("curves", {})
-    if curves:
-        lines += [
-            "",
-            "## Learning curve (test set)",
-            "",
-            "| model | train frames | energy MAE | QM force MAE | MM force MAE |",
-            "|---|---|---|---|---|",
-        ]
-        for mode, pts in curves.items():
-            for p in pts:
-                lines.append(
-                    f"| {mode} | {p['n_train']} | {p['energy_mae']:.3f} | {p['qm_forces_mae']:.2f} | "
-                    f"{p['mm_forces_mae']:.3f} |"
-                )
+    lc = s.get("learning_curve") or {}
+    if lc.get("curves"):
+        from qmlmm.analysis.tables import learning_curve_table
+
+        lines += ["", "## Learning curve (test set)", ""]
+        lines += learning_curve_table(lc["curves"], lc.get("baseline_alone"))
     lines += ["", "## MD", "", "| run | steps | ns/day | stopped |", "|---|---|---|---|"]
     for k, v in s["md"].items():
         lines.append(f"| {k} | {v['steps_done']} | {v['ns_per_day']:.3f} | {v['stopped'] or '-'} |")
