@@ -6,12 +6,18 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from qmlmm.environment import DEFAULT_CUTOFF, DEFAULT_SWITCH_WIDTH
 from qmlmm.errors import QMLMMError
+
+if TYPE_CHECKING:
+    from qmlmm.engines.base import Engine
+    from qmlmm.environment import EmbeddingSettings
+    from qmlmm.md.restraints import Restraint
+    from qmlmm.md.runner import MDSettings
 
 app = typer.Typer(
     help="Machine-learned QM/MM molecular dynamics: label, train, simulate.",
@@ -439,7 +445,9 @@ def build(
 
 def _engine_for_md(
     model: Path | None, engine: str | None, threads: int, cutoff: float | None, switch_width: float | None
-) -> tuple[object, object]:
+) -> tuple[Engine, EmbeddingSettings]:
+    """The engine of ``--model`` (its embedding; --cutoff/--switch-width must match it) or of the
+    ``--engine`` spec (with the given or default embedding), for ``threads`` threads."""
     from qmlmm.engines import make_engine
     from qmlmm.environment import EmbeddingSettings
     from qmlmm.models import QMLMMModel
@@ -457,7 +465,8 @@ def _engine_for_md(
                 "match (or be left out)"
             )
         return m.engine(threads), emb
-    return make_engine(engine, threads=threads), EmbeddingSettings(  # type: ignore[arg-type]
+    assert engine is not None  # exactly one of the two, checked above
+    return make_engine(engine, threads=threads), EmbeddingSettings(
         DEFAULT_CUTOFF if cutoff is None else cutoff, DEFAULT_SWITCH_WIDTH if switch_width is None else switch_width
     )
 
@@ -516,7 +525,7 @@ def md(
     overwrite: Annotated[bool, typer.Option(help="Start afresh in a run folder that holds a run.")] = False,
 ) -> None:
     """Run QM/MM (--engine) or ML/MM (--model) MD of a built system with OpenMM."""
-    from qmlmm.md.restraints import parse_restraint, umbrella_windows
+    from qmlmm.md.restraints import parse_restraint
     from qmlmm.md.runner import MDSettings, run_md
 
     try:
@@ -542,19 +551,9 @@ def md(
             hmr_amu=hmr,
         )
         if umbrella:
-            if not rs:
-                raise QMLMMError("--umbrella needs a --restraint whose r0 the windows replace")
-            from qmlmm.md.umbrella import make_windows, run_windows
-
-            wins = make_windows(rs[0], umbrella_windows(umbrella), rs[1:])
-            outcomes = run_windows(system, eng, out, wins, s, emb)  # type: ignore[arg-type]
-            for k, o in sorted(outcomes.items()):
-                typer.echo(
-                    f"window {k} (r0 = {wins[k].r0:.3f} nm): {o.steps_done} steps from {o.started_from}"
-                    + (f"; STOPPED: {o.stopped}" if o.stopped else "")
-                )
+            _md_umbrella(system, eng, out, umbrella, rs, s, emb)
             return
-        res = run_md(system, eng, out, s, emb, restart=restart, restraints=rs)  # type: ignore[arg-type]
+        res = run_md(system, eng, out, s, emb, restart=restart, restraints=rs)
     except (QMLMMError, FileNotFoundError) as e:
         _fail(e)
         return
@@ -565,6 +564,31 @@ def md(
     if res.stopped:
         typer.secho(f"stopped: {res.stopped}; last good state in {out / 'last_good_state.xml'}", fg=typer.colors.RED)
         raise typer.Exit(1)
+
+
+def _md_umbrella(
+    system: Path,
+    eng: Engine,
+    out: Path,
+    spec: str,
+    rs: list[Restraint],
+    s: MDSettings,
+    emb: EmbeddingSettings,
+) -> None:
+    """Run the umbrella windows ``spec`` (start:stop:n) along the first restraint's r0 into ``out``
+    (the one umbrella driver, qmlmm.md.umbrella) and print one line per window."""
+    from qmlmm.md.restraints import umbrella_windows
+    from qmlmm.md.umbrella import make_windows, run_windows
+
+    if not rs:
+        raise QMLMMError("--umbrella needs a --restraint whose r0 the windows replace")
+    wins = make_windows(rs[0], umbrella_windows(spec), rs[1:])
+    outcomes = run_windows(system, eng, out, wins, s, emb)
+    for k, o in sorted(outcomes.items()):
+        typer.echo(
+            f"window {k} (r0 = {wins[k].r0:.3f} nm): {o.steps_done} steps from {o.started_from}"
+            + (f"; STOPPED: {o.stopped}" if o.stopped else "")
+        )
 
 
 @app.command()

@@ -354,6 +354,52 @@ def freeze_qm_and_relax_water(
     return np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
 
 
+LOG_FIELDS = [
+    "step",
+    "time_ps",
+    "potential_kjmol",
+    "kinetic_kjmol",
+    "total_kjmol",
+    "temperature_K",
+    "qmmm_kjmol",
+    "uncertainty_kjmol",
+    "n_mm_embedded",
+]
+KB_KJMOL_K = 0.00831446261815324  # Boltzmann constant, kJ/mol/K
+
+
+@dataclass
+class _Run:
+    """What one ``run_md`` invocation runs: its folder, engine (None: MM only), embedding, settings,
+    restraints (given and from the settings) and start state (None: the built structure)."""
+
+    out: Path
+    engine: Engine | None
+    emb: EmbeddingSettings
+    s: MDSettings
+    rs: list[Restraint]
+    start: StartState | None
+
+
+@dataclass
+class _Begin:
+    """How this invocation begins: the step it starts at and the record of the start (run.json)."""
+
+    start_step: int
+    info: dict[str, Any]
+
+
+@dataclass
+class _Stretch:
+    """What the integration loop did: steps done, why it stopped (None: it ran to the end), the last
+    state whose energies were finite (an OpenMM State) and the wall seconds it took."""
+
+    done: int
+    stopped: str | None
+    last_good: Any
+    seconds: float
+
+
 def run_md(
     system_dir: str | Path,
     engine: Engine | None,
@@ -373,188 +419,239 @@ def run_md(
     what was done to it, in ``run.json`` (``start``); the end in ``final_state.npz`` (positions and
     velocities, the start of a following run, see :func:`load_final_state`).
     """
-    import openmm
-    import openmm.app as app
-    import openmm.unit as u
-    from tqdm.auto import tqdm
-
     from qmlmm.md.restraints import parse_restraint
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    msys = MDSystem.load(system_dir)
-    if start is not None:
-        if start.positions.shape != msys.positions.shape or (
-            start.velocities is not None and start.velocities.shape != msys.positions.shape
-        ):
-            raise InputError(
-                f"start state from {start.source or 'the caller'} has {start.positions.shape[0]} atoms, the system "
-                f"{system_dir} {msys.positions.shape[0]}"
-            )
-        msys.positions = start.positions
+    msys = _system_at(system_dir, start)
     emb = embedding or EmbeddingSettings()
     rs = list(restraints or []) + [parse_restraint(t) for t in s.restraints]
     sim, cb = make_simulation(msys, engine, emb, s, rs, out)
-    ctx = sim.context
-    chk = out / "checkpoint.chk"
-    csv_path = out / "log.csv"
-    start_step = 0
-    continues = start is not None and start.velocities is not None
-    start_info: dict[str, Any] = {
-        "from": (start.source or "given positions") if start is not None else "built structure",
-        "mm_relaxation": bool(s.minimize and engine is not None and not continues and not restart),
-        "velocities": "continued" if continues else "drawn",
-    }
-    if restart:
-        if not chk.exists():
-            raise InputError(f"--restart: no checkpoint in {out}")
-        _check_restart(out, engine, emb, s, rs)
-        sim.loadCheckpoint(str(chk))
-        start_step = round(ctx.getState().getStepCount())
-        log.info("restarting %s at step %d", out, start_step)
-    else:
-        if start_info["mm_relaxation"]:
-            # relax and thermalise the water around the (fixed) solute with the MM force field first (QM
-            # atoms do not move); minimising alone would start the QM/MM run cold: the water's thermal
-            # potential energy is gone and T falls to ~175 K within 10 fs of drawing 300 K velocities
-            msys_pos = freeze_qm_and_relax_water(
-                msys,
-                steps=s.thermalize_steps,
-                temperature=s.temperature,
-                seed=s.seed,
-                threads=s.threads,
-            )
-            ctx.setPositions(msys_pos * u.nanometer)
-        try:  # OpenMM evaluates the forces here, so the QM/MM force can already fail
-            if continues:
-                ctx.setVelocities(start.velocities * (u.nanometer / u.picosecond))  # type: ignore[union-attr]
-            else:
-                ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, openmm_seed(s.seed))
-        except Exception as e:
-            raise EngineError(f"MD could not start in {out}: the QM/MM force failed at the start: {e}") from e
-        ctx.setStepCount(0)
-        (out / "run_settings.json").write_text(json.dumps(_run_identity(engine, emb, s, rs), indent=2))
-        st0 = ctx.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
-        _save_state_npz(
-            out / "start_state.npz",
-            st0.getPositions(asNumpy=True).value_in_unit(u.nanometer),
-            st0.getVelocities(asNumpy=True).value_in_unit(u.nanometer / u.picosecond),
-        )
-    dof = _dof(sim.system)
-    kB = 0.00831446261815324
-    mode = "a" if restart and csv_path.exists() else "w"
-    dcd_path = out / "traj.dcd"
-    # unwrapped positions: the QM molecule has no bonds in the MM system, so OpenMM's per-molecule
-    # wrapping would split it across the box edge
-    dcd = app.DCDReporter(str(dcd_path), s.dcd_every, append=restart and dcd_path.exists(), enforcePeriodicBox=False)
-    sim.reporters.append(dcd)
-    fields = [
-        "step",
-        "time_ps",
-        "potential_kjmol",
-        "kinetic_kjmol",
-        "total_kjmol",
-        "temperature_K",
-        "qmmm_kjmol",
-        "uncertainty_kjmol",
-        "n_mm_embedded",
-    ] + [f"rc{k}_nm" for k in range(len(rs))]
-    fh = open(csv_path, mode, newline="")  # noqa: SIM115 - closed in the finally below
-    w = csv.writer(fh)
-    if mode == "w":
-        w.writerow(fields)
-    stopped: str | None = None
-    remaining = max(0, s.steps - start_step)
-    t0 = time.perf_counter()
+    run = _Run(out, engine, emb, s, rs, start)
+    begin = _resume(sim, run) if restart else _begin_fresh(sim, msys, run)
     phases0 = dict(cb.phase_seconds) if cb is not None else {}
-    done = 0
-    bar = tqdm(total=remaining, desc="md", unit="step", disable=not progress, dynamic_ncols=True)
-    last_good = ctx.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
-    try:
-        while done < remaining:
-            n = min(s.report_every, remaining - done)
-            try:
-                sim.step(n)
-                # the energy evaluation calls the QM/MM force again, so it can fail the same way
-                st = ctx.getState(getEnergy=True, getPositions=True, getVelocities=True, enforcePeriodicBox=False)
-            except Exception as e:
-                stopped = cb.stop_reason if cb is not None and cb.stop_reason else f"{type(e).__name__}: {e}"
-                break
-            done += n
-            pe = st.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
-            ke = st.getKineticEnergy().value_in_unit(u.kilojoule_per_mole)
-            if not np.isfinite(pe + ke):
-                stopped = "non-finite energy"
-                break
-            step = start_step + done
-            pos = np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
-            rcs = [rc_value(pos, r, msys.box) for r in rs]
-            w.writerow(
-                [
-                    step,
-                    step * s.dt_fs / 1000.0,
-                    pe,
-                    ke,
-                    pe + ke,
-                    2 * ke / (dof * kB),
-                    cb.last_energy if cb else float("nan"),
-                    cb.last_uncertainty if cb else float("nan"),
-                    cb.last_n_mm if cb else 0,
-                    *rcs,
-                ]
-            )
-            fh.flush()
-            if cb is not None and cb.queue is not None:
-                cb.queue.flush()
-            last_good = st
-            el = time.perf_counter() - t0
-            nsday = done * s.dt_fs * 1e-6 / (el / 86400.0) if el > 0 else float("nan")
-            bar.update(n)
-            bar.set_postfix_str(f"{nsday:.3f} ns/day T={2 * ke / (dof * kB):.0f} K")
-            if step % s.checkpoint_every < n or done >= remaining:
-                sim.saveCheckpoint(str(chk))
-    finally:
-        bar.close()
-        fh.close()
-    seconds = time.perf_counter() - t0
-    # where the run ended (unwrapped, nm; nm/ps): the start of a following run, e.g. the next umbrella window
-    _save_state_npz(
-        out / "final_state.npz",
-        last_good.getPositions(asNumpy=True).value_in_unit(u.nanometer),
-        last_good.getVelocities(asNumpy=True).value_in_unit(u.nanometer / u.picosecond),
-        step=np.asarray(start_step + done),
-    )
-    if stopped:
-        (out / "last_good_state.xml").write_text(openmm.XmlSerializer.serialize(last_good))
-        log.error(
-            "MD stopped at step %d: %s; last good state saved to %s",
-            start_step + done,
-            stopped,
-            out / "last_good_state.xml",
-        )
+    stretch = _integrate(sim, cb, msys, rs, s, out, begin.start_step, restart, progress)
+    steps_done = begin.start_step + stretch.done
+    _save_end(out, stretch, steps_done)
+    seconds, done = stretch.seconds, stretch.done
     nsday = done * s.dt_fs * 1e-6 / (seconds / 86400.0) if seconds > 0 and done else 0.0
-    drift = energy_drift(csv_path) if s.nve else None
+    drift = energy_drift(out / "log.csv") if s.nve else None
     info = {
         "settings": asdict(s),
         "embedding": emb.to_dict(),
         "engine": getattr(engine, "spec", "mm-only"),
         "engine_identity": _engine_identity(engine),
-        "steps_done": start_step + done,
+        "steps_done": steps_done,
         "seconds_this_run": seconds,
         "ns_per_day": nsday,
-        "stopped": stopped,
+        "stopped": stretch.stopped,
         "drift_kjmol_per_ps": drift,
         "restraints": [r.text() for r in rs],
-        "start": _start_record(out, start_info, restart),
+        "start": _start_record(out, begin.info, restart),
+        **_callback_record(cb, seconds, done, phases0),
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=2))
+    return MDResult(out, steps_done, seconds, nsday, stretch.stopped, out / "log.csv", drift)
+
+
+def _system_at(system_dir: str | Path, start: StartState | None) -> MDSystem:
+    """The built system of ``system_dir``, at the positions of ``start`` when given (checked to have
+    the system's atoms)."""
+    msys = MDSystem.load(system_dir)
+    if start is None:
+        return msys
+    if start.positions.shape != msys.positions.shape or (
+        start.velocities is not None and start.velocities.shape != msys.positions.shape
+    ):
+        raise InputError(
+            f"start state from {start.source or 'the caller'} has {start.positions.shape[0]} atoms, the system "
+            f"{system_dir} {msys.positions.shape[0]}"
+        )
+    msys.positions = start.positions
+    return msys
+
+
+def _start_info(engine: Engine | None, s: MDSettings, start: StartState | None, restart: bool) -> dict[str, Any]:
+    """Record of where this invocation starts from and what is done to the start (run.json's ``start``)."""
+    continues = start is not None and start.velocities is not None
+    return {
+        "from": (start.source or "given positions") if start is not None else "built structure",
+        "mm_relaxation": bool(s.minimize and engine is not None and not continues and not restart),
+        "velocities": "continued" if continues else "drawn",
+    }
+
+
+def _resume(sim: Any, run: _Run) -> _Begin:
+    """Load the run folder's checkpoint (after checking that the settings match the ones it was made
+    with): the run continues at the checkpoint's step."""
+    chk = run.out / "checkpoint.chk"
+    if not chk.exists():
+        raise InputError(f"--restart: no checkpoint in {run.out}")
+    _check_restart(run.out, run.engine, run.emb, run.s, run.rs)
+    sim.loadCheckpoint(str(chk))
+    start_step = round(sim.context.getState().getStepCount())
+    log.info("restarting %s at step %d", run.out, start_step)
+    return _Begin(start_step, _start_info(run.engine, run.s, run.start, restart=True))
+
+
+def _begin_fresh(sim: Any, msys: MDSystem, run: _Run) -> _Begin:
+    """Set the start's positions (after an MM-only relaxation of the water, when due) and velocities
+    (continued or drawn), and record the settings (run_settings.json) and the start (start_state.npz)."""
+    import openmm.unit as u
+
+    ctx, out, s, start = sim.context, run.out, run.s, run.start
+    info = _start_info(run.engine, s, start, restart=False)
+    if info["mm_relaxation"]:
+        # relax and thermalise the water around the (fixed) solute with the MM force field first (QM
+        # atoms do not move); minimising alone would start the QM/MM run cold: the water's thermal
+        # potential energy is gone and T falls to ~175 K within 10 fs of drawing 300 K velocities
+        relaxed = freeze_qm_and_relax_water(
+            msys, steps=s.thermalize_steps, temperature=s.temperature, seed=s.seed, threads=s.threads
+        )
+        ctx.setPositions(relaxed * u.nanometer)
+    try:  # OpenMM evaluates the forces here, so the QM/MM force can already fail
+        if start is not None and start.velocities is not None:
+            ctx.setVelocities(start.velocities * (u.nanometer / u.picosecond))
+        else:
+            ctx.setVelocitiesToTemperature(s.temperature * u.kelvin, openmm_seed(s.seed))
+    except Exception as e:
+        raise EngineError(f"MD could not start in {out}: the QM/MM force failed at the start: {e}") from e
+    ctx.setStepCount(0)
+    (out / "run_settings.json").write_text(json.dumps(_run_identity(run.engine, run.emb, s, run.rs), indent=2))
+    st0 = ctx.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
+    _save_state_npz(
+        out / "start_state.npz",
+        st0.getPositions(asNumpy=True).value_in_unit(u.nanometer),
+        st0.getVelocities(asNumpy=True).value_in_unit(u.nanometer / u.picosecond),
+    )
+    return _Begin(0, info)
+
+
+def _integrate(
+    sim: Any,
+    cb: QMMMCallback | None,
+    msys: MDSystem,
+    rs: list[Restraint],
+    s: MDSettings,
+    out: Path,
+    start_step: int,
+    restart: bool,
+    progress: bool,
+) -> _Stretch:
+    """Integrate from ``start_step`` to ``s.steps`` in stretches of ``s.report_every`` steps: a log.csv
+    row after each (appended on restart), frames to traj.dcd, a checkpoint every ``s.checkpoint_every``
+    steps and at the end. A failing force, a non-finite energy or the callback's stop ends the loop."""
+    import openmm.app as app
+    import openmm.unit as u
+    from tqdm.auto import tqdm
+
+    ctx = sim.context
+    csv_path, dcd_path, chk = out / "log.csv", out / "traj.dcd", out / "checkpoint.chk"
+    dof = _dof(sim.system)
+    # unwrapped positions: the QM molecule has no bonds in the MM system, so OpenMM's per-molecule
+    # wrapping would split it across the box edge
+    dcd = app.DCDReporter(str(dcd_path), s.dcd_every, append=restart and dcd_path.exists(), enforcePeriodicBox=False)
+    sim.reporters.append(dcd)
+    mode = "a" if restart and csv_path.exists() else "w"
+    stopped: str | None = None
+    remaining = max(0, s.steps - start_step)
+    t0 = time.perf_counter()
+    done = 0
+    bar = tqdm(total=remaining, desc="md", unit="step", disable=not progress, dynamic_ncols=True)
+    last_good = ctx.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
+    with open(csv_path, mode, newline="") as fh:
+        w = csv.writer(fh)
+        if mode == "w":
+            w.writerow(LOG_FIELDS + [f"rc{k}_nm" for k in range(len(rs))])
+        try:
+            while done < remaining:
+                n = min(s.report_every, remaining - done)
+                try:
+                    sim.step(n)
+                    # the energy evaluation calls the QM/MM force again, so it can fail the same way
+                    st = ctx.getState(getEnergy=True, getPositions=True, getVelocities=True, enforcePeriodicBox=False)
+                except Exception as e:
+                    stopped = cb.stop_reason if cb is not None and cb.stop_reason else f"{type(e).__name__}: {e}"
+                    break
+                done += n
+                pe = st.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+                ke = st.getKineticEnergy().value_in_unit(u.kilojoule_per_mole)
+                if not np.isfinite(pe + ke):
+                    stopped = "non-finite energy"
+                    break
+                step = start_step + done
+                pos = np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+                w.writerow(_log_row(step, s.dt_fs, pe, ke, dof, cb, [rc_value(pos, r, msys.box) for r in rs]))
+                fh.flush()
+                if cb is not None and cb.queue is not None:
+                    cb.queue.flush()
+                last_good = st
+                el = time.perf_counter() - t0
+                nsday = done * s.dt_fs * 1e-6 / (el / 86400.0) if el > 0 else float("nan")
+                bar.update(n)
+                bar.set_postfix_str(f"{nsday:.3f} ns/day T={2 * ke / (dof * KB_KJMOL_K):.0f} K")
+                if step % s.checkpoint_every < n or done >= remaining:
+                    sim.saveCheckpoint(str(chk))
+        finally:
+            bar.close()
+    return _Stretch(done, stopped, last_good, time.perf_counter() - t0)
+
+
+def _log_row(
+    step: int, dt_fs: float, pe: float, ke: float, dof: int, cb: QMMMCallback | None, rcs: list[float]
+) -> list[float]:
+    """One log.csv row (LOG_FIELDS, then the restraint coordinates in nm): energies kJ/mol, T in K from
+    the kinetic energy and ``dof`` degrees of freedom, the QM/MM callback's last energy, uncertainty and
+    number of embedded MM atoms (NaN, NaN, 0 without one)."""
+    return [
+        step,
+        step * dt_fs / 1000.0,
+        pe,
+        ke,
+        pe + ke,
+        2 * ke / (dof * KB_KJMOL_K),
+        cb.last_energy if cb else float("nan"),
+        cb.last_uncertainty if cb else float("nan"),
+        cb.last_n_mm if cb else 0,
+        *rcs,
+    ]
+
+
+def _save_end(out: Path, stretch: _Stretch, steps_done: int) -> None:
+    """Write where the run ended (final_state.npz: unwrapped positions nm, velocities nm/ps, the start
+    of a following run such as the next umbrella window) and, for a stopped run, the last good state
+    (last_good_state.xml) with the reason in the log."""
+    import openmm
+    import openmm.unit as u
+
+    last_good = stretch.last_good
+    _save_state_npz(
+        out / "final_state.npz",
+        last_good.getPositions(asNumpy=True).value_in_unit(u.nanometer),
+        last_good.getVelocities(asNumpy=True).value_in_unit(u.nanometer / u.picosecond),
+        step=np.asarray(steps_done),
+    )
+    if stretch.stopped:
+        (out / "last_good_state.xml").write_text(openmm.XmlSerializer.serialize(last_good))
+        log.error(
+            "MD stopped at step %d: %s; last good state saved to %s",
+            steps_done,
+            stretch.stopped,
+            out / "last_good_state.xml",
+        )
+
+
+def _callback_record(cb: QMMMCallback | None, seconds: float, steps: int, phases0: dict[str, float]) -> dict[str, Any]:
+    """run.json's record of the QM/MM force for this invocation: seconds per call, the per-step
+    profile, engine threads, the fallback and its steps, and the uncertain frames queued."""
+    return {
         "qmmm_seconds_per_call": (cb.seconds / cb.calls) if cb and cb.calls else None,
-        "ms_per_step": _step_profile(seconds, done, cb, phases0),
+        "ms_per_step": _step_profile(seconds, steps, cb, phases0),
         "engine_threads": cb.engine_threads if cb else None,
         "fallback": cb.fallback if cb else None,
         "fallback_steps": cb.fallback_steps if cb else 0,  # QM/MM calls this invocation took from the fallback
         "uncertain_frames_queued": len(cb.queue.frames) if cb and cb.queue else 0,
     }
-    (out / "run.json").write_text(json.dumps(info, indent=2))
-    return MDResult(out, start_step + done, seconds, nsday, stopped, csv_path, drift)
 
 
 def _step_profile(
