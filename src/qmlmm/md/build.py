@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from qmlmm import __version__
+from qmlmm.elements import check_charge_multiplicity
 from qmlmm.environment import DEFAULT_CUTOFF, largest_internal_distance, required_box_edge, shortest_lattice_vector
 from qmlmm.errors import InputError
+from qmlmm.system import Frame
 
 log = logging.getLogger(__name__)
 
@@ -373,22 +375,38 @@ def _place_at_anchor(
     return best
 
 
-def build_system(
-    solutes: list[SoluteSpec], out: str | Path, settings: BuildSettings | None = None, total_charge: int | None = None
-) -> BuiltSystem:
-    """Build the solvated QM/MM system and write it to the folder ``out``."""
-    import openmm
-    import openmm.app as app
-    import openmm.unit as u
-    from rdkit import Chem
+@dataclass
+class _FixedCharges:
+    """The QM atoms' fixed point charges for the MM-only stages (see :func:`qm_fixed_charges`)."""
 
-    s = settings or BuildSettings()
-    if not solutes:
-        raise InputError("give at least one solute (--smiles or --solute)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    mols = [_load_solute(sp, s.seed + k) for k, sp in enumerate(solutes)]
-    # place solutes side by side along x with a gap between closest atoms, or at their anchor
+    values: np.ndarray  # (n_qm,) e, the solutes' charges one after the other
+    models: list[str]  # the charge model each solute got: mmff, gasteiger or none
+
+
+@dataclass
+class _Embedding:
+    """What the final box offers the embedding (nm)."""
+
+    shortest_nm: float  # shortest lattice vector of the box
+    qm_extent_nm: float  # largest internal distance of the solutes as built
+
+
+@dataclass
+class _BoxSummary:
+    """The final box and its contents."""
+
+    box_nm: list[float]  # edge lengths (the box vectors' diagonal)
+    n_waters: int
+    density_g_cm3: float
+
+
+def _residue_name(k: int) -> str:
+    """The residue name of solute ``k``: Q00, Q01, ..."""
+    return f"Q{k:02d}"
+
+
+def _place_solutes(solutes: list[SoluteSpec], mols: list[Any], s: BuildSettings) -> np.ndarray:
+    """Positions (n_qm, 3) nm of all solute atoms, side by side along x or at their anchor, centred on 0."""
     coords: list[np.ndarray] = []
     x_edge = None
     for k, mol in enumerate(mols):
@@ -397,51 +415,97 @@ def build_system(
         anchor = solutes[k].anchor
         if anchor is not None and k > 0:
             p = _place_at_anchor(p, coords[0], anchor, np.random.default_rng(s.seed + k))
-        elif x_edge is not None:
+        elif x_edge is not None:  # a gap of s.gap between the closest atoms of neighbours
             p[:, 0] += x_edge + s.gap - p[:, 0].min()
         x_edge = max(x_edge if x_edge is not None else -np.inf, p[:, 0].max())
         coords.append(p)
     allpos = np.concatenate(coords)
     allpos -= allpos.mean(0)
+    return allpos
+
+
+def _solute_topology(mols: list[Any]) -> Any:
+    """An OpenMM Topology of the solutes: one residue (Q00, Q01, ...) per solute with its atoms and bonds."""
+    import openmm.app as app
+
     top = app.Topology()
     chain = top.addChain()
-    residues = []
-    charges = []
     for k, mol in enumerate(mols):
-        rname = f"Q{k:02d}"
-        residues.append((rname, mol))
-        res = top.addResidue(rname, chain)
+        res = top.addResidue(_residue_name(k), chain)
         atoms = []
         for a in mol.GetAtoms():
             atoms.append(top.addAtom(f"{a.GetSymbol()}{a.GetIdx() + 1}", app.Element.getBySymbol(a.GetSymbol()), res))
         for b in mol.GetBonds():
             top.addBond(atoms[b.GetBeginAtomIdx()], atoms[b.GetEndAtomIdx()])
-        q = solutes[k].charge if solutes[k].charge is not None else Chem.GetFormalCharge(mol)
-        charges.append(int(q))  # type: ignore[arg-type]
-    fixed = [qm_fixed_charges(mol, charges[k], s.qm_charges) for k, mol in enumerate(mols)]
-    qm_mm_charges = np.concatenate([q for q, _ in fixed])
-    qm_charge = int(total_charge) if total_charge is not None else int(sum(charges))
-    n_qm = len(allpos)
-    from qmlmm.elements import check_charge_multiplicity
+    return top
 
-    check_charge_multiplicity([a.GetAtomicNum() for mol in mols for a in mol.GetAtoms()], qm_charge, s.multiplicity)
-    ff_path = out / "solutes.ffxml"
-    ff_path.write_text(_ffxml(residues))
-    ff = app.ForceField("amber14/tip3p.xml", str(ff_path))
-    modeller = app.Modeller(top, allpos * u.nanometer)
-    kw: dict[str, Any] = {"model": s.water_model, "neutralize": False}
-    edge = box_edge(largest_internal_distance(allpos), s)
+
+def _solute_charges(solutes: list[SoluteSpec], mols: list[Any]) -> list[int]:
+    """Each solute's charge (e): its ``charge`` when given, else RDKit's formal charge."""
+    from rdkit import Chem
+
+    charges = []
+    for sp, mol in zip(solutes, mols, strict=True):
+        q = sp.charge if sp.charge is not None else Chem.GetFormalCharge(mol)
+        charges.append(int(q))
+    return charges
+
+
+def _mm_stage_charges(mols: list[Any], charges: list[int], model: str) -> _FixedCharges:
+    """The QM atoms' fixed charges (e) for the MM-only stages and each solute's charge model."""
+    fixed = [qm_fixed_charges(mol, charges[k], model) for k, mol in enumerate(mols)]
+    return _FixedCharges(np.concatenate([q for q, _ in fixed]), [m for _, m in fixed])
+
+
+def _total_qm_charge(mols: list[Any], charges: list[int], total_charge: int | None, mult: int) -> int:
+    """The QM region's charge (e): ``total_charge``, else the solutes' sum; refused if impossible with ``mult``."""
+    qm_charge = int(total_charge) if total_charge is not None else int(sum(charges))
+    check_charge_multiplicity([a.GetAtomicNum() for mol in mols for a in mol.GetAtoms()], qm_charge, mult)
+    return qm_charge
+
+
+def _solute_force_field(mols: list[Any], folder: Path) -> Any:
+    """The OpenMM ForceField: amber14 TIP3P and the solutes' LJ-only types, written to ``folder/solutes.ffxml``."""
+    import openmm.app as app
+
+    ff_path = folder / "solutes.ffxml"
+    ff_path.write_text(_ffxml([(_residue_name(k), mol) for k, mol in enumerate(mols)]))
+    return app.ForceField("amber14/tip3p.xml", str(ff_path))
+
+
+def _choose_box_edge(qm_pos: np.ndarray, s: BuildSettings) -> float:
+    """The cubic box edge (nm) for solutes at ``qm_pos`` (nm): :func:`box_edge`, at least twice the PME cutoff."""
+    edge = box_edge(largest_internal_distance(qm_pos), s)
     if edge < 2.0 * s.pme_cutoff:
         raise InputError(f"box edge {edge:.2f} nm is below twice the PME cutoff ({2 * s.pme_cutoff} nm)")
     n_est = int(100.3 * edge**3)  # ~33.4 waters/nm^3, 3 atoms each
     if n_est > 300_000:
         log.warning("box edge %.1f nm: about %d atoms; MM-only steps alone will be slow", edge, n_est)
-    kw["boxSize"] = openmm.Vec3(edge, edge, edge) * u.nanometer
-    modeller.addSolvent(ff, **kw)
+    return edge
+
+
+def _solvate(topology: Any, qm_pos: np.ndarray, ff: Any, edge: float, s: BuildSettings) -> Any:
+    """An OpenMM Modeller: the solutes at ``qm_pos`` (nm) in a cubic box of ``edge`` nm filled with water."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
+    modeller = app.Modeller(topology, qm_pos * u.nanometer)
+    box = openmm.Vec3(edge, edge, edge) * u.nanometer
+    modeller.addSolvent(ff, model=s.water_model, neutralize=False, boxSize=box)
     if not any(r.name == "HOH" for r in modeller.topology.residues()):
         raise InputError(f"no water fits in the {edge:.2f} nm box around the solutes; enlarge the box")
+    return modeller
+
+
+def _mm_system(ff: Any, topology: Any, n_qm: int, s: BuildSettings) -> Any:
+    """The OpenMM System: PME, rigid water, the first ``n_qm`` (QM) atoms LJ-only with all QM-QM pairs excluded."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
     system = ff.createSystem(
-        modeller.topology,
+        topology,
         nonbondedMethod=app.PME,
         nonbondedCutoff=s.pme_cutoff * u.nanometer,
         constraints=None,
@@ -451,11 +515,23 @@ def build_system(
     for i in range(n_qm):
         for j in range(i + 1, n_qm):
             nb.addException(i, j, 0.0, 1.0, 0.0, replace=True)
+    return system
+
+
+def _equilibrated_positions(system: Any, modeller: Any, n_qm: int, s: BuildSettings, qm_charges: np.ndarray) -> Any:
+    """Positions (nm) after the NPT equilibration, which also sets ``modeller``'s box; as solvated for 0 ps."""
     positions = modeller.positions
     if s.equilibrate_ps > 0:
-        positions, box_vecs = _equilibrate_npt(system, modeller.topology, positions, n_qm, s, qm_mm_charges)
+        positions, box_vecs = _equilibrate_npt(system, modeller.topology, positions, n_qm, s, qm_charges)
         modeller.topology.setPeriodicBoxVectors(box_vecs)
-    box_rows = np.asarray(modeller.topology.getPeriodicBoxVectors().value_in_unit(u.nanometer))
+    return positions
+
+
+def _check_embedding(topology: Any, positions: Any, n_qm: int, s: BuildSettings) -> _Embedding:
+    """The final box's shortest lattice vector and the solutes' extent (nm); raises if they leave no unique images."""
+    import openmm.unit as u
+
+    box_rows = np.asarray(topology.getPeriodicBoxVectors().value_in_unit(u.nanometer))
     L = shortest_lattice_vector(box_rows)
     d_qm = largest_internal_distance(np.asarray(positions.value_in_unit(u.nanometer))[:n_qm])
     need = required_box_edge(s.cutoff, d_qm, WATER_EXTENT_NM)
@@ -464,28 +540,62 @@ def build_system(
             f"after the NPT equilibration the box ({L:.3f} nm) is below the {need:.3f} nm that a {s.cutoff} nm "
             "embedding needs for this solute; rebuild with a larger margin (BuildSettings.margin) or padding"
         )
-    (out / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
-    with open(out / "system.pdb", "w") as fh:
-        app.PDBFile.writeFile(modeller.topology, positions, fh, keepIds=True)
-    box = modeller.topology.getPeriodicBoxVectors().value_in_unit(u.nanometer)
+    return _Embedding(L, d_qm)
+
+
+def _write_system(folder: Path, system: Any, topology: Any, positions: Any) -> None:
+    """Writes ``system.xml`` (the OpenMM System) and ``system.pdb`` (topology, positions, box) to ``folder``."""
+    import openmm
+    import openmm.app as app
+
+    (folder / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
+    with open(folder / "system.pdb", "w") as fh:
+        app.PDBFile.writeFile(topology, positions, fh, keepIds=True)
+
+
+def _box_summary(system: Any, topology: Any) -> _BoxSummary:
+    """The final box edges (nm), its number of waters and the density (g/cm^3) of the system."""
+    import openmm.unit as u
+
+    box = topology.getPeriodicBoxVectors().value_in_unit(u.nanometer)
     box_nm = [float(box[0][0]), float(box[1][1]), float(box[2][2])]
-    n_waters = sum(1 for r in modeller.topology.residues() if r.name == "HOH")
+    n_waters = sum(1 for r in topology.residues() if r.name == "HOH")
     mass = sum(system.getParticleMass(i).value_in_unit(u.dalton) for i in range(system.getNumParticles()))
     vol_cm3 = box_nm[0] * box_nm[1] * box_nm[2] * 1e-21
-    density = mass / 6.02214076e23 / vol_cm3
-    from qmlmm.system import Frame
+    return _BoxSummary(box_nm, n_waters, mass / 6.02214076e23 / vol_cm3)
 
+
+def _qm_formula(mols: list[Any]) -> str:
+    """Hill formula of the QM region (all solute atoms), e.g. 'CH4O'."""
     zq = [a.GetAtomicNum() for mol in mols for a in mol.GetAtoms()]
-    formula = Frame(
+    n_qm = len(zq)
+    return Frame(
         numbers=zq,  # type: ignore[arg-type]
         positions=np.zeros((n_qm, 3)),
         is_qm=[True] * n_qm,  # type: ignore[arg-type]
         charges=np.zeros(n_qm),
         mol_ids=np.zeros(n_qm, dtype=int),
     ).qm_formula
-    meta = {
+
+
+def _meta(
+    solutes: list[SoluteSpec],
+    mols: list[Any],
+    charges: list[int],
+    fixed: _FixedCharges,
+    qm_charge: int,
+    formula: str,
+    embedding: _Embedding,
+    box: _BoxSummary,
+    s: BuildSettings,
+) -> dict[str, Any]:
+    """The contents of ``meta.json``: QM atoms, charge and multiplicity, solutes, LJ table, box, build settings."""
+    from rdkit import Chem
+
+    offsets = [int(x) for x in np.cumsum([0] + [m.GetNumAtoms() for m in mols])]
+    return {
         "qmlmm_version": __version__,
-        "qm_indices": list(range(n_qm)),
+        "qm_indices": list(range(offsets[-1])),
         "qm_charge": qm_charge,
         "qm_mult": s.multiplicity,
         "qm_formula": formula,
@@ -500,9 +610,9 @@ def build_system(
             }
             for k, sp in enumerate(solutes)
         ],
-        "solute_offsets": [int(x) for x in np.cumsum([0] + [m.GetNumAtoms() for m in mols])],
+        "solute_offsets": offsets,
         "lj_types": {
-            f"{a.GetSymbol()}{a.GetIdx() + 1}@Q{k:02d}": lj_type(
+            f"{a.GetSymbol()}{a.GetIdx() + 1}@{_residue_name(k)}": lj_type(
                 a.GetSymbol(), [n.GetSymbol() for n in a.GetNeighbors()]
             )
             for k, m in enumerate(mols)
@@ -510,29 +620,68 @@ def build_system(
         },
         "lj_table": {k: {"sigma_nm": v[0], "epsilon_kjmol": v[1]} for k, v in LJ_TABLE.items()},
         # fixed QM charges (e) used only in the MM-only stages (equilibration, water relaxation)
-        "qm_mm_charges": [round(float(x), 6) for x in qm_mm_charges],
-        "qm_mm_charge_models": [m for _, m in fixed],
+        "qm_mm_charges": [round(float(x), 6) for x in fixed.values],
+        "qm_mm_charge_models": fixed.models,
         # the embedding this box serves: unique images hold while the QM region's largest internal distance
         # stays below max_qm_extent_nm (labelling and MD refuse frames beyond it)
         "embedding_cutoff_nm": s.cutoff,
-        "max_qm_extent_nm": L - 2.0 * s.cutoff - WATER_EXTENT_NM,
-        "qm_extent_built_nm": d_qm,
+        "max_qm_extent_nm": embedding.shortest_nm - 2.0 * s.cutoff - WATER_EXTENT_NM,
+        "qm_extent_built_nm": embedding.qm_extent_nm,
         "water_model": s.water_model,
-        "n_waters": n_waters,
-        "box_nm": box_nm,
-        "density_g_cm3": density,
+        "n_waters": box.n_waters,
+        "box_nm": box.box_nm,
+        "density_g_cm3": box.density_g_cm3,
         "build": asdict(s),
     }
+
+
+def build_system(
+    solutes: list[SoluteSpec], out: str | Path, settings: BuildSettings | None = None, total_charge: int | None = None
+) -> BuiltSystem:
+    """Build the solvated QM/MM system and write it to the folder ``out``."""
+    s = settings or BuildSettings()
+    if not solutes:
+        raise InputError("give at least one solute (--smiles or --solute)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # the QM region: load the solutes, place them, charge them
+    mols = [_load_solute(sp, s.seed + k) for k, sp in enumerate(solutes)]
+    qm_pos = _place_solutes(solutes, mols, s)
+    n_qm = len(qm_pos)
+    topology = _solute_topology(mols)
+    charges = _solute_charges(solutes, mols)
+    fixed = _mm_stage_charges(mols, charges, s.qm_charges)
+    qm_charge = _total_qm_charge(mols, charges, total_charge, s.multiplicity)
+    # the MM system: force field, box, water, NPT equilibration with the solutes held
+    ff = _solute_force_field(mols, out)
+    edge = _choose_box_edge(qm_pos, s)
+    modeller = _solvate(topology, qm_pos, ff, edge, s)
+    system = _mm_system(ff, modeller.topology, n_qm, s)
+    positions = _equilibrated_positions(system, modeller, n_qm, s, fixed.values)
+    embedding = _check_embedding(modeller.topology, positions, n_qm, s)
+    # the output folder
+    _write_system(out, system, modeller.topology, positions)
+    box = _box_summary(system, modeller.topology)
+    formula = _qm_formula(mols)
+    meta = _meta(solutes, mols, charges, fixed, qm_charge, formula, embedding, box, s)
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info(
         "built %s: %s (charge %d) + %d waters, box %.2f nm, %.3f g/cm3",
         out,
         formula,
         qm_charge,
-        n_waters,
-        box_nm[0],
-        density,
+        box.n_waters,
+        box.box_nm[0],
+        box.density_g_cm3,
     )
     return BuiltSystem(
-        out, system.getNumParticles(), n_waters, list(range(n_qm)), qm_charge, formula, box_nm, density, meta
+        out,
+        system.getNumParticles(),
+        box.n_waters,
+        list(range(n_qm)),
+        qm_charge,
+        formula,
+        box.box_nm,
+        box.density_g_cm3,
+        meta,
     )
