@@ -269,7 +269,7 @@ def test_one_embedding_default_everywhere() -> None:
         assert (sig.parameters["cutoff"].default, sig.parameters["switch_width"].default) == want, cmd
     # md: no value means the default (a model brings its own)
     _, emb = cli._engine_for_md(None, "dftb3:3ob", 1, None, None)
-    assert (emb.cutoff, emb.switch_width) == want  # type: ignore[attr-defined]
+    assert (emb.cutoff, emb.switch_width) == want
     from qmlmm.workflows.label import label_dataset
 
     assert inspect.signature(label_dataset).parameters["embedding"].default is None  # -> EmbeddingSettings()

@@ -325,7 +325,9 @@ def _equilibrate_npt(
     for i in range(n_qm):
         hold.addParticle(i, list(pos_nm[i]))
     sys_eq.addForce(hold)
-    sys_eq.addForce(openmm.MonteCarloBarostat(1.0 * u.bar, 300.0 * u.kelvin, 25))
+    barostat = openmm.MonteCarloBarostat(1.0 * u.bar, 300.0 * u.kelvin, 25)
+    barostat.setRandomNumberSeed(openmm_seed(s.seed))  # its default, 0, draws a new seed every build
+    sys_eq.addForce(barostat)
     integ = openmm.LangevinMiddleIntegrator(300.0 * u.kelvin, 1.0 / u.picosecond, 2.0 * u.femtoseconds)
     integ.setRandomNumberSeed(openmm_seed(s.seed))
     sim = app.Simulation(topology, sys_eq, integ, openmm.Platform.getPlatformByName("CPU"), cpu_properties(s.threads))
