@@ -23,9 +23,13 @@ def shell() -> tuple[np.ndarray, ...]:
     return water_shell("water", n_waters=3, radius=0.3, seed=4)
 
 
-def test_smooth_embedding_forces_with_dft() -> None:
-    """With switched charges the frame forces include the switching term: still -dE/dR."""
-    eng = make_engine(SPECS["dft"][0])
+@pytest.mark.parametrize(("name", "h", "tol"), [("dft", 1e-4, 0.5), ("xtb", 2e-5, 0.02)])
+def test_smooth_embedding_forces(name: str, h: float, tol: float) -> None:
+    """With switched charges the frame forces include the switching term (dE/dq times the charges'
+    switching gradient): still -dE/dR on the atoms of molecules in the switching shell. xtb's dE/dq is
+    exact (qmlmm.engines.xtb_pcem; measured: within 0.002 kJ/mol/nm of FD); the potential of its atomic
+    charges by 1/r, used before, missed here by up to 2.8 kJ/mol/nm."""
+    eng = make_engine(SPECS[name][0])
     fr = cluster_frame("water", n_waters=5, radius=0.45, seed=3)
     s = EmbeddingSettings(cutoff=0.55, switch_width=0.3)
     lab, _ = label_frame(eng, fr, s)
@@ -34,7 +38,6 @@ def test_smooth_embedding_forces_with_dft() -> None:
     emb = select_embedding(fr, s)
     assert len(emb.switch_mm) >= 2  # molecules in the switching shell
     atoms = [int(emb.mm_index[emb.switch_mm[0]]), int(emb.mm_index[emb.switch_mm[1]]), 0]
-    h = 1e-4
     for a in atoms:
         for k in range(3):
             pos = fr.positions.copy()
@@ -46,7 +49,7 @@ def test_smooth_embedding_forces_with_dft() -> None:
             fm = fr.copy()
             fm.positions = pos
             em = label_frame(eng, fm, s)[0].energy
-            assert -(ep - em) / (2 * h) == pytest.approx(lab.forces[a, k], abs=0.5)
+            assert -(ep - em) / (2 * h) == pytest.approx(lab.forces[a, k], abs=tol), (a, k)
 
 
 def test_scf_not_converged_raises(shell: tuple[np.ndarray, ...]) -> None:

@@ -9,11 +9,13 @@ DFT and DFTB embedding are); at the 1.4 nm cutoff the difference is negligible.
 The gradient on the point charges is not exposed by the Python API; the bundled library's
 ``xtb_getPCGradient`` returns it and is called here through ctypes.
 
-dE/dq at the MM sites (for smooth embedding) is taken as the potential of xtb's atomic partial
-charges, sum_A q_A / |R_A - r_j|. It is an approximation: against finite differences in the charges
-it is 7 % off at 0.3 nm and still 6-8 % off for a water 1.1 nm away, in the switching region of a
-1.4 nm cutoff (GFN2-xTB, a water in TIP3P waters; tests/test_engine_contract.py), so the switching
-force of xtb/MM with smooth embedding carries that error (DFT and DFTB give dE/dq exactly).
+dE/dq at the MM sites (for smooth embedding): for GFN2 exact, the damped potential of xtb's shell
+charges with xtb's own kernel, the shell charges recovered from the point-charge gradient
+(:mod:`qmlmm.engines.xtb_pcem`; it matches finite differences in the charges to ~1e-7). The
+potential of the atomic charges by 1/r, used before, was 5-50 % off even beyond 1 nm, since for a
+neutral QM region the damping does not cancel between atoms of different hardness. For GFN1 (no
+parameters here) that 1/r potential is still used: 4-5 % off at 1.1 nm for a water, so GFN1/MM's
+switching force carries that error.
 """
 
 from __future__ import annotations
@@ -107,6 +109,21 @@ class XTBEngine(Engine):
             "point_charge_hardness": "element of the MM atom",
         }
 
+    def _potential_at_charges(
+        self, inp: QMMMInput, pos: np.ndarray, mm_pos: np.ndarray, gpc: np.ndarray, q: np.ndarray
+    ) -> np.ndarray:
+        """dE/dq at the MM sites (m,) kJ/mol/e from the converged calculation (positions in Bohr, ``gpc``
+        the point-charge gradient in Hartree/Bohr, ``q`` the atomic charges): exact for GFN2
+        (:mod:`qmlmm.engines.xtb_pcem`); for GFN1 the potential of the atomic charges by 1/r, which is
+        a few percent off (module docstring)."""
+        if self.method == "gfn2":
+            from qmlmm.engines.xtb_pcem import gfn2_potential_at_charges
+
+            phi = gfn2_potential_at_charges(inp.numbers, pos, inp.mm_numbers, mm_pos, inp.mm_charges, gpc, q)
+            return phi * KJMOL_PER_HARTREE
+        r = np.linalg.norm(mm_pos[:, None, :] - pos[None, :, :], axis=2)
+        return np.asarray((q[None, :] / r).sum(1) * KJMOL_PER_HARTREE)
+
     def _compute(self, inp: QMMMInput) -> EngineResult:
         from xtb.interface import Calculator, XTBException
         from xtb.libxtb import VERBOSITY_MUTED
@@ -142,10 +159,7 @@ class XTBEngine(Engine):
         if m:
             _xtb_libs()["xtb"].xtb_getPCGradient(_ptr(calc._env), _ptr(res._res), gpc.ctypes.data)
         q = res.get_charges()
-        potential = None
-        if inp.need_potential and m:
-            r = np.linalg.norm(mm_pos[:, None, :] - pos[None, :, :], axis=2)
-            potential = (q[None, :] / r).sum(1) * KJMOL_PER_HARTREE
+        potential = self._potential_at_charges(inp, pos, mm_pos, gpc, q) if inp.need_potential and m else None
         return EngineResult(
             energy=float(energy) * KJMOL_PER_HARTREE,
             qm_forces=-grad * KJMOLNM_PER_HARTREEBOHR,
