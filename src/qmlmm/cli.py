@@ -387,6 +387,61 @@ def learning_curve_cmd(
 
 
 @app.command()
+def active(
+    system: Annotated[Path, typer.Argument(help="System folder from qmlmm build.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run folder (one study; a rerun resumes it).")],
+    target: Annotated[str, typer.Option(help="Reference engine spec, e.g. dft:b3lyp/6-31g* or xtb:gfn2.")],
+    baseline: Annotated[str, typer.Option(help="Delta baseline engine spec, or none for a direct model.")] = (
+        "dftb3:3ob"
+    ),
+    budget: Annotated[int | None, typer.Option(help="Reference labels per arm in all.")] = None,
+    per_round: Annotated[int | None, typer.Option(help="New labels per round.")] = None,
+    until_energy_mae: Annotated[
+        float | None, typer.Option(help="Stop when the held-out energy MAE (kJ/mol) reaches this.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Dask workers for sampling runs and labels.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML with further settings (qmlmm.workflows.active.ActiveSettings; train:).")
+    ] = None,
+    random_control: Annotated[
+        bool | None, typer.Option(help="Also run the random-selection control with the same budget.")
+    ] = None,
+) -> None:
+    """Active learning: label the frames the ensemble is least sure of, round by round, against a random
+    control; writes RUN/active.json and RUN/active.png."""
+    from qmlmm.workflows.active import ActiveSettings, run_active
+
+    try:
+        d: dict = {}
+        if config is not None:
+            import yaml
+
+            loaded = yaml.safe_load(config.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise QMLMMError(f"{config}: an active-learning config must be a YAML mapping")
+            d.update(loaded)
+        flags = {"budget": budget, "per_round": per_round, "until_energy_mae": until_energy_mae,
+                 "workers": workers, "random_control": random_control}  # fmt: skip
+        d.update({k: v for k, v in flags.items() if v is not None})
+        d["target"], d["baseline"] = target, (None if baseline.lower() == "none" else baseline)
+        known = set(ActiveSettings.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise QMLMMError(f"unknown active-learning setting(s) {unknown}; known: {sorted(known)}")
+        rec = run_active(system, out, ActiveSettings(**d))
+    except (QMLMMError, FileNotFoundError) as e:
+        _fail(e)
+        return
+    for arm, pts in rec["arms"].items():
+        for p in pts:
+            typer.echo(
+                f"{arm:6s} {p['n_labels']:4d} labels: held-out E MAE {p['energy_mae']:.3f} kJ/mol, QM F MAE "
+                f"{p['qm_forces_mae']:.2f}, MM F MAE {p['mm_forces_mae']:.3f} kJ/mol/nm"
+            )
+    typer.echo(f"wrote {out}/active.json and active.png")
+
+
+@app.command()
 def build(
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder to write (system.xml, system.pdb, meta.json).")],
     smiles: Annotated[list[str] | None, typer.Option(help="Solute SMILES (repeat for several solutes).")] = None,

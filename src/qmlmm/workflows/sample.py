@@ -45,6 +45,23 @@ class SampleSettings:
     seed: int = 0
     threads: int = 1
     restraints_per_run: list[list[str]] | None = None  # run r uses entry r % len (e.g. umbrella windows)
+    temperatures: list[float] | None = None  # run r at entry r % len (default: temperature for every run)
+    # for an ML/MM sampler (engine "model:<file>"): a run whose ensemble spread passes this (kJ/mol) stops
+    # there and keeps the frames stored up to the stop (qmlmm active samples where the model is unsure)
+    max_uncertainty: float | None = None
+
+    def run_temperature(self, run: int) -> float:
+        """Temperature (K) of sampling run ``run``."""
+        return float(self.temperatures[run % len(self.temperatures)]) if self.temperatures else self.temperature
+
+
+def sampling_engine(spec: str, threads: int) -> Any:
+    """The engine of a sampling run: an engine spec, or ``model:<file>`` for ML/MM MD with a trained model."""
+    if spec.startswith("model:"):
+        from qmlmm.models import QMLMMModel
+
+        return QMLMMModel.load(spec[len("model:") :]).engine(threads)
+    return make_engine(spec, threads=threads)
 
 
 def _one_run(system_dir: str, s: SampleSettings, run: int, part: str) -> str:
@@ -55,43 +72,67 @@ def _one_run(system_dir: str, s: SampleSettings, run: int, part: str) -> str:
 
     msys = MDSystem.load(system_dir)
     seed = s.seed * 1000 + run
+    temp = s.run_temperature(run)
     msys.positions = freeze_qm_and_relax_water(
-        msys, steps=s.equil_steps, temperature=s.temperature, seed=seed, threads=s.threads
+        msys, steps=s.equil_steps, temperature=temp, seed=seed, threads=s.threads
     )
-    engine = make_engine(s.engine, threads=s.threads)
-    md = MDSettings(steps=s.steps, dt_fs=s.dt_fs, temperature=s.temperature, seed=seed, threads=s.threads)
+    engine = sampling_engine(s.engine, s.threads)
+    md = MDSettings(
+        steps=s.steps, dt_fs=s.dt_fs, temperature=temp, seed=seed, threads=s.threads, max_uncertainty=s.max_uncertainty
+    )
     emb = EmbeddingSettings(s.cutoff, s.switch_width)
     rs = []
     if s.restraints_per_run:
         from qmlmm.md.restraints import parse_restraint
 
         rs = [parse_restraint(t) for t in s.restraints_per_run[run % len(s.restraints_per_run)]]
-    sim, _ = make_simulation(msys, engine, emb, md, rs)
-    sim.context.setVelocitiesToTemperature(s.temperature * u.kelvin, openmm_seed(seed))
-    if s.qm_equil_steps:
-        sim.step(s.qm_equil_steps)
-    frames = []
-    for k in range(s.steps // s.every):
-        sim.step(s.every)
-        st = sim.context.getState(getPositions=True, enforcePeriodicBox=False)
-        pos = np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
-        box = np.asarray(st.getPeriodicBoxVectors(asNumpy=True).value_in_unit(u.nanometer))
-        step = (k + 1) * s.every
-        info: dict[str, float | int | str] = {
-            "run": run,
-            "step": step,
-            "time_ps": step * s.dt_fs / 1000.0,
-            "sampled_with": s.engine,
-        }
-        if rs:
-            from qmlmm.md.restraints import rc_value
-
-            info["restraint"] = rs[0].text()
-            info["rc_nm"] = rc_value(pos, rs[0], box)
-        fr = msys.frame(pos, box, info=info)
-        frames.append(trim_frame(fr, s.cutoff, s.margin))
+    sim, cb = make_simulation(msys, engine, emb, md, rs)
+    frames: list[Any] = []
+    try:  # the forces are evaluated from the velocities on, so a guarded run can stop at any point
+        sim.context.setVelocitiesToTemperature(temp * u.kelvin, openmm_seed(seed))
+        if s.qm_equil_steps:
+            sim.step(s.qm_equil_steps)
+        for k in range(s.steps // s.every):
+            sim.step(s.every)
+            frames.append(_stored_frame(sim, msys, s, rs, run, (k + 1) * s.every, temp))
+    except Exception:
+        # OpenMM passes the callback's stop on as its own exception: the callback says why
+        if s.max_uncertainty is None or cb is None or not (cb.stop_reason or "").startswith("model uncertainty"):
+            raise
+        # the geometry the ensemble was unsure of is the most informative candidate: kept, marked
+        step = int(sim.context.getStepCount())
+        frames.append(_stored_frame(sim, msys, s, rs, run, step, temp, stopped=True))
+        log.info("sampling run %d stopped at step %d (%d frames): %s", run, step, len(frames), cb.stop_reason)
     write_dataset(part, frames, overwrite=True).close()
     return part
+
+
+def _stored_frame(
+    sim: Any, msys: MDSystem, s: SampleSettings, rs: list[Any], run: int, step: int, temp: float, stopped: bool = False
+) -> Any:
+    """The simulation's current frame, trimmed to the QM region and its shell (positions nm), with its
+    info: run, step, time, temperature, sampler, restraint coordinate and, for a guarded sampler,
+    whether the run stopped here."""
+    import openmm.unit as u
+
+    st = sim.context.getState(getPositions=True, enforcePeriodicBox=False)
+    pos = np.asarray(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+    box = np.asarray(st.getPeriodicBoxVectors(asNumpy=True).value_in_unit(u.nanometer))
+    info: dict[str, float | int | str] = {
+        "run": run,
+        "step": step,
+        "time_ps": step * s.dt_fs / 1000.0,
+        "temperature_K": temp,
+        "sampled_with": s.engine,
+    }
+    if s.max_uncertainty is not None:
+        info["stopped"] = int(stopped)
+    if rs:
+        from qmlmm.md.restraints import rc_value
+
+        info["restraint"] = rs[0].text()
+        info["rc_nm"] = rc_value(pos, rs[0], box)
+    return trim_frame(msys.frame(pos, box, info=info), s.cutoff, s.margin)
 
 
 def sample(
