@@ -162,6 +162,9 @@ def test_xtb_dE_dq_refuses_unknown_elements_and_a_gradient_it_cannot_explain() -
     rng = np.random.default_rng(0)
     qm_z, qm_x = np.array([8, 1, 1]), rng.normal(size=(3, 3))
     mm_z, mm_x, mm_q = np.array([8, 1, 1] * 4), rng.normal(size=(12, 3)) * 6.0, np.tile([-0.834, 0.417, 0.417], 4)
+    # helium's s and p shells have one hardness (kappa_p = 0): merged, so a He atom is no rank problem
+    he = gfn2_potential_at_charges(np.array([2]), qm_x[:1], mm_z, mm_x, mm_q, np.zeros((12, 3)), np.zeros(1))
+    assert np.allclose(he, 0.0)
     with pytest.raises(EngineError, match=r"\[26\]"):
         gfn2_potential_at_charges(np.array([26, 1, 1]), qm_x, mm_z, mm_x, mm_q, np.zeros((12, 3)), np.zeros(3))
     # a gradient made by the kernel from known shell charges (O s, O p, H, H) is explained exactly ...

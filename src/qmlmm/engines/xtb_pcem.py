@@ -78,11 +78,13 @@ def _check_elements(numbers: np.ndarray, what: str) -> None:
 
 
 def _shells(numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(atom index (S,), hardness (S,) Hartree) of every GFN2 shell of the atoms ``numbers`` (n,)."""
+    """(atom index (S,), hardness (S,) Hartree) of the GFN2 shells of the atoms ``numbers`` (n,), shells
+    of one atom with equal hardness merged (their charges enter the kernel only as a sum, and the fit
+    could not tell them apart: He's s and p)."""
     atom, eta = [], []
     for a, z in enumerate(numbers):
         eta_a, kappas = _GFN2[int(z)]
-        for k in kappas:
+        for k in dict.fromkeys(kappas):
             atom.append(a)
             eta.append(eta_a * (1.0 + k))
     return np.asarray(atom, dtype=np.int64), np.asarray(eta)
