@@ -92,6 +92,11 @@ def test_active_study_records_errors_against_labels_for_both_arms(tiny_study: tu
     # both arms start from the same first labels and model, so their first points are identical
     assert rec["arms"]["active"][0] == rec["arms"]["random"][0]
     assert set(rec["baseline_alone"]) == {"energy", "qm_forces", "mm_forces"} and rec["heldout_frames"] > 0
+    # calibration: spread against true error on every held-out frame, per round, and its plot
+    assert set(rec["arms"]["active"][-1]["spread_error_spearman"]) == {"energy", "qm_forces"}
+    cal = json.loads((run / "active" / "round_00" / "calibration.json").read_text())
+    assert len(cal["energy"]["spread"]) == len(cal["energy"]["error"]) == rec["heldout_frames"]
+    assert min(cal["qm_forces"]["spread"]) > 0.0 and (run / "active_calibration.png").exists()
 
 
 def test_active_picks_are_the_most_uncertain_candidates_of_the_saved_model(

@@ -358,13 +358,49 @@ def _evaluated(folder: Path, model: Path, heldout: Path, n_labels: int) -> dict[
         tmp.write_text(json.dumps(m, indent=2))
         tmp.replace(p)
     m = json.loads(p.read_text())
-    point = {
+    cal = _calibration(folder, model, heldout)
+    return {
         "n_labels": n_labels,
         "energy_mae": m["model"]["energy"]["mae"],
         "qm_forces_mae": m["model"]["qm_forces"]["mae"],
         "mm_forces_mae": m["model"]["mm_forces"]["mae"],
+        "spread_error_spearman": {k: cal[k]["spearman"] for k in ("energy", "qm_forces")},
     }
-    return point
+
+
+def _calibration(folder: Path, model_path: Path, heldout: Path) -> dict[str, Any]:
+    """The ensemble's spread against its true error on the held-out frames (``folder/calibration.json``,
+    written once): per frame the energy spread and |energy error| (kJ/mol), and the largest QM-atom force
+    spread and force error (kJ/mol/nm), with Spearman's rank correlation of each pair (NaN for fewer
+    than 3 frames). A threshold on the spread is only as good as this correlation."""
+    p = folder / "calibration.json"
+    if p.exists():
+        return dict(json.loads(p.read_text()))
+    from scipy.stats import spearmanr
+
+    from qmlmm.data import Dataset
+    from qmlmm.models import QMLMMModel
+
+    model = QMLMMModel.load(model_path)
+    target = model.meta.target
+    with Dataset(heldout) as ds:
+        frames = [fr for fr in ds.frames() if target in fr.labels]
+    preds = model.predict_frames(frames, force_spread=True)
+    e_spread = [pr.energy_std for pr in preds]
+    e_err = [abs(pr.energy - fr.labels[target].energy) for pr, fr in zip(preds, frames, strict=True)]
+    f_spread, f_err = [], []
+    for pr, fr in zip(preds, frames, strict=True):
+        qm = fr.is_qm
+        f_err.append(float(np.linalg.norm(pr.forces[qm] - fr.labels[target].forces[qm], axis=1).max()))
+        f_spread.append(float(np.linalg.norm(pr.forces_std[qm], axis=1).max()) if pr.forces_std is not None else 0.0)
+    out: dict[str, Any] = {}
+    for key, sp, er in (("energy", e_spread, e_err), ("qm_forces", f_spread, f_err)):
+        rho = float(spearmanr(sp, er).statistic) if len(sp) >= 3 and np.ptp(sp) > 0 and np.ptp(er) > 0 else float("nan")
+        out[key] = {"spread": [float(x) for x in sp], "error": [float(x) for x in er], "spearman": rho}
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(p)
+    return out
 
 
 def _next_labels(
@@ -451,3 +487,25 @@ def _plot(out: Path, record: dict[str, Any]) -> None:
     base = record.get("baseline_alone")
     baseline = {f"{q}_mae": v for q, v in base.items()} if base else None
     learning_curve_plot(curves, out / "active.png", baseline=baseline, title="held-out error against labels")
+    last = sorted((out / "active").glob("round_*/calibration.json"))
+    if last:
+        _calibration_plot(json.loads(last[-1].read_text()), out / "active_calibration.png", last[-1].parent.name)
+
+
+def _calibration_plot(cal: dict[str, Any], path: Path, name: str) -> None:
+    """Spread against true error on the held-out frames, energy and QM forces, with Spearman's rho."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, (key, unit) in zip(axes, (("energy", "kJ/mol"), ("qm_forces", "kJ/mol/nm")), strict=True):
+        ax.scatter(cal[key]["spread"], cal[key]["error"], s=12)
+        ax.set_xlabel(f"ensemble spread ({unit})")
+        ax.set_ylabel(f"|error| ({unit})")
+        ax.set_title(f"{key}: Spearman rho {cal[key]['spearman']:.2f}", fontsize=10)
+    fig.suptitle(f"calibration of the active arm's {name} model on the held-out set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
