@@ -64,7 +64,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, li
     cfg = tmp / "active.yaml"
     cfg.write_text(
         "replicas: 2\ntemperatures: [300, 350]\nsteps: 40\nevery: 10\nequil_steps: 100\nheldout_runs: 1\n"
-        "cutoff: 0.8\ntrain: {ensemble: 2, epochs: 15, hidden: [8], patience: 10}\n"
+        "cutoff: 0.8\nmax_uncertainty: 50\ntrain: {ensemble: 2, epochs: 15, hidden: [8], patience: 10}\n"
     )
     args = ["active", str(tmp / "sys"), "--target", "xtb:gfn2", "--baseline", "dftb3:3ob", "--budget", "6"]
     args += ["--per-round", "3", "--workers", "0", "--config", str(cfg), "-o", str(tmp / "run")]
@@ -114,7 +114,11 @@ def test_active_picks_are_the_most_uncertain_candidates_of_the_saved_model(
     from qmlmm.data import Dataset
 
     with Dataset(rd / "candidates.h5") as ds:
-        assert all(str(fr.info["sampled_with"]).startswith("model:") for fr in ds.frames())
+        frames = ds.frames()
+    assert all(str(fr.info["sampled_with"]).startswith("model:") for fr in frames)
+    # the barely trained ensemble passes max_uncertainty (50 kJ/mol) early: the runs stopped there and kept
+    # the geometry of the stop as a candidate
+    assert any(int(fr.info["stopped"]) == 1 for fr in frames)
 
 
 def test_active_rerun_resumes_without_recomputing_and_refuses_other_settings(

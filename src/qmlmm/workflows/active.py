@@ -12,7 +12,8 @@ frame, :func:`qmlmm.workflows.label.label_dataset`):
 - ``active/round_NN/`` and ``random/round_NN/``: per round a model (``model.pt``) trained on the arm's
   labels so far (``train.h5``), its held-out errors, then new candidates and ``per_round`` new labels.
   *active*: candidates from ML/MM MD with the round's ensemble (``replicas`` runs spread over
-  ``temperatures``; a run that reaches ``max_uncertainty`` stops and keeps its frames up to there),
+  ``temperatures``; a run that fails part-way keeps its frames up to there, and with ``max_uncertainty``
+  a run stops at that ensemble spread, keeping the geometry it stopped at as a candidate),
   ranked by the ensemble's spread (energy, QM and MM forces, each as a rank) and picked greedily with
   at least ``min_gap_frames`` frames between two picks of one run (no near-duplicates). *random* (the
   control, same budget): candidates from sampler MD, picked uniformly at random.
@@ -67,7 +68,7 @@ class ActiveSettings:
     dt_fs: float = 0.5
     equil_steps: int = 500
     heldout_runs: int = 2
-    max_uncertainty: float = 50.0
+    max_uncertainty: float | None = None
     min_gap_frames: int = 2
     random_control: bool = True
     cutoff: float = DEFAULT_CUTOFF
@@ -90,7 +91,7 @@ class ActiveSettings:
             ("steps", self.steps >= self.every >= 1, "at least every >= 1"),
             ("heldout_runs", self.heldout_runs >= 1, "at least 1"),
             ("min_gap_frames", self.min_gap_frames >= 0, "at least 0"),
-            ("max_uncertainty", self.max_uncertainty > 0, "positive (kJ/mol)"),
+            ("max_uncertainty", self.max_uncertainty is None or self.max_uncertainty > 0, "positive (kJ/mol)"),
         ]
         for name, ok, need in checks:
             if not ok:
@@ -228,6 +229,7 @@ def _sample(system_dir: str | Path, folder: Path, s: ActiveSettings, engine: str
         threads=s.threads,
         temperatures=list(s.temperatures),
         max_uncertainty=s.max_uncertainty if engine.startswith("model:") else None,
+        keep_partial=engine.startswith("model:"),
     )
     tmp = folder / "candidates.partial.h5"
     sample(system_dir, tmp, ss, workers=min(s.workers, runs), progress=False)

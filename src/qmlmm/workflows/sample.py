@@ -49,6 +49,8 @@ class SampleSettings:
     # for an ML/MM sampler (engine "model:<file>"): a run whose ensemble spread passes this (kJ/mol) stops
     # there and keeps the frames stored up to the stop (qmlmm active samples where the model is unsure)
     max_uncertainty: float | None = None
+    # a run that fails part-way (an ML/MM run leaving the model's domain) keeps the frames stored before
+    keep_partial: bool = False
 
     def run_temperature(self, run: int) -> float:
         """Temperature (K) of sampling run ``run``."""
@@ -95,14 +97,16 @@ def _one_run(system_dir: str, s: SampleSettings, run: int, part: str) -> str:
         for k in range(s.steps // s.every):
             sim.step(s.every)
             frames.append(_stored_frame(sim, msys, s, rs, run, (k + 1) * s.every, temp))
-    except Exception:
+    except Exception as e:
         # OpenMM passes the callback's stop on as its own exception: the callback says why
-        if s.max_uncertainty is None or cb is None or not (cb.stop_reason or "").startswith("model uncertainty"):
+        reason = (cb.stop_reason if cb is not None else None) or f"{type(e).__name__}: {e}"
+        unsure = s.max_uncertainty is not None and reason.startswith("model uncertainty")
+        if not (unsure or (s.keep_partial and frames)):
             raise
-        # the geometry the ensemble was unsure of is the most informative candidate: kept, marked
         step = int(sim.context.getStepCount())
-        frames.append(_stored_frame(sim, msys, s, rs, run, step, temp, stopped=True))
-        log.info("sampling run %d stopped at step %d (%d frames): %s", run, step, len(frames), cb.stop_reason)
+        if unsure:  # the geometry the ensemble was unsure of is the most informative candidate: kept, marked
+            frames.append(_stored_frame(sim, msys, s, rs, run, step, temp, stopped=True))
+        log.warning("sampling run %d stopped at step %d (%d frames kept): %s", run, step, len(frames), reason)
     write_dataset(part, frames, overwrite=True).close()
     return part
 
@@ -125,7 +129,7 @@ def _stored_frame(
         "temperature_K": temp,
         "sampled_with": s.engine,
     }
-    if s.max_uncertainty is not None:
+    if s.max_uncertainty is not None or s.keep_partial:
         info["stopped"] = int(stopped)
     if rs:
         from qmlmm.md.restraints import rc_value
