@@ -139,3 +139,48 @@ def test_active_rerun_resumes_without_recomputing_and_refuses_other_settings(
     other = [a if a != "6" else "9" for a in args]  # another budget: another study
     res = CliRunner().invoke(app, other)
     assert res.exit_code != 0 and "other settings" in res.output and "budget" in res.output
+
+
+@pytest.mark.slow
+def test_active_study_killed_hard_resumes_with_nothing_labelled_twice(tmp_path: Path) -> None:
+    """kill -9 while the first model trains (sampling and the first labels done), then the same command:
+    the study finishes, the labels made before the kill are kept as they were, and the labels add up to
+    the budget (none made twice)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qmlmm.data import Dataset
+    from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
+
+    build_system([SoluteSpec(smiles="CO")], tmp_path / "sys", BuildSettings(cutoff=0.8, equilibrate_ps=1.0, threads=1))
+    cfg = tmp_path / "active.yaml"
+    cfg.write_text(
+        "replicas: 2\nsteps: 40\nevery: 10\nequil_steps: 100\nheldout_runs: 1\ncutoff: 0.8\nrandom_control: false\n"
+        "train: {ensemble: 2, epochs: 200, hidden: [8], patience: 200}\n"
+    )
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", "from qmlmm.cli import app; app()", "active", str(tmp_path / "sys"), "--target"]
+    cmd += ["xtb:gfn2", "--budget", "6", "--per-round", "3", "--workers", "0", "--config", str(cfg), "-o", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not list((run / "active" / "round_00").glob("model*ckpt*")) and time.time() - t0 < 600:
+        assert proc.poll() is None, "the study ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "active" / "round_00" / "model.pt").exists()  # killed inside the first training
+    with Dataset(run / "initial" / "labels.h5") as ds:
+        before = ds.energies("xtb")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with Dataset(run / "initial" / "labels.h5") as ds:
+        assert np.array_equal(ds.energies("xtb"), before, equal_nan=True)  # kept, not labelled again
+    rec = json.loads((run / "active.json").read_text())
+    done = 0
+    for lab in [run / "initial" / "labels.h5", *sorted((run / "active").glob("round_*/labels.h5"))]:
+        with Dataset(lab) as ds:
+            done += int((ds.status("xtb") == 1).sum())
+    assert done == rec["arms"]["active"][-1]["n_labels"] == 6
