@@ -132,3 +132,14 @@ def test_engines_report_qm_charges_that_add_up_to_the_qm_charge(spec: str, shell
     assert lab.charges is not None and lab.charges.shape == (len(fr.numbers),)
     assert np.allclose(lab.charges[fr.is_qm], np.asarray(r.info["qm_charges"]))
     assert np.all(np.isnan(lab.charges[~fr.is_qm]))
+
+
+def test_xtb_library_handles_load_in_a_fresh_process() -> None:
+    """The ctypes handle on libxtb (for the point-charge gradient) loads before any xtb calculator exists:
+    libxtb's bundled OpenBLAS is loaded first (without it: 'libopenblasp-... cannot open shared object')."""
+    import subprocess
+    import sys
+
+    code = "from qmlmm.engines.xtb import _xtb_libs; print(_xtb_libs()['xtb'] is not None)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr[-1000:]
