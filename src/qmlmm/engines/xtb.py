@@ -42,7 +42,7 @@ def _xtb_libs() -> dict[str, Any]:
     if not _LIBS:
         try:
             import xtb
-            import xtb.libxtb  # noqa: F401 - loads the bundled libraries libxtb needs (its OpenBLAS) first
+            import xtb.libxtb  # loads the bundled libraries libxtb needs (its OpenBLAS) first
         except ImportError as e:
             raise DependencyError("the xtb engine needs the PyPI package 'xtb' (pip install xtb)") from e
         libdir = os.path.join(os.path.dirname(xtb.__file__), "..", "xtb.libs")
