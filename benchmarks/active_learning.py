@@ -11,7 +11,8 @@ the random arm's final error (the first round at or below it) and their ratio. O
 script: the curves are noisy at these sizes, so repeat with ``--seed`` for run-to-run scatter.
 
 Run: ``.venv/bin/python benchmarks/active_learning.py [--budget 30] [--per-round 5] [--seed 0]``.
-Writes benchmarks/results/active_learning.{json,md,png} (the png: active.png of the run).
+Writes benchmarks/results/active_learning_seed<N>.{json,md,png} (the png: active.png of the run) and
+its calibration plot.
 """
 
 from __future__ import annotations
@@ -90,10 +91,11 @@ def main() -> None:
         "labels_to_reach_random_final": reach,
         "seconds": time.time() - t0,
     }
-    save_json("active_learning", result)
-    shutil.copy(work / "run" / "active.png", RESULTS / "active_learning.png")
+    name = f"active_learning_seed{args.seed}"
+    save_json(name, result)
+    shutil.copy(work / "run" / "active.png", RESULTS / f"{name}.png")
     if (work / "run" / "active_calibration.png").exists():
-        shutil.copy(work / "run" / "active_calibration.png", RESULTS / "active_learning_calibration.png")
+        shutil.copy(work / "run" / "active_calibration.png", RESULTS / f"{name}_calibration.png")
     md = [
         f"# Active learning vs random selection ({result['date']})",
         "",
@@ -121,12 +123,12 @@ def main() -> None:
         )
     md += ["", "Labels needed to reach the random arm's final held-out error:", ""]
     md += ["| quantity | target | active | random | active / random |", "|---|---|---|---|---|"]
-    for key, name, unit in QUANTITIES:
+    for key, label, unit in QUANTITIES:
         r = reach[key]
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        md.append(f"| {name} | {r['target']:.3f} {unit} | {r['active'] or 'not reached'} | {r['random']} | {ratio} |")
-    md += ["", f"Wall time {result['seconds'] / 60:.0f} min.", "", "![curves](active_learning.png)"]
-    save_markdown("active_learning", md)
+        md.append(f"| {label} | {r['target']:.3f} {unit} | {r['active'] or 'not reached'} | {r['random']} | {ratio} |")
+    md += ["", f"Wall time {result['seconds'] / 60:.0f} min.", "", f"![curves]({name}.png)"]
+    save_markdown(name, md)
 
 
 if __name__ == "__main__":
