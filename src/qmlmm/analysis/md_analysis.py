@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qmlmm.errors import AnalysisError, InputError, SchemaError
+from qmlmm.units import KB_KJMOL_PER_K
 
 if TYPE_CHECKING:
     import mdtraj
@@ -33,7 +34,7 @@ __all__ = [
     "read_dcd",
 ]
 
-KB = 0.00831446261815324  # kJ/mol/K
+KB = KB_KJMOL_PER_K  # kJ/mol/K
 
 
 def read_dcd(path: str | Path, stride: int = 1) -> tuple[np.ndarray, np.ndarray | None]:

@@ -26,6 +26,7 @@ from qmlmm.md.hmr import H_MASS_RANGE_AMU
 from qmlmm.md.qmforce import QMMMCallback, UncertainFrames, make_python_force
 from qmlmm.md.restraints import Restraint, add_restraints, rc_value
 from qmlmm.md.system import MDSystem, cpu_properties, engine_threads_beside_openmm, openmm_seed
+from qmlmm.units import KB_KJMOL_PER_K
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,6 @@ LOG_FIELDS = [
     "uncertainty_kjmol",
     "n_mm_embedded",
 ]
-KB_KJMOL_K = 0.00831446261815324  # Boltzmann constant, kJ/mol/K
 
 
 @dataclass
@@ -589,7 +589,7 @@ def _integrate(
                 el = time.perf_counter() - t0
                 nsday = done * s.dt_fs * 1e-6 / (el / 86400.0) if el > 0 else float("nan")
                 bar.update(n)
-                bar.set_postfix_str(f"{nsday:.3f} ns/day T={2 * ke / (dof * KB_KJMOL_K):.0f} K")
+                bar.set_postfix_str(f"{nsday:.3f} ns/day T={2 * ke / (dof * KB_KJMOL_PER_K):.0f} K")
                 if step % s.checkpoint_every < n or done >= remaining:
                     sim.saveCheckpoint(str(chk))
         finally:
@@ -609,7 +609,7 @@ def _log_row(
         pe,
         ke,
         pe + ke,
-        2 * ke / (dof * KB_KJMOL_K),
+        2 * ke / (dof * KB_KJMOL_PER_K),
         cb.last_energy if cb else float("nan"),
         cb.last_uncertainty if cb else float("nan"),
         cb.last_n_mm if cb else 0,
