@@ -133,6 +133,11 @@ def switch(d: np.ndarray, r_on: float, r_off: float) -> tuple[np.ndarray, np.nda
 _LATTICE_COMBOS = np.array([c for c in itertools.product((-1, 0, 1), repeat=3) if any(c)], dtype=np.float64)
 
 
+def box_heights(box: np.ndarray) -> np.ndarray:
+    """(3,) heights (nm) of the cell with box rows (3, 3): the distances between opposite faces."""
+    return np.asarray(abs(np.linalg.det(box)) / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1))
+
+
 def shortest_lattice_vector(box: np.ndarray) -> float:
     """Length (nm) of the shortest nonzero lattice vector of box rows (3, 3) (exact for reduced boxes,
     as OpenMM's, whose shortest vector is a combination with coefficients in {-1, 0, 1})."""
@@ -213,9 +218,7 @@ def make_qm_whole(positions: np.ndarray, box: np.ndarray | None) -> np.ndarray:
         return positions.copy()
     d = minimum_image(positions - positions[0], box)
     whole = positions[0] + d
-    half_height = (
-        0.5 * abs(np.linalg.det(box)) / np.max(np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1))
-    )
+    half_height = 0.5 * float(box_heights(box).min())
     if np.max(np.linalg.norm(d, axis=1)) > half_height:
         raise InputError(
             f"QM region extends {np.max(np.linalg.norm(d, axis=1)):.2f} nm, more than half the box "
@@ -318,7 +321,7 @@ def _check_cutoff_within_half_box(rc: float, box: np.ndarray | None) -> None:
     """Raise InputError when the cutoff (nm) exceeds half the smallest height of the box (3, 3) nm."""
     if box is None:
         return
-    heights = abs(np.linalg.det(box)) / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
+    heights = box_heights(box)
     if rc > 0.5 * heights.min():
         raise InputError(
             f"embedding cutoff {rc} nm exceeds half the box height ({0.5 * heights.min():.2f} nm): "
@@ -426,9 +429,7 @@ def trim_frame(frame: Frame, cutoff: float, margin: float) -> Frame:
     """
     rc = cutoff + margin
     if frame.box is not None:
-        box = frame.box
-        heights = abs(np.linalg.det(box)) / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
-        rc = max(cutoff, min(rc, 0.5 * float(heights.min()) - 1e-6))
+        rc = max(cutoff, min(rc, 0.5 * float(box_heights(frame.box).min()) - 1e-6))
     select_embedding(frame, EmbeddingSettings(cutoff=cutoff, switch_width=0.0))  # raises for ambiguous images
     emb = select_embedding(frame, EmbeddingSettings(cutoff=rc, switch_width=0.0), check_images=False)
     idx = np.concatenate([emb.qm_index, emb.mm_index])
