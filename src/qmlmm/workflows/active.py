@@ -191,20 +191,26 @@ def run_active(system_dir: str | Path, out: str | Path, s: ActiveSettings, progr
     return record
 
 
+def _write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, atomically (:func:`qmlmm.fileio.atomic_path`)."""
+    from qmlmm.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
+
+
 def _check_settings(out: Path, s: ActiveSettings) -> None:
     """Record the settings in ``out/settings.json``; a rerun with other settings is refused (it would mix
     frames chosen under different rules)."""
     p = out / "settings.json"
-    want = asdict(s)
-    if p.exists():
-        have = json.loads(p.read_text())
-        if have != json.loads(json.dumps(want)):
-            diff = sorted(k for k in want if have.get(k) != json.loads(json.dumps(want))[k])
-            raise InputError(f"{out} holds an active-learning run with other settings ({diff}); use another -o")
+    want = json.loads(json.dumps(asdict(s)))  # as it reads back (tuples as lists)
+    if not p.exists():
+        _write_json(p, want)
         return
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(want, indent=2))
-    tmp.replace(p)
+    have = json.loads(p.read_text())
+    if have != want:
+        diff = sorted(k for k in want if have.get(k) != want[k])
+        raise InputError(f"{out} holds an active-learning run with other settings ({diff}); use another -o")
 
 
 def _sample(system_dir: str | Path, folder: Path, s: ActiveSettings, engine: str, runs: int, seed: int) -> Path:
@@ -231,10 +237,7 @@ def _sample(system_dir: str | Path, folder: Path, s: ActiveSettings, engine: str
         max_uncertainty=s.max_uncertainty if engine.startswith("model:") else None,
         keep_partial=engine.startswith("model:"),
     )
-    tmp = folder / "candidates.partial.h5"
-    sample(system_dir, tmp, ss, workers=min(s.workers, runs), progress=False)
-    tmp.replace(path)
-    return path
+    return sample(system_dir, path, ss, workers=min(s.workers, runs), progress=False)  # written whole, at the end
 
 
 def _label(candidates: Path, folder: Path, s: ActiveSettings, frames: list[int] | None) -> Path:
@@ -307,20 +310,21 @@ def _merged(sources: list[tuple[Path, list[int]]], out: Path) -> Path:
                 fr = ds.frame(i)
                 fr.info = {**fr.info, "run": 1000 * k + int(fr.info.get("run", 0))}
                 frames.append(fr)
-    tmp = out.with_suffix(".partial.h5")
+    from qmlmm.fileio import atomic_path
+
     labels = [fr.labels for fr in frames]
     for fr in frames:
         fr.labels = {}
-    ds = write_dataset(tmp, frames, overwrite=True)
-    try:
-        for name, info in levels.items():
-            ds.add_level(name, info.method, info.settings, info.versions)
-            for i, lab in enumerate(labels):
-                if name in lab:
-                    ds.write_label(name, i, lab[name], flush=False)
-    finally:
-        ds.close()
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        ds = write_dataset(tmp, frames, overwrite=True)
+        try:
+            for name, info in levels.items():
+                ds.add_level(name, info.method, info.settings, info.versions)
+                for i, lab in enumerate(labels):
+                    if name in lab:
+                        ds.write_label(name, i, lab[name], flush=False)
+        finally:
+            ds.close()
     return out
 
 
@@ -355,10 +359,7 @@ def _evaluated(folder: Path, model: Path, heldout: Path, n_labels: int) -> dict[
 
     p = folder / "heldout.json"
     if not p.exists():
-        m = evaluate_model(model, heldout, out_dir=folder / "heldout").metrics
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(m, indent=2))
-        tmp.replace(p)
+        _write_json(p, evaluate_model(model, heldout, out_dir=folder / "heldout").metrics)
     m = json.loads(p.read_text())
     cal = _calibration(folder, model, heldout)
     return {
@@ -399,9 +400,7 @@ def _calibration(folder: Path, model_path: Path, heldout: Path) -> dict[str, Any
     for key, sp, er in (("energy", e_spread, e_err), ("qm_forces", f_spread, f_err)):
         rho = float(spearmanr(sp, er).statistic) if len(sp) >= 3 and np.ptp(sp) > 0 and np.ptp(er) > 0 else float("nan")
         out[key] = {"spread": [float(x) for x in sp], "error": [float(x) for x in er], "spearman": rho}
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(p)
+    _write_json(p, out)
     return out
 
 
@@ -416,9 +415,7 @@ def _next_labels(
     picks_path = folder / "picks.json"
     if not picks_path.exists():
         picks = _uncertain_picks(cand, model, s, k) if arm == "active" else _random_picks(cand, s, r, k)
-        tmp = picks_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(picks))
-        tmp.replace(picks_path)
+        _write_json(picks_path, picks)
     return _label(cand, folder, s, json.loads(picks_path.read_text()))
 
 
@@ -466,9 +463,7 @@ def _write_record(out: Path, record: dict[str, Any], heldout: Path, s: ActiveSet
             b = m["baseline_alone"]
             record["baseline_alone"] = {q: b[q]["mae"] for q in ("energy", "qm_forces", "mm_forces")}
     record["heldout_frames"] = _n_frames(heldout)
-    tmp = out / "active.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(out / "active.json")
+    _write_json(out / "active.json", record)
 
 
 def _n_frames(path: Path) -> int:
