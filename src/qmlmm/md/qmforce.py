@@ -116,6 +116,7 @@ class QMMMCallback:
         self.last_uncertainty = float("nan")
         self.last_n_mm = 0
         self.stop_reason: str | None = None
+        self.stopped_unsure = False  # the stop was the ensemble spread passing max_uncertainty
         self._frame = system.frame()
         self._frame.validate()
 
@@ -147,6 +148,7 @@ class QMMMCallback:
                     f"model uncertainty {self.last_uncertainty:.2f} kJ/mol exceeds the threshold "
                     f"{self.max_uncertainty:.2f} kJ/mol"
                 )
+                self.stopped_unsure = True
                 raise MDStopError(self.stop_reason)
             if self.fallback == "baseline":
                 res = self.engine.last_baseline  # type: ignore[attr-defined]

@@ -100,7 +100,7 @@ def _one_run(system_dir: str, s: SampleSettings, run: int, part: str) -> str:
     except Exception as e:
         # OpenMM passes the callback's stop on as its own exception: the callback says why
         reason = (cb.stop_reason if cb is not None else None) or f"{type(e).__name__}: {e}"
-        unsure = s.max_uncertainty is not None and reason.startswith("model uncertainty")
+        unsure = cb is not None and cb.stopped_unsure
         if not (unsure or (s.keep_partial and frames)):
             raise
         step = int(sim.context.getStepCount())
