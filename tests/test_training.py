@@ -204,6 +204,10 @@ def test_train_resumes_after_interruption(syn: Path, tmp_path: Path) -> None:
     hist = json.loads((tmp_path / "r.history.json").read_text())[0]
     assert [h["epoch"] for h in hist] == list(range(1, len(hist) + 1))  # no epoch lost or repeated
     assert len(hist) >= epoch_at_kill and out.exists() and not ckpt.exists()
+    # the training, validation and test MAEs are reported side by side, as the metrics file has them
+    m = json.loads((tmp_path / "r.metrics.json").read_text())
+    assert "MAE on the training, validation and test frames" in r.stdout
+    assert f"{m['train']['qm_forces']['mae']:.4g}" in r.stdout and f"{m['valid']['energy']['mae']:.4g}" in r.stdout
 
 
 def test_learning_curve_cli(syn: Path, tmp_path: Path) -> None:
@@ -356,3 +360,24 @@ def test_validation_loss_is_the_training_loss_of_the_whole_validation_set(syn: P
     m = compute_metrics(collect_predictions(model, items, torch.float64))
     for k in ("energy", "qm_forces", "mm_forces"):
         assert mae[k] == pytest.approx(m[k]["mae"], rel=1e-9), k  # type: ignore[index]
+
+
+def test_weight_decay_shrinks_the_weights_and_zero_is_plain_adam(syn: Path, tmp_path: Path) -> None:
+    """Decoupled weight decay (AdamW) gives smaller network weights than none on the same data and seed;
+    ``weight_decay: 0`` is the plain Adam of before (same numbers); a negative value is refused."""
+    from qmlmm.training.trainer import _optimizer
+
+    with pytest.raises(InputError, match="weight_decay"):
+        TrainConfig(weight_decay=-1e-3)
+    base = TrainConfig(target="ref", ensemble=1, epochs=6, **{**FAST, "patience": 100})  # type: ignore[arg-type]
+    data = load_training_data(syn, "ref", split=base.split_settings)
+
+    def weight_norm(cfg: TrainConfig, name: str) -> float:
+        model = train(data, cfg, tmp_path / name, progress=False).model
+        sd = model.ensemble.members[0].state_dict()
+        return float(sum((v.double() ** 2).sum() for k, v in sd.items() if k.endswith("weight")) ** 0.5)
+
+    assert type(_optimizer(torch.nn.Linear(2, 2), base)) is torch.optim.Adam
+    plain = weight_norm(base, "plain.pt")
+    decayed = weight_norm(replace(base, weight_decay=0.5), "decayed.pt")
+    assert decayed < 0.97 * plain

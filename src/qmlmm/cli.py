@@ -270,10 +270,27 @@ def train(
         _fail(e)
         return
     _print_metrics(res.metrics, f"test set of {data.name}", res.metrics.get("test"))
+    _print_split_maes(res.metrics)
     typer.echo(
         f"model: {res.path} ({res.model.describe()}); trained in {res.seconds:.0f} s "
         f"({res.frames_per_second:.1f} frames/s); metrics and parity plot next to it"
     )
+
+
+def _print_split_maes(metrics: dict) -> None:
+    """MAE of each quantity on the training, validation and test frames, side by side (a training error far
+    below the validation error says the model memorises; both high, that it cannot represent the target)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    parts = [p for p in ("train", "valid", "test") if metrics.get(p)]
+    tab = Table(title="MAE on the training, validation and test frames")
+    for col in ("quantity", *parts, "unit"):
+        tab.add_column(col)
+    for label, key, unit in (("energy", "energy", "kJ/mol"), ("QM forces", "qm_forces", "kJ/mol/nm"),
+                             ("MM forces", "mm_forces", "kJ/mol/nm")):  # fmt: skip
+        tab.add_row(label, *(f"{metrics[p][key]['mae']:.4g}" for p in parts), unit)
+    Console(width=120).print(tab)
 
 
 def _print_metrics(meta: dict, title: str, m: dict | None, base: dict | None = None) -> None:

@@ -22,7 +22,8 @@ class TrainConfig:
     ``electrostatics`` [charges] (predicted QM charges in the exact MM potential, or none) with
     ``charge_hidden`` [16] layers per element (the charges add up to the QM charge for direct models,
     to zero for delta models).
-    Optimisation: Adam, ``lr`` [1e-3], ReduceLROnPlateau by ``lr_factor`` [0.5] after ``lr_patience``
+    Optimisation: Adam, ``lr`` [1e-3], decoupled ``weight_decay`` per step (AdamW; 0 is plain Adam)
+    [0], ReduceLROnPlateau by ``lr_factor`` [0.5] after ``lr_patience``
     [25] epochs without validation improvement, down to ``lr_min`` [1e-5]; early stop after
     ``patience`` [80] epochs; at most ``epochs`` [600]; ``batch_size`` frames [8].
     Loss: each term's mean squared error divided by the variance of that target on the training
@@ -46,6 +47,7 @@ class TrainConfig:
     epochs: int = 600
     batch_size: int = 8
     lr: float = 1e-3
+    weight_decay: float = 0.0
     lr_factor: float = 0.5
     lr_patience: int = 25
     lr_min: float = 1e-5
@@ -86,7 +88,7 @@ class TrainConfig:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not 0 < self.lr_factor < 1 or self.lr_min < 0:
             raise InputError(f"lr_factor must lie in (0, 1) and lr_min be >= 0, got {self.lr_factor}, {self.lr_min}")
-        for name in ("w_energy", "w_qm_forces", "w_mm_forces", "w_charges"):
+        for name in ("w_energy", "w_qm_forces", "w_mm_forces", "w_charges", "weight_decay"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_train_frames is not None and self.max_train_frames < 1:

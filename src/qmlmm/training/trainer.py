@@ -313,6 +313,13 @@ class _Member:
         }
 
 
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW (decoupled weight decay on every parameter) when ``cfg.weight_decay`` > 0."""
+    if cfg.weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
 def _start_member(k: int, mcfg: ModelConfig, st: _Stats, cfg: TrainConfig, dtype: torch.dtype, device: str,
                   current: dict[str, Any] | None) -> _Member:  # fmt: skip
     """Member ``k``: fresh (seeded, scaled by the training statistics) or, given the checkpoint's
@@ -326,7 +333,7 @@ def _start_member(k: int, mcfg: ModelConfig, st: _Stats, cfg: TrainConfig, dtype
     if mcfg.electrostatics == "charges":
         model.q_shift.copy_(st.q_shift)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience,
                                                        min_lr=cfg.lr_min)  # fmt: skip
     m = _Member(model, opt, sched, np.random.default_rng(cfg.seed * 1000 + k))
