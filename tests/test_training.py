@@ -381,3 +381,39 @@ def test_weight_decay_shrinks_the_weights_and_zero_is_plain_adam(syn: Path, tmp_
     plain = weight_norm(base, "plain.pt")
     decayed = weight_norm(replace(base, weight_decay=0.5), "decayed.pt")
     assert decayed < 0.97 * plain
+
+
+def test_cosine_schedule_follows_half_a_cosine_and_resumes_on_it(
+    syn: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lr_schedule: cosine`` lowers the rate from lr to lr_min along half a cosine over the epochs, whatever
+    the validation loss does; a run interrupted part-way resumes on the same curve (the schedule is in the
+    checkpoint). An unknown schedule is refused when the config is made."""
+    import math
+
+    import qmlmm.training.trainer as trainer
+
+    with pytest.raises(InputError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+    cfg = TrainConfig(target="ref", ensemble=1, epochs=8, lr_schedule="cosine", lr_min=1e-4,
+                      **{**FAST, "patience": 100})  # type: ignore[arg-type]  # fmt: skip
+    want = [cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * e / cfg.epochs)) for e in range(1, 9)]
+    data = load_training_data(syn, "ref", split=cfg.split_settings)
+    assert [h["lr"] for h in train(data, cfg, tmp_path / "whole.pt", progress=False).history[0]] == pytest.approx(
+        want, rel=1e-9
+    )
+    real_epoch, calls = trainer._train_epoch, []
+
+    def interrupted(*args: object, **kw: object) -> tuple[float, int]:
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, cfg, tmp_path / "cut.pt", progress=False)
+    monkeypatch.setattr(trainer, "_train_epoch", real_epoch)
+    resumed = train(data, cfg, tmp_path / "cut.pt", progress=False)
+    assert [h["epoch"] for h in resumed.history[0]] == list(range(1, 9))
+    assert [h["lr"] for h in resumed.history[0]] == pytest.approx(want, rel=1e-9)

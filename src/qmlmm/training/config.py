@@ -9,7 +9,10 @@ from typing import Any
 from qmlmm.data.training_set import SplitSettings
 from qmlmm.errors import InputError
 
-__all__ = ["TrainConfig", "load_config"]
+__all__ = ["LR_SCHEDULES", "TrainConfig", "load_config"]
+
+#: how the learning rate falls during training (TrainConfig.lr_schedule)
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 @dataclass
@@ -23,8 +26,9 @@ class TrainConfig:
     ``charge_hidden`` [16] layers per element (the charges add up to the QM charge for direct models,
     to zero for delta models).
     Optimisation: Adam, ``lr`` [1e-3], decoupled ``weight_decay`` per step (AdamW; 0 is plain Adam)
-    [0], ReduceLROnPlateau by ``lr_factor`` [0.5] after ``lr_patience``
-    [25] epochs without validation improvement, down to ``lr_min`` [1e-5]; early stop after
+    [0]; ``lr_schedule`` [plateau]: ``plateau`` lowers the rate by ``lr_factor`` [0.5] after
+    ``lr_patience`` [25] epochs without validation improvement, down to ``lr_min`` [1e-5]; ``cosine``
+    lowers it from ``lr`` to ``lr_min`` along half a cosine over ``epochs``; early stop after
     ``patience`` [80] epochs; at most ``epochs`` [600]; ``batch_size`` frames [8].
     Loss: each term's mean squared error divided by the variance of that target on the training
     set, weighted by ``w_energy`` (per atom) [1], ``w_qm_forces`` [1], ``w_mm_forces`` [1].
@@ -48,6 +52,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: str = "plateau"
     lr_factor: float = 0.5
     lr_patience: int = 25
     lr_min: float = 1e-5
@@ -69,6 +74,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.dtype not in ("float32", "float64"):
             raise InputError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.ensemble < 1 or self.epochs < 1 or self.batch_size < 1:

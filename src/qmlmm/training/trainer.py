@@ -320,6 +320,22 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+    """The learning-rate schedule of ``cfg.lr_schedule``, stepped once per epoch (:func:`_step_schedule`)."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr_min)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience,
+                                                      min_lr=cfg.lr_min)  # fmt: skip
+
+
+def _step_schedule(sched: Any, valid_loss: float) -> None:
+    """One epoch's step of the schedule: the plateau rule reads the validation loss, a fixed one does not."""
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        sched.step(valid_loss)
+    else:
+        sched.step()
+
+
 def _start_member(k: int, mcfg: ModelConfig, st: _Stats, cfg: TrainConfig, dtype: torch.dtype, device: str,
                   current: dict[str, Any] | None) -> _Member:  # fmt: skip
     """Member ``k``: fresh (seeded, scaled by the training statistics) or, given the checkpoint's
@@ -334,8 +350,7 @@ def _start_member(k: int, mcfg: ModelConfig, st: _Stats, cfg: TrainConfig, dtype
         model.q_shift.copy_(st.q_shift)
     model.to(device)
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience,
-                                                       min_lr=cfg.lr_min)  # fmt: skip
+    sched = _scheduler(opt, cfg)
     m = _Member(model, opt, sched, np.random.default_rng(cfg.seed * 1000 + k))
     if current is not None:
         model.load_state_dict(current["model"])
@@ -376,7 +391,7 @@ def _train_member(m: _Member, tr_items: Sequence[FrameTensors], va_items: Sequen
         # the training loss on the validation set (the model stays in training mode, which only keeps its
         # charges for the charge term: an HDNNP has no dropout or batch statistics)
         vloss, vmae = _validation(m.model, va_items, st, cfg, dtype, device)
-        m.sched.step(vloss)
+        _step_schedule(m.sched, vloss)
         lr = m.opt.param_groups[0]["lr"]
         m.epoch += 1
         m.hist.append({
