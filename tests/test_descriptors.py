@@ -482,5 +482,37 @@ def test_a_batch_without_mm_atoms_has_zero_mm_features_and_pairs_on_the_batch_de
     assert torch.isfinite(x).all() and float(x[:, mm_cols].abs().max()) == 0.0
     assert torch.equal(x[:, names.index("MM |field|")], torch.full((len(x),), CFG.field_epsilon, dtype=x.dtype))
     assert float(x.abs().max()) > 0.1  # the QM columns are there
-    i, j = pairs_from_blocks([], 0.8, torch.device("meta"))
+    i, j = pairs_from_blocks(None, 0.8, torch.device("meta"))
     assert i.device.type == "meta" and j.device.type == "meta" and len(i) == 0
+
+
+def test_padded_qm_mm_block_equals_each_frame_alone() -> None:
+    """One padded block for a batch (frames of unequal size, one without MM atoms) gives every frame the
+    potential, field, shortest QM distance and short-range pair list it has alone, by the definitions."""
+    from qmlmm.descriptors.qm_mm import pairs_from_blocks, potential_and_field, qm_mm_blocks, shortest_qm_distance
+
+    a, c = _item(seed=1, n_waters=8), _item(seed=5, n_waters=3, radius=0.3)
+    vac = dataclasses.replace(c, mm_pos=c.mm_pos[:0], mm_q=c.mm_q[:0], mm_mol=c.mm_mol[:0])
+    items = [a, vac, c]
+    b = _batch(items)
+    blk = qm_mm_blocks(b)
+    phi, field = potential_and_field(b, b.mm_q, blk)
+    dmin = shortest_qm_distance(b, blk)
+    pi, pj = pairs_from_blocks(blk, 0.5, b.qm_pos.device)
+    q0 = m0 = 0
+    for it in items:
+        nq, nm = len(it.qm_z), len(it.mm_q)
+        vec = it.qm_pos[:, None, :] - it.mm_pos[None, :, :]
+        r = np.linalg.norm(vec, axis=-1)
+        np.testing.assert_allclose(phi[q0 : q0 + nq].numpy(), (it.mm_q / r).sum(1), rtol=1e-12, atol=1e-12)
+        want_field = (vec * (it.mm_q / r**3)[:, :, None]).sum(1)
+        np.testing.assert_allclose(field[q0 : q0 + nq].numpy(), want_field, rtol=1e-10, atol=1e-10)
+        if nm:
+            np.testing.assert_allclose(dmin[m0 : m0 + nm].numpy(), r.min(0), rtol=1e-12)
+        ii, jj = np.nonzero(r < 0.5)
+        sel = (pi >= q0) & (pi < q0 + nq)
+        assert sorted(zip((pi[sel] - q0).tolist(), (pj[sel] - m0).tolist(), strict=True)) == sorted(
+            zip(ii.tolist(), jj.tolist(), strict=True)
+        )
+        q0, m0 = q0 + nq, m0 + nm
+    assert bool(torch.all(pi[1:] >= pi[:-1]))  # sorted by QM atom, as the terms need

@@ -149,7 +149,7 @@ class ACSF(nn.Module):
         return self.zmap[z]
 
     def neighbours(
-        self, b: FrameBatch, mm_weight: torch.Tensor | None = None, blocks: list[QMMMBlock] | None = None
+        self, b: FrameBatch, mm_weight: torch.Tensor | None = None, blocks: QMMMBlock | None = None
     ) -> Neighbours:
         """The neighbour lists every term reads, for batch ``b`` (``mm_weight`` (Nm,) scales the charges)."""
         cfg = self.cfg
@@ -185,12 +185,12 @@ class ACSF(nn.Module):
         return self.features_and_potential(b, mm_weight)[0]
 
     def features_and_potential(
-        self, b: FrameBatch, mm_weight: torch.Tensor | None = None, blocks: list[QMMMBlock] | None = None
+        self, b: FrameBatch, mm_weight: torch.Tensor | None = None, blocks: QMMMBlock | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features (Nq, n_features) and, for undamped long-range terms, the exact potential of the
         embedded (switched) charges at every QM atom, sum_J q_J / r_iJ (Nq,) in e/nm (else None).
 
-        ``blocks``: the batch's dense QM-MM distances (:func:`qmlmm.descriptors.qm_mm.qm_mm_blocks`) when
+        ``blocks``: the batch's padded QM-MM distances (:func:`qmlmm.descriptors.qm_mm.qm_mm_blocks`) when
         the caller has them already (the switching weights need them too); computed here otherwise."""
         nb = self.neighbours(b, mm_weight, blocks)
         x = torch.cat([term(nb) for term in self.terms], dim=1)

@@ -26,27 +26,22 @@ def pairs_within(
     Args:
         pos_a (Na, 3), frame_a (Na,), pos_b (Nb, 3), frame_b (Nb,): positions and frame indices.
         exclude_self: the sets are the same; drop i == j.
-    Returns index tensors i (P,), j (P,), sorted by i.
+    Returns index tensors i (P,), j (P,), sorted by i (within an i, by j). All frames at once: each frame's
+    atoms in padded slots (:func:`qmlmm.descriptors.qm_mm.frame_slots`), one (B, Wa, Wb) distance block.
     """
-    dev = pos_a.device
-    out_i, out_j = [], []
+    from qmlmm.descriptors.qm_mm import frame_slots
+
     n_frames = int(max(frame_a.max().item() if len(frame_a) else -1, frame_b.max().item() if len(frame_b) else -1)) + 1
-    for f in range(n_frames):
-        ia = torch.nonzero(frame_a == f).flatten()
-        ib = torch.nonzero(frame_b == f).flatten()
-        if len(ia) == 0 or len(ib) == 0:
-            continue
-        d = torch.cdist(pos_a[ia], pos_b[ib])
-        mask = d < cutoff
-        if exclude_self:
-            mask &= ia[:, None] != ib[None, :]
-        ii, jj = torch.nonzero(mask, as_tuple=True)
-        out_i.append(ia[ii])
-        out_j.append(ib[jj])
-    if not out_i:
-        e = torch.zeros(0, dtype=torch.long, device=dev)
+    if n_frames == 0 or len(frame_a) == 0 or len(frame_b) == 0:
+        e = torch.zeros(0, dtype=torch.long, device=pos_a.device)
         return e, e.clone()
-    i, j = torch.cat(out_i), torch.cat(out_j)
+    ia, ma = frame_slots(frame_a, n_frames)
+    ib, mb = frame_slots(frame_b, n_frames)
+    mask = (torch.cdist(pos_a[ia], pos_b[ib]) < cutoff) & ma[:, :, None] & mb[:, None, :]
+    if exclude_self:
+        mask &= ia[:, :, None] != ib[:, None, :]
+    f, a, c = torch.nonzero(mask, as_tuple=True)
+    i, j = ia[f, a], ib[f, c]
     order = torch.sort(i, stable=True).indices
     return i[order], j[order]
 

@@ -1,12 +1,18 @@
-"""Every QM-MM distance of a batch once, as one dense block per frame.
+"""Every QM-MM distance of a batch once, as one dense block padded over its frames.
 
 A frame's QM region (~50 atoms) sees a few thousand embedded charges, and four parts of the model need
 their distances: the switching weights (each MM atom's shortest distance to a QM atom), the exact
 potential and field of the charges at the QM atoms (every pair), and the short-range MM terms of the
-descriptor (the pairs within ~0.8 nm). One dense (Nq_f, Nm_f) block per frame serves all four: its
-reductions are sums over an axis (cheap forward and backward), where a pair list of all Nq_f x Nm_f
-pairs costs a gather and, in the backward pass, a scatter of every pair (measured on retinoic acid with
-2760 charges: ~15 ms of a 72 ms model call; benchmarks/results/md_profile.md).
+descriptor (the pairs within ~0.8 nm). One dense (B, Q, M) block serves all four: frame f's QM atoms in
+row slots 0..nq_f-1, its MM atoms in column slots 0..nm_f-1, the rest padding. Its reductions are sums over
+an axis (cheap forward and backward), where a pair list of all Nq_f x Nm_f pairs costs a gather and, in
+the backward pass, a scatter of every pair (measured on retinoic acid with 2760 charges: ~15 ms of a 72 ms
+model call; benchmarks/results/md_profile.md); and one block for all frames of a training batch, not one
+per frame, keeps the number of tensor operations (each ~10-50 us of overhead on a CPU, three times over
+with a force loss's double backward) independent of the batch size.
+
+Padding slots point at a real atom of the batch (index 0), so every distance is finite and every gradient
+defined; they carry zero charge and are masked out of minima and pair lists, so they add exactly nothing.
 
 Distances in nm, charges in e, potential in e/nm, field in e/nm^2. Differentiable in positions (and in
 the charges for the potential and field), to any order.
@@ -20,94 +26,111 @@ import torch
 
 from qmlmm.batch import FrameBatch
 
-__all__ = ["QMMMBlock", "qm_mm_blocks", "shortest_qm_distance", "potential_and_field", "pairs_from_blocks"]
+__all__ = [
+    "QMMMBlock",
+    "frame_slots",
+    "qm_mm_blocks",
+    "shortest_qm_distance",
+    "potential_and_field",
+    "pairs_from_blocks",
+]
 
 
 @dataclass
 class QMMMBlock:
-    """One frame's QM-MM geometry.
+    """A batch's QM-MM geometry, padded over frames.
 
     Attributes:
-        qm (nq,), mm (nm,): indices of the frame's QM and MM atoms in the batch.
-        r (nq, nm): |r_i - r_J| in nm.
+        qm (B, Q), mm (B, M): batch indices of each frame's QM and MM atoms in slot order (padding: 0).
+        qm_mask (B, Q), mm_mask (B, M): which slots hold an atom of the frame.
+        r (B, Q, M): |r_i - r_J| in nm (padding slots: finite, meaningless).
     """
 
     qm: torch.Tensor
     mm: torch.Tensor
+    qm_mask: torch.Tensor
+    mm_mask: torch.Tensor
     r: torch.Tensor
 
+    @property
+    def pair_mask(self) -> torch.Tensor:
+        """(B, Q, M) True where both slots hold atoms."""
+        return self.qm_mask[:, :, None] & self.mm_mask[:, None, :]
 
-def _frame_indices(frame: torch.Tensor, n_frames: int) -> list[torch.Tensor]:
-    """Batch indices of the atoms of each frame (frames are contiguous in a collated batch, but the
-    indices are taken from ``frame`` so that any order works)."""
+
+@torch.no_grad()
+def frame_slots(frame: torch.Tensor, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Atoms tagged with their ``frame`` (N,) laid out per frame: indices (B, W) of each frame's atoms in
+    batch order (padding 0) and the mask (B, W) of real slots; W the largest count (0 without atoms)."""
+    counts = torch.bincount(frame, minlength=n_frames)
+    width = int(counts.max()) if len(frame) else 0
     order = torch.sort(frame, stable=True).indices
-    counts = torch.bincount(frame, minlength=n_frames).tolist()
-    return list(torch.split(order, counts))
+    start = torch.cumsum(counts, 0) - counts
+    f = frame[order]
+    slot = torch.arange(len(frame), device=frame.device) - start[f]
+    idx = torch.zeros(n_frames, width, dtype=torch.long, device=frame.device)
+    mask = torch.zeros(n_frames, width, dtype=torch.bool, device=frame.device)
+    idx[f, slot] = order
+    mask[f, slot] = True
+    return idx, mask
 
 
-def qm_mm_blocks(b: FrameBatch) -> list[QMMMBlock]:
-    """The dense QM-MM distance block of every frame that has QM and MM atoms."""
-    qm_idx = _frame_indices(b.qm_frame, b.n_frames)
-    mm_idx = _frame_indices(b.mm_frame, b.n_frames)
-    blocks = []
-    for iq, im in zip(qm_idx, mm_idx, strict=True):
-        if len(iq) == 0 or len(im) == 0:
-            continue
-        vec = b.qm_pos[iq][:, None, :] - b.mm_pos[im][None, :, :]
-        # explicit sum of squares, not torch.cdist: cdist's small-input kernel has no double backward (the
-        # force loss of training needs one)
-        r = torch.sqrt((vec * vec).sum(-1))
-        blocks.append(QMMMBlock(iq, im, r))
-    return blocks
+def qm_mm_blocks(b: FrameBatch) -> QMMMBlock:
+    """The padded QM-MM distance block of the batch."""
+    qm, qm_mask = frame_slots(b.qm_frame, b.n_frames)
+    mm, mm_mask = frame_slots(b.mm_frame, b.n_frames)
+    vec = b.qm_pos[qm][:, :, None, :] - b.mm_pos[mm][:, None, :, :]
+    # explicit sum of squares, not torch.cdist: cdist's small-input kernel has no double backward (the
+    # force loss of training needs one)
+    r = torch.sqrt((vec * vec).sum(-1))
+    return QMMMBlock(qm, mm, qm_mask, mm_mask, r)
 
 
-def shortest_qm_distance(b: FrameBatch, blocks: list[QMMMBlock]) -> torch.Tensor:
+def shortest_qm_distance(b: FrameBatch, blk: QMMMBlock) -> torch.Tensor:
     """(Nm,) shortest distance in nm from every MM atom to a QM atom of its frame (inf without QM atoms)."""
+    inf = torch.tensor(float("inf"), dtype=blk.r.dtype, device=blk.r.device)
+    dmin = torch.where(blk.qm_mask[:, :, None], blk.r, inf).amin(dim=1) if blk.r.shape[1] else None
     d = torch.full((len(b.mm_q),), float("inf"), dtype=b.mm_pos.dtype, device=b.mm_pos.device)
-    for blk in blocks:
-        d = d.index_copy(0, blk.mm, blk.r.amin(dim=0))
-    return d
+    if dmin is None:
+        return d
+    return d.index_copy(0, blk.mm[blk.mm_mask], dmin[blk.mm_mask])
 
 
 def potential_and_field(
-    b: FrameBatch, q: torch.Tensor, blocks: list[QMMMBlock] | None = None
+    b: FrameBatch, q: torch.Tensor, blk: QMMMBlock | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact potential phi_i = sum_J q_J / r_iJ (Nq,) in e/nm and field E_i = sum_J q_J (r_i - r_J) / r_iJ^3
     (Nq, 3) in e/nm^2 of the MM charges ``q`` (Nm,) e at every QM atom of the batch (all pairs of a frame)."""
-    if blocks is None:
-        blocks = qm_mm_blocks(b)
+    if blk is None:
+        blk = qm_mm_blocks(b)
     nq = len(b.qm_z)
     dt, dev = b.qm_pos.dtype, b.qm_pos.device
     phi = torch.zeros(nq, dtype=dt, device=dev)
     field = torch.zeros(nq, 3, dtype=dt, device=dev)
-    for blk in blocks:
-        qr = q[blk.mm][None, :] / blk.r  # (nq, nm)
-        phi = phi.index_copy(0, blk.qm, qr.sum(1))
-        # E_i = sum_J w_iJ (r_i - r_J) = r_i sum_J w_iJ - sum_J w_iJ r_J as a matrix product (w = q / r^3),
-        # positions taken from the QM region's centre (exact: E_i does not depend on the origin) so that
-        # the two terms stay of the size of their difference
-        w = qr / (blk.r * blk.r)
-        qm_pos, mm_pos = b.qm_pos[blk.qm], b.mm_pos[blk.mm]
-        centre = qm_pos.detach().mean(0)
-        e = (qm_pos - centre) * w.sum(1, keepdim=True) - w @ (mm_pos - centre)
-        field = field.index_copy(0, blk.qm, e)
-    return phi, field
+    if blk.r.shape[2] == 0:
+        return phi, field
+    qm_real = blk.qm[blk.qm_mask]
+    qr = (q[blk.mm] * blk.mm_mask)[:, None, :] / blk.r  # (B, Q, M); padded columns carry no charge
+    phi = phi.index_copy(0, qm_real, qr.sum(-1)[blk.qm_mask])
+    # E_i = sum_J w_iJ (r_i - r_J) = r_i sum_J w_iJ - sum_J w_iJ r_J as a matrix product (w = q / r^3),
+    # positions taken from each frame's QM centre (exact: E_i does not depend on the origin) so that the two
+    # terms stay of the size of their difference
+    w = qr / (blk.r * blk.r)
+    qm_pos, mm_pos = b.qm_pos[blk.qm], b.mm_pos[blk.mm]
+    n_qm = blk.qm_mask.sum(1, keepdim=True).clamp(min=1).to(dt)
+    centre = ((qm_pos.detach() * blk.qm_mask[..., None]).sum(1) / n_qm)[:, None, :]  # (B, 1, 3)
+    e = (qm_pos - centre) * w.sum(-1, keepdim=True) - torch.bmm(w, mm_pos - centre)
+    return phi, field.index_copy(0, qm_real, e[blk.qm_mask])
 
 
 @torch.no_grad()
-def pairs_from_blocks(
-    blocks: list[QMMMBlock], cutoff: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pairs_from_blocks(blk: QMMMBlock | None, cutoff: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """All QM-MM pairs (i, J) of the batch with r_iJ < ``cutoff`` (nm), as batch indices i (P,), J (P,),
-    sorted by i (the order of :func:`qmlmm.descriptors.neighbors.pairs_within`)."""
-    out_i, out_j = [], []
-    for blk in blocks:
-        a, c = torch.nonzero(blk.r < cutoff, as_tuple=True)
-        out_i.append(blk.qm[a])
-        out_j.append(blk.mm[c])
-    if not out_i:
+    sorted by i (the order of :func:`qmlmm.descriptors.neighbors.pairs_within`). ``blk`` None: no pairs."""
+    if blk is None or blk.r.numel() == 0:
         e = torch.zeros(0, dtype=torch.long, device=device)  # no frame has QM and MM atoms: the batch's device
         return e, e.clone()
-    i, j = torch.cat(out_i), torch.cat(out_j)
+    f, a, c = torch.nonzero((blk.r < cutoff) & blk.pair_mask, as_tuple=True)
+    i, j = blk.qm[f, a], blk.mm[f, c]
     order = torch.sort(i, stable=True).indices
     return i[order], j[order]

@@ -35,7 +35,7 @@ class Neighbours:
             fc (P,) f_c(r) with that cutoff.
         ai, aj, ad, ar: the subset within the QM angular cutoff.
         mi, mj (M,), mvec (M, 3) = r_i - r_J, mr (M,): QM-MM pairs within the longest short-range MM cutoff.
-        blocks: the dense QM-MM distances of every frame (:mod:`qmlmm.descriptors.qm_mm`).
+        blocks: the batch's padded QM-MM distances (:mod:`qmlmm.descriptors.qm_mm`).
         potential: set by :class:`LongRange` (undamped): the exact potential of the charges at the QM
             atoms (Nq,) in e/nm, which the model's electrostatic term reuses.
     """
@@ -56,7 +56,7 @@ class Neighbours:
     mj: torch.Tensor
     mvec: torch.Tensor
     mr: torch.Tensor
-    blocks: list[QMMMBlock]
+    blocks: QMMMBlock
     potential: torch.Tensor | None = None
 
     @property

@@ -124,7 +124,7 @@ class ModelInputs:
     potential: torch.Tensor | None = None
 
 
-def switch_weights(b: FrameBatch, cutoff: float, width: float, blocks: list[QMMMBlock] | None = None) -> torch.Tensor:
+def switch_weights(b: FrameBatch, cutoff: float, width: float, blocks: QMMMBlock | None = None) -> torch.Tensor:
     """(Nm,) molecule switching weight of every MM atom, differentiable in positions.
 
     S(d_J) with d_J the shortest distance between an atom of molecule J and a QM atom of its frame,
@@ -183,7 +183,7 @@ class HDNNP(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _mm_weight(self, b: FrameBatch, blocks: list[QMMMBlock] | None = None) -> torch.Tensor | None:
+    def _mm_weight(self, b: FrameBatch, blocks: QMMMBlock | None = None) -> torch.Tensor | None:
         if self.cfg.switch_width > 0 and not b.meta.get("switched"):
             return switch_weights(b, self.cfg.cutoff, self.cfg.switch_width, blocks)
         return None
