@@ -88,3 +88,70 @@ def frame_of(path: Path, i: int) -> Frame:
 
     with Dataset(path) as ds:
         return ds.frame(i)
+
+
+#: fixed QM charges of the charged synthetic target, per element (acetate: 2 O, 2 C, 3 H; sum -1 e)
+ACETATE_CHARGES = {8: -0.7, 6: 0.2, 1: 0.0}
+
+
+def coulomb_target(
+    z: np.ndarray, qm: np.ndarray, mm: np.ndarray, q: np.ndarray, r0: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Harmonic bonds around ``r0`` plus the Coulomb energy k_e sum_iJ Q_i q_J / r_iJ of the fixed QM
+    charges Q (ACETATE_CHARGES) in the MM charges, undamped (kJ/mol; forces kJ/mol/nm by autograd)."""
+    from qmlmm.units import COULOMB_KJMOL_NM
+
+    qt = torch.tensor(qm, requires_grad=True, dtype=torch.float64)
+    mt = torch.tensor(mm, requires_grad=True, dtype=torch.float64)
+    iu = torch.triu_indices(len(z), len(z), 1)
+    r = torch.linalg.norm(qt[iu[0]] - qt[iu[1]], dim=-1)
+    bonded = torch.as_tensor(r0) < 0.16
+    e = (2000.0 * (r - torch.as_tensor(r0)) ** 2 * bonded).sum()
+    big_q = torch.tensor([ACETATE_CHARGES[int(a)] for a in z], dtype=torch.float64)
+    d = torch.cdist(qt, mt)
+    e = e + COULOMB_KJMOL_NM * (big_q[:, None] * torch.as_tensor(q)[None, :] / d).sum()
+    gq, gm = torch.autograd.grad(e, [qt, mt])
+    return float(e.detach()), -gq.numpy(), -gm.numpy()
+
+
+def make_charged_dataset(path: Path, n_frames: int = 48, n_waters: int = 10, seed: int = 0) -> Path:
+    """Frames of acetate (charge -1) with ``n_waters`` TIP3P waters 0.35-0.6 nm from its centre, perturbed;
+    one level 'ref' (:func:`coulomb_target`) with the fixed charges as its QM charges. Every water lies within
+    the 0.9 nm sharp cutoff, so the target's 1/r coupling is the whole story."""
+    from qmlmm.testing import TIP3P_CHARGES, solute_from_smiles, tip3p_water
+
+    rng = np.random.default_rng(seed)
+    z, p, charge = solute_from_smiles("CC(=O)[O-]")
+    n = len(z)
+    iu = np.triu_indices(n, 1)
+    r0 = np.linalg.norm(p[iu[0]] - p[iu[1]], axis=-1)
+    settings = EmbeddingSettings(cutoff=0.9, switch_width=0.0)
+    frames = []
+    for _ in range(n_frames):
+        qm = p + rng.normal(scale=0.006, size=p.shape)
+        dirs = rng.normal(size=(n_waters, 3))
+        dirs /= np.linalg.norm(dirs, axis=1)[:, None]
+        mm = np.concatenate([tip3p_water(rng) + d * rng.uniform(0.35, 0.6) for d in dirs])
+        fr = Frame(
+            numbers=np.concatenate([z, np.tile([8, 1, 1], n_waters)]),
+            positions=np.concatenate([qm, mm]),
+            is_qm=np.arange(n + 3 * n_waters) < n,
+            charges=np.concatenate([np.zeros(n), np.tile(TIP3P_CHARGES, n_waters)]),
+            mol_ids=np.concatenate([np.zeros(n, int), 1 + np.arange(3 * n_waters) // 3]),
+            qm_charge=charge,
+        )
+        emb = select_embedding(fr, settings)
+        e, fq, fm = coulomb_target(z, emb.qm_positions, emb.mm_positions, emb.mm_charges, r0)
+        forces = np.zeros((fr.n_atoms, 3))
+        forces[emb.qm_index], forces[emb.mm_index] = fq, fm
+        qref = np.full(fr.n_atoms, np.nan)
+        qref[:n] = [ACETATE_CHARGES[int(a)] for a in z]
+        fr.labels["ref"] = Label(e, forces, qref)
+        frames.append(fr)
+    ds = write_dataset(path, frames, overwrite=True, level_methods={"ref": "synthetic:coulomb"})
+    import json
+
+    ds._f["levels"]["ref"].attrs["settings"] = json.dumps({"engine": {}, "embedding": settings.to_dict()})
+    ds.flush()
+    ds.close()
+    return path
