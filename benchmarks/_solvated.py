@@ -6,8 +6,9 @@ Every stage is reused when a previous call left it in ``work`` (system/, frames.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qmlmm.environment import EmbeddingSettings
@@ -42,6 +43,7 @@ def labelled_solute(
     from qmlmm.workflows.sample import SampleSettings, sample
 
     work.mkdir(parents=True, exist_ok=True)
+    _same_recipe(work, {"smiles": smiles, "sampling": asdict(sampling), "levels": [list(lv) for lv in levels]})
     t0 = time.time()
     if not (work / "system" / "meta.json").exists():
         build_system([SoluteSpec(smiles=smiles)], work / "system", BuildSettings(cutoff=EMB.cutoff))
@@ -66,3 +68,15 @@ def labelled_solute(
         failed = {k: len(v) for k, v in rep.failed.items() if v}
         raise RuntimeError(f"labels failed in {work}: {failed}")
     return {"build": t1 - t0, "sample": t2 - t1, "label": time.time() - t2}
+
+
+def _same_recipe(work: Path, recipe: dict[str, object]) -> None:
+    """Record how ``work`` is made (recipe.json); refuse a folder made another way, whose frames would be
+    reused under settings they were not made with."""
+    path = work / "recipe.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(recipe)):
+            raise SystemExit(f"{work} was made with {old}, not {recipe}: use another --work folder")
+    else:
+        path.write_text(json.dumps(recipe, indent=1))

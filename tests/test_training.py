@@ -437,7 +437,11 @@ def test_electrostatic_term_lowers_the_error_on_a_charged_solute(tmp_path: Path)
         maes[elec] = {q: res.metrics["test"][q]["mae"] for q in ("energy", "qm_forces", "mm_forces")}
         if elec == "charges":
             b = collate(data.subset(data.test), dtype=torch.float64)
-            q = res.model.ensemble.members[0].double().charges(b)
+            from qmlmm.models.hdnnp import HDNNP
+
+            member = res.model.ensemble.members[0]
+            assert isinstance(member, HDNNP)
+            q = member.double().charges(b)
             per_frame = torch.zeros(b.n_frames, dtype=q.dtype).index_add(0, b.qm_frame, q)
             torch.testing.assert_close(per_frame, torch.full_like(per_frame, -1.0), rtol=0, atol=1e-9)
     assert maes["charges"]["mm_forces"] < 0.3 * maes["none"]["mm_forces"], maes
