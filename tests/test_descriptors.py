@@ -42,14 +42,18 @@ def _model(switch: float = 0.0, seed: int = 0, elec: str = "charges", charge_sum
     with torch.no_grad():  # non-trivial scaling so that every term matters
         m.feat_std.fill_(0.5)
         m.e_scale.fill_(10.0)
-        if elec == "charges":  # charges that vary with the environment (training starts them even)
+        if elec != "none":  # charges that vary with the environment (training starts them even)
             for net in m.charge_nets:
                 net[-1].weight.normal_(0.0, 0.3)  # type: ignore[index]
                 net[-1].bias.normal_(0.0, 0.2)  # type: ignore[index]
+        if elec == "charges+polarisability":  # polarisabilities of a few A^3 that vary (training starts them at 0)
+            for net in m.pol_nets:
+                net[-1].weight.normal_(0.0, 1.0)  # type: ignore[index]
+                net[-1].bias.normal_(2.0, 0.5)  # type: ignore[index]
     return m
 
 
-ELEC = pytest.mark.parametrize("elec", ["none", "charges"])
+ELEC = pytest.mark.parametrize("elec", ["none", "charges", "charges+polarisability"])
 
 
 def _batch(items: list[FrameTensors]) -> FrameBatch:
@@ -308,15 +312,37 @@ def test_electrostatic_term_is_the_coulomb_energy_of_the_charges() -> None:
     assert abs(e_coul) > 1.0
 
 
+def test_induction_term_is_the_energy_of_the_induced_dipoles() -> None:
+    """E(charges+polarisability) - E(same networks, charges only) = -1/2 k_e sum_i alpha_i |E_i|^2 with E_i the
+    exact field of every embedded charge; the polarisabilities vary between atoms."""
+    from qmlmm.units import COULOMB_KJMOL_NM
+
+    it = _charged_item(1)
+    m = _model(elec="charges+polarisability")
+    b = _batch([it])
+    alpha = m.polarisabilities(b).detach().numpy()
+    vec = it.qm_pos[:, None] - it.mm_pos[None]
+    field = (vec * (it.mm_q / np.linalg.norm(vec, axis=-1) ** 3)[:, :, None]).sum(1)
+    e_ind = -0.5 * COULOMB_KJMOL_NM * float((alpha * (field**2).sum(1)).sum())
+    without = _model(elec="charges")
+    without.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("pol_nets")})
+    assert float(m(b)[0]) == pytest.approx(float(without(b)[0]) + e_ind, abs=1e-9)
+    assert abs(e_ind) > 0.5 and float(np.std(alpha)) > 1e-4
+    with pytest.raises(InputError, match="exact field"):
+        ModelConfig(descriptor=dataclasses.replace(CFG, long_range_damped=True), electrostatics="charges+polarisability")
+
+
 @pytest.mark.parametrize("charge", [0, 1])
-def test_far_field_of_the_model_is_its_charges_and_dipole(charge: int) -> None:
+@pytest.mark.parametrize("elec", ["charges", "charges+polarisability"])
+def test_far_field_of_the_model_is_its_charges_and_dipole(charge: int, elec: str) -> None:
     """A single point charge q far away (R = 10-80 nm) interacts with the model as with its vacuum charges:
     E(R) - E(no charge) tends to k_e q (Q/R + mu . R_hat / R^2) (Q the QM charge, mu = sum_i q_i r_i from
-    the model's own charges without the point charge); the short-range networks add nothing at range."""
+    the model's own charges without the point charge); the short-range networks add nothing at range, and
+    induced dipoles add only -1/2 k_e alpha q^2 / R^4."""
     from qmlmm.units import COULOMB_KJMOL_NM
 
     it = _charged_item(charge)
-    m = _model()
+    m = _model(elec=elec)
     vac = FrameTensors(it.qm_z, it.qm_pos, np.zeros((0, 3)), np.zeros(0), np.zeros(0, dtype=np.int64), qm_charge=charge)
     bv = _batch([vac])
     e_vac = float(m(bv)[0])
@@ -335,8 +361,13 @@ def test_far_field_of_the_model_is_its_charges_and_dipole(charge: int) -> None:
         coulomb = COULOMB_KJMOL_NM * qj * float((q_vac / np.linalg.norm(pos - it.qm_pos, axis=1)).sum())
         rel.append(abs(e_int - expansion) / abs(expansion))
         resid.append(abs(e_int - coulomb) * R**2)  # what is not the vacuum charges' Coulomb energy, times R^2
-    # measured: the remainder (the charges' response to the potential) falls as 1/R^3, so resid as 1/R
-    assert resid[-1] < 0.2 * resid[0], resid
+    # measured: the remainder (the charges' response to the potential) falls as 1/R^3, so resid as 1/R; with
+    # polarisabilities that depend on the field features it reaches that slope from R = 20 nm on (resid 0.72x
+    # from 10 to 20 nm, then 0.56x and 0.52x per doubling)
+    if elec == "charges":
+        assert resid[-1] < 0.2 * resid[0], resid
+    else:
+        assert resid[-1] < 0.35 * resid[1], resid
     assert rel[-1] < 0.02, rel
 
 

@@ -446,3 +446,20 @@ def test_electrostatic_term_lowers_the_error_on_a_charged_solute(tmp_path: Path)
             torch.testing.assert_close(per_frame, torch.full_like(per_frame, -1.0), rtol=0, atol=1e-9)
     assert maes["charges"]["mm_forces"] < 0.3 * maes["none"]["mm_forces"], maes
     assert maes["charges"]["energy"] < 0.5 * maes["none"]["energy"], maes
+
+
+def test_polarisable_model_trains_saves_and_loads(syn: Path, tmp_path: Path) -> None:
+    """A model with induced dipoles (``electrostatics: charges+polarisability``) trains (its polarisabilities
+    move from 0), and its file loads to the same predictions as the trained ensemble."""
+    cfg = TrainConfig(target="ref", ensemble=2, epochs=4, electrostatics="charges+polarisability",
+                      **{**FAST, "patience": 100})  # type: ignore[arg-type]  # fmt: skip
+    data = load_training_data(syn, "ref", split=cfg.split_settings)
+    res = train(data, cfg, tmp_path / "pol.pt", progress=False)
+    b = collate(data.subset(data.test[:3]), dtype=torch.float32)
+    alpha = res.model.ensemble.members[0].polarisabilities(b)  # type: ignore[operator]
+    assert float(alpha.abs().max()) > 0
+    loaded = QMLMMModel.load(tmp_path / "pol.pt")
+    assert loaded.ensemble.cfg.electrostatics == "charges+polarisability"
+    e1 = res.model.ensemble.eval()(b)
+    e2 = loaded.ensemble.eval()(b)
+    torch.testing.assert_close(e1, e2, rtol=0, atol=1e-6)

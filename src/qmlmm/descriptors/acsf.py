@@ -38,7 +38,7 @@ from qmlmm.descriptors.neighbors import pairs_within
 from qmlmm.descriptors.qm_mm import QMMMBlock, pairs_from_blocks, potential_and_field, qm_mm_blocks
 from qmlmm.descriptors.terms import LongRange, MMAngular, MMRadial, Neighbours, QMAngular, QMRadial, Term
 
-__all__ = ["DescriptorConfig", "ACSF", "potential_and_field"]
+__all__ = ["DescriptorConfig", "ACSF", "Features", "potential_and_field"]
 
 
 def _linspace(a: float, b: float, n: int) -> list[float]:
@@ -95,6 +95,17 @@ class DescriptorConfig:
         if unknown:
             raise InputError(f"unknown descriptor setting(s) {unknown}; known: {sorted(known)}")
         return cls(**d)  # type: ignore[arg-type]
+
+
+@dataclass
+class Features:
+    """The descriptor of a batch: features (Nq, F) of every QM atom and, for undamped long-range terms, the
+    exact potential (Nq,) in e/nm and field (Nq, 3) in e/nm^2 of the embedded (switched) charges at every
+    QM atom (else None), which the model's electrostatic terms reuse."""
+
+    x: torch.Tensor
+    potential: torch.Tensor | None = None
+    field: torch.Tensor | None = None
 
 
 class ACSF(nn.Module):
@@ -182,19 +193,19 @@ class ACSF(nn.Module):
 
     def forward(self, b: FrameBatch, mm_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Features (Nq, n_features). ``mm_weight`` (Nm,) scales the MM charges (smooth switching)."""
-        return self.features_and_potential(b, mm_weight)[0]
+        return self.features_and_fields(b, mm_weight).x
 
-    def features_and_potential(
+    def features_and_fields(
         self, b: FrameBatch, mm_weight: torch.Tensor | None = None, blocks: QMMMBlock | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Features (Nq, n_features) and, for undamped long-range terms, the exact potential of the
-        embedded (switched) charges at every QM atom, sum_J q_J / r_iJ (Nq,) in e/nm (else None).
+    ) -> Features:
+        """Features (Nq, n_features) and, for undamped long-range terms, the exact potential and field of the
+        embedded (switched) charges at every QM atom (:class:`Features`).
 
         ``blocks``: the batch's padded QM-MM distances (:func:`qmlmm.descriptors.qm_mm.qm_mm_blocks`) when
         the caller has them already (the switching weights need them too); computed here otherwise."""
         nb = self.neighbours(b, mm_weight, blocks)
         x = torch.cat([term(nb) for term in self.terms], dim=1)
-        return x, nb.potential
+        return Features(x, nb.potential, nb.field)
 
     def feature_names(self) -> list[str]:
         """Human-readable name of every feature column."""

@@ -36,8 +36,8 @@ class Neighbours:
         ai, aj, ad, ar: the subset within the QM angular cutoff.
         mi, mj (M,), mvec (M, 3) = r_i - r_J, mr (M,): QM-MM pairs within the longest short-range MM cutoff.
         blocks: the batch's padded QM-MM distances (:mod:`qmlmm.descriptors.qm_mm`).
-        potential: set by :class:`LongRange` (undamped): the exact potential of the charges at the QM
-            atoms (Nq,) in e/nm, which the model's electrostatic term reuses.
+        potential, field: set by :class:`LongRange` (undamped): the exact potential (Nq,) in e/nm and field
+            (Nq, 3) in e/nm^2 of the charges at the QM atoms, which the model's electrostatic terms reuse.
     """
 
     b: FrameBatch
@@ -58,6 +58,7 @@ class Neighbours:
     mr: torch.Tensor
     blocks: QMMMBlock
     potential: torch.Tensor | None = None
+    field: torch.Tensor | None = None
 
     @property
     def nq(self) -> int:
@@ -229,7 +230,7 @@ class LongRange(Term):
             field = nb.zeros(nb.nq, 3).index_add(0, nb.mi, nb.mvec * (w / nb.mr**3)[:, None])
         else:
             phi, field = potential_and_field(nb.b, nb.q, nb.blocks)
-            nb.potential = phi
+            nb.potential, nb.field = phi, field
         emag = torch.sqrt((field * field).sum(-1) + self.epsilon**2)
         proj = (field[nb.i] * nb.dvec).sum(-1) / nb.r * nb.fc  # E_i . u_ij f_c (QM radial cutoff)
         eproj = nb.zeros(nb.nq, self.n_el).index_put((nb.i, nb.sp[nb.j]), proj, accumulate=True)

@@ -142,7 +142,7 @@ def charge_errors(
     ``items`` (the target's; target minus baseline for a delta model), or None when the model has no
     charges or no item has references."""
     members = list(model.members) if isinstance(model, Ensemble) else [model]
-    if getattr(members[0].cfg, "electrostatics", "none") != "charges":
+    if getattr(members[0].cfg, "electrostatics", "none") == "none":
         return None
     with_q = [it for it in items if it.qm_q_ref is not None]
     if not with_q:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qmlmm.batch import FrameBatch
-from qmlmm.models.hdnnp import HDNNP, ModelInputs, charges_adding_up, frame_energies
+from qmlmm.models.hdnnp import ALPHA_UNIT_NM3, HDNNP, ModelInputs, charges_adding_up, frame_energies, induction_energies
 from qmlmm.units import COULOMB_KJMOL_NM
 
 __all__ = ["fused_member_energies"]
@@ -41,7 +41,7 @@ def _stacked_mlp(nets: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
 def _per_element(
     members: Sequence[HDNNP], which: str, x: torch.Tensor, sp: torch.Tensor, cols: torch.Tensor | None
 ) -> torch.Tensor:
-    """(K, Nq) output of every member's element networks ``which`` ("nets" or "charge_nets") on its
+    """(K, Nq) output of every member's element networks ``which`` ("nets", "charge_nets", "pol_nets") on its
     scaled features (columns ``cols``: all)."""
     m0 = members[0]
     out = torch.zeros(len(members), len(sp), dtype=x.dtype, device=x.device)
@@ -63,18 +63,22 @@ def fused_member_energies(members: Sequence[HDNNP], b: FrameBatch, inputs: Model
     """(K, B) energies in kJ/mol (float64) of K members with one architecture, on shared ``inputs``.
 
     Each member: sum over QM atoms of its short-range network times its energy scale, plus (with the
-    electrostatic term) k_e q_i phi_i with its charges, plus its per-element offsets, as
-    :meth:`HDNNP.forward`.
+    electrostatic term) k_e q_i phi_i with its charges, plus (with polarisabilities) -1/2 k_e alpha_i |E_i|^2,
+    plus its per-element offsets, as :meth:`HDNNP.forward`.
     """
     m0 = members[0]
     sp = m0.acsf.species(b.qm_z)
     scale = torch.stack([m.e_scale for m in members])[:, None]  # (K, 1)
     out = _per_element(members, "nets", inputs.features, sp, m0.short_cols) * scale  # (K, Nq)
-    if m0.cfg.electrostatics == "charges":
+    if m0.cfg.has_charges:
         assert inputs.potential is not None
         q_shift = torch.stack([m.q_shift for m in members])  # (K, E)
         raw = _per_element(members, "charge_nets", inputs.features, sp, None) + q_shift[:, sp]
         q = charges_adding_up(raw, b, m0.cfg.charge_sum)
         out = out + COULOMB_KJMOL_NM * q * inputs.potential[None, :]
+    if m0.cfg.has_polarisability:
+        assert inputs.field is not None
+        alpha = _per_element(members, "pol_nets", inputs.features, sp, None) * ALPHA_UNIT_NM3
+        out = out + induction_energies(alpha, inputs.field)
     shift = torch.stack([m.e_shift for m in members])[:, sp]  # (K, Nq) float64
     return frame_energies(out, shift, b)

@@ -23,6 +23,17 @@ charges polarise in the field). So a distant charge interacts with the model thr
 its energy tends to k_e q (Q/R + mu.R/R^3 + ...) with the QM region's model charges and dipole
 (tests/test_descriptors.py); a short-range network fed the potential would add a spurious 1/R term. Forces on QM
 and MM atoms (through q_i, phi_i and the switching weights) by autograd, as for E_short.
+
+Induced dipoles (``electrostatics="charges+polarisability"``): further per-element networks give each QM atom a
+polarisability alpha_i (nm^3, in units of ALPHA_UNIT_NM3 = 1e-3 nm^3 = 1 A^3 per network output; no sign
+constraint, since a delta model learns the target's polarisability minus the baseline's, and DFTB has no
+on-site dipole response at all), and the model adds the energy of the dipoles alpha_i E_i induced by the
+exact field E_i of the embedded, switched charges:
+
+    E += -1/2 k_e sum_i alpha_i |E_i|^2,      E_i = sum_J S_J q_J (r_i - r_J) / r_iJ^3
+
+(the dipoles are not coupled to each other: the first-order response, as in EMLE's induced term without
+its self-consistency). The networks start at alpha = 0, so such a model starts as the charges-only one.
 """
 
 from __future__ import annotations
@@ -41,10 +52,22 @@ from qmlmm.errors import InputError
 from qmlmm.switching import switch_value
 from qmlmm.units import COULOMB_KJMOL_NM
 
-__all__ = ["ModelConfig", "ModelInputs", "HDNNP", "switch_weights", "energy_and_forces", "ELECTROSTATICS"]
+__all__ = [
+    "ALPHA_UNIT_NM3",
+    "ELECTROSTATICS",
+    "HDNNP",
+    "ModelConfig",
+    "ModelInputs",
+    "energy_and_forces",
+    "induction_energies",
+    "switch_weights",
+]
 
-#: the model's electrostatic term: none, or environment-dependent QM charges in the MM potential
-ELECTROSTATICS = ("none", "charges")
+#: the model's electrostatic term: none, environment-dependent QM charges in the MM potential, or those and
+#: induced dipoles of environment-dependent polarisabilities in the MM field
+ELECTROSTATICS = ("none", "charges", "charges+polarisability")
+#: nm^3 per unit of the polarisability networks' output (1 A^3, an atom's polarisability volume's size)
+ALPHA_UNIT_NM3 = 1e-3
 CHARGE_SUMS = ("total", "zero")
 
 _ACT = {"silu": nn.SiLU, "tanh": nn.Tanh, "celu": nn.CELU, "softplus": nn.Softplus}
@@ -54,9 +77,10 @@ _ACT = {"silu": nn.SiLU, "tanh": nn.Tanh, "celu": nn.CELU, "softplus": nn.Softpl
 class ModelConfig:
     """Architecture of one network of the ensemble.
 
-    ``electrostatics``: "charges" (predicted QM charges in the exact MM potential, module docstring) or
-    "none"; ``charge_hidden``: hidden layers of the per-element charge networks; ``charge_sum``: what the
-    charges of a frame add up to, "total" (its QM charge) or "zero" (delta models).
+    ``electrostatics``: "charges" (predicted QM charges in the exact MM potential, module docstring),
+    "charges+polarisability" (and induced dipoles in the exact MM field) or "none"; ``charge_hidden``: hidden
+    layers of the per-element charge (and polarisability) networks; ``charge_sum``: what the charges of a
+    frame add up to, "total" (its QM charge) or "zero" (delta models).
     """
 
     descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
@@ -73,6 +97,9 @@ class ModelConfig:
             raise InputError(f"electrostatics must be one of {ELECTROSTATICS}, got {self.electrostatics!r}")
         if self.charge_sum not in CHARGE_SUMS:
             raise InputError(f"charge_sum must be one of {CHARGE_SUMS}, got {self.charge_sum!r}")
+        if self.has_polarisability and not (self.descriptor.long_range and not self.descriptor.long_range_damped):
+            raise InputError("electrostatics 'charges+polarisability' needs the exact field: descriptor long_range "
+                             "on and long_range_damped off")  # fmt: skip
         if self.activation not in _ACT:
             raise InputError(f"activation must be one of {sorted(_ACT)}, got {self.activation!r}")
         for name in ("hidden", "charge_hidden"):
@@ -114,14 +141,26 @@ class ModelConfig:
     def embedding(self) -> EmbeddingSettings:
         return EmbeddingSettings(self.cutoff, self.switch_width)
 
+    @property
+    def has_charges(self) -> bool:
+        """The model predicts QM charges (electrostatics other than "none")."""
+        return self.electrostatics != "none"
+
+    @property
+    def has_polarisability(self) -> bool:
+        """The model predicts polarisabilities (induced dipoles in the MM field)."""
+        return self.electrostatics == "charges+polarisability"
+
 
 @dataclass
 class ModelInputs:
     """What the members of an ensemble share: raw features (Nq, F) and, with the electrostatic term, the
-    potential of the embedded (switched) MM charges at every QM atom (Nq,) in e/nm."""
+    potential (Nq,) in e/nm and, with polarisabilities, the field (Nq, 3) in e/nm^2 of the embedded (switched)
+    MM charges at every QM atom."""
 
     features: torch.Tensor
     potential: torch.Tensor | None = None
+    field: torch.Tensor | None = None
 
 
 def switch_weights(b: FrameBatch, cutoff: float, width: float, blocks: QMMMBlock | None = None) -> torch.Tensor:
@@ -163,18 +202,17 @@ class HDNNP(nn.Module):
         # columns of the features the short-range energy networks see: all, or, with the electrostatic
         # term, all but the long-range block (the charges carry the long range)
         cols = torch.arange(nf)
-        if cfg.electrostatics == "charges" and self.acsf.sizes["long_range"]:
+        if cfg.has_charges and self.acsf.sizes["long_range"]:
             sz = self.acsf.sizes  # block order: qm_radial, qm_angular, mm_radial, long_range, mm_angular
             start = sz["qm_radial"] + sz["qm_angular"] + sz["mm_radial"]
             cols = torch.cat([cols[:start], cols[start + self.acsf.sizes["long_range"] :]])
         self.register_buffer("short_cols", cols, persistent=False)
         self.nets = _element_mlps(ne, len(cols), cfg.hidden, cfg.activation)
-        if cfg.electrostatics == "charges":
-            self.charge_nets = _element_mlps(ne, nf, cfg.charge_hidden, cfg.activation)
-            for net in self.charge_nets:  # start from evenly shared charges (no electrostatic guess)
-                nn.init.zeros_(net[-1].weight)  # type: ignore[index]
-                nn.init.zeros_(net[-1].bias)  # type: ignore[index]
+        if cfg.has_charges:
+            self.charge_nets = _zero_start_mlps(ne, nf, cfg.charge_hidden, cfg.activation)  # evenly shared charges
             self.register_buffer("q_shift", torch.zeros(ne))  # per-element mean charge (e), set by training
+        if cfg.has_polarisability:
+            self.pol_nets = _zero_start_mlps(ne, nf, cfg.charge_hidden, cfg.activation)  # alpha = 0 at the start
 
     @property
     def elements(self) -> list[int]:
@@ -194,10 +232,11 @@ class HDNNP(nn.Module):
         charges are already the switched ones (``b.meta["switched"]``, as engines receive them)."""
         blocks = qm_mm_blocks(b)  # every QM-MM distance once: switching, potential, MM pair list
         w = self._mm_weight(b, blocks)
-        x, phi = self.acsf.features_and_potential(b, mm_weight=w, blocks=blocks)
-        if self.cfg.electrostatics == "charges" and phi is None:
+        f = self.acsf.features_and_fields(b, mm_weight=w, blocks=blocks)
+        phi = f.potential
+        if self.cfg.has_charges and phi is None:  # long-range features off or damped: the exact potential here
             phi = potential_and_field(b, b.mm_q if w is None else b.mm_q * w, blocks)[0]
-        return ModelInputs(x, phi if self.cfg.electrostatics == "charges" else None)
+        return ModelInputs(f.x, phi if self.cfg.has_charges else None, f.field if self.cfg.has_polarisability else None)
 
     def features(self, b: FrameBatch) -> torch.Tensor:
         """Raw (unscaled) features (Nq, F)."""
@@ -236,12 +275,19 @@ class HDNNP(nn.Module):
     def charges(self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None = None) -> torch.Tensor:
         """(Nq,) QM atomic charges in e (model dtype): network outputs plus the per-element shift, shifted
         evenly within each frame to add up to its QM charge (``charge_sum`` "total") or to zero."""
-        if self.cfg.electrostatics != "charges":
+        if not self.cfg.has_charges:
             raise InputError("this model has no charges (electrostatics: none)")
         inp = self._resolve(b, inputs)
         sp = self.acsf.species(b.qm_z)
         raw = self._per_element(self.charge_nets, inp.features, sp) + self.q_shift[sp]
         return charges_adding_up(raw, b, self.cfg.charge_sum)
+
+    def polarisabilities(self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None = None) -> torch.Tensor:
+        """(Nq,) QM atomic polarisabilities in nm^3 (model dtype; a delta model's may be negative)."""
+        if not self.cfg.has_polarisability:
+            raise InputError(f"this model has no polarisabilities (electrostatics: {self.cfg.electrostatics})")
+        inp = self._resolve(b, inputs)
+        return self._per_element(self.pol_nets, inp.features, self.acsf.species(b.qm_z)) * ALPHA_UNIT_NM3
 
     def _network_part(
         self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None
@@ -251,12 +297,15 @@ class HDNNP(nn.Module):
         inp = self._resolve(b, inputs)
         sp = self.acsf.species(b.qm_z)
         out = self._per_element(self.nets, inp.features, sp, self.short_cols) * self.e_scale
-        if self.cfg.electrostatics == "charges":
+        if self.cfg.has_charges:
             assert inp.potential is not None
             q = self.charges(b, inp)
             if self.training:  # (Nq,) of the last training evaluation, for the trainer's charge loss
                 self.last_charges = q
             out = out + COULOMB_KJMOL_NM * q * inp.potential
+        if self.cfg.has_polarisability:
+            assert inp.field is not None
+            out = out + induction_energies(self.polarisabilities(b, inp), inp.field)
         return out, sp
 
     def atomic_energies(self, b: FrameBatch, inputs: ModelInputs | torch.Tensor | None = None) -> torch.Tensor:
@@ -295,6 +344,21 @@ def frame_energies(nn_part: torch.Tensor, offsets: torch.Tensor, b: FrameBatch) 
     e_nn = torch.zeros(*lead, b.n_frames, dtype=nn_part.dtype, device=nn_part.device).index_add(-1, b.qm_frame, nn_part)
     e_off = torch.zeros(*offsets.shape[:-1], b.n_frames, dtype=torch.float64, device=nn_part.device)
     return e_nn.double() + e_off.index_add(-1, b.qm_frame, offsets)
+
+
+def induction_energies(alpha: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """(..., Nq) energies in kJ/mol of the dipoles induced in QM atoms of polarisability ``alpha`` (..., Nq) nm^3
+    by the field (Nq, 3) e/nm^2: -1/2 k_e alpha_i |E_i|^2."""
+    return -0.5 * COULOMB_KJMOL_NM * alpha * (field * field).sum(-1)
+
+
+def _zero_start_mlps(n_el: int, n_in: int, hidden: list[int], activation: str) -> nn.ModuleList:
+    """Per-element MLPs whose last layer starts at zero (output 0 until training moves it)."""
+    nets = _element_mlps(n_el, n_in, hidden, activation)
+    for net in nets:
+        nn.init.zeros_(net[-1].weight)  # type: ignore[index]
+        nn.init.zeros_(net[-1].bias)  # type: ignore[index]
+    return nets
 
 
 def _element_mlps(n_el: int, n_in: int, hidden: list[int], activation: str) -> nn.ModuleList:

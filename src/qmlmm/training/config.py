@@ -22,7 +22,8 @@ class TrainConfig:
     Targets: ``target`` level [dft]; ``baseline`` level for delta learning [none]; the baseline's
     engine spec is read from the dataset. Model: ``hidden`` layer sizes [64, 64], ``activation``
     [silu], ``ensemble`` members [4], ``descriptor`` overrides of DescriptorConfig fields,
-    ``electrostatics`` [charges] (predicted QM charges in the exact MM potential, or none) with
+    ``electrostatics`` [charges] (predicted QM charges in the exact MM potential; charges+polarisability:
+    and induced dipoles of predicted polarisabilities in the exact MM field; or none) with
     ``charge_hidden`` [16] layers per element (the charges add up to the QM charge for direct models,
     to zero for delta models).
     Optimisation: Adam, ``lr`` [1e-3], decoupled ``weight_decay`` per step (AdamW; 0 is plain Adam)

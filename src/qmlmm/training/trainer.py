@@ -346,7 +346,7 @@ def _start_member(k: int, mcfg: ModelConfig, st: _Stats, cfg: TrainConfig, dtype
     model.feat_std.copy_(st.feat_std)
     model.e_shift.copy_(st.e_shift)
     model.e_scale.fill_(st.e_scale)
-    if mcfg.electrostatics == "charges":
+    if mcfg.has_charges:
         model.q_shift.copy_(st.q_shift)
     model.to(device)
     opt = _optimizer(model, cfg)
@@ -454,7 +454,7 @@ def train(
     train_idx, tr_items, va_items = _training_frames(data, cfg)
     mcfg = _model_config(cfg, data)
     st = _statistics(mcfg, tr_items, dtype)
-    if mcfg.electrostatics == "charges" and cfg.w_charges > 0 and not any(it.qm_q_ref is not None for it in tr_items):
+    if mcfg.has_charges and cfg.w_charges > 0 and not any(it.qm_q_ref is not None for it in tr_items):
         log.warning(
             "the labels of %s carry no QM charges: the electrostatic term's charges are learnt from energies "
             "and forces alone, which on few frames can drift to unphysical values and break MD (docs/model.md); "
