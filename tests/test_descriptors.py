@@ -329,7 +329,8 @@ def test_induction_term_is_the_energy_of_the_induced_dipoles() -> None:
     assert float(m(b)[0]) == pytest.approx(float(without(b)[0]) + e_ind, abs=1e-9)
     assert abs(e_ind) > 0.5 and float(np.std(alpha)) > 1e-4
     with pytest.raises(InputError, match="exact field"):
-        ModelConfig(descriptor=dataclasses.replace(CFG, long_range_damped=True), electrostatics="charges+polarisability")
+        damped = dataclasses.replace(CFG, long_range_damped=True)
+        ModelConfig(descriptor=damped, electrostatics="charges+polarisability")
 
 
 @pytest.mark.parametrize("charge", [0, 1])
