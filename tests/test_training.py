@@ -463,3 +463,36 @@ def test_polarisable_model_trains_saves_and_loads(syn: Path, tmp_path: Path) -> 
     e1 = res.model.ensemble.eval()(b)
     e2 = loaded.ensemble.eval()(b)
     torch.testing.assert_close(e1, e2, rtol=0, atol=1e-6)
+
+
+def test_term_feature_scaling_uses_one_scale_per_descriptor_term(syn: Path) -> None:
+    """``feature_scaling: term`` divides every column of a descriptor term by the RMS of that term's standard
+    deviations (per element), so a rare feature keeps its small size; ``feature`` (default) by its own."""
+    from qmlmm.training.trainer import _model_config, _statistics
+
+    with pytest.raises(InputError, match="feature_scaling"):
+        TrainConfig(feature_scaling="minmax")
+    cfg = TrainConfig(target="ref", **FAST)  # type: ignore[arg-type]
+    data = load_training_data(syn, "ref", split=cfg.split_settings)
+    items = data.subset(data.train)
+    mcfg = _model_config(cfg, data)
+    own = _statistics(mcfg, items, torch.float64, "feature")
+    term = _statistics(mcfg, items, torch.float64, "term")
+    torch.testing.assert_close(own.feat_mean, term.feat_mean)
+    from qmlmm.descriptors.acsf import ACSF
+
+    start, checked = 0, 0
+    for name, width in ACSF(mcfg.descriptor).sizes.items():
+        if not width:
+            continue
+        block = term.feat_std[:, start : start + width]
+        assert torch.all(block == block[:, :1]), name  # one scale per element and term
+        # the RMS of the term's own standard deviations (where the element has atoms and the term varies)
+        sd = own.feat_std[:, start : start + width]
+        varying = sd != 1.0
+        for e in range(len(block)):
+            if varying[e].all():
+                assert float(block[e, 0]) == pytest.approx(float(torch.sqrt((sd[e] ** 2).mean())), rel=1e-12)
+                checked += 1
+        start += width
+    assert checked >= 3

@@ -9,10 +9,12 @@ from typing import Any
 from qmlmm.data.training_set import SplitSettings
 from qmlmm.errors import InputError
 
-__all__ = ["LR_SCHEDULES", "TrainConfig", "load_config"]
+__all__ = ["FEATURE_SCALINGS", "LR_SCHEDULES", "TrainConfig", "load_config"]
 
 #: how the learning rate falls during training (TrainConfig.lr_schedule)
 LR_SCHEDULES = ("plateau", "cosine")
+#: how the descriptor columns are scaled for the networks (TrainConfig.feature_scaling)
+FEATURE_SCALINGS = ("feature", "term")
 
 
 @dataclass
@@ -31,6 +33,9 @@ class TrainConfig:
     ``lr_patience`` [25] epochs without validation improvement, down to ``lr_min`` [1e-5]; ``cosine``
     lowers it from ``lr`` to ``lr_min`` along half a cosine over ``epochs``; early stop after
     ``patience`` [80] epochs; at most ``epochs`` [600]; ``batch_size`` frames [8].
+    Features: each descriptor column minus its mean over the training frames (per element), divided by
+    ``feature_scaling`` [feature]: its own standard deviation, or (``term``) the RMS standard deviation of
+    its descriptor term, which keeps rare-geometry features near 0 instead of blowing them up.
     Loss: each term's mean squared error divided by the variance of that target on the training
     set, weighted by ``w_energy`` (per atom) [1], ``w_qm_forces`` [1], ``w_mm_forces`` [1].
     Split (:class:`qmlmm.data.training_set.SplitSettings`): ``split`` [runs] whole sampling runs to train /
@@ -54,6 +59,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     lr_schedule: str = "plateau"
+    feature_scaling: str = "feature"
     lr_factor: float = 0.5
     lr_patience: int = 25
     lr_min: float = 1e-5
@@ -77,6 +83,10 @@ class TrainConfig:
         self._check_types()
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.feature_scaling not in FEATURE_SCALINGS:
+            raise InputError(
+                f"feature_scaling must be one of {', '.join(FEATURE_SCALINGS)}, got {self.feature_scaling!r}"
+            )
         if self.dtype not in ("float32", "float64"):
             raise InputError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.ensemble < 1 or self.epochs < 1 or self.batch_size < 1:
