@@ -548,3 +548,27 @@ def test_padded_qm_mm_block_equals_each_frame_alone() -> None:
         )
         q0, m0 = q0 + nq, m0 + nm
     assert bool(torch.all(pi[1:] >= pi[:-1]))  # sorted by QM atom, as the terms need
+
+
+def test_padding_of_the_qm_mm_block_stays_finite_when_atoms_of_two_frames_coincide() -> None:
+    """A padding slot points at atom 0 of the batch; an atom of another frame exactly there (a duplicated
+    geometry) must not give 0/0: potential, field and their gradients stay finite and equal each frame alone
+    (found by a review: the padded block gave a NaN potential and NaN forces)."""
+    from qmlmm.descriptors.qm_mm import potential_and_field, qm_mm_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    qpos = torch.rand(5, 3, generator=gen, dtype=torch.float64)
+    mpos = torch.rand(6, 3, generator=gen, dtype=torch.float64) + 1.0
+    qpos[3] = mpos[0]  # QM atom of frame 1 on MM atom 0 (frame 0), which frame 1's padded MM slot points at
+    mpos[5] = qpos[0]  # MM atom of frame 1 on QM atom 0 (frame 0), which frame 1's padded QM slot points at
+    qpos.requires_grad_(True)
+    mpos.requires_grad_(True)
+    b = FrameBatch(qm_z=torch.ones(5, dtype=torch.long), qm_pos=qpos, qm_frame=torch.tensor([0, 0, 0, 1, 1]),
+                   mm_pos=mpos, mm_q=torch.linspace(-0.8, 0.4, 6, dtype=torch.float64),
+                   mm_frame=torch.tensor([0, 0, 0, 0, 1, 1]), mm_mol=torch.arange(6), n_frames=2)  # fmt: skip
+    phi, field = potential_and_field(b, b.mm_q, qm_mm_blocks(b))
+    g = torch.autograd.grad((phi**2).sum() + (field**2).sum(), [qpos, mpos], create_graph=True)
+    gg = torch.autograd.grad(sum((x**2).sum() for x in g), [qpos, mpos])
+    assert all(bool(torch.isfinite(t).all()) for t in (phi, field, *g, *gg))
+    d = qpos[3:].detach()[:, None] - mpos[4:].detach()[None]
+    torch.testing.assert_close(phi[3:].detach(), (b.mm_q[4:] / d.norm(dim=-1)).sum(1))

@@ -496,3 +496,11 @@ def test_term_feature_scaling_uses_one_scale_per_descriptor_term(syn: Path) -> N
                 checked += 1
         start += width
     assert checked >= 3
+    # a term that does not vary beyond rounding (a rigid QM region) is left unscaled, not blown up by its noise
+    from qmlmm.training.trainer import _term_scales
+
+    sizes = {"a": 2, "b": 2}
+    std = torch.tensor([[1e-9, 2e-9, 0.3, 0.4]], dtype=torch.float64)
+    mean = torch.tensor([[1.0, 2.0, 0.1, 0.1]], dtype=torch.float64)
+    torch.testing.assert_close(_term_scales(std, mean, sizes), torch.tensor([[1.0, 1.0, 0.125**0.5, 0.125**0.5]],
+                                                                             dtype=torch.float64))  # fmt: skip

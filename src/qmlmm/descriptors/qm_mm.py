@@ -11,8 +11,9 @@ model call; benchmarks/results/md_profile.md); and one block for all frames of a
 per frame, keeps the number of tensor operations (each ~10-50 us of overhead on a CPU, three times over
 with a force loss's double backward) independent of the batch size.
 
-Padding slots point at a real atom of the batch (index 0), so every distance is finite and every gradient
-defined; they carry zero charge and are masked out of minima and pair lists, so they add exactly nothing.
+Padding slots point at a real atom of the batch (index 0), and their distance is set to sqrt(3) nm (atoms
+of two frames can coincide), so every distance is finite and nonzero and every gradient defined; they
+carry zero charge and are masked out of minima and pair lists, so they add exactly nothing.
 
 Distances in nm, charges in e, potential in e/nm, field in e/nm^2. Differentiable in positions (and in
 the charges for the potential and field), to any order.
@@ -80,6 +81,10 @@ def qm_mm_blocks(b: FrameBatch) -> QMMMBlock:
     qm, qm_mask = frame_slots(b.qm_frame, b.n_frames)
     mm, mm_mask = frame_slots(b.mm_frame, b.n_frames)
     vec = b.qm_pos[qm][:, :, None, :] - b.mm_pos[mm][:, None, :, :]
+    # a padding slot's vector is set to (1, 1, 1) nm: two atoms of different frames can coincide, and a zero
+    # distance would give 0/0 in the potential and in sqrt's derivative even where the slot is masked
+    pair_mask = qm_mask[:, :, None] & mm_mask[:, None, :]
+    vec = torch.where(pair_mask[..., None], vec, torch.ones((), dtype=vec.dtype, device=vec.device))
     # explicit sum of squares, not torch.cdist: cdist's small-input kernel has no double backward (the
     # force loss of training needs one)
     r = torch.sqrt((vec * vec).sum(-1))

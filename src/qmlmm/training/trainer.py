@@ -110,7 +110,7 @@ def _statistics(
     std = torch.sqrt((s2 / c - mean**2).clamp(min=0))
     std = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))
     if feature_scaling == "term":
-        std = _term_scales(torch.sqrt((s2 / c - mean**2).clamp(min=0)), probe.acsf.sizes)
+        std = _term_scales(torch.sqrt((s2 / c - mean**2).clamp(min=0)), mean, probe.acsf.sizes)
     comp = np.zeros((len(items), ne))
     for k, it in enumerate(items):
         sp = probe.acsf.species(torch.as_tensor(it.qm_z)).numpy()  # type: ignore[assignment]
@@ -138,17 +138,20 @@ def _statistics(
     )
 
 
-def _term_scales(std: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
-    """(E, F) scales: every feature of a descriptor term (columns in the order of ``sizes``) divided by the
-    RMS of that term's standard deviations for the element (1 where the term never varies), so that a
-    feature that is almost always 0 stays small instead of being blown up to |z| ~ 10-60 by its own tiny
-    standard deviation (measured on beta-alanine in water: 1e-7-scale rare-geometry features)."""
+def _term_scales(std: torch.Tensor, mean: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
+    """(E, F) scales from the features' standard deviations and means (E, F): every feature of a descriptor
+    term (columns in the order of ``sizes``) divided by the RMS of that term's standard deviations for the
+    element, so that a feature that is almost always 0 stays small instead of being blown up to |z| ~ 10-60
+    by its own tiny standard deviation (measured on beta-alanine in water: 1e-7-scale rare-geometry
+    features). 1 where the term does not vary beyond rounding (RMS std <= 1e-6 (1 + RMS mean), the guard of
+    the per-feature scaling: a rigid QM region's constant features would be blown up by their noise)."""
     out = torch.ones_like(std)
     start = 0
     for width in sizes.values():
         cols = slice(start, start + width)
         rms = torch.sqrt((std[:, cols] ** 2).mean(1, keepdim=True))
-        out[:, cols] = torch.where(rms > 0, rms, torch.ones_like(rms)).expand(-1, width)
+        size = torch.sqrt((mean[:, cols] ** 2).mean(1, keepdim=True))
+        out[:, cols] = torch.where(rms > 1e-6 * (1 + size), rms, torch.ones_like(rms)).expand(-1, width)
         start += width
     return out
 
