@@ -568,7 +568,7 @@ def test_padding_of_the_qm_mm_block_stays_finite_when_atoms_of_two_frames_coinci
                    mm_frame=torch.tensor([0, 0, 0, 0, 1, 1]), mm_mol=torch.arange(6), n_frames=2)  # fmt: skip
     phi, field = potential_and_field(b, b.mm_q, qm_mm_blocks(b))
     g = torch.autograd.grad((phi**2).sum() + (field**2).sum(), [qpos, mpos], create_graph=True)
-    gg = torch.autograd.grad(sum((x**2).sum() for x in g), [qpos, mpos])
+    gg = torch.autograd.grad((g[0] ** 2).sum() + (g[1] ** 2).sum(), [qpos, mpos])
     assert all(bool(torch.isfinite(t).all()) for t in (phi, field, *g, *gg))
     d = qpos[3:].detach()[:, None] - mpos[4:].detach()[None]
     torch.testing.assert_close(phi[3:].detach(), (b.mm_q[4:] / d.norm(dim=-1)).sum(1))
