@@ -60,9 +60,10 @@ def _batch(items: list[FrameTensors]) -> FrameBatch:
     return collate(items, dtype=torch.float64)
 
 
-def test_gradcheck_descriptors_qm_and_mm() -> None:
+@pytest.mark.parametrize("channels", ["charge", "sign"])
+def test_gradcheck_descriptors_qm_and_mm(channels: str) -> None:
     it = _item()
-    acsf = ACSF(CFG).double()
+    acsf = ACSF(dataclasses.replace(CFG, mm_channels=channels)).double()
     b = _batch([it])
 
     def f(qm: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
@@ -572,3 +573,25 @@ def test_padding_of_the_qm_mm_block_stays_finite_when_atoms_of_two_frames_coinci
     assert all(bool(torch.isfinite(t).all()) for t in (phi, field, *g, *gg))
     d = qpos[3:].detach()[:, None] - mpos[4:].detach()[None]
     torch.testing.assert_close(phi[3:].detach(), (b.mm_q[4:] / d.norm(dim=-1)).sum(1))
+
+
+def test_sign_channels_add_up_to_the_charge_weighted_terms() -> None:
+    """With ``mm_channels: sign`` the short-range MM terms come once over the positive and once over the
+    negative charges; the two channels add up to the charge-weighted term, column by column, in a two-frame
+    batch; the other blocks are unchanged. An unknown channel setting is refused."""
+    b = _batch([_item(seed=1, n_waters=8), _item(seed=5, n_waters=5, radius=0.3)])
+    one, two = ACSF(CFG).double(), ACSF(dataclasses.replace(CFG, mm_channels="sign")).double()
+    x1, x2 = one(b), two(b)
+    n1, n2 = one.feature_names(), two.feature_names()
+    for name in n1:
+        if name.startswith("MM G2") or name.startswith("MM G4"):
+            plus, minus = x2[:, n2.index("MM+" + name[2:])], x2[:, n2.index("MM-" + name[2:])]
+            torch.testing.assert_close(plus + minus, x1[:, n1.index(name)], rtol=1e-12, atol=1e-14)
+            assert bool((plus >= 0).all()) and bool((minus <= 0).all())
+        else:
+            torch.testing.assert_close(x2[:, n2.index(name)], x1[:, n1.index(name)], rtol=0, atol=0)
+    assert two.sizes["mm_radial"] == 2 * one.sizes["mm_radial"]
+    assert two.sizes["mm_angular"] == 2 * one.sizes["mm_angular"]
+    assert float(x2[:, [k for k, n in enumerate(n2) if n.startswith("MM+ G4")]].abs().max()) > 1e-3
+    with pytest.raises(InputError, match="mm_channels"):
+        dataclasses.replace(CFG, mm_channels="element")

@@ -36,7 +36,16 @@ from qmlmm.batch import FrameBatch
 from qmlmm.descriptors.cutoffs import cosine_cutoff
 from qmlmm.descriptors.neighbors import pairs_within
 from qmlmm.descriptors.qm_mm import QMMMBlock, pairs_from_blocks, potential_and_field, qm_mm_blocks
-from qmlmm.descriptors.terms import LongRange, MMAngular, MMRadial, Neighbours, QMAngular, QMRadial, Term
+from qmlmm.descriptors.terms import (
+    MM_CHANNELS,
+    LongRange,
+    MMAngular,
+    MMRadial,
+    Neighbours,
+    QMAngular,
+    QMRadial,
+    Term,
+)
 
 __all__ = ["DescriptorConfig", "ACSF", "Features", "potential_and_field"]
 
@@ -67,6 +76,7 @@ class DescriptorConfig:
     mm_angular_shifts: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5])
     mm_angular_width: float = 0.1
     field_epsilon: float = 1e-3  # e/nm^2, keeps |E| differentiable at E = 0
+    mm_channels: str = "charge"  # short-range MM terms weighted by the charge, or ("sign") by its +/- parts
 
     def __post_init__(self) -> None:
         from qmlmm.errors import InputError
@@ -76,6 +86,8 @@ class DescriptorConfig:
             v = getattr(self, name)
             if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
                 raise InputError(f"descriptor {name} must be a positive number (nm), got {v!r}")
+        if self.mm_channels not in MM_CHANNELS:
+            raise InputError(f"descriptor mm_channels must be one of {MM_CHANNELS}, got {self.mm_channels!r}")
         for name in ("qm_radial_shifts", "qm_angular_shifts", "mm_radial_shifts", "mm_angular_shifts",
                      "angular_zetas", "elements"):  # fmt: skip
             v = getattr(self, name)
@@ -127,7 +139,7 @@ class ACSF(nn.Module):
         terms: list[Term] = [
             QMRadial(cfg.qm_radial_shifts, cfg.qm_radial_width, ne),
             QMAngular(cfg.qm_angular_shifts, cfg.qm_angular_width, cfg.qm_angular_cutoff, cfg.angular_zetas, ne),
-            MMRadial(cfg.mm_radial_shifts, cfg.mm_radial_width, cfg.mm_radial_cutoff),
+            MMRadial(cfg.mm_radial_shifts, cfg.mm_radial_width, cfg.mm_radial_cutoff, cfg.mm_channels),
         ]
         if cfg.long_range:
             terms.append(LongRange(ne, cfg.field_epsilon, cfg.long_range_damped, cfg.long_range_cutoff))
@@ -139,6 +151,7 @@ class ACSF(nn.Module):
                 cfg.qm_angular_cutoff,
                 cfg.angular_zetas,
                 ne,
+                cfg.mm_channels,
             )
         )
         self.terms = nn.ModuleList(terms)

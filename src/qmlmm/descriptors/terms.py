@@ -22,7 +22,17 @@ from qmlmm.descriptors.cutoffs import cosine_cutoff
 from qmlmm.descriptors.neighbors import padded_slots, triples_from_pairs
 from qmlmm.descriptors.qm_mm import QMMMBlock, potential_and_field
 
-__all__ = ["Neighbours", "Term", "QMRadial", "QMAngular", "MMRadial", "LongRange", "MMAngular"]
+__all__ = [
+    "MM_CHANNELS",
+    "LongRange",
+    "MMAngular",
+    "MMRadial",
+    "Neighbours",
+    "QMAngular",
+    "QMRadial",
+    "Term",
+    "charge_channels",
+]
 
 
 @dataclass
@@ -179,27 +189,47 @@ class QMAngular(Term):
         ]
 
 
+#: how the short-range MM terms weight the MM atoms: by their charge (one channel), or by their positive and
+#: their negative charges separately (two channels: for water, the H and the O atoms)
+MM_CHANNELS = ("charge", "sign")
+
+
+def charge_channels(q: torch.Tensor, channels: str) -> torch.Tensor:
+    """(..., C) weights of MM atoms with charges ``q`` (...): C = 1, q itself ("charge"), or C = 2, its
+    positive and its negative part ("sign"; they add up to q)."""
+    if channels == "sign":
+        return torch.stack([q.clamp(min=0.0), q.clamp(max=0.0)], dim=-1)
+    return q[..., None]
+
+
+def _channel_names(channels: str) -> list[str]:
+    return ["MM+", "MM-"] if channels == "sign" else ["MM"]
+
+
 class MMRadial(Term):
     """Charge-weighted near field: sum_J q_J exp(-(r_iJ - R_s)^2 / (2 w^2)) f_c(r_iJ), r_c ~0.8 nm (the
-    first solvation shells: hydrogen bonds, close contacts)."""
+    first solvation shells: hydrogen bonds, close contacts); with ``channels`` "sign" once over the
+    positive and once over the negative charges (:func:`charge_channels`), so that opposite charges of one
+    molecule do not cancel."""
 
     name = "mm_radial"
 
-    def __init__(self, shifts: list[float], width: float, cutoff: float) -> None:
+    def __init__(self, shifts: list[float], width: float, cutoff: float, channels: str = "charge") -> None:
         super().__init__()
         self._set_shifts(shifts)
-        self.width, self.cutoff = width, cutoff
-        self.size = len(shifts)
+        self.width, self.cutoff, self.channels = width, cutoff, channels
+        self.n_ch = len(_channel_names(channels))
+        self.size = self.n_ch * len(shifts)
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
         k = nb.mr < self.cutoff
         rr = nb.mr[k]
-        w = cosine_cutoff(rr, self.cutoff) * nb.q[nb.mj[k]]
-        g = torch.exp(-((rr[:, None] - self.shifts) ** 2) / (2 * self.width**2)) * w[:, None]
-        return nb.zeros(nb.nq, self.size).index_add(0, nb.mi[k], g)
+        w = cosine_cutoff(rr, self.cutoff)[:, None] * charge_channels(nb.q[nb.mj[k]], self.channels)  # (P, C)
+        g = torch.exp(-((rr[:, None] - self.shifts) ** 2) / (2 * self.width**2))[:, None, :] * w[:, :, None]
+        return nb.zeros(nb.nq, self.size).index_add(0, nb.mi[k], g.reshape(len(rr), self.size))
 
     def feature_names(self, symbols: list[str]) -> list[str]:
-        return [f"MM G2 Rs={x:.2f}" for x in self.shift_values]
+        return [f"{c} G2 Rs={x:.2f}" for c in _channel_names(self.channels) for x in self.shift_values]
 
 
 class LongRange(Term):
@@ -249,20 +279,29 @@ class MMAngular(Term):
     (nq, J, 3) and (nq, K, 3), so the angles of all (j, K) of a centre are one batched matrix product and
     the sum over K one more (nq * J, K) x (K, n_shift) product per (zeta, lambda): no (j, K) triple list,
     whose gathers and scatters cost ~20 ms of a 45 ms model call on retinoic acid in water (50 QM atoms,
-    48000 triples). Padded slots carry zero weight, so they add exactly nothing."""
+    48000 triples). Padded slots carry zero weight, so they add exactly nothing. With ``channels`` "sign",
+    once over the positive and once over the negative charges q_K (:func:`charge_channels`)."""
 
     name = "mm_angular"
     zetas: torch.Tensor
 
     def __init__(
-        self, shifts: list[float], width: float, cutoff: float, qm_cutoff: float, zetas: list[float], n_el: int
+        self,
+        shifts: list[float],
+        width: float,
+        cutoff: float,
+        qm_cutoff: float,
+        zetas: list[float],
+        n_el: int,
+        channels: str = "charge",
     ) -> None:
         super().__init__()
         self.zl = _zeta_lambda(zetas)
         self._set_shifts(shifts)
         self.register_buffer("zetas", torch.tensor([z for z, _ in self.zl]), persistent=False)
         self.width, self.cutoff, self.qm_cutoff, self.n_el = width, cutoff, qm_cutoff, n_el
-        self.size = n_el * len(self.zl) * len(shifts)
+        self.channels, self.n_ch = channels, len(_channel_names(channels))
+        self.size = n_el * len(self.zl) * self.n_ch * len(shifts)
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
         nq, ns = nb.nq, len(self.shifts)
@@ -280,22 +319,25 @@ class MMAngular(Term):
         ej[ai, sj, nb.sp[nb.aj]] = 1.0  # element of neighbour j, one-hot (constant)
         uk = nb.zeros(nq, nk, 3).index_put((ci, sk), cvec / cr[:, None])
         rk = nb.zeros(nq, nk).index_put((ci, sk), cr)
-        wk = nb.zeros(nq, nk).index_put((ci, sk), cosine_cutoff(cr, self.cutoff) * cq)
+        wc = cosine_cutoff(cr, self.cutoff)[:, None] * charge_channels(cq, self.channels)  # (pairs, C)
+        wk = nb.zeros(nq, nk, self.n_ch).index_put((ci, sk), wc)
         cos_t = torch.bmm(uj, uk.transpose(1, 2)).clamp(-1.0, 1.0)  # (nq, J, K)
         base = {1.0: 1.0 + cos_t, -1.0: 1.0 - cos_t}
         ang = torch.stack([_power(base[lam], z) for z, lam in self.zl], dim=-1)  # (nq, J, K, nzl)
         x = 0.5 * (rj[:, :, None] + rk[:, None, :])[..., None] - self.shifts  # (nq, J, K, ns)
-        rad = torch.exp(x * x * (-0.5 / self.width**2)) * wk[:, None, :, None]
-        # sum over K: (nq J, nzl, K) x (nq J, K, ns); then the 2^(1 - zeta) normalisation and f_c(r_ij)
+        rad = torch.exp(x * x * (-0.5 / self.width**2))[..., None, :] * wk[:, None, :, :, None]  # (.., C, ns)
+        # sum over K: (nq J, nzl, K) x (nq J, K, C ns); then the 2^(1 - zeta) normalisation and f_c(r_ij)
         per_j = torch.bmm(ang.reshape(nq * nj, nk, -1).transpose(1, 2), rad.reshape(nq * nj, nk, -1))
-        per_j = (per_j.reshape(nq, nj, -1, ns) * 2.0 ** (1.0 - self.zetas[:, None])).reshape(nq, nj, -1)
+        norm = 2.0 ** (1.0 - self.zetas[:, None])
+        per_j = (per_j.reshape(nq, nj, -1, self.n_ch * ns) * norm).reshape(nq, nj, -1)
         per_j = per_j * wj[:, :, None]  # (nq, J, nzl * ns)
         return torch.bmm(ej.transpose(1, 2), per_j).reshape(nq, -1)  # sum over j by element
 
     def feature_names(self, symbols: list[str]) -> list[str]:
         return [
-            f"MM G4[{e}] z={z:g} l={int(lam):+d} Rs={x:.2f}"
+            f"{c} G4[{e}] z={z:g} l={int(lam):+d} Rs={x:.2f}"
             for e in symbols
             for z, lam in self.zl
+            for c in _channel_names(self.channels)
             for x in self.shift_values
         ]
