@@ -10,9 +10,9 @@ solute sees; every model of a solute is tested on the same runs.
 Stages:
 - ``defaults``: the training settings, one change at a time, at 100 training frames of beta-alanine
   (direct and delta): the old defaults (plateau schedule, loss weights 1), the cosine schedule, a lower
-  energy weight (0.1, 0.01), twice the epochs, one feature scale per descriptor term, batches of 2 frames
-  (4x the steps). The curves use the settings in
-  CURVE (chosen from this table).
+  energy weight (0.1, 0.01), twice the epochs, one feature scale per descriptor term, the short-range MM
+  terms over positive and negative charges apart (sign channels). The curves use the settings in CURVE
+  (chosen from this table).
 - ``curves``: every solute, direct and delta, with the electrostatic term (charges) and without (none),
   at 25, 50, 100 and 400 training frames; one network per point; with induced dipoles as well
   (charges+polarisability) at 100 and 400; and the old defaults at 200 frames (the ablation: what the
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _results import machine, save_json, save_markdown
+from _results import RESULTS, machine, save_json, save_markdown
 from _solvated import SolventSampling, labelled_solute
 
 SOLUTES = {
@@ -47,8 +47,8 @@ SIZES = [25, 50, 100, 400]
 QUANTITIES = ("energy", "qm_forces", "mm_forces")
 GOALS = {"energy": 1.0, "qm_forces": 20.0, "mm_forces": 0.5}
 
-#: every model here: the trainer's defaults (2x64, Adam 1e-3, batch 8, 200 epochs at <= 100 frames and the
-#: same number of steps above) with one network and the split of the sampling (2 validation, 4 test runs)
+#: every model here: 2x64, Adam 1e-3, batch 8, 200 epochs at <= 100 frames and the same number of steps
+#: above, one network, the split of the sampling (2 validation, 4 test runs)
 BASE: dict[str, Any] = {
     "target": "xtb",
     "baseline": "dftb3",
@@ -59,15 +59,21 @@ BASE: dict[str, Any] = {
     "test_fraction": 4 / SAMPLING.runs,
     "threads": 1,
 }
+#: the trainer's defaults before this benchmark (written out: the trainer's own defaults are now CURVE's)
+OLD_DEFAULTS: dict[str, Any] = {"lr_schedule": "plateau", "w_energy": 1.0}
 #: the defaults check: one change at a time against the old defaults (plateau, loss weights 1)
 DEFAULTS_CHECK: dict[str, dict[str, Any]] = {
-    "old defaults (plateau)": {},
-    "cosine": {"lr_schedule": "cosine"},
+    "old defaults (plateau)": OLD_DEFAULTS,
+    "cosine": {"lr_schedule": "cosine", "w_energy": 1.0},
     "cosine, w_energy 0.1": {"lr_schedule": "cosine", "w_energy": 0.1},
     "cosine, w_energy 0.1, 400 epochs": {"lr_schedule": "cosine", "w_energy": 0.1, "epochs": 400},
     "cosine, w_energy 0.1, term scaling": {"lr_schedule": "cosine", "w_energy": 0.1, "feature_scaling": "term"},
     "cosine, w_energy 0.01": {"lr_schedule": "cosine", "w_energy": 0.01},
-    "cosine, w_energy 0.1, batch 2": {"lr_schedule": "cosine", "w_energy": 0.1, "batch_size": 2},
+    "cosine, w_energy 0.1, sign channels": {
+        "lr_schedule": "cosine",
+        "w_energy": 0.1,
+        "descriptor": {"mm_channels": "sign"},
+    },
 }
 #: the settings of the curves (from the defaults check)
 CURVE: dict[str, Any] = {"lr_schedule": "cosine", "w_energy": 0.1}
@@ -127,7 +133,8 @@ def curves(work: Path, solute: str, workers: int) -> dict[str, Any]:
         out["baseline_alone"] = lc["baseline_alone"]
         for mode, pts in lc["curves"].items():
             out["curves"][f"{mode}/{elec}"] = pts
-    old = learning_curve(data, config(), [200], work / solute / "old_defaults", progress=False, workers=workers)
+    old = learning_curve(data, config(**OLD_DEFAULTS), [200], work / solute / "old_defaults", progress=False,
+                         workers=workers)  # fmt: skip
     out["old_defaults_200"] = {mode: pts[0] for mode, pts in old["curves"].items()}
     return out
 
@@ -137,7 +144,12 @@ def main() -> None:
     ap.add_argument("--work", default="runs/lc")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--solutes", default=",".join(SOLUTES))
-    ap.add_argument("--stage", choices=("data", "defaults", "all"), default="all")
+    ap.add_argument(
+        "--stage",
+        choices=("data", "defaults", "curves", "all"),
+        default="all",
+        help="data only; the defaults check; the curves of --solutes; or all (each stage updates the results)",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     solutes = args.solutes.split(",")
@@ -148,7 +160,9 @@ def main() -> None:
         print(name, data_secs[name], time.strftime("%H:%M:%S"), flush=True)
     if args.stage == "data":
         return
-    result: dict[str, Any] = {
+    path = RESULTS / "learning_curves.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    result.update({
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "target": "xtb:gfn2",
@@ -156,20 +170,21 @@ def main() -> None:
         "sampling": SAMPLING.__dict__,
         "base_settings": BASE,
         "curve_settings": CURVE,
-        "defaults_check": defaults_check(work, args.workers),
-    }
-    if args.stage == "all":
-        result["solutes"] = {name: curves(work, name, args.workers) for name in solutes}
-    result["seconds"] = {"data": data_secs, "train": time.time() - t0}
+    })  # fmt: skip
+    result.setdefault("seconds", {}).setdefault("data", {}).update(data_secs)
+    if args.stage in ("defaults", "all"):
+        result["defaults_check"] = defaults_check(work, args.workers)
+    if args.stage in ("curves", "all"):
+        for name in solutes:
+            result.setdefault("solutes", {})[name] = curves(work, name, args.workers)
+            plot(name, result["solutes"][name])
+    result["seconds"][f"train_{args.stage}_{','.join(solutes)}"] = time.time() - t0
     save_json("learning_curves", result)
-    for name, sol in result.get("solutes", {}).items():
-        plot(name, sol)
     save_markdown("learning_curves", markdown(result))
 
 
 def plot(name: str, sol: dict[str, Any]) -> Path:
     """benchmarks/results/learning_curves_<solute>.png: every curve of the solute and DFTB3 alone."""
-    from _results import RESULTS
     from qmlmm.analysis.plots import learning_curve_plot
 
     base = {f"{q}_mae": float(sol["baseline_alone"][q]["mae"]) for q in QUANTITIES}
@@ -224,7 +239,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "| settings | mode | best epoch / run | test MAE | s |",
         "|---|---|---|---|---|",
     ]
-    for r in result["defaults_check"]:
+    for r in result.get("defaults_check", []):
         md.append(
             f"| {r['settings']} | {r['mode']} | {r['best_epoch']} / {r['epochs_run']} | "
             f"{_tri(r)} | {r['seconds']:.0f} |"

@@ -29,15 +29,17 @@ class TrainConfig:
     ``charge_hidden`` [16] layers per element (the charges add up to the QM charge for direct models,
     to zero for delta models).
     Optimisation: Adam, ``lr`` [1e-3], decoupled ``weight_decay`` per step (AdamW; 0 is plain Adam)
-    [0]; ``lr_schedule`` [plateau]: ``plateau`` lowers the rate by ``lr_factor`` [0.5] after
-    ``lr_patience`` [25] epochs without validation improvement, down to ``lr_min`` [1e-5]; ``cosine``
-    lowers it from ``lr`` to ``lr_min`` along half a cosine over ``epochs``; early stop after
+    [0]; ``lr_schedule`` [cosine]: ``cosine`` lowers the rate from ``lr`` to ``lr_min`` [1e-5] along half a
+    cosine over ``epochs``; ``plateau`` (the default before 2026-12-06) lowers it by ``lr_factor`` [0.5]
+    after ``lr_patience`` [25] epochs without validation improvement, down to ``lr_min``; early stop after
     ``patience`` [80] epochs; at most ``epochs`` [600]; ``batch_size`` frames [8].
     Features: each descriptor column minus its mean over the training frames (per element), divided by
     ``feature_scaling`` [feature]: its own standard deviation, or (``term``) the RMS standard deviation of
     its descriptor term, which keeps rare-geometry features near 0 instead of blowing them up.
     Loss: each term's mean squared error divided by the variance of that target on the training
-    set, weighted by ``w_energy`` (per atom) [1], ``w_qm_forces`` [1], ``w_mm_forces`` [1].
+    set, weighted by ``w_energy`` (per atom) [0.1; 1 before 2026-12-06], ``w_qm_forces`` [1],
+    ``w_mm_forces`` [1]. The defaults come from benchmarks/results/learning_curves.md: with the energy
+    weight at 1 the energies held the forces back (the QM-force error on the training frames halved at 0.1).
     Split (:class:`qmlmm.data.training_set.SplitSettings`): ``split`` [runs] whole sampling runs to train /
     validation / test (fractions ``valid_fraction`` [0.1] and ``test_fraction`` [0.1] of the runs,
     shuffled with ``seed`` [0]; fewer than three runs: ``time``, each run cut in time order with
@@ -58,13 +60,13 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
-    lr_schedule: str = "plateau"
+    lr_schedule: str = "cosine"
     feature_scaling: str = "feature"
     lr_factor: float = 0.5
     lr_patience: int = 25
     lr_min: float = 1e-5
     patience: int = 80
-    w_energy: float = 1.0
+    w_energy: float = 0.1
     w_qm_forces: float = 1.0
     w_mm_forces: float = 1.0
     w_charges: float = 1.0
