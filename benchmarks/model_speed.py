@@ -1,9 +1,10 @@
 """Model speed: energy + forces of a trained HDNNP ensemble for retinoic acid with its 1.4 nm shell,
 against DFTB3, GFN2-xTB and DFT on the same frame (ratios), and training throughput (frames/s).
 
-The model (default architecture and descriptor, ensemble of 4) is trained here for a few epochs on
-frames of the same system labelled with DFTB3 (perturbed copies of the frame): enough to be a
-trained model of the right size; its accuracy is not the point (see accuracy.py).
+The models (default architecture and descriptor, ensemble of 4, the default 1.4 nm embedding with its
+0.2 nm switch; one per electrostatic setting: none, charges, charges+polarisability) are trained here for
+a few epochs on frames of the same system labelled with DFTB3 (perturbed copies of the frame): enough to
+be trained models of the right size; their accuracy is not the point (see learning_curves.py).
 
 Run: `.venv/bin/python benchmarks/model_speed.py [--threads 2] [--no-dft] [--dft dft:b3lyp/def2-svp]`
 Writes benchmarks/results/model_speed.{json,md}.
@@ -16,7 +17,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ from qmlmm.data import write_dataset
 from qmlmm.engines import label_frame, make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
 from qmlmm.models import QMLMMModel
+from qmlmm.models.hdnnp import ELECTROSTATICS
 from qmlmm.training import SplitSettings, TrainConfig, load_training_data, train
 
 
@@ -41,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fr, source = load_frame()
-    settings = EmbeddingSettings(1.4, 0.0)
+    settings = EmbeddingSettings()
     emb = select_embedding(fr, settings)
     z = fr.numbers[emb.qm_index]
     rows: dict[str, dict[str, float]] = {}
@@ -60,17 +64,23 @@ def main() -> None:
         g.attrs["settings"] = json.dumps({"engine": {}, "embedding": settings.to_dict()})
         ds.close()
         data = load_training_data(Path(tmp) / "d.h5", "dftb3", split=SplitSettings(kind="blocks", block_size=2))
-        cfg = TrainConfig(target="dftb3", ensemble=4, epochs=3, batch_size=4, threads=args.threads)
-        res = train(data, cfg, Path(tmp) / "m.pt", progress=False)
-        rows["training (ensemble of 4, frames/s per network)"] = {"frames_per_s": res.frames_per_second}
-        model = QMLMMModel.load(Path(tmp) / "m.pt")
+        models = {}
+        for elec in ELECTROSTATICS:
+            cfg = TrainConfig(target="dftb3", ensemble=4, epochs=3, batch_size=4, threads=args.threads,
+                              electrostatics=elec)  # fmt: skip
+            res = train(data, cfg, Path(tmp) / f"m_{elec}.pt", progress=False)
+            rows[f"training, {elec} (ensemble of 4, frames/s per network)"] = {"frames_per_s": res.frames_per_second}
+            models[elec] = QMLMMModel.load(Path(tmp) / f"m_{elec}.pt")
+    for elec, m in models.items():  # one block of repeats each
+        rows[f"model, {elec} (ensemble of 4, float32): energy + QM and MM forces"] = {
+            "ms": 1e3 * median_seconds(_model_call(m.engine(args.threads), z, emb), args.repeat)
+        }
+    model = models["charges"]
     eng = model.engine(args.threads)
-    t_model = median_seconds(lambda: eng.compute(z, emb.qm_positions, emb.mm_positions, emb.mm_charges), args.repeat)
     t_model_emb = median_seconds(lambda: eng.compute_frame(fr, select_embedding(fr, settings)), args.repeat)
     t_emb = median_seconds(lambda: select_embedding(fr, settings), args.repeat)
-    rows["model (ensemble of 4, float32): energy + QM and MM forces"] = {"ms": t_model * 1e3}
     rows["embedding selection (numpy)"] = {"ms": t_emb * 1e3}
-    rows["model incl. embedding selection"] = {"ms": t_model_emb * 1e3}
+    rows["model, charges, incl. embedding selection"] = {"ms": t_model_emb * 1e3}
     t_dftb = median_seconds(
         lambda: make_engine("dftb3:3ob,reuse=no", threads=args.threads).compute(
             z, emb.qm_positions, emb.mm_positions, emb.mm_charges
@@ -89,7 +99,7 @@ def main() -> None:
         t0 = time.perf_counter()
         dft.compute(z, emb.qm_positions, emb.mm_positions, emb.mm_charges)
         rows[f"{args.dft} QM/MM (one call)"] = {"ms": (time.perf_counter() - t0) * 1e3}
-    ref = rows["model (ensemble of 4, float32): energy + QM and MM forces"]["ms"]
+    ref = rows["model, charges (ensemble of 4, float32): energy + QM and MM forces"]["ms"]
     for r in rows.values():
         if "ms" in r:
             r["ratio_to_model"] = r["ms"] / ref
@@ -120,6 +130,11 @@ def main() -> None:
         )
     md += ["", "Goal: below 10 ms per frame on 2 CPU cores and at least 1000x faster than DFT/MM."]
     save_markdown("model_speed", md)
+
+
+def _model_call(eng: Any, z: np.ndarray, emb: Any) -> Callable[[], Any]:
+    """One energy + forces call of engine ``eng`` on the embedded frame."""
+    return lambda: eng.compute(z, emb.qm_positions, emb.mm_positions, emb.mm_charges)
 
 
 if __name__ == "__main__":
