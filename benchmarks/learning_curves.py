@@ -10,7 +10,7 @@ solute sees; every model of a solute is tested on the same runs.
 Stages:
 - ``defaults``: the training settings, one change at a time, at 100 training frames of beta-alanine
   (direct and delta): the old defaults (plateau schedule, loss weights 1), the cosine schedule, a lower
-  energy weight (0.1, 0.01), twice the epochs, one feature scale per descriptor term, the short-range MM
+  energy weight (0.1, 0.01), one feature scale per descriptor term, the short-range MM
   terms over positive and negative charges apart (sign channels). The curves use the settings in CURVE
   (chosen from this table).
 - ``curves``: every solute, direct and delta, with the electrostatic term (charges) and without (none),
@@ -66,7 +66,6 @@ DEFAULTS_CHECK: dict[str, dict[str, Any]] = {
     "old defaults (plateau)": OLD_DEFAULTS,
     "cosine": {"lr_schedule": "cosine", "w_energy": 1.0},
     "cosine, w_energy 0.1": {"lr_schedule": "cosine", "w_energy": 0.1},
-    "cosine, w_energy 0.1, 400 epochs": {"lr_schedule": "cosine", "w_energy": 0.1, "epochs": 400},
     "cosine, w_energy 0.1, term scaling": {"lr_schedule": "cosine", "w_energy": 0.1, "feature_scaling": "term"},
     "cosine, w_energy 0.01": {"lr_schedule": "cosine", "w_energy": 0.01},
     "cosine, w_energy 0.1, sign channels": {
@@ -81,6 +80,9 @@ ELECTROSTATICS = ("charges", "none")
 #: induced dipoles on top of the charges, at two sizes (does the term pay?)
 POLARISABLE = "charges+polarisability"
 POLARISABLE_SIZES = [100, 400]
+#: solutes that also get a delta model at 400 frames trained the full 200 epochs (4x the curve's steps): the
+#: two that miss goals at 400 frames; methanol meets them at 100 frames and was left out for time (2 cores)
+FULL_EPOCHS_SOLUTES = ("acetate", "beta-alanine")
 
 
 def config(**overrides: Any) -> Any:
@@ -138,9 +140,10 @@ def curves(work: Path, solute: str, workers: int) -> dict[str, Any]:
     out["old_defaults_200"] = {mode: pts[0] for mode, pts in old["curves"].items()}
     # the curves keep the number of optimiser steps constant above 100 frames (50 epochs at 400); one delta
     # model at 400 frames with the full 200 epochs says what the data allow when trained as long
-    full = learning_curve(data, config(**CURVE), [400], work / solute / "full_400", modes=("delta",),
-                          scale_epochs=False, progress=False, workers=workers)  # fmt: skip
-    out["delta_400_full_epochs"] = full["curves"]["delta"][0]
+    if solute in FULL_EPOCHS_SOLUTES:
+        full = learning_curve(data, config(**CURVE), [400], work / solute / "full_400", modes=("delta",),
+                              scale_epochs=False, progress=False, workers=workers)  # fmt: skip
+        out["delta_400_full_epochs"] = full["curves"]["delta"][0]
     return out
 
 
@@ -184,6 +187,13 @@ def main() -> None:
             result.setdefault("solutes", {})[name] = curves(work, name, args.workers)
             plot(name, result["solutes"][name])
     result["seconds"][f"train_{args.stage}_{','.join(solutes)}"] = time.time() - t0
+    # two runs on different solutes may share the file: merge into what is there now, not at the start
+    latest: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    latest.setdefault("solutes", {}).update(result.pop("solutes", {}))
+    latest.setdefault("seconds", {}).setdefault("data", {}).update(result["seconds"].pop("data"))
+    latest["seconds"].update(result.pop("seconds"))
+    latest.update(result)
+    result = latest
     save_json("learning_curves", result)
     save_markdown("learning_curves", markdown(result))
 

@@ -504,3 +504,36 @@ def test_term_feature_scaling_uses_one_scale_per_descriptor_term(syn: Path) -> N
     mean = torch.tensor([[1.0, 2.0, 0.1, 0.1]], dtype=torch.float64)
     torch.testing.assert_close(_term_scales(std, mean, sizes), torch.tensor([[1.0, 1.0, 0.125**0.5, 0.125**0.5]],
                                                                              dtype=torch.float64))  # fmt: skip
+
+
+def _run_metrics(f_train: float, f_valid: float) -> dict:
+    return {"train": {"qm_forces": {"mae": f_train}}, "valid": {"qm_forces": {"mae": f_valid}}, "n_train": 100,
+            "n_parameters_per_network": 50_000}  # fmt: skip
+
+
+def _history(best: int, run: int) -> list[dict[str, float]]:
+    return [{"epoch": e, "valid_loss": abs(e - best) + 1.0} for e in range(1, run + 1)]
+
+
+def test_fit_diagnosis_names_what_limits_the_model() -> None:
+    from qmlmm.training.diagnosis import fit_diagnosis
+
+    mem = fit_diagnosis(_run_metrics(20.0, 60.0), [_history(40, 100)])
+    assert mem.verdict == "memorising" and mem.valid_over_train == pytest.approx(3.0) and "more frames" in mem.message
+    # not memorising, and every member's best epoch is in its last tenth: it was still learning
+    late = fit_diagnosis(_run_metrics(40.0, 50.0), [_history(100, 100), _history(95, 100)])
+    assert late.verdict == "still learning" and late.best_epochs == (100, 95) and "more epochs" in late.message
+    # one member converged early: the run as a whole is limited by its data
+    conv = fit_diagnosis(_run_metrics(40.0, 50.0), [_history(100, 100), _history(50, 100)])
+    assert conv.verdict == "data-limited" and conv.parameters_per_frame == pytest.approx(500.0)
+    with pytest.raises(ValueError, match="valid"):
+        fit_diagnosis({"train": {"qm_forces": {"mae": 1.0}}, "n_train": 1, "n_parameters_per_network": 1}, [])
+
+
+def test_trained_model_reports_its_diagnosis(direct_model: tuple[Path, dict]) -> None:
+    from qmlmm.training.diagnosis import fit_diagnosis
+
+    path, metrics = direct_model
+    history = json.loads(path.with_suffix(".history.json").read_text())
+    assert metrics["diagnosis"]["message"] == fit_diagnosis(metrics, history).message
+    assert json.loads(path.with_suffix(".metrics.json").read_text())["diagnosis"] == metrics["diagnosis"]

@@ -271,6 +271,8 @@ def train(
         return
     _print_metrics(res.metrics, f"test set of {data.name}", res.metrics.get("test"))
     _print_split_maes(res.metrics)
+    if "diagnosis" in res.metrics:
+        typer.echo(f"fit: {res.metrics['diagnosis']['message']}")
     typer.echo(
         f"model: {res.path} ({res.model.describe()}); trained in {res.seconds:.0f} s "
         f"({res.frames_per_second:.1f} frames/s); metrics and parity plot next to it"

@@ -33,6 +33,7 @@ from qmlmm.models.evaluation import charge_errors, collect_predictions, compute_
 from qmlmm.models.hdnnp import HDNNP, ModelConfig, energy_and_forces
 from qmlmm.models.model import ModelMeta, QMLMMModel
 from qmlmm.training.config import TrainConfig
+from qmlmm.training.diagnosis import fit_diagnosis
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +542,10 @@ def train(
         "data": data.source,
         **_final_metrics(ens, data, cfg, train_idx, dtype, device, files["test.npz"]),
     }
+    if "train" in metrics and "valid" in metrics:
+        diag = fit_diagnosis(metrics, history)
+        metrics["diagnosis"] = {"verdict": diag.verdict, "message": diag.message}
+        log.info("fit: %s", diag.message)
     meta.metrics = metrics
     model_obj = QMLMMModel(ens, meta)
     model_obj.save(out)
