@@ -80,6 +80,13 @@ ELECTROSTATICS = ("charges", "none")
 #: induced dipoles on top of the charges, at two sizes (does the term pay?)
 POLARISABLE = "charges+polarisability"
 POLARISABLE_SIZES = [100, 400]
+#: where time on 2 cores did not allow every point (a training step of the 13-atom zwitterion costs ~2x the
+#: others'): beta-alanine gets induced dipoles at 400 frames only and no old-defaults point (its defaults
+#: check at 100 frames compares old and new settings already)
+POLARISABLE_SIZES_OF = {"beta-alanine": [400]}
+OLD_DEFAULTS_SOLUTES = ("methanol", "acetate")
+#: the parts of a solute's stage, run by --parts
+PARTS = ("curves", "polarisable", "old", "full")
 #: solutes that also get a delta model at 400 frames trained the full 200 epochs (4x the curve's steps): the
 #: two that miss goals at 400 frames; methanol meets them at 100 frames and was left out for time (2 cores)
 FULL_EPOCHS_SOLUTES = ("acetate", "beta-alanine")
@@ -122,27 +129,34 @@ def defaults_check(work: Path, workers: int) -> list[dict[str, Any]]:
     return rows
 
 
-def curves(work: Path, solute: str, workers: int) -> dict[str, Any]:
-    """Learning curves of one solute (direct and delta, each electrostatic variant) and the old defaults at
-    200 frames; the baseline's own test errors."""
+def curves(work: Path, solute: str, workers: int, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """The parts of one solute's stage: learning curves (direct and delta, with and without the electrostatic
+    term), the induced-dipole points, the old defaults at 200 frames, the delta model at 400 frames trained
+    the full 200 epochs; and the baseline's own test errors."""
     from qmlmm.workflows.learning_curve import learning_curve
 
     data = work / solute / "labels.h5"
-    out: dict[str, Any] = {"curves": {}, "old_defaults_200": {}}
-    for elec, sizes in [*((e, SIZES) for e in ELECTROSTATICS), (POLARISABLE, POLARISABLE_SIZES)]:
+    out: dict[str, Any] = {"curves": {}}
+    plan = [(e, SIZES) for e in ELECTROSTATICS if "curves" in parts]
+    if "polarisable" in parts:
+        plan.append((POLARISABLE, POLARISABLE_SIZES_OF.get(solute, POLARISABLE_SIZES)))
+    for elec, sizes in plan:
         lc = learning_curve(data, config(**CURVE, electrostatics=elec), sizes, work / solute / f"lc_{elec}",
                             progress=False, workers=workers)  # fmt: skip
         out["baseline_alone"] = lc["baseline_alone"]
         for mode, pts in lc["curves"].items():
             out["curves"][f"{mode}/{elec}"] = pts
-    old = learning_curve(data, config(**OLD_DEFAULTS), [200], work / solute / "old_defaults", progress=False,
-                         workers=workers)  # fmt: skip
-    out["old_defaults_200"] = {mode: pts[0] for mode, pts in old["curves"].items()}
+    if "old" in parts and solute in OLD_DEFAULTS_SOLUTES:
+        old = learning_curve(data, config(**OLD_DEFAULTS), [200], work / solute / "old_defaults",
+                             progress=False, workers=workers)  # fmt: skip
+        out["baseline_alone"] = old["baseline_alone"]
+        out["old_defaults_200"] = {mode: pts[0] for mode, pts in old["curves"].items()}
     # the curves keep the number of optimiser steps constant above 100 frames (50 epochs at 400); one delta
     # model at 400 frames with the full 200 epochs says what the data allow when trained as long
-    if solute in FULL_EPOCHS_SOLUTES:
+    if "full" in parts and solute in FULL_EPOCHS_SOLUTES:
         full = learning_curve(data, config(**CURVE), [400], work / solute / "full_400", modes=("delta",),
                               scale_epochs=False, progress=False, workers=workers)  # fmt: skip
+        out["baseline_alone"] = full["baseline_alone"]
         out["delta_400_full_epochs"] = full["curves"]["delta"][0]
     return out
 
@@ -158,12 +172,19 @@ def main() -> None:
         default="all",
         help="data only; the defaults check; the curves of --solutes; or all (each stage updates the results)",
     )
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"parts of the curves stage, of {PARTS}")
+    ap.add_argument("--labelled", action="store_true",
+                    help="the solutes' labels are complete: skip the data stage (which opens labels.h5 to write, "
+                         "so it must not run beside a run that reads them)")  # fmt: skip
     args = ap.parse_args()
+    parts = tuple(args.parts.split(","))
+    if unknown := set(parts) - set(PARTS):
+        ap.error(f"unknown --parts {sorted(unknown)}; known: {PARTS}")
     work = Path(args.work)
     solutes = args.solutes.split(",")
     t0 = time.time()
     data_secs = {}
-    for name in solutes:
+    for name in solutes if not args.labelled else ():
         data_secs[name] = labelled_solute(work / name, SOLUTES[name], SAMPLING, workers=args.workers)
         print(name, data_secs[name], time.strftime("%H:%M:%S"), flush=True)
     if args.stage == "data":
@@ -184,17 +205,22 @@ def main() -> None:
         result["defaults_check"] = defaults_check(work, args.workers)
     if args.stage in ("curves", "all"):
         for name in solutes:
-            result.setdefault("solutes", {})[name] = curves(work, name, args.workers)
-            plot(name, result["solutes"][name])
+            result.setdefault("solutes", {})[name] = curves(work, name, args.workers, parts)
     result["seconds"][f"train_{args.stage}_{','.join(solutes)}"] = time.time() - t0
     # two runs on different solutes may share the file: merge into what is there now, not at the start
     latest: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    latest.setdefault("solutes", {}).update(result.pop("solutes", {}))
+    for name, sol in result.pop("solutes", {}).items():
+        merged = latest.setdefault("solutes", {}).setdefault(name, {})
+        merged.setdefault("curves", {}).update(sol.pop("curves"))
+        merged.update(sol)
     latest.setdefault("seconds", {}).setdefault("data", {}).update(result["seconds"].pop("data"))
     latest["seconds"].update(result.pop("seconds"))
     latest.update(result)
     result = latest
     save_json("learning_curves", result)
+    for name, sol in result.get("solutes", {}).items():
+        if sol.get("curves"):
+            plot(name, sol)
     save_markdown("learning_curves", markdown(result))
 
 
@@ -218,6 +244,8 @@ def goals_rows(name: str, sol: dict[str, Any]) -> list[str]:
     base = {q: float(sol["baseline_alone"][q]["mae"]) for q in QUANTITIES}
     rows = []
     for elec in (*ELECTROSTATICS, POLARISABLE):
+        if f"delta/{elec}" not in sol["curves"]:
+            continue
         delta = sol["curves"][f"delta/{elec}"][-1]
         direct = sol["curves"][f"direct/{elec}"][-1]
         d_goal = _goal_cells(delta)
@@ -268,11 +296,14 @@ def markdown(result: dict[str, Any]) -> list[str]:
         )
     md += ["", f"The curves below use: {json.dumps(result['curve_settings'])}.", ""]
     for name, sol in result.get("solutes", {}).items():
+        if not sol.get("curves"):
+            continue
         md += [f"## {name}", ""]
         md += learning_curve_table(sol["curves"], sol["baseline_alone"], None, "DFTB3 alone (shifted)")
-        old = sol["old_defaults_200"]
-        md += ["", "Old defaults (plateau schedule, loss weights 1, electrostatic term) at 200 frames: "
-               + "; ".join(f"{mode} {_tri(p, '{}_mae')}" for mode, p in old.items()) + "."]  # fmt: skip
+        md.append("")
+        if old := sol.get("old_defaults_200"):
+            md.append("Old defaults (plateau schedule, loss weights 1, electrostatic term) at 200 frames: "
+                      + "; ".join(f"{mode} {_tri(p, '{}_mae')}" for mode, p in old.items()) + ".")  # fmt: skip
         if "delta_400_full_epochs" in sol:
             md += [f"Delta (charges) at 400 frames trained 200 epochs (4x the steps of the curve's point): "
                    f"{_tri(sol['delta_400_full_epochs'], '{}_mae')}.", ""]  # fmt: skip
@@ -287,7 +318,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|",
         ]
         for name, sol in result["solutes"].items():
-            md += goals_rows(name, sol)
+            if sol.get("curves"):
+                md += goals_rows(name, sol)
     return md
 
 
