@@ -139,6 +139,10 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "c.yaml")
     with pytest.raises(InputError):
         TrainConfig(dtype="float16")
+    with pytest.raises(InputError, match="lr_min"):
+        TrainConfig(lr_schedule="cosine", lr=1e-3, lr_min=1e-2)
+    with pytest.raises(InputError, match="fit nothing"):
+        TrainConfig(w_energy=0, w_qm_forces=0, w_mm_forces=0)
 
 
 def test_cli_evaluate_predict_and_ase(direct_model: tuple[Path, dict], syn: Path, tmp_path: Path) -> None:

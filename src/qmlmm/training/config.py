@@ -108,9 +108,14 @@ class TrainConfig:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not 0 < self.lr_factor < 1 or self.lr_min < 0:
             raise InputError(f"lr_factor must lie in (0, 1) and lr_min be >= 0, got {self.lr_factor}, {self.lr_min}")
+        if self.lr_min >= self.lr:
+            raise InputError(f"lr_min ({self.lr_min}) must be below lr ({self.lr}): both schedules lower the rate "
+                             "from lr towards lr_min")  # fmt: skip
         for name in ("w_energy", "w_qm_forces", "w_mm_forces", "w_charges", "weight_decay"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.w_energy + self.w_qm_forces + self.w_mm_forces == 0:
+            raise InputError("w_energy, w_qm_forces and w_mm_forces are all 0: the loss would fit nothing")
         if self.max_train_frames is not None and self.max_train_frames < 1:
             raise InputError(f"max_train_frames must be >= 1, got {self.max_train_frames}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
