@@ -5,6 +5,7 @@ saved model's spreads."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, li
     cfg.write_text(
         "replicas: 2\ntemperatures: [300, 350]\nsteps: 40\nevery: 10\nequil_steps: 100\nheldout_runs: 1\n"
         "cutoff: 0.8\nmax_uncertainty: 50\ntrain: {ensemble: 2, epochs: 15, hidden: [8], patience: 10}\n"
+        "warm_start: true\n"
     )
     args = ["active", str(tmp / "sys"), "--target", "xtb:gfn2", "--baseline", "dftb3:3ob", "--budget", "6"]
     args += ["--per-round", "3", "--workers", "0", "--config", str(cfg), "-o", str(tmp / "run")]
@@ -89,6 +91,12 @@ def test_active_study_records_errors_against_labels_for_both_arms(tiny_study: tu
             with Dataset(lab) as ds:
                 done += int(((ds.status("xtb") == 1) & (ds.status("dftb3") == 1)).sum())
         assert done == n[-1], (arm, done)
+    # warm start: every later round trains from the round before it
+    for arm in rec["arms"]:
+        rounds = sorted((run / arm).glob("round_*/model.metrics.json"))
+        assert len(rounds) >= 2 and json.loads(rounds[0].read_text())["warm_start_from"] is None
+        for prev, cur in itertools.pairwise(rounds):
+            assert json.loads(cur.read_text())["warm_start_from"] == str(prev.parent / "model.pt")
     # both arms start from the same first labels and model, so their first points are identical
     assert rec["arms"]["active"][0] == rec["arms"]["random"][0]
     assert set(rec["baseline_alone"]) == {"energy", "qm_forces", "mm_forces"} and rec["heldout_frames"] > 0

@@ -595,3 +595,30 @@ def test_sign_channels_add_up_to_the_charge_weighted_terms() -> None:
     assert float(x2[:, [k for k, n in enumerate(n2) if n.startswith("MM+ G4")]].abs().max()) > 1e-3
     with pytest.raises(InputError, match="mm_channels"):
         dataclasses.replace(CFG, mm_channels="element")
+
+
+@ELEC
+def test_restandardised_model_computes_the_same_energies_charges_and_forces(elec: str) -> None:
+    """Warm start moves a network onto new feature statistics through its first layers: the same function
+    (energies, QM and MM forces, charges, polarisabilities), the new statistics in its buffers."""
+    from qmlmm.training.warm_start import restandardise
+
+    m = _model(elec=elec)
+    b = _batch([_item(1), _item(2)])
+    with torch.no_grad():
+        m.feat_mean.normal_(0.0, 0.3)
+    e0, fq0, fm0, _ = energy_and_forces(m, b)
+    q0 = m.charges(b) if elec != "none" else None
+    a0 = m.polarisabilities(b) if elec == "charges+polarisability" else None
+    g = torch.Generator().manual_seed(5)
+    mean = torch.randn(m.feat_mean.shape, generator=g, dtype=torch.float64)
+    std = 0.1 + torch.rand(m.feat_std.shape, generator=g, dtype=torch.float64) * 3
+    restandardise(m, mean, std)
+    assert torch.equal(m.feat_mean, mean) and torch.equal(m.feat_std, std)
+    e1, fq1, fm1, _ = energy_and_forces(m, b)
+    assert torch.allclose(e1, e0, rtol=0, atol=1e-9) and (e0 - e0.mean()).abs().max() > 1e-3
+    assert torch.allclose(fq1, fq0, atol=1e-8) and torch.allclose(fm1, fm0, atol=1e-8)
+    if q0 is not None:
+        assert torch.allclose(m.charges(b), q0, atol=1e-12)
+    if a0 is not None:
+        assert torch.allclose(m.polarisabilities(b), a0, atol=1e-15)

@@ -541,3 +541,21 @@ def test_trained_model_reports_its_diagnosis(direct_model: tuple[Path, dict]) ->
     history = json.loads(path.with_suffix(".history.json").read_text())
     assert metrics["diagnosis"]["message"] == fit_diagnosis(metrics, history).message
     assert json.loads(path.with_suffix(".metrics.json").read_text())["diagnosis"] == metrics["diagnosis"]
+
+
+def test_warm_start_begins_at_the_trained_model(direct_model: tuple[Path, dict], syn: Path, tmp_path: Path) -> None:
+    """A run warm-started from a model, at a learning rate too small to move it, reproduces that model's
+    errors (its start is the model, restandardised on the run's statistics); fresh weights do not; a model
+    of another architecture is refused."""
+    path, metrics = direct_model
+    tiny = {**FAST, "lr": 1e-12, "lr_min": 1e-14}
+    cfg = TrainConfig(target="ref", ensemble=2, epochs=1, **tiny)  # type: ignore[arg-type]
+    data = load_training_data(syn, "ref", split=cfg.split_settings)
+    warm = train(data, cfg, tmp_path / "warm.pt", progress=False, init=path).metrics
+    cold = train(data, cfg, tmp_path / "cold.pt", progress=False).metrics
+    for q in ("energy", "qm_forces", "mm_forces"):
+        assert warm["test"][q]["mae"] == pytest.approx(metrics["test"][q]["mae"], rel=1e-4)
+        assert cold["test"][q]["mae"] > 1.5 * metrics["test"][q]["mae"]
+    other = TrainConfig(target="ref", ensemble=1, epochs=1, **{**tiny, "hidden": [8]})  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="hidden"):
+        train(data, other, tmp_path / "other.pt", progress=False, init=path)

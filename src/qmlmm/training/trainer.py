@@ -34,6 +34,7 @@ from qmlmm.models.hdnnp import HDNNP, ModelConfig, energy_and_forces
 from qmlmm.models.model import ModelMeta, QMLMMModel
 from qmlmm.training.config import TrainConfig
 from qmlmm.training.diagnosis import fit_diagnosis
+from qmlmm.training.warm_start import restandardise, warm_start_states
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +272,10 @@ def _atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _fingerprint(cfg: TrainConfig, data: TrainingData) -> str:
+def _fingerprint(cfg: TrainConfig, data: TrainingData, init: Path | None = None) -> str:
     h = hashlib.sha256(json.dumps(cfg.result_settings(), sort_keys=True).encode())
+    if init is not None:  # a warm start from another model is another run
+        h.update(hashlib.sha256(init.read_bytes()).digest())
     h.update(data.source.encode())
     h.update(np.asarray(data.train).tobytes())
     h.update(np.array([it.energy for it in data.items]).tobytes())
@@ -361,17 +364,22 @@ def _step_schedule(sched: Any, valid_loss: float) -> None:
 
 
 def _start_member(k: int, mcfg: ModelConfig, st: _Stats, cfg: TrainConfig, dtype: torch.dtype, device: str,
-                  current: dict[str, Any] | None) -> _Member:  # fmt: skip
-    """Member ``k``: fresh (seeded, scaled by the training statistics) or, given the checkpoint's
+                  current: dict[str, Any] | None, init: dict[str, torch.Tensor] | None = None) -> _Member:  # fmt: skip
+    """Member ``k``: fresh (seeded, scaled by the training statistics), warm-started from the state ``init``
+    of a trained member (its function, restandardised on these statistics) or, given the checkpoint's
     ``current`` state, where it stopped."""
     torch.manual_seed(cfg.seed * 1000 + k)
     model = HDNNP(mcfg).to(dtype)
-    model.feat_mean.copy_(st.feat_mean)
-    model.feat_std.copy_(st.feat_std)
-    model.e_shift.copy_(st.e_shift)
-    model.e_scale.fill_(st.e_scale)
-    if mcfg.has_charges:
-        model.q_shift.copy_(st.q_shift)
+    if init is not None:
+        model.load_state_dict(init)
+        restandardise(model, st.feat_mean, st.feat_std)
+    else:
+        model.feat_mean.copy_(st.feat_mean)
+        model.feat_std.copy_(st.feat_std)
+        model.e_shift.copy_(st.e_shift)
+        model.e_scale.fill_(st.e_scale)
+        if mcfg.has_charges:
+            model.q_shift.copy_(st.q_shift)
     model.to(device)
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg)
@@ -460,12 +468,14 @@ def train(
     progress: bool = True,
     resume: bool = True,
     position: int | None = None,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Train an ensemble on ``data`` with ``cfg``; write the model and its side files at ``out``.
 
     Members one after the other, each checkpointed after every epoch (a killed run resumes where it
     stopped, if its data and settings are unchanged). ``position`` places the progress bar on its own line
-    when several runs share a terminal.
+    when several runs share a terminal. ``init``: a model file to warm-start from (same architecture; member
+    k starts from its member k modulo its size, :mod:`qmlmm.training.warm_start`).
     """
     from tqdm.auto import tqdm
 
@@ -485,7 +495,8 @@ def train(
             "relabel with qmlmm label --overwrite to record them",
             data.source,
         )
-    fp = _fingerprint(cfg, data)
+    init_states = warm_start_states(init, mcfg) if init is not None else None
+    fp = _fingerprint(cfg, data, Path(init) if init is not None else None)
     ckpt = _read_checkpoint(files["ckpt"], fp, resume)
     done_states: list[dict[str, torch.Tensor]] = ckpt.get("done", [])
     history: list[list[dict[str, float]]] = ckpt.get("history", [])
@@ -493,7 +504,8 @@ def train(
     n_frames_seen = 0
     for k in range(len(done_states), cfg.ensemble):
         current = ckpt.get("current") if ckpt.get("member") == k else None
-        m = _start_member(k, mcfg, st, cfg, dtype, device, current)
+        start = init_states[k % len(init_states)] if init_states else None
+        m = _start_member(k, mcfg, st, cfg, dtype, device, current, start)
         bar = tqdm(range(m.epoch, cfg.epochs), desc=f"{out.stem} network {k + 1}/{cfg.ensemble}", position=position,
                    leave=position is None, unit="epoch", disable=not progress, dynamic_ncols=True, initial=m.epoch,
                    total=cfg.epochs)  # fmt: skip
@@ -540,6 +552,7 @@ def train(
         "baseline": data.baseline,
         "config": cfg.to_dict(),
         "data": data.source,
+        "warm_start_from": str(init) if init is not None else None,
         **_final_metrics(ens, data, cfg, train_idx, dtype, device, files["test.npz"]),
     }
     if "train" in metrics and "valid" in metrics:

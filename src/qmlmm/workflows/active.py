@@ -21,7 +21,9 @@ frame, :func:`qmlmm.workflows.label.label_dataset`):
   forces), with the baseline's own errors; ``active.png``: error against labels, active vs random.
 
 The loop stops at ``budget`` labels per arm or when the active arm's held-out energy MAE reaches
-``until_energy_mae``. Models are retrained from scratch each round (no warm start yet).
+``until_energy_mae``. Each round trains its ensemble from random weights, or, with ``warm_start``,
+from the last round's networks (:mod:`qmlmm.training.warm_start`; off by default: warm-started networks
+can generalise worse than fresh ones, Ash & Adams, NeurIPS 2020, and that has not been measured here).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,8 @@ class ActiveSettings:
     ``baseline``: delta baseline spec, None for a direct model; ``sampler``: engine of the held-out, the
     initial and the random arm's MD (default: the baseline, else ``dftb3:3ob``). ``budget`` labels per
     arm in all, ``per_round`` per round (the first round's too). ``steps`` MD steps of ``dt_fs`` per
-    candidate run, a frame every ``every``; ``train``: TrainConfig settings (YAML keys).
+    candidate run, a frame every ``every``; ``train``: TrainConfig settings (YAML keys); ``warm_start``:
+    each round's training starts from the last round's model (same architecture) instead of random weights.
     """
 
     target: str
@@ -77,6 +80,7 @@ class ActiveSettings:
     threads: int = 1
     seed: int = 0
     train: dict[str, Any] = field(default_factory=dict)
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         parse_spec(self.target)
@@ -166,9 +170,10 @@ def run_active(system_dir: str | Path, out: str | Path, s: ActiveSettings, progr
     for arm in arms:
         sources = [(initial, _done(initial, s))]
         r = 0
+        model: Path | None = None
         while True:
             rd = out / arm / f"round_{r:02d}"
-            model = _trained(rd, sources, s, progress)
+            model = _trained(rd, sources, s, progress, model if s.warm_start else None)
             point = _evaluated(rd, model, heldout, sum(len(i) for _, i in sources))
             record["arms"][arm].append(point)
             _write_record(out, record, heldout, s)
@@ -208,6 +213,9 @@ def _check_settings(out: Path, s: ActiveSettings) -> None:
         _write_json(p, want)
         return
     have = json.loads(p.read_text())
+    for f in fields(ActiveSettings):  # a setting added since the run began: the run used its default
+        if f.name not in have and f.default is not MISSING:
+            have[f.name] = f.default
     if have != want:
         diff = sorted(k for k in want if have.get(k) != want[k])
         raise InputError(f"{out} holds an active-learning run with other settings ({diff}); use another -o")
@@ -339,8 +347,10 @@ def _train_config(s: ActiveSettings) -> Any:
     return load_config(None, **d)
 
 
-def _trained(folder: Path, sources: list[tuple[Path, list[int]]], s: ActiveSettings, progress: bool) -> Path:
-    """``folder/model.pt`` trained on the labelled frames ``sources`` (resumes a killed training)."""
+def _trained(folder: Path, sources: list[tuple[Path, list[int]]], s: ActiveSettings, progress: bool,
+             init: Path | None = None) -> Path:  # fmt: skip
+    """``folder/model.pt`` trained on the labelled frames ``sources`` (resumes a killed training), from the
+    model ``init`` when given (warm start)."""
     from qmlmm.training import load_training_data, train
 
     model = folder / "model.pt"
@@ -349,7 +359,8 @@ def _trained(folder: Path, sources: list[tuple[Path, list[int]]], s: ActiveSetti
     folder.mkdir(parents=True, exist_ok=True)
     data = _merged(sources, folder / "train.h5")
     cfg = _train_config(s)
-    train(load_training_data(data, cfg.target, cfg.baseline, cfg.split_settings), cfg, model, progress=progress)
+    train(load_training_data(data, cfg.target, cfg.baseline, cfg.split_settings), cfg, model, progress=progress,
+          init=init)  # fmt: skip
     return model
 
 
