@@ -10,9 +10,8 @@ solute sees; every model of a solute is tested on the same runs.
 Stages:
 - ``defaults``: the training settings, one change at a time, at 100 training frames of beta-alanine
   (direct and delta): the old defaults (plateau schedule, loss weights 1), the cosine schedule, a lower
-  energy weight (0.1, 0.01), one feature scale per descriptor term, the short-range MM
-  terms over positive and negative charges apart (sign channels). The curves use the settings in CURVE
-  (chosen from this table).
+  energy weight (0.1), one feature scale per descriptor term (NOT_RUN: planned variants left out for
+  time). The curves use the settings in CURVE (chosen from this table).
 - ``curves``: every solute, direct and delta, with the electrostatic term (charges) and without (none),
   at 25, 50, 100 and 400 training frames; one network per point; with induced dipoles as well
   (charges+polarisability) at 100 and 400; and the old defaults at 200 frames (the ablation: what the
@@ -67,6 +66,10 @@ DEFAULTS_CHECK: dict[str, dict[str, Any]] = {
     "cosine": {"lr_schedule": "cosine", "w_energy": 1.0},
     "cosine, w_energy 0.1": {"lr_schedule": "cosine", "w_energy": 0.1},
     "cosine, w_energy 0.1, term scaling": {"lr_schedule": "cosine", "w_energy": 0.1, "feature_scaling": "term"},
+}
+#: planned, not run (time on 2 cores, 2026-12-06): the same at w_energy 0.01, and with the short-range MM terms
+#: over positive and negative charges apart (descriptor mm_channels "sign"); add them here to run them
+NOT_RUN: dict[str, dict[str, Any]] = {
     "cosine, w_energy 0.01": {"lr_schedule": "cosine", "w_energy": 0.01},
     "cosine, w_energy 0.1, sign channels": {
         "lr_schedule": "cosine",
@@ -81,9 +84,9 @@ ELECTROSTATICS = ("charges", "none")
 POLARISABLE = "charges+polarisability"
 POLARISABLE_SIZES = [100, 400]
 #: where time on 2 cores did not allow every point (a training step of the 13-atom zwitterion costs ~2x the
-#: others'): beta-alanine gets induced dipoles at 400 frames only and no old-defaults point (its defaults
-#: check at 100 frames compares old and new settings already)
-POLARISABLE_SIZES_OF = {"beta-alanine": [400]}
+#: others'): beta-alanine gets no induced-dipole points (the term gave nothing on the other two) and no
+#: old-defaults point (its defaults check at 100 frames compares old and new settings already)
+POLARISABLE_SIZES_OF: dict[str, list[int]] = {"beta-alanine": []}
 OLD_DEFAULTS_SOLUTES = ("methanol", "acetate")
 #: the parts of a solute's stage, run by --parts
 PARTS = ("curves", "polarisable", "old", "full")
@@ -138,7 +141,7 @@ def curves(work: Path, solute: str, workers: int, parts: tuple[str, ...] = PARTS
     data = work / solute / "labels.h5"
     out: dict[str, Any] = {"curves": {}}
     plan = [(e, SIZES) for e in ELECTROSTATICS if "curves" in parts]
-    if "polarisable" in parts:
+    if "polarisable" in parts and POLARISABLE_SIZES_OF.get(solute, POLARISABLE_SIZES):
         plan.append((POLARISABLE, POLARISABLE_SIZES_OF.get(solute, POLARISABLE_SIZES)))
     for elec, sizes in plan:
         lc = learning_curve(data, config(**CURVE, electrostatics=elec), sizes, work / solute / f"lc_{elec}",
