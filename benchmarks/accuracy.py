@@ -109,6 +109,7 @@ def main() -> None:
         work / "learning_curve",
         progress=False,
         hidden_by_mode={"direct": [64, 64], "delta": [32, 32]},
+        scale_epochs=True,  # as the recorded results ran (learning_curve's default then)
         workers=args.workers,
     )
     t_train = time.time() - t0 - t_sample - t_label

@@ -137,7 +137,9 @@ def main() -> None:
     base = None
     for name, over in VARIANTS.items():
         out = work / f"lc_{name}"
-        lc = learning_curve(work / "labels.h5", train_config(**over), sizes, out, progress=False, workers=args.workers)
+        # scaled epochs above 100 frames: as the recorded results ran (learning_curve's default then)
+        lc = learning_curve(work / "labels.h5", train_config(**over), sizes, out, scale_epochs=True, progress=False,
+                            workers=args.workers)  # fmt: skip
         base = lc.get("baseline_alone")
         for mode, pts in lc["curves"].items():
             for p in pts:
