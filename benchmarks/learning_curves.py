@@ -158,7 +158,7 @@ def curves(work: Path, solute: str, workers: int, parts: tuple[str, ...] = PARTS
                              scale_epochs=True, progress=False, workers=workers)  # fmt: skip
         out["baseline_alone"] = old["baseline_alone"]
         out["old_defaults_200"] = {mode: pts[0] for mode, pts in old["curves"].items()}
-    if "scaling" in parts:
+    if "scaling" in parts and solute != "beta-alanine":  # (beta-alanine's is in the defaults check)
         sc = learning_curve(data, config(**SCALING_CHECK), [100], work / solute / "term_scaling", progress=False,
                             workers=workers)  # fmt: skip
         out["baseline_alone"] = sc["baseline_alone"]
@@ -241,8 +241,9 @@ def plot(name: str, sol: dict[str, Any]) -> Path:
     from qmlmm.analysis.plots import learning_curve_plot
 
     base = {f"{q}_mae": float(sol["baseline_alone"][q]["mae"]) for q in QUANTITIES}
+    full = {f"{mode}/charges, 200 epochs": [p] for mode, p in sol.get("full_epochs_400", {}).items()}
     return learning_curve_plot(
-        sol["curves"], RESULTS / f"learning_curves_{name}.png", baseline=base,
+        {**sol["curves"], **full}, RESULTS / f"learning_curves_{name}.png", baseline=base,
         title=f"{name} in water: test errors (held-out runs) vs training frames, GFN2-xTB target",
     )  # fmt: skip
 

@@ -76,17 +76,23 @@ def learning_curve_plot(
     title: str = "",
 ) -> Path:
     """Errors against training-set size (log-log), one line per curve (e.g. direct, delta)."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 4))
+    sizes = sorted({p["n_train"] for pts in curves.values() for p in pts})
     for ax, (key, label) in zip(np.atleast_1d(axes), keys, strict=True):
         for name, pts in curves.items():
             n = [p["n_train"] for p in pts]
             y = [p[key] for p in pts]
-            ax.plot(n, y, "o-", label=name)
+            ax.plot(n, y, "o-" if len(pts) > 1 else "*", ms=6 if len(pts) > 1 else 12, label=name)
         if baseline and key in baseline:
             ax.axhline(baseline[key], color="0.4", ls="--", label="baseline alone")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sizes)  # the sizes themselves as plain numbers (log-scale minor labels overlap)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training frames")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
