@@ -58,6 +58,11 @@ class QMMMBlock:
         """(B, Q, M) True where both slots hold atoms."""
         return self.qm_mask[:, :, None] & self.mm_mask[:, None, :]
 
+    @property
+    def padded(self) -> bool:
+        """Whether any slot is padding (frames of different sizes)."""
+        return not (bool(self.qm_mask.all()) and bool(self.mm_mask.all()))
+
 
 @torch.no_grad()
 def frame_slots(frame: torch.Tensor, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,12 +88,13 @@ def qm_mm_blocks(b: FrameBatch) -> QMMMBlock:
     vec = b.qm_pos[qm][:, :, None, :] - b.mm_pos[mm][:, None, :, :]
     # a padding slot's vector is set to (1, 1, 1) nm: two atoms of different frames can coincide, and a zero
     # distance would give 0/0 in the potential and in sqrt's derivative even where the slot is masked
-    pair_mask = qm_mask[:, :, None] & mm_mask[:, None, :]
-    vec = torch.where(pair_mask[..., None], vec, torch.ones((), dtype=vec.dtype, device=vec.device))
+    blk = QMMMBlock(qm, mm, qm_mask, mm_mask, vec[..., 0])
+    if blk.padded:  # (one frame or frames of equal size: nothing to mask)
+        vec = torch.where(blk.pair_mask[..., None], vec, torch.ones((), dtype=vec.dtype, device=vec.device))
     # explicit sum of squares, not torch.cdist: cdist's small-input kernel has no double backward (the
     # force loss of training needs one)
-    r = torch.sqrt((vec * vec).sum(-1))
-    return QMMMBlock(qm, mm, qm_mask, mm_mask, r)
+    blk.r = torch.sqrt((vec * vec).sum(-1))
+    return blk
 
 
 def shortest_qm_distance(b: FrameBatch, blk: QMMMBlock) -> torch.Tensor:
@@ -135,7 +141,8 @@ def pairs_from_blocks(blk: QMMMBlock | None, cutoff: float, device: torch.device
     if blk is None or blk.r.numel() == 0:
         e = torch.zeros(0, dtype=torch.long, device=device)  # no frame has QM and MM atoms: the batch's device
         return e, e.clone()
-    f, a, c = torch.nonzero((blk.r < cutoff) & blk.pair_mask, as_tuple=True)
+    within = blk.r < cutoff
+    f, a, c = torch.nonzero(within & blk.pair_mask if blk.padded else within, as_tuple=True)
     i, j = blk.qm[f, a], blk.mm[f, c]
     order = torch.sort(i, stable=True).indices
     return i[order], j[order]
