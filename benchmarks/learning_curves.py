@@ -145,8 +145,8 @@ def curves(work: Path, solute: str, workers: int, parts: tuple[str, ...] = PARTS
     data = work / solute / "labels.h5"
     out: dict[str, Any] = {"curves": {}}
     plan = [(e, SIZES) for e in ELECTROSTATICS if "curves" in parts]
-    if "polarisable" in parts and POLARISABLE_SIZES_OF.get(solute, POLARISABLE_SIZES):
-        plan.append((POLARISABLE, POLARISABLE_SIZES_OF.get(solute, POLARISABLE_SIZES)))
+    if "polarisable" in parts and (pol_sizes := POLARISABLE_SIZES_OF.get(solute, POLARISABLE_SIZES)):
+        plan.append((POLARISABLE, pol_sizes))
     for elec, sizes in plan:
         lc = learning_curve(data, config(**CURVE, electrostatics=elec), sizes, work / solute / f"lc_{elec}",
                             scale_epochs=True, progress=False, workers=workers)  # fmt: skip
@@ -202,8 +202,7 @@ def main() -> None:
     if args.stage == "data":
         return
     path = RESULTS / "learning_curves.json"
-    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    result.update({
+    result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "target": "xtb:gfn2",
@@ -211,15 +210,15 @@ def main() -> None:
         "sampling": SAMPLING.__dict__,
         "base_settings": BASE,
         "curve_settings": CURVE,
-    })  # fmt: skip
-    result.setdefault("seconds", {}).setdefault("data", {}).update(data_secs)
+        "seconds": {"data": data_secs},
+    }
     if args.stage in ("defaults", "all"):
         result["defaults_check"] = defaults_check(work, args.workers)
     if args.stage in ("curves", "all"):
         for name in solutes:
             result.setdefault("solutes", {})[name] = curves(work, name, args.workers, parts)
     result["seconds"][f"train_{args.stage}_{','.join(solutes)}"] = time.time() - t0
-    # two runs on different solutes may share the file: merge into what is there now, not at the start
+    # this run's results merged into the file as it is now (two runs on different solutes may share it)
     latest: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     for name, sol in result.pop("solutes", {}).items():
         merged = latest.setdefault("solutes", {}).setdefault(name, {})

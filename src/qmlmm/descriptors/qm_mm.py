@@ -61,7 +61,12 @@ class QMMMBlock:
     @property
     def padded(self) -> bool:
         """Whether any slot is padding (frames of different sizes)."""
-        return not (bool(self.qm_mask.all()) and bool(self.mm_mask.all()))
+        return _padded(self.qm_mask, self.mm_mask)
+
+
+def _padded(qm_mask: torch.Tensor, mm_mask: torch.Tensor) -> bool:
+    """Whether the slot masks (B, Q), (B, M) hold any padding slot."""
+    return not (bool(qm_mask.all()) and bool(mm_mask.all()))
 
 
 @torch.no_grad()
@@ -88,13 +93,13 @@ def qm_mm_blocks(b: FrameBatch) -> QMMMBlock:
     vec = b.qm_pos[qm][:, :, None, :] - b.mm_pos[mm][:, None, :, :]
     # a padding slot's vector is set to (1, 1, 1) nm: two atoms of different frames can coincide, and a zero
     # distance would give 0/0 in the potential and in sqrt's derivative even where the slot is masked
-    blk = QMMMBlock(qm, mm, qm_mask, mm_mask, vec[..., 0])
-    if blk.padded:  # (one frame or frames of equal size: nothing to mask)
-        vec = torch.where(blk.pair_mask[..., None], vec, torch.ones((), dtype=vec.dtype, device=vec.device))
+    if _padded(qm_mask, mm_mask):  # (one frame or frames of equal size: nothing to mask)
+        pair_mask = qm_mask[:, :, None] & mm_mask[:, None, :]
+        vec = torch.where(pair_mask[..., None], vec, torch.ones((), dtype=vec.dtype, device=vec.device))
     # explicit sum of squares, not torch.cdist: cdist's small-input kernel has no double backward (the
     # force loss of training needs one)
-    blk.r = torch.sqrt((vec * vec).sum(-1))
-    return blk
+    r = torch.sqrt((vec * vec).sum(-1))
+    return QMMMBlock(qm, mm, qm_mask, mm_mask, r)
 
 
 def shortest_qm_distance(b: FrameBatch, blk: QMMMBlock) -> torch.Tensor:

@@ -495,8 +495,9 @@ def train(
             "relabel with qmlmm label --overwrite to record them",
             data.source,
         )
+    init = Path(init) if init is not None else None
     init_states = warm_start_states(init, mcfg) if init is not None else None
-    fp = _fingerprint(cfg, data, Path(init) if init is not None else None)
+    fp = _fingerprint(cfg, data, init)
     ckpt = _read_checkpoint(files["ckpt"], fp, resume)
     done_states: list[dict[str, torch.Tensor]] = ckpt.get("done", [])
     history: list[list[dict[str, float]]] = ckpt.get("history", [])
