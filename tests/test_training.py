@@ -559,3 +559,16 @@ def test_warm_start_begins_at_the_trained_model(direct_model: tuple[Path, dict],
     other = TrainConfig(target="ref", ensemble=1, epochs=1, **{**tiny, "hidden": [8]})  # type: ignore[arg-type]
     with pytest.raises(InputError, match="hidden"):
         train(data, other, tmp_path / "other.pt", progress=False, init=path)
+
+
+def test_learning_curve_points_train_the_configured_epochs_unless_scaled() -> None:
+    """By default every point trains ``epochs`` (scaled points were under-trained at 400 frames); with
+    ``scale_epochs`` the steps stay those of 100 frames above it, at least 50 epochs."""
+    import inspect
+
+    from qmlmm.workflows.learning_curve import learning_curve, point_epochs
+
+    assert inspect.signature(learning_curve).parameters["scale_epochs"].default is False
+    assert [point_epochs(200, n, False) for n in (25, 100, 400)] == [200, 200, 200]
+    assert [point_epochs(200, n, True) for n in (25, 100, 200, 400, 1000)] == [200, 200, 100, 50, 50]
+    assert point_epochs(30, 400, True) == 30

@@ -43,6 +43,14 @@ def _point(m: dict[str, Any], n: int, extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def point_epochs(epochs: int, n_train: int, scale_epochs: bool) -> int:
+    """Epochs of a learning-curve point with ``n_train`` frames: ``epochs``, or with ``scale_epochs``
+    epochs * 100 / n_train above 100 frames (about the steps of 100 frames), at least 50, at most ``epochs``."""
+    if not scale_epochs:
+        return epochs
+    return min(epochs, max(50, int(epochs * min(1.0, 100.0 / n_train))))
+
+
 def learning_curve(
     data_path: str | Path,
     cfg: TrainConfig,
@@ -92,12 +100,11 @@ def learning_curve(
             if n > len(data.train):
                 log.warning("size %d exceeds the %d training frames; skipped", n, len(data.train))
                 continue
-            epochs = max(50, int(cfg.epochs * min(1.0, 100.0 / n))) if scale_epochs else cfg.epochs
             c = replace(
                 cfg,
                 baseline=base,
                 max_train_frames=n,
-                epochs=min(cfg.epochs, epochs),
+                epochs=point_epochs(cfg.epochs, n, scale_epochs),
                 hidden=(hidden_by_mode or {}).get(mode, cfg.hidden),
             )
             path = str(out / f"{mode}_{n}.pt")
