@@ -559,6 +559,11 @@ def test_warm_start_begins_at_the_trained_model(direct_model: tuple[Path, dict],
     other = TrainConfig(target="ref", ensemble=1, epochs=1, **{**tiny, "hidden": [8]})  # type: ignore[arg-type]
     with pytest.raises(InputError, match="hidden"):
         train(data, other, tmp_path / "other.pt", progress=False, init=path)
+    # a model of another quantity (here: direct, for a delta run) is refused: its energy offsets would stay
+    delta = TrainConfig(target="ref", baseline="base", ensemble=1, epochs=1, **tiny)  # type: ignore[arg-type]
+    delta_data = load_training_data(syn, "ref", "base", split=delta.split_settings)
+    with pytest.raises(InputError, match="baseline"):
+        train(delta_data, delta, tmp_path / "delta.pt", progress=False, init=path)
 
 
 def test_learning_curve_points_train_the_configured_epochs_unless_scaled() -> None:

@@ -92,8 +92,9 @@ def qm_mm_blocks(b: FrameBatch) -> QMMMBlock:
     mm, mm_mask = frame_slots(b.mm_frame, b.n_frames)
     vec = b.qm_pos[qm][:, :, None, :] - b.mm_pos[mm][:, None, :, :]
     # a padding slot's vector is set to (1, 1, 1) nm: two atoms of different frames can coincide, and a zero
-    # distance would give 0/0 in the potential and in sqrt's derivative even where the slot is masked
-    if _padded(qm_mask, mm_mask):  # (one frame or frames of equal size: nothing to mask)
+    # distance would give 0/0 in the potential and in sqrt's derivative even where the slot is masked (one
+    # frame, or frames of equal size, have no padding slot: nothing to replace)
+    if _padded(qm_mask, mm_mask):
         pair_mask = qm_mask[:, :, None] & mm_mask[:, None, :]
         vec = torch.where(pair_mask[..., None], vec, torch.ones((), dtype=vec.dtype, device=vec.device))
     # explicit sum of squares, not torch.cdist: cdist's small-input kernel has no double backward (the

@@ -496,7 +496,7 @@ def train(
             data.source,
         )
     init = Path(init) if init is not None else None
-    init_states = warm_start_states(init, mcfg) if init is not None else None
+    init_states = warm_start_states(init, mcfg, data.target, data.baseline) if init is not None else None
     fp = _fingerprint(cfg, data, init)
     ckpt = _read_checkpoint(files["ckpt"], fp, resume)
     done_states: list[dict[str, torch.Tensor]] = ckpt.get("done", [])

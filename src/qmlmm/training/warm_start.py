@@ -16,12 +16,19 @@ from qmlmm.errors import InputError
 from qmlmm.models.hdnnp import HDNNP, ModelConfig
 
 
-def warm_start_states(init: str | Path, mcfg: ModelConfig) -> list[dict[str, torch.Tensor]]:
-    """The members' state dicts (float64) of the model file ``init``; InputError when its architecture
-    (descriptor, networks, embedding, electrostatic term) is not ``mcfg``'s."""
+def warm_start_states(
+    init: str | Path, mcfg: ModelConfig, target: str, baseline: str | None
+) -> list[dict[str, torch.Tensor]]:
+    """The members' state dicts (float64) of the model file ``init``; InputError when it learnt another
+    quantity (its target or baseline level is not ``target``/``baseline``: its energy offsets, kept by the
+    warm start, would be another level's) or its architecture (descriptor, networks, embedding, electrostatic
+    term) is not ``mcfg``'s."""
     from qmlmm.models import QMLMMModel
 
     prev = QMLMMModel.load(init, dtype=torch.float64)
+    if (prev.meta.target, prev.meta.baseline) != (target, baseline):
+        raise InputError(f"cannot warm-start from {init}: it learnt target {prev.meta.target!r} over baseline "
+                         f"{prev.meta.baseline!r}, this run {target!r} over {baseline!r}")  # fmt: skip
     have, want = prev.ensemble.cfg.to_dict(), mcfg.to_dict()
     if have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
