@@ -90,16 +90,24 @@ def qm_mm_blocks(b: FrameBatch) -> QMMMBlock:
     """The padded QM-MM distance block of the batch."""
     qm, qm_mask = frame_slots(b.qm_frame, b.n_frames)
     mm, mm_mask = frame_slots(b.mm_frame, b.n_frames)
-    vec = b.qm_pos[qm][:, :, None, :] - b.mm_pos[mm][:, None, :, :]
-    # a padding slot's vector is set to (1, 1, 1) nm: two atoms of different frames can coincide, and a zero
-    # distance would give 0/0 in the potential and in sqrt's derivative even where the slot is masked (one
-    # frame, or frames of equal size, have no padding slot: nothing to replace)
-    if _padded(qm_mask, mm_mask):
-        pair_mask = qm_mask[:, :, None] & mm_mask[:, None, :]
-        vec = torch.where(pair_mask[..., None], vec, torch.ones((), dtype=vec.dtype, device=vec.device))
-    # explicit sum of squares, not torch.cdist: cdist's small-input kernel has no double backward (the
-    # force loss of training needs one)
-    r = torch.sqrt((vec * vec).sum(-1))
+    qm_pos, mm_pos = b.qm_pos[qm], b.mm_pos[mm]  # (B, Q, 3), (B, M, 3)
+    pair_mask = qm_mask[:, :, None] & mm_mask[:, None, :] if _padded(qm_mask, mm_mask) else None
+    # r^2 summed component by component over (B, Q, M) blocks: the same exact differences as one
+    # (B, Q, M, 3) block, but no reduction over a last axis of 3 and no broadcast sums of (B, Q, M, 3)
+    # gradients in the backward pass (3.4 -> 1.3 ms forward and backward on retinoic acid with 2628
+    # charges). Explicit squares, not torch.cdist: cdist's small-input kernel has no double backward (the
+    # force loss of training needs one).
+    sq = []
+    for k in range(3):
+        d = qm_pos[:, :, None, k] - mm_pos[:, None, :, k]
+        # a padding slot's difference is set to 1 nm: two atoms of different frames can coincide, and a
+        # zero distance would give 0/0 in the potential and in sqrt's derivative even where the slot is
+        # masked (one frame, or frames of equal size, have no padding slot: nothing to replace)
+        if pair_mask is not None:
+            d = torch.where(pair_mask, d, torch.ones((), dtype=d.dtype, device=d.device))
+        sq.append(d * d)
+    r2 = sq[0] + sq[1] + sq[2]
+    r = torch.sqrt(r2)
     return QMMMBlock(qm, mm, qm_mask, mm_mask, r)
 
 
@@ -127,16 +135,19 @@ def potential_and_field(
     if blk.r.shape[2] == 0:
         return phi, field
     qm_real = blk.qm[blk.qm_mask]
-    qr = (q[blk.mm] * blk.mm_mask)[:, None, :] / blk.r  # (B, Q, M); padded columns carry no charge
-    phi = phi.index_copy(0, qm_real, qr.sum(-1)[blk.qm_mask])
-    # E_i = sum_J w_iJ (r_i - r_J) = r_i sum_J w_iJ - sum_J w_iJ r_J as a matrix product (w = q / r^3),
-    # positions taken from each frame's QM centre (exact: E_i does not depend on the origin) so that the two
-    # terms stay of the size of their difference
-    w = qr / (blk.r * blk.r)
+    qb = (q[blk.mm] * blk.mm_mask)[:, :, None]  # (B, M, 1); padded columns carry no charge
+    inv = blk.r.reciprocal()  # (B, Q, M)
+    phi = phi.index_copy(0, qm_real, torch.bmm(inv, qb)[..., 0][blk.qm_mask])
+    # E_i = sum_J q_J (r_i - r_J) / r_iJ^3 = r_i sum_J q_J / r_iJ^3 - sum_J q_J r_J / r_iJ^3: both sums as one
+    # matrix product of the (B, Q, M) block with (q_J, q_J r_J) (B, M, 4), positions taken from each frame's
+    # QM centre (exact: E_i does not depend on the origin) so that the two terms stay of the size of their
+    # difference. Sums as matrix products, not reductions of (B, Q, M) products: fewer passes over the
+    # block forward and backward
     qm_pos, mm_pos = b.qm_pos[blk.qm], b.mm_pos[blk.mm]
     n_qm = blk.qm_mask.sum(1, keepdim=True).clamp(min=1).to(dt)
     centre = ((qm_pos.detach() * blk.qm_mask[..., None]).sum(1) / n_qm)[:, None, :]  # (B, 1, 3)
-    e = (qm_pos - centre) * w.sum(-1, keepdim=True) - torch.bmm(w, mm_pos - centre)
+    sums = torch.bmm(inv * inv * inv, torch.cat([qb, qb * (mm_pos - centre)], dim=-1))  # (B, Q, 4)
+    e = (qm_pos - centre) * sums[..., :1] - sums[..., 1:]
     return phi, field.index_copy(0, qm_real, e[blk.qm_mask])
 
 
