@@ -169,16 +169,18 @@ class QMAngular(Term):
     def forward(self, nb: Neighbours) -> torch.Tensor:
         ai, aj, ad, ar = nb.ai, nb.aj, nb.ad, nb.ar
         p, s = triples_from_pairs(ai, aj)
-        ang = nb.zeros(nb.nq, len(self.pairs), self.n_ang)
-        if len(p):
-            cos_t = (ad[p] * ad[s]).sum(-1) / (ar[p] * ar[s])
-            fca = cosine_cutoff(ar[p], self.cutoff) * cosine_cutoff(ar[s], self.cutoff)
-            zet, lam = self.zetas, self.lambdas
-            a = 2.0 ** (1.0 - zet) * (1.0 + lam * cos_t[:, None]).clamp(min=0.0) ** zet  # (T, nzl)
-            rad = torch.exp(-((0.5 * (ar[p] + ar[s])[:, None] - self.shifts) ** 2) / (2 * self.width**2))
-            t = (a[:, :, None] * rad[:, None, :]).reshape(len(cos_t), -1) * fca[:, None]
-            ang = ang.index_put((ai[p], self.pair_index[nb.sp[aj[p]], nb.sp[aj[s]]]), t, accumulate=True)
-        return ang.reshape(nb.nq, -1)
+        if len(p) == 0:
+            return nb.zeros(nb.nq, self.size)
+        u, fc = ad / ar[:, None], cosine_cutoff(ar, self.cutoff)  # per pair, then read per triple
+        cos_t = (u[p] * u[s]).sum(-1)
+        norm = [2.0 ** (1.0 - z) for z, _ in self.zl]
+        base = {lam: (1.0 + lam * cos_t).clamp(min=0.0) for lam in (1.0, -1.0)}
+        a = torch.stack([c * _power(base[lam], z) for c, (z, lam) in zip(norm, self.zl, strict=True)], -1)
+        x = (0.5 * (ar[p] + ar[s]))[:, None] - self.shifts
+        rad = torch.exp(x * x * (-0.5 / self.width**2)) * (fc[p] * fc[s])[:, None]  # (T, ns)
+        t = (a[:, :, None] * rad[:, None, :]).reshape(len(p), -1)  # (T, nzl ns)
+        row = ai[p] * len(self.pairs) + self.pair_index[nb.sp[aj[p]], nb.sp[aj[s]]]
+        return nb.zeros(nb.nq * len(self.pairs), self.n_ang).index_add(0, row, t).reshape(nb.nq, -1)
 
     def feature_names(self, symbols: list[str]) -> list[str]:
         return [
