@@ -320,13 +320,17 @@ class MMAngular(Term):
         rk = nb.zeros(nq, nk).index_put((ci, sk), cr)[ai]  # (P, K)
         wc = cosine_cutoff(cr, self.cutoff)[:, None] * charge_channels(cq, self.channels)  # (pairs, C)
         wk = nb.zeros(nq, nk, self.n_ch).index_put((ci, sk), wc)[ai]  # (P, K, C); padding slots 0
-        cos_t = torch.bmm(uk, (nb.ad / ar[:, None])[:, :, None]).squeeze(-1).clamp(-1.0, 1.0)  # (P, K)
+        uj = nb.ad / ar[:, None]
+        # cos theta_jiK component by component (a batched (K, 3) x (3, 1) product per pair is slower)
+        cos_t = (uk[..., 0] * uj[:, 0, None] + uk[..., 1] * uj[:, 1, None] + uk[..., 2] * uj[:, 2, None]).clamp(
+            -1.0, 1.0
+        )
         base = {1.0: 1.0 + cos_t, -1.0: 1.0 - cos_t}
-        ang = torch.stack([_power(base[lam], z) for z, lam in self.zl], dim=-1)  # (P, K, nzl)
+        ang = torch.stack([_power(base[lam], z) for z, lam in self.zl], dim=1)  # (P, nzl, K)
         x = (0.5 * (ar[:, None] + rk))[..., None] - self.shifts  # (P, K, ns)
         rad = torch.exp(x * x * (-0.5 / self.width**2))[:, :, None, :] * wk[..., None]  # (P, K, C, ns)
         # sum over K: (P, nzl, K) x (P, K, C ns); then the 2^(1 - zeta) normalisation and f_c(r_ij)
-        per_p = torch.bmm(ang.transpose(1, 2), rad.reshape(len(ai), nk, -1))  # (P, nzl, C ns)
+        per_p = torch.bmm(ang, rad.reshape(len(ai), nk, -1))  # (P, nzl, C ns)
         scale = 2.0 ** (1.0 - self.zetas[None, :, None]) * cosine_cutoff(ar, self.qm_cutoff)[:, None, None]
         per_p = (per_p * scale).reshape(len(ai), -1)
         # sum over the pairs of each centre, by the element of j
