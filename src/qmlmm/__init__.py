@@ -1,16 +1,29 @@
 """qmlmm: machine-learned QM/MM molecular dynamics of molecules in solution.
 
-Importing qmlmm sets ``OMP_WAIT_POLICY=PASSIVE`` (unless already set) before torch, xtb or PySCF
-load: their bundled OpenMP runtimes otherwise spin between small calls and slow them 30-80x.
+Importing qmlmm sets, unless already set, before torch, xtb or PySCF load:
+
+- ``OMP_WAIT_POLICY=PASSIVE``: the bundled OpenMP runtimes of xtb and tblite otherwise spin between their
+  small calls and slow them 30-80x;
+- ``GOMP_SPINCOUNT`` (:data:`TORCH_SPIN_COUNT`): libgomp's threads spin that many iterations (~0.5 ms)
+  before they sleep. Fully passive threads must be woken for each of the thousands of small parallel
+  operations of a model call or training step: with 2 threads a training step took 2.4x as long, the model
+  call and our DFTB3 1.5-2x (benchmarks/results/omp_spin.md). xtb's runtime is loaded with the variable
+  removed (:func:`qmlmm.engines.xtb`), so it stays fully passive, as measured before.
 """
 
 from __future__ import annotations
 
 import os as _os
 
+#: the GOMP_SPINCOUNT qmlmm sets when the environment has none (benchmarks/omp_spin.py)
+TORCH_SPIN_COUNT = "30000"
+
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("KMP_BLOCKTIME", "0")
+#: whether GOMP_SPINCOUNT is qmlmm's (then the xtb engine loads its runtime without it) or the user's
+SPIN_COUNT_SET_HERE = "GOMP_SPINCOUNT" not in _os.environ
+_os.environ.setdefault("GOMP_SPINCOUNT", TORCH_SPIN_COUNT)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "TORCH_SPIN_COUNT", "SPIN_COUNT_SET_HERE"]

@@ -24,6 +24,8 @@ import ctypes
 import glob
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -37,25 +39,45 @@ log = logging.getLogger(__name__)
 _LIBS: dict[str, Any] = {}
 
 
+@contextmanager
+def _passive_runtime() -> Iterator[None]:
+    """Without the GOMP_SPINCOUNT that qmlmm sets for torch (:mod:`qmlmm`), for the load of xtb's own
+    libgomp, which reads it once: xtb's threads then sleep at once, as they did before qmlmm set it (its
+    call measured no faster with spinning threads, 30000 iterations slower; benchmarks/results/omp_spin.md).
+    A GOMP_SPINCOUNT the user set is kept."""
+    import qmlmm
+
+    spin = os.environ.pop("GOMP_SPINCOUNT", None) if qmlmm.SPIN_COUNT_SET_HERE else None
+    try:
+        yield
+    finally:
+        if spin is not None:
+            os.environ["GOMP_SPINCOUNT"] = spin
+
+
 def _xtb_libs() -> dict[str, Any]:
     """ctypes handles of the bundled libxtb (for xtb_getPCGradient) and libgomp (threads)."""
     if not _LIBS:
-        try:
-            import xtb
-            import xtb.libxtb  # loads the bundled libraries libxtb needs (its OpenBLAS) first
-        except ImportError as e:
-            raise DependencyError("the xtb engine needs the PyPI package 'xtb' (pip install xtb)") from e
-        libdir = os.path.join(os.path.dirname(xtb.__file__), "..", "xtb.libs")
-        found = glob.glob(os.path.join(libdir, "libxtb-*.so*"))
-        if not found:
-            raise DependencyError(f"bundled libxtb not found in {libdir}; reinstall the xtb wheel")
-        lib = ctypes.CDLL(found[0])
-        lib.xtb_getPCGradient.argtypes = [ctypes.c_void_p] * 3
-        lib.xtb_getPCGradient.restype = None
-        _LIBS["xtb"] = lib
-        gomp = glob.glob(os.path.join(libdir, "libgomp-*.so*"))
-        _LIBS["gomp"] = ctypes.CDLL(gomp[0]) if gomp else None
+        with _passive_runtime():
+            _LIBS.update(_load_xtb_libs())
     return _LIBS
+
+
+def _load_xtb_libs() -> dict[str, Any]:
+    try:
+        import xtb
+        import xtb.libxtb  # loads the bundled libraries libxtb needs (its OpenBLAS) first
+    except ImportError as e:
+        raise DependencyError("the xtb engine needs the PyPI package 'xtb' (pip install xtb)") from e
+    libdir = os.path.join(os.path.dirname(xtb.__file__), "..", "xtb.libs")
+    found = glob.glob(os.path.join(libdir, "libxtb-*.so*"))
+    if not found:
+        raise DependencyError(f"bundled libxtb not found in {libdir}; reinstall the xtb wheel")
+    lib = ctypes.CDLL(found[0])
+    lib.xtb_getPCGradient.argtypes = [ctypes.c_void_p] * 3
+    lib.xtb_getPCGradient.restype = None
+    gomp = glob.glob(os.path.join(libdir, "libgomp-*.so*"))
+    return {"xtb": lib, "gomp": ctypes.CDLL(gomp[0]) if gomp else None}
 
 
 def _ptr(cdata: Any) -> int:
