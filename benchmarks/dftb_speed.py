@@ -20,6 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# isort: off
+import qmlmm  # noqa: F401  first: its OpenMP settings must be in the environment when torch loads
+
+# isort: on
 import numpy as np
 import torch
 

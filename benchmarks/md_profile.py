@@ -26,6 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# isort: off
+import qmlmm  # noqa: F401  first: its OpenMP settings must be in the environment when torch loads
+
+# isort: on
 import torch
 
 from _results import machine, median_seconds, save_json, save_markdown

@@ -17,6 +17,10 @@ import json
 import time
 from pathlib import Path
 
+# isort: off
+import qmlmm  # noqa: F401  first: its OpenMP settings must be in the environment when torch loads
+
+# isort: on
 import torch
 
 from _results import RESULTS, machine, save_json, save_markdown

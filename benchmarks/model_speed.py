@@ -21,6 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# isort: off
+import qmlmm  # noqa: F401  first: its OpenMP settings must be in the environment when torch loads
+
+# isort: on
 import numpy as np
 import torch
 

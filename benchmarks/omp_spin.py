@@ -35,6 +35,7 @@ import json, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 calls = int(sys.argv[2])
+import qmlmm  # before torch: libgomp reads the spin count when torch loads it
 import torch
 from dftb_speed import load_frame
 from qmlmm.descriptors.acsf import DescriptorConfig

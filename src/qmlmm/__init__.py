@@ -14,6 +14,7 @@ Importing qmlmm sets, unless already set, before torch, xtb or PySCF load:
 from __future__ import annotations
 
 import os as _os
+import sys as _sys
 
 #: the GOMP_SPINCOUNT qmlmm sets when the environment has none (benchmarks/omp_spin.py)
 TORCH_SPIN_COUNT = "30000"
@@ -23,6 +24,15 @@ _os.environ.setdefault("KMP_BLOCKTIME", "0")
 #: whether GOMP_SPINCOUNT is qmlmm's (then the xtb engine loads its runtime without it) or the user's
 SPIN_COUNT_SET_HERE = "GOMP_SPINCOUNT" not in _os.environ
 _os.environ.setdefault("GOMP_SPINCOUNT", TORCH_SPIN_COUNT)
+if "torch" in _sys.modules and SPIN_COUNT_SET_HERE:
+    import warnings as _warnings
+
+    _warnings.warn(
+        "torch was imported before qmlmm, so its OpenMP threads keep the spin count they read at import (with "
+        "OMP_WAIT_POLICY=PASSIVE: none, and 2-thread model calls and training steps run 2-2.5x slower); import "
+        "qmlmm first, or set GOMP_SPINCOUNT=30000 in the environment",
+        stacklevel=2,
+    )
 
 __version__ = "0.1.0"
 
