@@ -3,7 +3,8 @@
 Two views, one run, same machine state:
 
 1. The model call on the built frame (50 QM atoms and the ~2600 charges of its 1.4 nm shell), ensemble
-   of 4 (the ra_small pipeline's trained members, each used twice: the architecture sets the time),
+   of 4 (--direct and --delta, e.g. the ra_small pipeline's trained members; their members are repeated
+   up to --members: the architecture, not the weights, sets the time),
    split into embedding selection, batch assembly, descriptor (shared by the members), the members'
    networks and the autograd backward pass for QM and MM forces; plus torch's profiler's top operators.
 2. MD steps (Langevin, 0.5 fs, after a short MM-only water relaxation) with each driver: ms per step
@@ -11,7 +12,7 @@ Two views, one run, same machine state:
    forces back to the atoms, and the rest: OpenMM's MM forces and integration), and the MM-only step
    (the same system, solute frozen) that the speed issue measures the others against.
 
-Run: `.venv/bin/python benchmarks/md_profile.py [--system runs/ra_small/system] [--steps 60] [--threads 2]`
+Run: `.venv/bin/python benchmarks/md_profile.py [--system runs/ra_small/system] [--random] [--steps 60] [--threads 2]`
 Writes benchmarks/results/md_profile.{json,md}.
 """
 
@@ -49,6 +50,21 @@ def ensemble_of(model: QMLMMModel, k: int) -> QMLMMModel:
     """The model with ``k`` members (its own, repeated): same architecture, same cost per member."""
     members = [copy.deepcopy(model.ensemble.members[i % model.ensemble.size]) for i in range(k)]
     return QMLMMModel(Ensemble(model.ensemble.cfg, members), model.meta)  # type: ignore[arg-type]
+
+
+def random_models(elements: list[int], k: int) -> dict[str, QMLMMModel]:
+    """Direct and delta (DFTB3 baseline) ensembles of ``k`` default HDNNPs with random weights (seed 0)."""
+    from qmlmm.descriptors.acsf import DescriptorConfig
+    from qmlmm.models.hdnnp import HDNNP, ModelConfig
+    from qmlmm.models.model import ModelMeta
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(descriptor=DescriptorConfig.from_dict({"elements": elements}))
+    metas = {
+        "direct": ModelMeta(target="xtb", target_method="xtb:gfn2"),
+        "delta": ModelMeta(target="xtb", target_method="xtb:gfn2", baseline="dftb3", baseline_method="dftb3:3ob"),
+    }
+    return {n: QMLMMModel(Ensemble(cfg, [HDNNP(cfg) for _ in range(k)]), m) for n, m in metas.items()}
 
 
 def model_breakdown(model: QMLMMModel, msys: MDSystem, repeat: int) -> dict[str, Any]:
@@ -143,13 +159,23 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--drivers", default="direct,delta,dftb3,xtb")
+    ap.add_argument(
+        "--random",
+        action="store_true",
+        help="models of the default architecture with random weights (no trained models needed): same timing",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     system = Path(args.system)
     msys = MDSystem.load(system)
-    models = {
-        k: ensemble_of(QMLMMModel.load(p), args.members) for k, p in (("direct", args.direct), ("delta", args.delta))
-    }
+    if args.random:
+        models = random_models(sorted({int(z) for z in msys.numbers[msys.is_qm]}), args.members)
+        args.direct = args.delta = "random weights, default architecture"
+    else:
+        models = {
+            k: ensemble_of(QMLMMModel.load(p), args.members)
+            for k, p in (("direct", args.direct), ("delta", args.delta))
+        }
     breakdown = {k: model_breakdown(m, msys, args.repeat) for k, m in models.items()}
     mm_ms = mm_only_ms_per_step(msys, max(args.steps, 100), args.threads)
     runs: dict[str, Any] = {}
@@ -179,7 +205,7 @@ def main() -> None:
         f"# Where an ML/MM step's time goes ({result['date']})",
         "",
         f"`python benchmarks/md_profile.py` on {result['machine']}, {args.threads} threads. {result['system']}; "
-        f"models: the ra_small pipeline's, {args.members} members. Model call on the built frame "
+        f"models: {args.direct} and {args.delta}, {args.members} members. Model call on the built frame "
         f"({breakdown['direct']['n_qm']} QM atoms, {breakdown['direct']['n_mm']} embedded charges), median ms:",
         "",
         "| part | direct | delta (network only) |",

@@ -9,7 +9,8 @@ that many iterations first. This script times, in fresh processes for each spin 
 unless the row says 1: the model call (ensemble of 4 default networks with random weights, energy and
 QM and MM forces, retinoic acid + 2628 charges, electrostatics "charges"), one training step (forward,
 forces with create_graph, energy + force loss, backward; the same frame), our DFTB3/MM call (from the
-previous call's charges, as in MD) and GFN2-xTB/MM on the same frame.
+previous call's charges: the same frame again, so its SCC starts converged, a best case that times the
+threads, not the SCC; benchmarks/dftb_speed.py times real MD steps) and GFN2-xTB/MM on the same frame.
 
 Run: `.venv/bin/python benchmarks/omp_spin.py [--spins 0,3000,10000,30000,qmlmm] [--rounds 2] [--calls 20]`
 Writes benchmarks/results/omp_spin.{json,md}.
@@ -136,7 +137,9 @@ def main() -> None:
         "qmlmm: none set, so qmlmm's default for torch and xtb's runtime passive). "
         f"{args.rounds} rounds x {args.calls} calls in fresh "
         "processes, settings interleaved; ms per call: median of the rounds' medians (smallest minimum). Retinoic "
-        "acid + 2628 charges; model: ensemble of 4 default networks, random weights, electrostatics charges.",
+        "acid + 2628 charges; model: ensemble of 4 default networks, random weights, electrostatics charges. "
+        "DFTB3/MM: the same frame again, so its SCC starts from converged charges (a best case; dftb_speed.md "
+        "times MD steps).",
         "",
         "| case | " + " | ".join(spins) + " |",
         "|---|" + "---|" * len(spins),
