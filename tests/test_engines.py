@@ -145,7 +145,6 @@ def test_xtb_library_handles_load_in_a_fresh_process() -> None:
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr[-1000:]
 
 
-
 def _gomp_spin_counts(code: str, env: dict[str, str]) -> list[list[str]]:
     """GOMP_SPINCOUNT as each libgomp that ``code`` loads read it (OMP_DISPLAY_ENV, at load), grouped by
     the parts of stderr between lines MARK that ``code`` writes."""
@@ -161,17 +160,22 @@ def _gomp_spin_counts(code: str, env: dict[str, str]) -> list[list[str]]:
 
 def test_torch_threads_spin_briefly_and_xtb_threads_sleep_at_once() -> None:
     """qmlmm gives torch's OpenMP runtime a short spin before its threads sleep (2-thread training steps
-    2.4x faster, benchmarks/results/omp_spin.md) and loads xtb's own runtime fully passive (spin count 0),
-    in either import order; a GOMP_SPINCOUNT of the user's reaches both runtimes unchanged."""
+    2.3x faster, benchmarks/results/omp_spin.md) and loads xtb's own runtime fully passive (spin count 0)
+    when the engine is made, in either import order and in a child process that inherited qmlmm's
+    setting; a GOMP_SPINCOUNT of the user's reaches both runtimes unchanged."""
     import os
 
     import qmlmm
 
     mark = "sys.stderr.write('MARK\\n'); sys.stderr.flush(); "
-    torch_first = "import sys, qmlmm, torch; " + mark + "from qmlmm.engines.xtb import _xtb_libs; _xtb_libs()"
-    xtb_first = "import sys, qmlmm; from qmlmm.engines.xtb import _xtb_libs; _xtb_libs(); " + mark + "import torch"
-    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    assert _gomp_spin_counts(torch_first, env) == [[qmlmm.TORCH_SPIN_COUNT], ["0"]]
+    make = "from qmlmm.engines import make_engine; make_engine('xtb:gfn2'); "
+    torch_first = "import sys, qmlmm, torch; " + mark + make
+    xtb_first = "import sys, qmlmm; " + make + mark + "import torch"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "QMLMM_GOMP_SPINCOUNT")}
+    spin = qmlmm.TORCH_SPIN_COUNT
+    assert _gomp_spin_counts(torch_first, env) == [[spin], ["0"]]
     counts = _gomp_spin_counts(xtb_first, env)
-    assert "0" in counts[0] and sorted(counts[0] + counts[1]) == sorted(["0", qmlmm.TORCH_SPIN_COUNT])
+    assert "0" in counts[0] and sorted(counts[0] + counts[1]) == sorted(["0", spin])
+    child = {**env, "GOMP_SPINCOUNT": spin, "QMLMM_GOMP_SPINCOUNT": spin}  # as a child of a qmlmm process
+    assert _gomp_spin_counts(torch_first, child) == [[spin], ["0"]]
     assert _gomp_spin_counts(torch_first, {**env, "GOMP_SPINCOUNT": "77"}) == [["77"], ["77"]]

@@ -6,9 +6,10 @@ Importing qmlmm sets, unless already set, before torch, xtb or PySCF load:
   small calls and slow them 30-80x;
 - ``GOMP_SPINCOUNT`` (:data:`TORCH_SPIN_COUNT`): libgomp's threads spin that many iterations (~0.5 ms)
   before they sleep. Fully passive threads must be woken for each of the thousands of small parallel
-  operations of a model call or training step: with 2 threads a training step took 2.4x as long, the model
-  call and our DFTB3 1.5-2x (benchmarks/results/omp_spin.md). xtb's runtime is loaded with the variable
-  removed (:func:`qmlmm.engines.xtb`), so it stays fully passive, as measured before.
+  operations of a model call or training step: with 2 threads a training step took 2.3x as long, the model
+  call 2.5x (benchmarks/results/omp_spin.md). xtb's runtime is loaded with the variable removed
+  (:mod:`qmlmm.engines.xtb`), so it stays fully passive, as measured before. ``QMLMM_GOMP_SPINCOUNT``
+  records the value qmlmm set, so that child processes, which inherit both, know it for qmlmm's.
 """
 
 from __future__ import annotations
@@ -19,21 +20,29 @@ import sys as _sys
 #: the GOMP_SPINCOUNT qmlmm sets when the environment has none (benchmarks/omp_spin.py)
 TORCH_SPIN_COUNT = "30000"
 
+_passive_before = _os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("KMP_BLOCKTIME", "0")
-#: whether GOMP_SPINCOUNT is qmlmm's (then the xtb engine loads its runtime without it) or the user's
-SPIN_COUNT_SET_HERE = "GOMP_SPINCOUNT" not in _os.environ
-_os.environ.setdefault("GOMP_SPINCOUNT", TORCH_SPIN_COUNT)
-if "torch" in _sys.modules and SPIN_COUNT_SET_HERE:
-    import warnings as _warnings
+if "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["GOMP_SPINCOUNT"] = _os.environ["QMLMM_GOMP_SPINCOUNT"] = TORCH_SPIN_COUNT
+    if "torch" in _sys.modules and _passive_before:
+        import warnings as _warnings
 
-    _warnings.warn(
-        "torch was imported before qmlmm, so its OpenMP threads keep the spin count they read at import (with "
-        "OMP_WAIT_POLICY=PASSIVE: none, and 2-thread model calls and training steps run 2-2.5x slower); import "
-        "qmlmm first, or set GOMP_SPINCOUNT=30000 in the environment",
-        stacklevel=2,
-    )
+        _warnings.warn(
+            "torch was imported before qmlmm with OMP_WAIT_POLICY=PASSIVE, so its OpenMP threads sleep after "
+            "every operation (2-thread model calls and training steps 2-2.5x slower); import qmlmm first, or "
+            "set GOMP_SPINCOUNT=30000 in the environment",
+            stacklevel=2,
+        )
+
+
+def spin_count_is_qmlmms() -> bool:
+    """Whether the environment's GOMP_SPINCOUNT is the one qmlmm set (here or in a parent process), not the
+    user's: then the xtb engine loads its runtime without it."""
+    spin = _os.environ.get("GOMP_SPINCOUNT")
+    return spin is not None and spin == _os.environ.get("QMLMM_GOMP_SPINCOUNT")
+
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "TORCH_SPIN_COUNT", "SPIN_COUNT_SET_HERE"]
+__all__ = ["__version__", "TORCH_SPIN_COUNT", "spin_count_is_qmlmms"]

@@ -44,10 +44,10 @@ def _passive_runtime() -> Iterator[None]:
     """Without the GOMP_SPINCOUNT that qmlmm sets for torch (:mod:`qmlmm`), for the load of xtb's own
     libgomp, which reads it once: xtb's threads then sleep at once, as they did before qmlmm set it (its
     call measured no faster with spinning threads, 30000 iterations slower; benchmarks/results/omp_spin.md).
-    A GOMP_SPINCOUNT the user set is kept."""
-    import qmlmm
+    A GOMP_SPINCOUNT the user set (another value than qmlmm's) is kept."""
+    from qmlmm import spin_count_is_qmlmms
 
-    spin = os.environ.pop("GOMP_SPINCOUNT", None) if qmlmm.SPIN_COUNT_SET_HERE else None
+    spin = os.environ.pop("GOMP_SPINCOUNT", None) if spin_count_is_qmlmms() else None
     try:
         yield
     finally:
@@ -96,9 +96,9 @@ class XTBEngine(Engine):
     family = "xtb"
 
     def __init__(self, spec: Any) -> None:
+        _xtb_libs()  # first: importing xtb.interface loads xtb's OpenMP runtime (passive only through here)
         from xtb.interface import Param
 
-        _xtb_libs()
         params = {"gfn2": Param.GFN2xTB, "gfn1": Param.GFN1xTB}
         if spec.method not in params:
             raise InputError(f"unknown xtb method {spec.method!r}; known: {', '.join(params)}")
