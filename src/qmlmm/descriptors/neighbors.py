@@ -42,6 +42,8 @@ def pairs_within(
         mask &= ia[:, :, None] != ib[:, None, :]
     f, a, c = torch.nonzero(mask, as_tuple=True)
     i, j = ia[f, a], ib[f, c]
+    if n_frames == 1:  # slots are batch order and nonzero is row-major: i is sorted (within an i, j too)
+        return i, j
     order = torch.sort(i, stable=True).indices
     return i[order], j[order]
 

@@ -73,6 +73,9 @@ def _padded(qm_mask: torch.Tensor, mm_mask: torch.Tensor) -> bool:
 def frame_slots(frame: torch.Tensor, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Atoms tagged with their ``frame`` (N,) laid out per frame: indices (B, W) of each frame's atoms in
     batch order (padding 0) and the mask (B, W) of real slots; W the largest count (0 without atoms)."""
+    if n_frames == 1:  # one frame (MD, prediction): every atom in batch order, no padding
+        n = len(frame)
+        return torch.arange(n, device=frame.device)[None], torch.ones(1, n, dtype=torch.bool, device=frame.device)
     counts = torch.bincount(frame, minlength=n_frames)
     width = int(counts.max()) if len(frame) else 0
     order = torch.sort(frame, stable=True).indices
@@ -161,5 +164,7 @@ def pairs_from_blocks(blk: QMMMBlock | None, cutoff: float, device: torch.device
     within = blk.r < cutoff
     f, a, c = torch.nonzero(within & blk.pair_mask if blk.padded else within, as_tuple=True)
     i, j = blk.qm[f, a], blk.mm[f, c]
+    if blk.qm.shape[0] == 1:  # one frame: slots are batch order and nonzero is row-major, so i is sorted
+        return i, j
     order = torch.sort(i, stable=True).indices
     return i[order], j[order]
