@@ -170,7 +170,7 @@ def main() -> None:
     msys = MDSystem.load(system)
     if args.random:
         models = random_models(sorted({int(z) for z in msys.numbers[msys.is_qm]}), args.members)
-        args.direct = args.delta = "random weights, default architecture"
+        args.direct, args.delta = "random-weight direct", "delta models of the default architecture"
     else:
         models = {
             k: ensemble_of(QMLMMModel.load(p), args.members)

@@ -103,7 +103,8 @@ print(json.dumps(out))
 
 def timed(spin: str, calls: int) -> dict[str, Any]:
     """One fresh process with GOMP_SPINCOUNT ``spin`` for every runtime (0: passive, qmlmm's setting before
-    2026-12-06), or ("qmlmm") none in the environment: qmlmm's default, xtb's runtime passive."""
+    2026-12-06), or ("qmlmm") none in the environment: qmlmm's default (xtb runs on torch's runtime, torch
+    being loaded)."""
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     if spin != "qmlmm":
@@ -134,7 +135,7 @@ def main() -> None:
         "",
         f"`python benchmarks/omp_spin.py` on {result['machine']}; OMP_WAIT_POLICY=PASSIVE (qmlmm's default) with "
         f"GOMP_SPINCOUNT as the column says for every OpenMP runtime (0: passive, qmlmm's setting before 2026-12-06; "
-        "qmlmm: none set, so qmlmm's default for torch and xtb's runtime passive). "
+        "qmlmm: none set, so qmlmm's default; xtb runs on torch's runtime once torch is loaded). "
         f"{args.rounds} rounds x {args.calls} calls in fresh "
         "processes, settings interleaved; ms per call: median of the rounds' medians (smallest minimum). Retinoic "
         "acid + 2628 charges; model: ensemble of 4 default networks, random weights, electrostatics charges. "

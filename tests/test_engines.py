@@ -3,6 +3,8 @@ embedding, QM charges. Forces, dE/dq, translation and batching of every engine: 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -160,9 +162,10 @@ def _gomp_spin_counts(code: str, env: dict[str, str]) -> list[list[str]]:
 
 def test_torch_threads_spin_briefly_and_xtb_threads_sleep_at_once() -> None:
     """qmlmm gives torch's OpenMP runtime a short spin before its threads sleep (2-thread training steps
-    2.3x faster, benchmarks/results/omp_spin.md) and loads xtb's own runtime fully passive (spin count 0)
-    when the engine is made, in either import order and in a child process that inherited qmlmm's
-    setting; a GOMP_SPINCOUNT of the user's reaches both runtimes unchanged."""
+    2.3x faster, benchmarks/results/omp_spin.md) and loads xtb's bundled runtime fully passive (spin count 0;
+    xtb runs on it where torch is not loaded) when the engine is made, in either import order and in a
+    child process that inherited qmlmm's setting; a GOMP_SPINCOUNT of the user's reaches both runtimes
+    unchanged."""
     import os
 
     import qmlmm
@@ -179,3 +182,35 @@ def test_torch_threads_spin_briefly_and_xtb_threads_sleep_at_once() -> None:
     child = {**env, "GOMP_SPINCOUNT": spin, "QMLMM_GOMP_SPINCOUNT": spin}  # as a child of a qmlmm process
     assert _gomp_spin_counts(torch_first, child) == [[spin], ["0"]]
     assert _gomp_spin_counts(torch_first, {**env, "GOMP_SPINCOUNT": "77"}) == [["77"], ["77"]]
+
+
+def test_xtb_thread_count_reaches_the_openmp_runtime_xtb_runs_on() -> None:
+    """libxtb's OpenMP calls bind to the first runtime in the global scope, torch's libgomp once torch is
+    imported, not to its bundled one: the engine's thread count is set on every runtime it can run on
+    for the call, and each is restored after it (before this, xtb ran with torch's thread count)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, re, sys, qmlmm, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from qmlmm.engines import make_engine\n"
+        "from qmlmm.engines.xtb import _omp_threads\n"
+        "e = make_engine('xtb:gfn2', threads=1)\n"
+        "import numpy as np\n"
+        "e.compute(np.array([8, 1, 1]), np.array([[0.0, 0, 0], [0.0957, 0.001, 0], [-0.024, 0.0927, 0.002]]),"
+        " np.zeros((0, 3)), np.zeros(0))\n"
+        "sys.stderr.flush()\n"
+        "print('AFTER', torch.get_num_threads())\n"
+        "with _omp_threads(1):\n"
+        "    print('INSIDE', ctypes.CDLL(sys.argv[1]).omp_get_max_threads() if len(sys.argv) > 1 else -1)\n"
+    )
+    env = {**__import__("os").environ, "LD_DEBUG": "bindings"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    bound = re.findall(r"binding file \S*libxtb\S* \[0\] to (\S+) \[0\]: normal symbol `GOMP_parallel", res.stderr)
+    assert bound, "libxtb's GOMP_parallel binding not found"
+    assert "AFTER 2" in res.stdout  # torch's own count restored after the xtb call
+    res = subprocess.run([sys.executable, "-c", code, bound[0]], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "INSIDE 1" in res.stdout  # the runtime xtb runs on has the engine's count during its calls

@@ -7,8 +7,10 @@ Importing qmlmm sets, unless already set, before torch, xtb or PySCF load:
 - ``GOMP_SPINCOUNT`` (:data:`TORCH_SPIN_COUNT`): libgomp's threads spin that many iterations (~0.5 ms)
   before they sleep. Fully passive threads must be woken for each of the thousands of small parallel
   operations of a model call or training step: with 2 threads a training step took 2.3x as long, the model
-  call 2.5x (benchmarks/results/omp_spin.md). xtb's runtime is loaded with the variable removed
-  (:mod:`qmlmm.engines.xtb`), so it stays fully passive, as measured before. ``QMLMM_GOMP_SPINCOUNT``
+  call 2.5x (benchmarks/results/omp_spin.md). xtb's bundled runtime is loaded with the variable removed
+  (:mod:`qmlmm.engines.xtb`), but libxtb's OpenMP calls run on torch's runtime once torch is imported
+  (global scope), so with 2 threads xtb spins too: 79 instead of 66 ms a call on retinoic acid; with 1
+  thread, the xtb engine's default and MD's, there is nothing to spin. ``QMLMM_GOMP_SPINCOUNT``
   records the value qmlmm set, so that child processes, which inherit both, know it for qmlmm's.
 """
 

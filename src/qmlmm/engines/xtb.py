@@ -63,6 +63,30 @@ def _xtb_libs() -> dict[str, Any]:
     return _LIBS
 
 
+@contextmanager
+def _omp_threads(n: int) -> Iterator[None]:
+    """``n`` OpenMP threads for the calls in the block, on every runtime libxtb's OpenMP calls can bind to,
+    each restored afterwards. libxtb resolves its OpenMP symbols at its first call through the global
+    scope first, so with torch loaded (its libgomp is global) xtb runs on torch's runtime, not on its own
+    bundled libgomp: the thread count set on xtb's own runtime alone did nothing there (found 2026-12-06:
+    xtb ran with torch's thread count, LD_DEBUG=bindings shows the binding)."""
+    runtimes = [lib for lib in (_global_omp(), _xtb_libs()["gomp"]) if lib is not None]
+    before = [int(lib.omp_get_max_threads()) for lib in runtimes]
+    for lib in runtimes:
+        lib.omp_set_num_threads(ctypes.c_int(n))
+    try:
+        yield
+    finally:
+        for lib, k in zip(runtimes, before, strict=True):
+            lib.omp_set_num_threads(ctypes.c_int(k))
+
+
+def _global_omp() -> Any:
+    """The process's global-scope OpenMP runtime (torch's libgomp once torch is imported), or None."""
+    glob_scope = ctypes.CDLL(None)
+    return glob_scope if hasattr(glob_scope, "omp_set_num_threads") else None
+
+
 def _load_xtb_libs() -> dict[str, Any]:
     try:
         import xtb
@@ -114,10 +138,8 @@ class XTBEngine(Engine):
         self.threads = 1
 
     def set_threads(self, n: int) -> None:
+        """Threads of xtb's calls (applied around each call: :func:`_omp_threads`)."""
         self.threads = max(1, int(n))
-        gomp = _xtb_libs()["gomp"]
-        if gomp is not None:
-            gomp.omp_set_num_threads(ctypes.c_int(self.threads))
 
     def versions(self) -> dict[str, str]:
         from importlib.metadata import version
@@ -170,7 +192,8 @@ class XTBEngine(Engine):
                 np.ascontiguousarray(mm_pos, dtype=np.float64),
             )
         try:
-            res = calc.singlepoint()
+            with _omp_threads(self.threads):
+                res = calc.singlepoint()
         except XTBException as e:
             msg = str(e)
             if "converge" in msg:
