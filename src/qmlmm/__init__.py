@@ -6,8 +6,8 @@ Importing qmlmm sets, unless already set, before torch, xtb or PySCF load:
   small calls and slow them 30-80x;
 - ``GOMP_SPINCOUNT`` (:data:`TORCH_SPIN_COUNT`): libgomp's threads spin that many iterations (~0.5 ms)
   before they sleep. Fully passive threads must be woken for each of the thousands of small parallel
-  operations of a model call or training step: with 2 threads a training step took 2.3x as long, the model
-  call 2.5x (benchmarks/results/omp_spin.md). xtb's bundled runtime is loaded with the variable removed
+  operations of a model call or training step: with 2 threads a training step took 2.3-2.8x as long, the
+  model call 2.5-2.7x (two runs of benchmarks/omp_spin.py). xtb's bundled runtime is loaded with the variable removed
   (:mod:`qmlmm.engines.xtb`), but libxtb's OpenMP calls run on torch's runtime once torch is imported
   (global scope), so with 2 threads xtb spins too: 79 instead of 66 ms a call on retinoic acid; with 1
   thread, the xtb engine's default and MD's, there is nothing to spin. ``QMLMM_GOMP_SPINCOUNT``
@@ -32,7 +32,7 @@ if "GOMP_SPINCOUNT" not in _os.environ:
 
         _warnings.warn(
             "torch was imported before qmlmm with OMP_WAIT_POLICY=PASSIVE, so its OpenMP threads sleep after "
-            "every operation (2-thread model calls and training steps 2-2.5x slower); import qmlmm first, or "
+            "every operation (2-thread model calls and training steps 2.3-2.8x slower); import qmlmm first, or "
             "set GOMP_SPINCOUNT=30000 in the environment",
             stacklevel=2,
         )
