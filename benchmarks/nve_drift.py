@@ -36,8 +36,10 @@ SETTINGS = {"0.5fs": (0.5, None), "1fs_hmr": (1.0, DEFAULT_H_MASS_AMU), "2fs_hmr
 SKIP_PS = 0.5
 
 
-def run_one(system: str, driver: str, model: str | None, setting: str, ps: float, out: str) -> str:
-    """One NVE run (resumable: a finished run is kept); returns its folder."""
+def run_one(
+    system: str, driver: str, model: str | None, setting: str, ps: float, out: str, dftb: str = "dftb3:3ob"
+) -> str:
+    """One NVE run (resumable: a finished run is kept); returns its folder. ``dftb``: the dftb3 driver's engine."""
     import torch
 
     torch.set_num_threads(1)
@@ -57,7 +59,7 @@ def run_one(system: str, driver: str, model: str | None, setting: str, ps: float
     if model is None:
         from qmlmm.engines import make_engine
 
-        eng, emb = make_engine("dftb3:3ob", threads=1), EmbeddingSettings(1.4, 0.2)
+        eng, emb = make_engine(dftb, threads=1), EmbeddingSettings(1.4, 0.2)
     else:
         from qmlmm.models import QMLMMModel
 
@@ -142,6 +144,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/nve_drift")
     ap.add_argument("--name", default="nve_drift", help="results file name (benchmarks/results/NAME.{json,md})")
     ap.add_argument("--label", default="acetate in TIP3P water", help="what the system is, for the table")
+    ap.add_argument("--dftb", default="dftb3:3ob", help="engine spec of the dftb3 driver (e.g. dftb3:3ob,tol=1e-5)")
     args = ap.parse_args()
     models = {"mm": None, "dftb3": None, "direct": args.direct, "delta": args.delta}
     jobs = [
@@ -151,7 +154,8 @@ def main() -> None:
     t0 = time.time()
     with ProcessPoolExecutor(args.workers) as ex:
         futs = {
-            (d, s): ex.submit(run_one, args.system, d, models[d], s, args.ps, str(work / f"{d}_{s}")) for d, s in jobs
+            (d, s): ex.submit(run_one, args.system, d, models[d], s, args.ps, str(work / f"{d}_{s}"), args.dftb)
+            for d, s in jobs
         }
         errors = {}
         for k, f in futs.items():
@@ -187,7 +191,7 @@ def main() -> None:
         f"# NVE energy conservation ({result['date']})",
         "",
         f"`python benchmarks/nve_drift.py --ps {args.ps:g} --system {args.system} --settings {args.settings} "
-        f"--drivers {args.drivers}` on {result['machine']}. {result['system']}; "
+        f"--drivers {args.drivers} --dftb {args.dftb}` on {result['machine']}. {result['system']}; "
         "velocity Verlet from the same MM-relaxed start and 300 K velocities; drift = slope of the total "
         f"energy after {SKIP_PS} ps. HMR: solute H at 3.024 amu. mm: the solute frozen with its fixed charges "
         "(the MM floor). Target (issue 21): |drift| < 1 kJ/mol/ps per 1000 atoms. "
