@@ -410,11 +410,11 @@ def _embedded_molecules(mol: np.ndarray, near: _Nearest, rc: float) -> _Molecule
         table = np.full(int(mol.max()) + 1, -1, dtype=np.int64)
         table[ids] = np.arange(len(ids))
         row = table[mol]
-        atoms = np.flatnonzero(row >= 0)  # positions within mm_indices, source order kept
-        return _Molecules(ids, anchor, near.dmin[anchor], atoms, row[atoms])
-    row = np.searchsorted(ids, mol).clip(max=max(len(ids) - 1, 0))
-    in_sel = ids[row] == mol if len(ids) else np.zeros(len(mol), dtype=bool)
-    atoms = np.flatnonzero(in_sel)
+        in_sel = row >= 0
+    else:
+        row = np.searchsorted(ids, mol).clip(max=max(len(ids) - 1, 0))
+        in_sel = ids[row] == mol if len(ids) else np.zeros(len(mol), dtype=bool)
+    atoms = np.flatnonzero(in_sel)  # positions within mm_indices, source order kept
     return _Molecules(ids, anchor, near.dmin[anchor], atoms, row[atoms])
 
 

@@ -45,6 +45,8 @@ class QMMMBlock:
         qm (B, Q), mm (B, M): batch indices of each frame's QM and MM atoms in slot order (padding: 0).
         qm_mask (B, Q), mm_mask (B, M): which slots hold an atom of the frame.
         r (B, Q, M): |r_i - r_J| in nm (padding slots: finite, meaningless).
+        qm_pos (B, Q, 3), mm_pos (B, M, 3): the positions (nm) in slot order (padding: atom 0's), gathered
+            once for the distances and the field.
     """
 
     qm: torch.Tensor
@@ -52,6 +54,8 @@ class QMMMBlock:
     qm_mask: torch.Tensor
     mm_mask: torch.Tensor
     r: torch.Tensor
+    qm_pos: torch.Tensor
+    mm_pos: torch.Tensor
 
     @property
     def pair_mask(self) -> torch.Tensor:
@@ -111,7 +115,7 @@ def qm_mm_blocks(b: FrameBatch) -> QMMMBlock:
         sq.append(d * d)
     r2 = sq[0] + sq[1] + sq[2]
     r = torch.sqrt(r2)
-    return QMMMBlock(qm, mm, qm_mask, mm_mask, r)
+    return QMMMBlock(qm, mm, qm_mask, mm_mask, r, qm_pos, mm_pos)
 
 
 def shortest_qm_distance(b: FrameBatch, blk: QMMMBlock) -> torch.Tensor:
@@ -146,7 +150,7 @@ def potential_and_field(
     # QM centre (exact: E_i does not depend on the origin) so that the two terms stay of the size of their
     # difference. Sums as matrix products, not reductions of (B, Q, M) products: fewer passes over the
     # block forward and backward
-    qm_pos, mm_pos = b.qm_pos[blk.qm], b.mm_pos[blk.mm]
+    qm_pos, mm_pos = blk.qm_pos, blk.mm_pos
     n_qm = blk.qm_mask.sum(1, keepdim=True).clamp(min=1).to(dt)
     centre = ((qm_pos.detach() * blk.qm_mask[..., None]).sum(1) / n_qm)[:, None, :]  # (B, 1, 3)
     sums = torch.bmm(inv * inv * inv, torch.cat([qb, qb * (mm_pos - centre)], dim=-1))  # (B, Q, 4)
