@@ -47,12 +47,18 @@ def save_markdown(name: str, lines: list[str], folder: Path = RESULTS) -> Path:
     return path
 
 
-def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
-    """Median wall seconds of ``repeat`` calls of ``fn`` after one warm-up call."""
-    fn()
+def call_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of each of ``repeat`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
     ts = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return ts
+
+
+def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
+    """Median wall seconds of ``repeat`` calls of ``fn`` after one warm-up call."""
+    return statistics.median(call_seconds(fn, repeat))

@@ -115,8 +115,7 @@ def main() -> None:
             mins = [r["min_ms"] for r in by_rev[rev]]
             cells.append(f"{med:.1f} ({min(mins):.1f}-{max(mins):.1f})")
         md.append(f"| {elec} | " + " | ".join(cells) + " |")
-    save_markdown("model_speed_revisions", md)
-    print("\n".join(md))
+    save_markdown("model_speed_revisions", md)  # prints the table too
 
 
 if __name__ == "__main__":

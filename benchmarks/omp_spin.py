@@ -32,12 +32,13 @@ from _results import machine, save_json, save_markdown
 HERE = Path(__file__).resolve().parent
 
 CHILD = r"""
-import json, sys, time
+import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 calls = int(sys.argv[2])
 import qmlmm  # before torch: libgomp reads the spin count when torch loads it
 import torch
+from _results import call_seconds
 from dftb_speed import load_frame
 from qmlmm.descriptors.acsf import DescriptorConfig
 from qmlmm.engines import make_engine
@@ -56,13 +57,7 @@ model = QMLMMModel(Ensemble(cfg, [HDNNP(cfg) for _ in range(4)]), ModelMeta(targ
 
 
 def best(f):
-    for _ in range(3):
-        f()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
+    ts = call_seconds(f, calls, warmup=3)
     return {"median_ms": 1e3 * float(np.median(ts)), "min_ms": 1e3 * min(ts)}
 
 
@@ -151,8 +146,7 @@ def main() -> None:
             meds = sorted(r[c]["median_ms"] for r in runs[s])
             cells.append(f"{meds[len(meds) // 2]:.1f} ({min(r[c]['min_ms'] for r in runs[s]):.1f})")
         md.append(f"| {c} | " + " | ".join(cells) + " |")
-    save_markdown("omp_spin", md)
-    print("\n".join(md))
+    save_markdown("omp_spin", md)  # prints the table too
 
 
 if __name__ == "__main__":
