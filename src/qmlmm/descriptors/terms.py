@@ -147,16 +147,12 @@ class QMAngular(Term):
     f_c(r_ij) f_c(r_ik)."""
 
     name = "qm_angular"
-    zetas: torch.Tensor
-    lambdas: torch.Tensor
     pair_index: torch.Tensor
 
     def __init__(self, shifts: list[float], width: float, cutoff: float, zetas: list[float], n_el: int) -> None:
         super().__init__()
         zl = _zeta_lambda(zetas)
         self._set_shifts(shifts)
-        self.register_buffer("zetas", torch.tensor([z for z, _ in zl]), persistent=False)
-        self.register_buffer("lambdas", torch.tensor([lam for _, lam in zl]), persistent=False)
         self.pairs = [(a, b) for a in range(n_el) for b in range(a, n_el)]
         pidx = torch.full((n_el, n_el), -1, dtype=torch.long)
         for k, (a, b) in enumerate(self.pairs):

@@ -41,10 +41,11 @@ _LIBS: dict[str, Any] = {}
 
 @contextmanager
 def _passive_runtime() -> Iterator[None]:
-    """Without the GOMP_SPINCOUNT that qmlmm sets for torch (:mod:`qmlmm`), for the load of xtb's own
-    libgomp, which reads it once: xtb's threads then sleep at once, as they did before qmlmm set it (its
-    call measured no faster with spinning threads, 30000 iterations slower; benchmarks/results/omp_spin.md).
-    A GOMP_SPINCOUNT the user set (another value than qmlmm's) is kept."""
+    """Without the GOMP_SPINCOUNT that qmlmm sets for torch (:mod:`qmlmm`), for the load of xtb's bundled
+    libgomp, which reads it once: its threads then sleep at once, as before qmlmm set it. xtb runs on that
+    runtime only where torch is not loaded (:func:`_omp_threads`); with torch it runs on torch's, spin and
+    all (79 against 66 ms a 2-thread call, benchmarks/results/omp_spin.md). A GOMP_SPINCOUNT the user set
+    (another value than qmlmm's) is kept."""
     from qmlmm import spin_count_is_qmlmms
 
     spin = os.environ.pop("GOMP_SPINCOUNT", None) if spin_count_is_qmlmms() else None
