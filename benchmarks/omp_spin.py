@@ -40,20 +40,15 @@ import qmlmm  # before torch: libgomp reads the spin count when torch loads it
 import torch
 from _results import call_seconds
 from dftb_speed import load_frame
-from qmlmm.descriptors.acsf import DescriptorConfig
+from md_profile import random_models
 from qmlmm.engines import make_engine
 from qmlmm.environment import EmbeddingSettings, select_embedding
-from qmlmm.models.ensemble import Ensemble
-from qmlmm.models.hdnnp import HDNNP, ModelConfig, energy_and_forces
-from qmlmm.models.model import ModelMeta, QMLMMModel
+from qmlmm.models.hdnnp import energy_and_forces
 
 fr, _ = load_frame()
 emb = select_embedding(fr, EmbeddingSettings(1.4, 0.2))
 z = fr.numbers[emb.qm_index]
-torch.manual_seed(0)
-desc = DescriptorConfig.from_dict({"elements": [1, 6, 8]})
-cfg = ModelConfig(descriptor=desc, hidden=[64, 64], cutoff=1.4, switch_width=0.2, electrostatics="charges")
-model = QMLMMModel(Ensemble(cfg, [HDNNP(cfg) for _ in range(4)]), ModelMeta(target="x"))
+model = random_models([1, 6, 8], 4)["direct"]  # default architecture (electrostatics charges), seed 0
 
 
 def best(f):
