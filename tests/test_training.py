@@ -566,6 +566,29 @@ def test_warm_start_begins_at_the_trained_model(direct_model: tuple[Path, dict],
         train(delta_data, delta, tmp_path / "delta.pt", progress=False, init=path)
 
 
+def test_warm_start_keeps_the_start_when_training_only_worsens_it(
+    direct_model: tuple[Path, dict], syn: Path, tmp_path: Path
+) -> None:
+    """The start model is a candidate best: at a learning rate that wrecks every epoch, the warm-started run
+    ends at its start (the start model's test errors), where keeping only trained epochs would not; members
+    beyond the start model's count start from random weights, not as copies of a start member."""
+    import torch
+
+    from qmlmm.models import QMLMMModel
+
+    path, _ = direct_model
+    cfg = TrainConfig(target="ref", ensemble=3, epochs=2, **{**FAST, "lr": 3.0, "lr_min": 1e-3})  # type: ignore[arg-type]
+    data = load_training_data(syn, "ref", split=cfg.split_settings)
+    out = tmp_path / "warm.pt"
+    train(data, cfg, out, progress=False, init=path)
+    start = QMLMMModel.load(path, dtype=torch.float64).ensemble.members
+    warm = QMLMMModel.load(out, dtype=torch.float64).ensemble.members
+    last = [[p for n, p in m.named_parameters() if n.startswith("nets.")][-1] for m in (*start, *warm)]
+    s0, s1, w0, w1, w2 = last
+    assert torch.equal(w0, s0) and torch.equal(w1, s1)  # kept at the start: every trained epoch was worse
+    assert not torch.equal(w2, s0) and not torch.equal(w2, s1)  # the third member is no copy
+
+
 def test_learning_curve_points_train_the_configured_epochs_unless_scaled() -> None:
     """By default every point trains ``epochs`` (scaled points were under-trained at 400 frames); with
     ``scale_epochs`` the steps stay those of 100 frames above it, at least 50 epochs."""

@@ -245,6 +245,18 @@ def _loss(s: _ErrorSums, st: _Stats, cfg: TrainConfig) -> tuple[torch.Tensor, di
     }
 
 
+def _warm_state(states: list[dict[str, torch.Tensor]] | None, k: int) -> dict[str, torch.Tensor] | None:
+    """Start state of member ``k`` of a warm start from ``states`` (one per member of the start model), None:
+    random weights (no warm start, or more members than the start model has: a copy of another member would
+    start two members at one function and bias the ensemble's spread low)."""
+    if not states:
+        return None
+    if k >= len(states):
+        log.info("member %d starts from random weights: the start model has %d members", k + 1, len(states))
+        return None
+    return states[k]
+
+
 def _validation(
     model: torch.nn.Module, items: Sequence[FrameTensors], st: _Stats, cfg: TrainConfig, dtype: torch.dtype, device: str
 ) -> tuple[float, dict[str, float]]:
@@ -505,8 +517,13 @@ def train(
     n_frames_seen = 0
     for k in range(len(done_states), cfg.ensemble):
         current = ckpt.get("current") if ckpt.get("member") == k else None
-        start = init_states[k % len(init_states)] if init_states else None
+        start = _warm_state(init_states, k)
         m = _start_member(k, mcfg, st, cfg, dtype, device, current, start)
+        if start is not None and current is None:  # the start is a candidate best: training keeps it unless beaten
+            m.best, m.best_state = (
+                _validation(m.model, va_items, st, cfg, dtype, device)[0],
+                copy.deepcopy(m.model.state_dict()),
+            )
         bar = tqdm(range(m.epoch, cfg.epochs), desc=f"{out.stem} network {k + 1}/{cfg.ensemble}", position=position,
                    leave=position is None, unit="epoch", disable=not progress, dynamic_ncols=True, initial=m.epoch,
                    total=cfg.epochs)  # fmt: skip
