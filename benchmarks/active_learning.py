@@ -11,13 +11,20 @@ the random arm's final error (the first round at or below it) and their ratio. O
 script: the curves are noisy at these sizes, so repeat with ``--seed`` for run-to-run scatter.
 
 Run: ``.venv/bin/python benchmarks/active_learning.py [--budget 30] [--per-round 5] [--seed 0]``.
-Writes benchmarks/results/active_learning_seed<N>.{json,md,png} (the png: active.png of the run) and
-its calibration plot.
+Writes benchmarks/results/active_learning_seed<N>[_k<per-round>].{json,md,png} (the png: active.png of the
+run) and its calibration plot.
+
+``--warm-start`` (after the plain run of the same seed and grid): the active arm again with warm starts
+(each round's ensemble from the last round's), on the same system, held-out set and first labels (copied
+from the plain run); writes ``..._warm.{json,md}``: held-out errors and training time per round, warm
+against fresh. ``--summary``: labels each arm needed to reach the fixed targets ``TARGETS`` in every
+seed's result, and their ratio (``active_learning_summary.{json,md}``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +41,11 @@ QUANTITIES = (
 )
 
 
+#: fixed held-out targets of the summary (methanol, GFN2-xTB - DFTB3 delta): energy MAE (kJ/mol) and QM-force
+#: MAE (kJ/mol/nm), stated before the seeds 2 and 3 ran; both arms of seeds 0 and 1 reached them within 30 labels
+TARGETS = {"energy_mae": 1.5, "qm_forces_mae": 60.0}
+
+
 def labels_to_reach(points: list[dict[str, Any]], key: str, target: float) -> int | None:
     """Labels of the first round whose held-out ``key`` is at or below ``target`` (None: never)."""
     for p in points:
@@ -42,22 +54,9 @@ def labels_to_reach(points: list[dict[str, Any]], key: str, target: float) -> in
     return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="runs/active_learning")
-    ap.add_argument("--budget", type=int, default=30)
-    ap.add_argument("--per-round", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cutoff", type=float, default=1.0)
-    args = ap.parse_args()
-    work = Path(args.work) / f"seed{args.seed}"
-    t0 = time.time()
-    system = work / "system"
-    if not (system / "meta.json").exists():
-        build_system(
-            [SoluteSpec(smiles="CO")], system, BuildSettings(cutoff=args.cutoff, equilibrate_ps=5.0, threads=1)
-        )
-    s = ActiveSettings(
+def settings(args: argparse.Namespace, warm: bool = False) -> ActiveSettings:
+    """The study of one run: the plain one, or (``warm``) its active arm with warm starts and no control."""
+    return ActiveSettings(
         target="xtb:gfn2",
         baseline="dftb3:3ob",
         budget=args.budget,
@@ -72,7 +71,34 @@ def main() -> None:
         workers=0,
         seed=args.seed,
         train={"ensemble": 3, "hidden": [32, 32], "epochs": 150, "patience": 40},
+        warm_start=warm,
+        random_control=not warm,
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="runs/active_learning")
+    ap.add_argument("--budget", type=int, default=30)
+    ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cutoff", type=float, default=1.0)
+    ap.add_argument("--warm-start", action="store_true", help="the active arm again with warm starts")
+    ap.add_argument("--summary", action="store_true", help="labels to reach TARGETS over every seed's result")
+    args = ap.parse_args()
+    if args.summary:
+        return summary()
+    tag = f"seed{args.seed}" + (f"_k{args.per_round}" if args.per_round != 5 else "")
+    work = Path(args.work) / tag
+    if args.warm_start:
+        return warm_start(work, tag, args)
+    t0 = time.time()
+    system = work / "system"
+    if not (system / "meta.json").exists():
+        build_system(
+            [SoluteSpec(smiles="CO")], system, BuildSettings(cutoff=args.cutoff, equilibrate_ps=5.0, threads=1)
+        )
+    s = settings(args)
     rec = run_active(system, work / "run", s, progress=False)
     arms = rec["arms"]
     reach: dict[str, Any] = {}
@@ -91,7 +117,7 @@ def main() -> None:
         "labels_to_reach_random_final": reach,
         "seconds": time.time() - t0,
     }
-    name = f"active_learning_seed{args.seed}"
+    name = f"active_learning_{tag}"
     save_json(name, result)
     shutil.copy(work / "run" / "active.png", RESULTS / f"{name}.png")
     if (work / "run" / "active_calibration.png").exists():
@@ -99,9 +125,10 @@ def main() -> None:
     md = [
         f"# Active learning vs random selection ({result['date']})",
         "",
-        f"`python benchmarks/active_learning.py --seed {args.seed}` on {result['machine']}. Methanol in TIP3P "
-        f"water, {args.cutoff} nm embedding; reference GFN2-xTB/MM, baseline DFTB3/3ob (delta model, ensemble "
-        f"of 3, 2x32); {args.per_round} labels a round up to {args.budget}; held-out set: "
+        f"`python benchmarks/active_learning.py --seed {args.seed} --per-round {args.per_round}` on "
+        f"{result['machine']}. Methanol in TIP3P water, {args.cutoff} nm embedding; reference GFN2-xTB/MM, "
+        f"baseline DFTB3/3ob (delta model, ensemble of 3, 2x32); {args.per_round} labels a round up to "
+        f"{args.budget}; held-out set: "
         f"{rec['heldout_frames']} frames from 2 separate DFTB3/MM runs. One seed: the curves scatter "
         "from seed to seed at these sizes.",
         "",
@@ -129,6 +156,113 @@ def main() -> None:
         md.append(f"| {label} | {r['target']:.3f} {unit} | {r['active'] or 'not reached'} | {r['random']} | {ratio} |")
     md += ["", f"Wall time {result['seconds'] / 60:.0f} min.", "", f"![curves]({name}.png)"]
     save_markdown(name, md)
+
+
+def _train_seconds(run: Path, arm: str, n_rounds: int) -> list[float]:
+    """Training wall time (s) of each round's ensemble of ``arm`` in the run folder ``run``."""
+    out = []
+    for r in range(n_rounds):
+        m = json.loads((run / arm / f"round_{r:02d}" / "model.metrics.json").read_text())
+        out.append(float(m["train_seconds"]))
+    return out
+
+
+def warm_start(work: Path, tag: str, args: argparse.Namespace) -> None:
+    """The active arm of the finished plain run ``work/run`` again with warm starts (``work/run_warm``): same
+    system, held-out set, first labels and first round (copied), so only the starts differ."""
+    cold, warm = work / "run", work / "run_warm"
+    if not (cold / "active.json").exists():
+        raise SystemExit(f"run the plain study first (no {cold / 'active.json'})")
+    t0 = time.time()
+    for part in ("heldout", "initial", "active/round_00"):
+        if not (warm / part).exists():
+            shutil.copytree(cold / part, warm / part)
+    rec = run_active(work / "system", warm, settings(args, warm=True), progress=False)
+    fresh = json.loads((cold / "active.json").read_text())["arms"]["active"]
+    warmed = rec["arms"]["active"]
+    n = min(len(fresh), len(warmed))
+    t_fresh, t_warm = _train_seconds(cold, "active", n), _train_seconds(warm, "active", n)
+    keys = [k for k, _, _ in QUANTITIES]
+    rows = [
+        {"n_labels": a["n_labels"], "fresh": {k: a[k] for k in keys}, "warm": {k: b[k] for k in keys},
+         "train_seconds_fresh": tf, "train_seconds_warm": tw}
+        for a, b, tf, tw in zip(fresh[:n], warmed[:n], t_fresh, t_warm, strict=True)
+    ]  # fmt: skip
+    name = f"active_learning_{tag}_warm"
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "seed": args.seed, "rounds": rows,
+              "seconds": time.time() - t0}  # fmt: skip
+    save_json(name, result)
+    md = [
+        f"# Active learning: warm against fresh starts ({result['date']})",
+        "",
+        f"`python benchmarks/active_learning.py --seed {args.seed} --per-round {args.per_round} --warm-start` on "
+        f"{result['machine']}. The active arm of `active_learning_{tag}` again, each round's ensemble trained from "
+        "the last round's networks instead of random weights; same system, held-out set, first labels and first "
+        "round. The frames each arm picks differ after round 0 (each picks with its own ensemble).",
+        "",
+        "| labels | E MAE fresh / warm | QM F MAE fresh / warm | MM F MAE fresh / warm | training s fresh / warm |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f, w = r["fresh"], r["warm"]
+        md.append(
+            f"| {r['n_labels']} | {f['energy_mae']:.3f} / {w['energy_mae']:.3f} | {f['qm_forces_mae']:.1f} / "
+            f"{w['qm_forces_mae']:.1f} | {f['mm_forces_mae']:.3f} / {w['mm_forces_mae']:.3f} | "
+            f"{r['train_seconds_fresh']:.0f} / {r['train_seconds_warm']:.0f} |"
+        )
+    tf, tw = sum(t_fresh[1:]), sum(t_warm[1:])
+    md += ["", f"Training after round 0: fresh {tf:.0f} s, warm {tw:.0f} s ({tw / tf:.2f}x)."]
+    save_markdown(name, md)
+
+
+def summary() -> None:
+    """Labels each arm needed to reach ``TARGETS``, per seed result in benchmarks/results, and the ratio."""
+    rows = []
+    for path in sorted(RESULTS.glob("active_learning_seed*.json")):
+        if path.stem.endswith("_warm"):
+            continue
+        d = json.loads(path.read_text())
+        row: dict[str, Any] = {"result": path.stem, "seed": d["seed"], "per_round": d["settings"]["per_round"]}
+        for key, target in TARGETS.items():
+            a = labels_to_reach(d["arms"]["active"], key, target)
+            r = labels_to_reach(d["arms"]["random"], key, target)
+            row[key] = {"active": a, "random": r, "budget": d["settings"]["budget"]}
+        rows.append(row)
+    totals = {}
+    for key in TARGETS:
+        both = [r[key] for r in rows if r[key]["active"] and r[key]["random"]]
+        totals[key] = {
+            "seeds_both_reached": len(both),
+            "seeds": len(rows),
+            "active_labels": sum(b["active"] for b in both),
+            "random_labels": sum(b["random"] for b in both),
+            "ratio": sum(b["active"] for b in both) / sum(b["random"] for b in both) if both else None,
+        }
+    result = {"date": time.strftime("%Y-%m-%d"), "targets": TARGETS, "seeds": rows, "totals": totals}
+    save_json("active_learning_summary", result)
+
+    def cell(x: dict[str, Any]) -> str:
+        a = x["active"] or f">{x['budget']}"
+        r = x["random"] or f">{x['budget']}"
+        return f"{a} / {r}"
+
+    md = [
+        f"# Active learning: labels to a fixed held-out error ({result['date']})",
+        "",
+        f"Targets: energy MAE {TARGETS['energy_mae']} kJ/mol, QM-force MAE {TARGETS['qm_forces_mae']} kJ/mol/nm "
+        "(methanol in water, GFN2-xTB - DFTB3/3ob delta). Labels: the first round at or below the target, active "
+        "/ random; `>N`: not reached within the budget N.",
+        "",
+        "| result | labels a round | E: active / random | QM F: active / random |",
+        "|---|---|---|---|",
+    ]
+    md += [f"| {r['result']} | {r['per_round']} | {cell(r['energy_mae'])} | {cell(r['qm_forces_mae'])} |" for r in rows]
+    md += ["", "Over the seeds where both arms reached the target (sum of labels, active / random):", ""]
+    for key, t in totals.items():
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        md.append(f"- {key}: {t['seeds_both_reached']} of {t['seeds']} seeds, {t['active_labels']} / "
+                  f"{t['random_labels']} = {ratio}")  # fmt: skip
+    save_markdown("active_learning_summary", md)
 
 
 if __name__ == "__main__":
