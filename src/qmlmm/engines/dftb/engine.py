@@ -4,7 +4,9 @@ Options: ``tol`` (SCC charge tolerance, e; default 1e-8), ``maxiter`` (200), ``d
 cuda or auto), ``reuse`` (yes: start the SCC from the previous call's charges, as consecutive MD
 steps and frames allow; no: from neutral atoms), ``etemp`` (electronic temperature in K, default 0:
 integer occupations; > 0: Fermi occupations and the Mermin free energy, for near-degenerate frontier
-orbitals such as bonds being broken). Closed-shell molecules of any total charge.
+orbitals such as bonds being broken), ``mixer`` (the SCC's charge update: auto, the default, is newton
+with integer occupations and anderson with Fermi ones; see ``SCCOptions``). Closed-shell molecules of
+any total charge.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ _ALLOWED = {("dftb3", "3ob"), ("dftb2", "mio"), ("dftb2", "3ob")}
 
 
 class BatchResult:
-    """Energies (B,) kJ/mol, QM forces (B, n, 3) and per-frame MM forces / potentials (lists)."""
+    """Energies (B,) kJ/mol, QM forces (B, n, 3), per-frame MM forces / potentials (lists), Mulliken charges
+    (B, n) e and the SCC's iteration count."""
 
     def __init__(
         self,
@@ -39,9 +42,10 @@ class BatchResult:
         mm_forces: list[np.ndarray],
         mm_potential: list[np.ndarray] | None,
         charges: np.ndarray,
+        iterations: int = 0,
     ) -> None:
         self.energy, self.qm_forces, self.mm_forces = energy, qm_forces, mm_forces
-        self.mm_potential, self.charges = mm_potential, charges
+        self.mm_potential, self.charges, self.iterations = mm_potential, charges, iterations
 
 
 class DFTBEngine(Engine):
@@ -58,8 +62,12 @@ class DFTBEngine(Engine):
         etemp = float(opts.pop("etemp", "0"))
         if etemp < 0:
             raise InputError(f"dftb option etemp must be >= 0 K, got {etemp}")
+        mixer = opts.pop("mixer", "auto").lower()
+        if mixer not in ("auto", "anderson", "broyden", "newton"):
+            raise InputError(f"dftb option mixer must be auto, anderson, broyden or newton, got {mixer!r}")
         self.options = SCCOptions(
             tol=float(opts.pop("tol", "1e-8")),
+            mixer=mixer,
             maxiter=int(opts.pop("maxiter", "200")),
             reuse_charges=reuse == "yes",
             kt=etemp * 3.166811563e-6,  # k_B in Hartree/K
@@ -70,7 +78,7 @@ class DFTBEngine(Engine):
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("device=cuda asked for, but PyTorch sees no CUDA device")
         if opts:
-            raise InputError(f"unknown dftb option(s) {sorted(opts)}; known: tol, maxiter, device, reuse, etemp")
+            raise InputError(f"unknown dftb option(s) {sorted(opts)}; known: tol, maxiter, device, reuse, etemp, mixer")
         self.device = torch.device(dev)
         self.params: DFTBParameters = load_parameters(spec.method, device=self.device)
         if spec.family == "dftb2":
@@ -118,7 +126,7 @@ class DFTBEngine(Engine):
             qm_forces=b.qm_forces[0],
             mm_forces=b.mm_forces[0],
             mm_potential=None if b.mm_potential is None else b.mm_potential[0],
-            info={"qm_charges": b.charges[0]},
+            info={"qm_charges": b.charges[0], "scc_iterations": b.iterations},
         )
 
     def compute_batch(
@@ -164,4 +172,5 @@ class DFTBEngine(Engine):
             if pot is None
             else [pot[k, : len(q)] * KJMOL_PER_HARTREE for k, q in enumerate(mm_charges)],
             charges=res.charges.detach().cpu().numpy(),
+            iterations=res.iterations,
         )
