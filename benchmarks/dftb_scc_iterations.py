@@ -1,11 +1,12 @@
-"""SCC iterations of our DFTB3/MM along an MD trajectory: tolerance and start guess (deterministic counts).
+"""SCC iterations of our DFTB3/MM along an MD trajectory: tolerance, start guess, mixer (deterministic counts).
 
 A short DFTB3/MM Langevin run on retinoic acid in water (the engine's inputs at every step recorded), then
 the same sequence of inputs replayed with each SCC setting: the tolerance (``tol``, e) and the start guess
 (the previous step's converged charges, as the engine does; or their linear or quadratic extrapolation over
-the last steps). Iteration counts do not depend on the machine's load, unlike timings, so they say what a
-setting would save: each iteration costs one eigendecomposition (116 orbitals, ~1.2 ms on this machine)
-plus ~1 ms of small operations. The energies of each setting are compared with the default's.
+the last steps) and the mixer (``anderson``, or ``newton``: Broyden's method started from the exact
+linear-response Jacobian, ~2 ms). Iteration counts do not depend on the machine's load, unlike timings,
+so they say what a setting would save: each iteration costs one eigendecomposition (116 orbitals, ~1.2 ms
+on this machine) plus ~1 ms of small operations. The energies of each setting are compared with the first setting's.
 
 Run: `.venv/bin/python benchmarks/dftb_scc_iterations.py [--system runs/ra_speed/system] [--steps 200]`
 (build the system with `qmlmm build --smiles <retinoic acid> --out runs/ra_speed/system`).
@@ -32,8 +33,17 @@ from qmlmm.engines.base import QMMMInput
 from qmlmm.engines.dftb.calculator import DFTBCalculator
 from qmlmm.environment import EmbeddingSettings
 
-#: the settings replayed: (tolerance, start guess)
-SETTINGS = [("1e-8", "previous"), ("1e-8", "linear"), ("1e-8", "quadratic"), ("1e-6", "previous"), ("1e-5", "previous")]
+#: the settings replayed: (tolerance, start guess, mixer); the first is the reference of the energy and force changes
+SETTINGS = [
+    ("1e-8", "previous", "anderson"),
+    ("1e-8", "linear", "anderson"),
+    ("1e-8", "quadratic", "anderson"),
+    ("1e-6", "previous", "anderson"),
+    ("1e-5", "previous", "anderson"),
+    ("1e-8", "previous", "newton"),
+    ("1e-6", "previous", "newton"),
+    ("1e-5", "previous", "newton"),
+]
 
 
 def recorded_inputs(system: Path, steps: int, dt_fs: float) -> list[QMMMInput]:
@@ -56,9 +66,9 @@ def recorded_inputs(system: Path, steps: int, dt_fs: float) -> list[QMMMInput]:
     return seen
 
 
-def replay(inputs: list[QMMMInput], tol: str, guess: str) -> dict[str, Any]:
+def replay(inputs: list[QMMMInput], tol: str, guess: str, mixer: str) -> dict[str, Any]:
     """Iterations per call and energies (kJ/mol) of ``inputs`` in order with SCC tolerance ``tol`` and start
-    ``guess`` (previous, linear, quadratic)."""
+    ``guess`` (previous, linear, quadratic) and SCC ``mixer``."""
     its: list[int] = []
     hist: list[Any] = []
     original = DFTBCalculator._scc
@@ -75,7 +85,7 @@ def replay(inputs: list[QMMMInput], tol: str, guess: str) -> dict[str, Any]:
 
     DFTBCalculator._scc = scc  # type: ignore[method-assign]
     try:
-        eng = make_engine(f"dftb3:3ob,tol={tol}", threads=1)
+        eng = make_engine(f"dftb3:3ob,tol={tol},mixer={mixer}", threads=1)
         results = [eng._compute(inp) for inp in inputs]
     finally:
         DFTBCalculator._scc = original  # type: ignore[method-assign]
@@ -93,9 +103,9 @@ def main() -> None:
     ap.add_argument("--dt-fs", type=float, default=0.5)
     args = ap.parse_args()
     inputs = recorded_inputs(Path(args.system), args.steps, args.dt_fs)
-    runs = {f"tol {tol}, {guess}": replay(inputs, tol, guess) for tol, guess in SETTINGS}
-    ref = np.array(runs["tol 1e-8, previous"]["energies"])
-    ref_f = runs["tol 1e-8, previous"]["forces"]
+    runs = {f"{mixer}, tol {tol}, {guess}": replay(inputs, tol, guess, mixer) for tol, guess, mixer in SETTINGS}
+    first = next(iter(runs.values()))
+    ref, ref_f = np.array(first["energies"]), first["forces"]
     rows = {}
     for name, r in runs.items():
         its = np.array(r["iterations"][3:])  # after the first calls (no history yet)
@@ -115,8 +125,9 @@ def main() -> None:
         "",
         f"`python benchmarks/dftb_scc_iterations.py` on {result['machine']}: {args.system}, {len(inputs)} engine calls "
         f"of a {args.steps}-step Langevin DFTB3/MM run at {args.dt_fs} fs, replayed with each setting. Iterations "
-        "per call after the first three; energy and force (QM and embedded MM atoms) changes against tol 1e-8 "
-        "from the previous charges (the default).",
+        "per call after the first three; energy and force (QM and embedded MM atoms) changes against the first "
+        "row (Anderson mixing at tol 1e-8 from the previous charges, the default before 2026-12-06; newton at tol "
+        "1e-8 is the default since).",
         "",
         "| setting | mean iterations | max | max abs energy change (kJ/mol) | max abs force change (kJ/mol/nm) |",
         "|---|---|---|---|---|",
