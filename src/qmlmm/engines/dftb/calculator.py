@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from qmlmm.engines.dftb.gamma import gamma_offdiag, third_order_offdiag
-from qmlmm.engines.dftb.slater_koster import real_sh_rotations, sk_block
+from qmlmm.engines.dftb.slater_koster import real_sh_rotations, sk_blocks
 from qmlmm.engines.dftb.tensors import DFTBParameters
 from qmlmm.errors import InputError, SCFNotConvergedError
 
@@ -195,8 +195,9 @@ class DFTBCalculator:
             e_rep = e_rep + self.p.pair(za, zb).repulsive(rg).sum(-1)
         for blk in self.blocks:
             v_ab, v_ba, Dg = cache[(blk.za, blk.zb)]
-            vals_h.append(sk_block(blk.l1, blk.l2, Dg, v_ab, v_ba, overlap=False).reshape(B, -1))
-            vals_s.append(sk_block(blk.l1, blk.l2, Dg, v_ab, v_ba, overlap=True).reshape(B, -1))
+            hs = sk_blocks(blk.l1, blk.l2, Dg, v_ab, v_ba)  # (B, Pg, 2, 2l1+1, 2l2+1)
+            vals_h.append(hs[:, :, 0].reshape(B, -1))
+            vals_s.append(hs[:, :, 1].reshape(B, -1))
             rows.append(blk.rows)
             cols.append(blk.cols)
         zeros = torch.zeros(B, N, N, dtype=R.dtype, device=R.device)

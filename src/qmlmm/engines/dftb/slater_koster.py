@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["real_sh_rotations", "rotation_to_bond", "sk_block"]
+__all__ = ["real_sh_rotations", "rotation_to_bond", "sk_blocks"]
 
 _PERM = [1, 2, 0]  # (x, y, z) -> (y, z, x)
 
@@ -61,29 +61,24 @@ def real_sh_rotations(u: torch.Tensor, lmax: int) -> list[torch.Tensor]:
     return out
 
 
-def sk_block(
-    l1: int, l2: int, D: list[torch.Tensor], v_ab: torch.Tensor, v_ba: torch.Tensor, overlap: bool
-) -> torch.Tensor:
-    """Block (…, 2l1+1, 2l2+1) between shell l1 of atom A and shell l2 of atom B.
+def sk_blocks(l1: int, l2: int, D: list[torch.Tensor], v_ab: torch.Tensor, v_ba: torch.Tensor) -> torch.Tensor:
+    """Hamiltonian and overlap blocks (…, 2, 2l1+1, 2l2+1) between shell l1 of atom A and shell l2 of atom B
+    (index 0 of the third-last axis: Hamiltonian; 1: overlap).
 
     Args:
         D: rotation matrices from :func:`real_sh_rotations` for the direction A -> B.
         v_ab: (…, 20) integrals of table A-B; v_ba: (…, 20) of table B-A (same distances).
-        overlap: take the overlap (True) or Hamiltonian (False) integrals.
     """
     from qmlmm.engines.dftb.skf import COLUMN
 
     lo = min(l1, l2)
-    off = 10 if overlap else 0
-    vals = []
-    for m in range(-lo, lo + 1):
-        if l1 <= l2:
-            vals.append(v_ab[..., COLUMN[(l1, l2, abs(m))] + off])
-        else:
-            vals.append(((-1.0) ** (l1 + l2)) * v_ba[..., COLUMN[(l2, l1, abs(m))] + off])
-    V = torch.stack(vals, dim=-1)  # (…, 2lo+1)
-    rows1 = [m + l1 for m in range(-lo, lo + 1)]
-    rows2 = [m + l2 for m in range(-lo, lo + 1)]
-    A = D[l1][..., rows1, :]  # (…, 2lo+1, 2l1+1)
-    B = D[l2][..., rows2, :]  # (…, 2lo+1, 2l2+1)
-    return torch.einsum("...ma,...m,...mb->...ab", A, V, B)
+    if l1 <= l2:
+        cols, v, sign = [COLUMN[(l1, l2, abs(m))] for m in range(-lo, lo + 1)], v_ab, 1.0
+    else:
+        cols, v, sign = [COLUMN[(l2, l1, abs(m))] for m in range(-lo, lo + 1)], v_ba, (-1.0) ** (l1 + l2)
+    V = v[..., cols + [c + 10 for c in cols]].unflatten(-1, (2, 2 * lo + 1))  # (…, 2, 2lo+1)
+    if sign != 1.0:
+        V = sign * V
+    A = D[l1][..., [m + l1 for m in range(-lo, lo + 1)], :]  # (…, 2lo+1, 2l1+1)
+    B = D[l2][..., [m + l2 for m in range(-lo, lo + 1)], :]  # (…, 2lo+1, 2l2+1)
+    return torch.einsum("...ma,...hm,...mb->...hab", A, V, B)
