@@ -228,7 +228,20 @@ def test_newton_mixer_falls_back_where_linear_response_fails(p3ob: object) -> No
 def test_mixer_options() -> None:
     assert make_engine("dftb3:3ob").calculator([8, 1, 1], 0).opts.mixer == "newton"  # type: ignore[attr-defined]
     assert make_engine("dftb3:3ob,etemp=300").calculator([8, 1, 1], 0).opts.mixer == "anderson"  # type: ignore[attr-defined]
-    with pytest.raises(InputError, match="mixer"):
-        make_engine("dftb3:3ob,mixer=simple")
+    for bad in ("simple", "broyden"):
+        with pytest.raises(InputError, match="mixer"):
+            make_engine(f"dftb3:3ob,mixer={bad}")
+    with pytest.raises(InputError, match="integer occupations"):  # refused with the spec, not at the first frame
+        make_engine("dftb3:3ob,etemp=300,mixer=newton")
     with pytest.raises(InputError, match="integer occupations"):
-        make_engine("dftb3:3ob,etemp=300,mixer=newton").calculator([8, 1, 1], 0)  # type: ignore[attr-defined]
+        DFTBCalculator(load_parameters("3ob"), [8, 1, 1], options=SCCOptions(kt=1e-3, mixer="newton"))
+
+
+def test_single_atom_is_its_onsite_energies(p3ob: object) -> None:
+    """A lone carbon atom (no pairs, no tables): closed-shell aufbau fills s and one p orbital, its
+    Mulliken charge is neutral, so the energy is 2 e_s + 2 e_p of the 3ob tables."""
+    sp = p3ob.species(6)  # type: ignore[attr-defined]
+    calc = DFTBCalculator(p3ob, [6], options=SCCOptions(tol=1e-10))  # type: ignore[arg-type]
+    res = calc(torch.zeros(1, 3, dtype=torch.float64))
+    assert float(res.energy[0]) == pytest.approx(2 * sp.onsite[0] + 2 * sp.onsite[1], abs=1e-12)
+    assert res.gradient is not None and float(res.gradient.abs().max()) == 0.0

@@ -82,7 +82,7 @@ _DFTB_OPTIONS = {
     "etemp": _number(float, 0.0),
     "reuse": _choice("yes", "no"),
     "device": _any,
-    "mixer": _choice("auto", "anderson", "broyden", "newton"),
+    "mixer": _choice("auto", "anderson", "newton"),
 }
 #: the options of each family and their checks, applied when a spec is parsed (before any engine exists)
 OPTIONS: dict[str, dict[str, Any]] = {

@@ -28,7 +28,7 @@ import torch
 
 from qmlmm.engines.dftb.gamma import gamma_offdiag, third_order_offdiag
 from qmlmm.engines.dftb.slater_koster import real_sh_rotations, sk_blocks
-from qmlmm.engines.dftb.tensors import DFTBParameters
+from qmlmm.engines.dftb.tensors import DFTBParameters, PairTables
 from qmlmm.errors import InputError, SCFNotConvergedError
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,7 @@ class SCCOptions:
         mixing: mixing parameter (Anderson), or the inverse Jacobian's start -mixing * I (Broyden).
         history: number of previous iterations Anderson mixing uses.
         mixer: the charge update. "anderson": Pulay mixing of the last ``history`` iterations.
-            "broyden": Broyden's second method on the inverse Jacobian of the charge residual, started
-            from the previous call's (with ``reuse_charges``: consecutive MD steps have almost the same
-            charge response) or from linear mixing. "newton": Broyden's method started at each call
+            "newton": Broyden's second method on the inverse Jacobian of the charge residual, started at each call
             from the exact Jacobian of the first iteration (linear response of the Mulliken charges,
             integer occupations only), ~2 ms for 50 atoms, converging in ~4 iterations from the
             previous MD step's charges where Anderson takes ~13. "auto" (default): newton with integer
@@ -86,10 +84,9 @@ class DFTBResult:
 
 @dataclass
 class _BlockIndex:
-    """Scatter indices of one (species pair, shell pair) block type."""
+    """Scatter indices of one shell-pair block type (shell l1 of the pair's first atom, l2 of its second),
+    over every atom pair whose elements have both shells."""
 
-    za: int
-    zb: int
     l1: int
     l2: int
     pairs: torch.Tensor  # (Pg,) indices into the pair list
@@ -118,6 +115,10 @@ class DFTBCalculator:
             offs.append(offs[-1] + k)
         self.n_orb = offs[-1]
         self.atom_of_orb = torch.tensor([a for a in range(n) for _ in range(norb[a])], device=dev)
+        # each atom's orbitals (n, max orbitals per atom), padded with N (a zero row appended where used)
+        self.orb_slots = torch.tensor(
+            [[offs[a] + k if k < norb[a] else offs[-1] for k in range(max(norb))] for a in range(n)], device=dev
+        )
         onsite = []
         for s in sp:
             for l in range(s.lmax + 1):
@@ -140,37 +141,49 @@ class DFTBCalculator:
         swap = zt[ii] > zt[jj]
         ii, jj = torch.where(swap, jj, ii), torch.where(swap, ii, jj)
         self.pi, self.pj = ii, jj
-        self.blocks: list[_BlockIndex] = []
-        zi = [self.numbers[int(a)] for a in ii]
-        zj = [self.numbers[int(b)] for b in jj]
         groups: dict[tuple[int, int], list[int]] = {}
-        for k, (a, b) in enumerate(zip(zi, zj, strict=True)):
+        for k, (a, b) in enumerate(zip(zt[ii].tolist(), zt[jj].tolist(), strict=True)):
             groups.setdefault((a, b), []).append(k)
         self.groups = {key: torch.tensor(v, device=dev) for key, v in groups.items()}
-        for (za, zb), idx in self.groups.items():
-            la, lb = params.species(za).lmax, params.species(zb).lmax
-            oa = torch.tensor(offs[:-1], device=dev)[ii[idx]]
-            ob = torch.tensor(offs[:-1], device=dev)[jj[idx]]
-            sa = 0
-            for l1 in range(la + 1):
-                sb = 0
-                for l2 in range(lb + 1):
-                    r1 = oa[:, None] + sa + torch.arange(2 * l1 + 1, device=dev)[None, :]
-                    c2 = ob[:, None] + sb + torch.arange(2 * l2 + 1, device=dev)[None, :]
-                    rows = r1[:, :, None].expand(-1, -1, 2 * l2 + 1).reshape(-1)
-                    cols = c2[:, None, :].expand(-1, 2 * l1 + 1, -1).reshape(-1)
-                    self.blocks.append(_BlockIndex(za, zb, l1, l2, idx, rows, cols))
-                    sb += 2 * l2 + 1
-                sa += 2 * l1 + 1
+        # the integrals of every pair from one stacked evaluation (tables A-B, A the pair's first atom); the
+        # B-A tables only where a block needs them (l1 > l2) and the elements differ
+        keys = sorted({key for a, b in self.groups for key in ((a, b), (b, a))}) or [(self.numbers[0],) * 2]
+        tab = {key: t for t, key in enumerate(keys)}
+        za, zb = zt[ii].tolist(), zt[jj].tolist()
+        tables = [params.pair(*key) for key in keys]
+        ab = [tab[(a, b)] for a, b in zip(za, zb, strict=True)]
+        self.tables_ab = PairTables(tables, torch.tensor(ab, dtype=torch.long))
+        lmax = torch.tensor([s.lmax for s in sp], device=dev)
+        hetero = torch.tensor([a != b for a, b in zip(za, zb, strict=True)], dtype=torch.bool, device=dev)
+        self.ba_pairs = torch.nonzero(hetero & (lmax[ii] > 0)).flatten()  # a shell l1 > l2 = 0 exists
+        ba = [tab[(zb[k], za[k])] for k in self.ba_pairs.tolist()]
+        self.tables_ba = PairTables(tables, torch.tensor(ba, dtype=torch.long))
+        self.blocks = self._block_types(ii, jj, [s.lmax for s in sp], offs[:-1])
         self.hpair = (self.is_h[ii] | self.is_h[jj]) & (params.zeta is not None)
         self._last_dq: dict[tuple[int, ...], torch.Tensor] = {}
-        self._last_jinv: dict[tuple[int, ...], torch.Tensor] = {}
         if self.opts.mixer == "auto":
             self.opts = replace(self.opts, mixer="newton" if self.opts.kt <= 0 else "anderson")
-        if self.opts.mixer not in ("anderson", "broyden", "newton"):
-            raise InputError(f"unknown SCC mixer {self.opts.mixer!r}; known: auto, anderson, broyden, newton")
-        if self.opts.mixer == "newton" and self.opts.kt > 0:
-            raise InputError("the newton SCC mixer needs integer occupations (etemp 0); use broyden or anderson")
+        check_mixer(self.opts.mixer, self.opts.kt)
+
+    @staticmethod
+    def _block_types(ii: torch.Tensor, jj: torch.Tensor, lmax: list[int], offs: list[int]) -> list[_BlockIndex]:
+        """The shell-pair block types (l1, l2) of the pairs (ii, jj) and where their entries go in the
+        (N, N) matrices: atom a's orbitals start at offs[a], its shell l at offs[a] + l^2 (s, p, d)."""
+        dev = ii.device
+        la, lb = torch.tensor(lmax, device=dev)[ii], torch.tensor(lmax, device=dev)[jj]
+        off = torch.tensor(offs, device=dev)
+        blocks = []
+        for l1 in range(max(lmax) + 1):
+            for l2 in range(max(lmax) + 1):
+                idx = torch.nonzero((la >= l1) & (lb >= l2)).flatten()
+                if len(idx) == 0:
+                    continue
+                r1 = off[ii[idx]][:, None] + l1 * l1 + torch.arange(2 * l1 + 1, device=dev)[None, :]
+                c2 = off[jj[idx]][:, None] + l2 * l2 + torch.arange(2 * l2 + 1, device=dev)[None, :]
+                rows = r1[:, :, None].expand(-1, -1, 2 * l2 + 1).reshape(-1)
+                cols = c2[:, None, :].expand(-1, 2 * l1 + 1, -1).reshape(-1)
+                blocks.append(_BlockIndex(l1, l2, idx, rows, cols))
+        return blocks
 
     # ---- geometry-dependent matrices ----------------------------------------------------------
     def _matrices(
@@ -185,17 +198,16 @@ class DFTBCalculator:
         lmax = max(lmax, max((b.l2 for b in self.blocks), default=0))
         D = real_sh_rotations(u, lmax)
         vals_h, vals_s, rows, cols = [], [], [], []
+        v_ab = self.tables_ab.integrals(r)  # (B, P, 20)
+        v_ba = v_ab
+        if len(self.ba_pairs):  # B-A tables of the pairs of different elements that need them
+            v_ba = v_ab.index_copy(1, self.ba_pairs, self.tables_ba.integrals(r[:, self.ba_pairs]))
         e_rep = torch.zeros(B, dtype=R.dtype, device=R.device)
-        cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
         for (za, zb), idx in self.groups.items():
-            rg = r[:, idx]
-            v_ab = self.p.pair(za, zb).integrals(rg)
-            v_ba = v_ab if za == zb else self.p.pair(zb, za).integrals(rg)
-            cache[(za, zb)] = (v_ab, v_ba, [Dl[:, idx] for Dl in D])
-            e_rep = e_rep + self.p.pair(za, zb).repulsive(rg).sum(-1)
+            e_rep = e_rep + self.p.pair(za, zb).repulsive(r[:, idx]).sum(-1)
         for blk in self.blocks:
-            v_ab, v_ba, Dg = cache[(blk.za, blk.zb)]
-            hs = sk_blocks(blk.l1, blk.l2, Dg, v_ab, v_ba)  # (B, Pg, 2, 2l1+1, 2l2+1)
+            Dg = [Dl[:, blk.pairs] for Dl in D]
+            hs = sk_blocks(blk.l1, blk.l2, Dg, v_ab[:, blk.pairs], v_ba[:, blk.pairs])  # (B, Pg, 2, 2l1+1, 2l2+1)
             vals_h.append(hs[:, :, 0].reshape(B, -1))
             vals_s.append(hs[:, :, 1].reshape(B, -1))
             rows.append(blk.rows)
@@ -285,13 +297,17 @@ class DFTBCalculator:
         Mulliken transition charges), and dV/d dq = gamma + 2/3 (diag(G3 dq) + dq_A G3_AC + G3_CA dq_C)
         (DFTB3). So df/d dq = chi dV/d dq - I. chi is negative semidefinite and dV/d dq positive definite
         (DFTB2), so the Jacobian's eigenvalues are at most -1: it is never singular there."""
-        o, n = self.n_occ, self.n
-        SC = S @ C
-        t = C[..., :, :o, None] * SC[..., :, None, o:] + SC[..., :, :o, None] * C[..., :, None, o:]  # (B, N, o, v)
-        qt = torch.zeros(C.shape[0], n, *t.shape[2:], dtype=C.dtype, device=C.device)
-        qt = qt.index_add_(1, self.atom_of_orb, 0.5 * t).flatten(2)  # (B, n, o*v)
-        de = (eps[:, :o, None] - eps[:, None, o:]).flatten(1)  # (B, o*v), negative
-        chi = 4.0 * (qt / de[:, None, :]) @ qt.transpose(-1, -2)
+        o, n, N = self.n_occ, self.n, self.n_orb
+        chi = []
+        for b in range(C.shape[0]):  # frame by frame: the transition charges take n * o * v numbers a frame
+            SC = S[b] @ C[b]
+            pad = torch.zeros(1, N, dtype=C.dtype, device=C.device)
+            Cg = torch.cat([C[b], pad])[self.orb_slots]  # (n, k, N): atom A's orbitals, padded with zero rows
+            SCg = torch.cat([SC, pad])[self.orb_slots]
+            qt = 0.5 * (Cg[..., :o].transpose(-1, -2) @ SCg[..., o:] + SCg[..., :o].transpose(-1, -2) @ Cg[..., o:])
+            de = eps[b, :o, None] - eps[b, None, o:]  # (o, v), negative
+            chi.append(4.0 * (qt / de).flatten(1) @ qt.flatten(1).T)
+        chi_t = torch.stack(chi)
         dV = gam
         if G3 is not None:
             g3dq = (G3 @ dq.unsqueeze(-1)).squeeze(-1)
@@ -299,7 +315,7 @@ class DFTBCalculator:
                 torch.diag_embed(g3dq) + dq[:, :, None] * G3 + G3.transpose(-1, -2) * dq[:, None, :]
             )
         eye = torch.eye(n, dtype=C.dtype, device=C.device)
-        return chi @ dV - eye
+        return chi_t @ dV - eye
 
     def _fermi(self, eps: torch.Tensor) -> torch.Tensor:
         """Occupations f (B, N) in [0, 2] at k_B T = opts.kt with the Fermi level (bisection) that
@@ -432,7 +448,7 @@ class DFTBCalculator:
         phi: torch.Tensor,
         key: tuple[int, ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Self-consistent charges by Anderson mixing; raises SCFNotConvergedError.
+        """Self-consistent charges by the options' mixer (newton or Anderson); raises SCFNotConvergedError.
 
         Returns the converged input charges dq_in (B, n), the orbital energies (B, N) and occupied
         coefficients (B, N, n_occ) of the Hamiltonian they define, its Mulliken charges dq (B, n)
@@ -449,8 +465,8 @@ class DFTBCalculator:
         prev = self._last_dq.get(key) if o.reuse_charges else None
         dq = prev.clone() if prev is not None else torch.zeros(B, self.n, dtype=S.dtype, device=S.device)
         mixer: _Anderson | _Broyden
-        if o.mixer in ("broyden", "newton"):
-            mixer = _Broyden(o.mixing, self._last_jinv.get(key) if prev is not None else None, dq)
+        if o.mixer == "newton":
+            mixer = _Broyden(o.mixing, dq)
         else:
             mixer = _Anderson(o.mixing, o.history)
         done = torch.zeros(B, dtype=torch.bool, device=S.device)
@@ -460,7 +476,7 @@ class DFTBCalculator:
         for it in range(1, o.maxiter + 1):
             V = self._shifts(dq, gam, G3, phi)
             eps, C_occ, pop, Cp = self._solve(H0p, L, Linv, V)
-            if it == 1 and isinstance(mixer, _Broyden) and o.mixer == "newton":
+            if it == 1 and isinstance(mixer, _Broyden):
                 mixer.restart_from(self._residual_jacobian(eps, Linv.transpose(-1, -2) @ Cp, S, gam, G3, dq))
             dq_out = self._charges(pop)
             f = dq_out - dq
@@ -478,10 +494,8 @@ class DFTBCalculator:
             if bool(done.all()):
                 if o.reuse_charges:
                     self._last_dq = {key: keep[0].detach().clone()}
-                    if isinstance(mixer, _Broyden):
-                        self._last_jinv = {key: mixer.jinv.detach().clone()}
                 return keep[0], keep[1], keep[2], keep[3], it
-            if o.mixer == "newton" and isinstance(mixer, _Broyden) and last is not None and bool((err > last[2]).any()):
+            if isinstance(mixer, _Broyden) and last is not None and bool(((err > last[2]) & ~done).any()):
                 # a quasi-Newton step grew the residual: too far from linear response here; Anderson from
                 # the point before that step
                 mixer = _Anderson(o.mixing, o.history)
@@ -495,6 +509,14 @@ class DFTBCalculator:
             f"DFTB SCC not converged in {o.maxiter} iterations for frame(s) {bad[:10]} (max |dq change| "
             f"{float(err.max()):.2e} e, tolerance {o.tol:g})"
         )
+
+
+def check_mixer(mixer: str, kt: float) -> None:
+    """InputError unless ``mixer`` (resolved: anderson or newton) works at electronic temperature ``kt``."""
+    if mixer not in ("anderson", "newton"):
+        raise InputError(f"unknown SCC mixer {mixer!r}; known: auto, anderson, newton")
+    if mixer == "newton" and kt > 0:
+        raise InputError("the newton SCC mixer needs integer occupations (etemp 0); use mixer=anderson or auto")
 
 
 class _Anderson:
@@ -527,19 +549,18 @@ class _Anderson:
 class _Broyden:
     """Broyden's second method: an estimate ``jinv`` (B, n, n) of the inverse Jacobian of the residual
     f(dq) = dq_out(dq) - dq, updated so that it maps each residual change onto its charge change; the
-    step is dq - jinv f. It starts from ``jinv0`` (the previous call's, for the next MD step) or from
-    -mixing * I (linear mixing). A step that grows the residual restarts it from -mixing * I."""
+    step is dq - jinv f. It starts from -mixing * I (linear mixing) until :meth:`restart_from` gives it a
+    Jacobian (the caller hands over to Anderson when a step grows the residual)."""
 
-    def __init__(self, mixing: float, jinv0: torch.Tensor | None, dq: torch.Tensor) -> None:
+    def __init__(self, mixing: float, dq: torch.Tensor) -> None:
         B, n = dq.shape
         self.linear = -mixing * torch.eye(n, dtype=dq.dtype, device=dq.device).expand(B, n, n)
-        ok = jinv0 is not None and jinv0.shape == (B, n, n) and bool(torch.isfinite(jinv0).all())
-        self.jinv = jinv0.clone() if ok and jinv0 is not None else self.linear.clone()
+        self.jinv = self.linear.clone()
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def restart_from(self, jacobian: torch.Tensor) -> None:
-        """Start again from the inverse of ``jacobian`` (B, n, n) of the residual (Newton's step), which
-        also replaces -mixing * I as the state a growing residual restarts from."""
+        """Start again from the inverse of ``jacobian`` (B, n, n) of the residual (Newton's step); frames
+        whose Jacobian cannot be inverted keep linear mixing."""
         inv, info = torch.linalg.inv_ex(jacobian)
         ok = (info == 0)[:, None, None] & torch.isfinite(inv).all(-1, keepdim=True).all(-2, keepdim=True)
         self.linear = torch.where(ok, inv, self.linear)
@@ -552,11 +573,9 @@ class _Broyden:
             x0, f0 = self.last
             dx, df = dq - x0, f - f0
             dd = (df * df).sum(-1)  # (B,)
-            grew = f.abs().amax(-1) > 2.0 * f0.abs().amax(-1)
             u = (dx - (self.jinv @ df.unsqueeze(-1)).squeeze(-1)) / torch.where(dd > 0, dd, 1.0).unsqueeze(-1)
             upd = self.jinv + u.unsqueeze(-1) * df.unsqueeze(-2)
-            keep = (dd > 0)[:, None, None]
-            self.jinv = torch.where(grew[:, None, None], self.linear, torch.where(keep, upd, self.jinv))
+            self.jinv = torch.where((dd > 0)[:, None, None], upd, self.jinv)
         self.last = (dq, f)
         new = dq - (self.jinv @ f.unsqueeze(-1)).squeeze(-1)
         ok = torch.isfinite(new).all(-1, keepdim=True)

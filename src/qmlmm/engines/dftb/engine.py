@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from qmlmm.engines.base import Engine, EngineResult, QMMMInput
-from qmlmm.engines.dftb.calculator import DFTBCalculator, SCCOptions
+from qmlmm.engines.dftb.calculator import DFTBCalculator, SCCOptions, check_mixer
 from qmlmm.engines.dftb.tensors import DFTBParameters, load_parameters
 from qmlmm.errors import InputError
 from qmlmm.units import BOHR_PER_NM, KJMOL_PER_HARTREE, KJMOLNM_PER_HARTREEBOHR
@@ -63,8 +63,9 @@ class DFTBEngine(Engine):
         if etemp < 0:
             raise InputError(f"dftb option etemp must be >= 0 K, got {etemp}")
         mixer = opts.pop("mixer", "auto").lower()
-        if mixer not in ("auto", "anderson", "broyden", "newton"):
-            raise InputError(f"dftb option mixer must be auto, anderson, broyden or newton, got {mixer!r}")
+        if mixer == "auto":
+            mixer = "newton" if etemp == 0 else "anderson"
+        check_mixer(mixer, etemp)
         self.options = SCCOptions(
             tol=float(opts.pop("tol", "1e-8")),
             mixer=mixer,

@@ -21,7 +21,7 @@ from qmlmm.errors import MissingParametersError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TAIL_BOHR", "DFTBParameters", "TorchPair", "load_parameters"]
+__all__ = ["TAIL_BOHR", "DFTBParameters", "PairTables", "TorchPair", "load_parameters"]
 
 #: length of the smooth tail beyond an SK table's last point (Bohr), as DFTB+'s distFudge
 TAIL_BOHR = 1.0
@@ -107,6 +107,40 @@ class TorchPair:
         expo = torch.exp(-a1 * r + a2) + a3
         e = torch.where(r < knots[0], expo, poly)
         return torch.where(r < self.rep_cutoff, e, torch.zeros_like(e))
+
+
+class PairTables:
+    """The integral tables of a list of atom pairs, pair p from table ``tables[table[p]]``, stacked so that
+    the integrals of every pair come from one evaluation: the splines and tail of
+    :meth:`TorchPair.integrals`, with the per-pair constants gathered once."""
+
+    def __init__(self, tables: list[TorchPair], table: torch.Tensor) -> None:
+        coef = [t.coef for t in tables]
+        self.coef = torch.cat(coef)  # (sum of n_t - 1, 4, 20)
+        dev, dt = self.coef.device, self.coef.dtype
+        table = table.to(dev)
+        sizes = torch.tensor([len(c) for c in coef], device=dev)
+        base = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.cumsum(sizes, 0)[:-1]])
+        self.base = base[table]  # (P,)
+        self.dr = torch.tensor([t.dr for t in tables], dtype=dt, device=dev)[table]
+        self.k_max = torch.tensor([t.n - 2 for t in tables], device=dev)[table]
+        self.r_max = torch.tensor([t.r_max for t in tables], dtype=dt, device=dev)[table]
+        end = torch.stack([t.end for t in tables])[table]  # (P, 3, 20): value, slope, curvature at r_max
+        L = TAIL_BOHR
+        a, f1, f2 = end[:, 0], end[:, 1], end[:, 2]
+        b = f1 + 3.0 * a / L
+        self.tail = torch.stack([a, b, 0.5 * (f2 + 6.0 * b / L - 6.0 * a / L**2)])  # (3, P, 20)
+
+    def integrals(self, r: torch.Tensor) -> torch.Tensor:
+        """(…, P, 20) Hamiltonian (first 10) and overlap (last 10) integrals at distances r (…, P) Bohr."""
+        k = torch.minimum(torch.clamp(torch.floor(r / self.dr).long() - 1, min=0), self.k_max)
+        x = (r - (k + 1).to(r.dtype) * self.dr).unsqueeze(-1)
+        c = self.coef[self.base + k]  # (…, P, 4, 20)
+        inside = ((c[..., 0, :] * x + c[..., 1, :]) * x + c[..., 2, :]) * x + c[..., 3, :]
+        tt = (r - self.r_max).clamp(min=0.0, max=TAIL_BOHR).unsqueeze(-1)
+        a, b, cc = self.tail
+        tail = (1.0 - tt / TAIL_BOHR) ** 3 * (a + tt * (b + cc * tt))
+        return torch.where((r <= self.r_max).unsqueeze(-1), inside, tail)
 
 
 @dataclass
