@@ -245,3 +245,29 @@ def test_single_atom_is_its_onsite_energies(p3ob: object) -> None:
     res = calc(torch.zeros(1, 3, dtype=torch.float64))
     assert float(res.energy[0]) == pytest.approx(2 * sp.onsite[0] + 2 * sp.onsite[1], abs=1e-12)
     assert res.gradient is not None and float(res.gradient.abs().max()) == 0.0
+
+
+def test_charge_kernels_analytic_u_derivatives() -> None:
+    """gamma and the third-order Gamma from the analytic U derivatives equal autograd's derivative of the
+    short-range term (unequal and equal U, with and without the H damping) and the central differences of
+    :func:`third_order_offdiag` (within their own step error)."""
+    from qmlmm.engines.dftb.gamma import EQUAL_U, charge_kernels, gamma_offdiag, short_range, third_order_offdiag
+
+    r = torch.linspace(0.8, 30.0, 300, dtype=torch.float64)
+    for a, b, hp in [(0.4195, 0.4954, True), (0.3647, 0.4954, False), (0.4954, 0.4954, False), (0.4195, 0.4309, True)]:
+        ua, ub = torch.full_like(r, a), torch.full_like(r, b)
+        uda, udb = torch.full_like(r, -0.15), torch.full_like(r, -0.11)
+        hpair = torch.full(r.shape, hp)
+        g, gij, gji = charge_kernels(r, ua, ub, uda, udb, hpair, 4.0, True)
+        assert gij is not None and gji is not None
+        assert torch.allclose(g, gamma_offdiag(r, ua, ub, hpair, 4.0), atol=1e-11, rtol=0)  # H-N: cancellation
+        assert torch.allclose(gij, third_order_offdiag(r, ua, ub, uda, hpair, 4.0), atol=1e-8, rtol=0)
+        assert torch.allclose(gji, third_order_offdiag(r, ub, ua, udb, hpair, 4.0), atol=1e-8, rtol=0)
+        # no damping, U^d = 1: Gamma_AB = -dS/dU_A, against autograd (along U_A = U_B where equal)
+        x = ua.clone().requires_grad_(True)
+        eq = (x - ub).abs() < EQUAL_U
+        S = short_range(r, x, x if a == b else ub, eq)
+        (dS,) = torch.autograd.grad(S.sum(), x)
+        one, no = torch.ones_like(r), torch.zeros(r.shape, dtype=torch.bool)
+        _, gij1, _ = charge_kernels(r, ua, ub, one, one, no, None, True)
+        assert gij1 is not None and torch.allclose(-gij1, dS, atol=1e-9, rtol=0)

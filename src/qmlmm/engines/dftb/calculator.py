@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from qmlmm.engines.dftb.gamma import gamma_offdiag, third_order_offdiag
+from qmlmm.engines.dftb.gamma import charge_kernels
 from qmlmm.engines.dftb.slater_koster import real_sh_rotations, sk_blocks
 from qmlmm.engines.dftb.tensors import DFTBParameters, PairTables
 from qmlmm.errors import InputError, SCFNotConvergedError
@@ -202,9 +202,7 @@ class DFTBCalculator:
         v_ba = v_ab
         if len(self.ba_pairs):  # B-A tables of the pairs of different elements that need them
             v_ba = v_ab.index_copy(1, self.ba_pairs, self.tables_ba.integrals(r[:, self.ba_pairs]))
-        e_rep = torch.zeros(B, dtype=R.dtype, device=R.device)
-        for (za, zb), idx in self.groups.items():
-            e_rep = e_rep + self.p.pair(za, zb).repulsive(r[:, idx]).sum(-1)
+        e_rep = self.tables_ab.repulsive(r)  # (B,)
         for blk in self.blocks:
             Dg = [Dl[:, blk.pairs] for Dl in D]
             hs = sk_blocks(blk.l1, blk.l2, Dg, v_ab[:, blk.pairs], v_ba[:, blk.pairs])  # (B, Pg, 2, 2l1+1, 2l2+1)
@@ -225,22 +223,13 @@ class DFTBCalculator:
         S = su + su.transpose(-1, -2) + eye
         # charge kernels
         ua, ub = self.U[self.pi], self.U[self.pj]
-        g = gamma_offdiag(r, ua, ub, self.hpair, self.p.zeta)  # (B, P)
+        uda, udb = self.Ud[self.pi], self.Ud[self.pj]
+        g, g_ij, g_ji = charge_kernels(r, ua, ub, uda, udb, self.hpair, self.p.zeta, self.p.third_order)  # (B, P)
         gam = torch.zeros(B, n, n, dtype=R.dtype, device=R.device)
         gam = _scatter_sym(gam, self.pi, self.pj, g)
         gam = gam + torch.diag_embed(self.U).expand(B, n, n)
         G3 = None
-        if self.p.third_order:
-            # both directions (Gamma_ij uses U^d_i, Gamma_ji uses U^d_j) in one evaluation
-            g2 = third_order_offdiag(
-                torch.cat([r, r], -1),
-                torch.cat([ua, ub]),
-                torch.cat([ub, ua]),
-                torch.cat([self.Ud[self.pi], self.Ud[self.pj]]),
-                torch.cat([self.hpair, self.hpair]),
-                self.p.zeta,
-            )
-            g_ij, g_ji = g2[..., : r.shape[-1]], g2[..., r.shape[-1] :]
+        if g_ij is not None and g_ji is not None:  # Gamma_ij uses U^d_i, Gamma_ji uses U^d_j
             G3 = torch.zeros(B, n, n, dtype=R.dtype, device=R.device)
             bidx = torch.arange(B, device=R.device)[:, None]
             G3 = G3.index_put((bidx, self.pi[None], self.pj[None]), g_ij)

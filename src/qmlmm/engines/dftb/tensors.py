@@ -110,9 +110,9 @@ class TorchPair:
 
 
 class PairTables:
-    """The integral tables of a list of atom pairs, pair p from table ``tables[table[p]]``, stacked so that
-    the integrals of every pair come from one evaluation: the splines and tail of
-    :meth:`TorchPair.integrals`, with the per-pair constants gathered once."""
+    """The integral and repulsive tables of a list of atom pairs, pair p from table ``tables[table[p]]``,
+    stacked so that every pair comes from one evaluation (the splines and tails of :class:`TorchPair`),
+    with the per-pair constants gathered once."""
 
     def __init__(self, tables: list[TorchPair], table: torch.Tensor) -> None:
         coef = [t.coef for t in tables]
@@ -130,6 +130,33 @@ class PairTables:
         a, f1, f2 = end[:, 0], end[:, 1], end[:, 2]
         b = f1 + 3.0 * a / L
         self.tail = torch.stack([a, b, 0.5 * (f2 + 6.0 * b / L - 6.0 * a / L**2)])  # (3, P, 20)
+        # repulsive splines: each pair's knots padded with +inf (K = most knots of a table)
+        K = max(len(t.rep_knots) for t in tables)
+        knots = torch.full((len(tables), K), float("inf"), dtype=dt, device=dev)
+        for i, t in enumerate(tables):
+            knots[i, : len(t.rep_knots)] = t.rep_knots
+        self.rep_knots = knots[table]  # (P, K)
+        self.rep_kmax = torch.tensor([len(t.rep_knots) - 2 for t in tables], device=dev)[table]
+        rep_coef = [t.rep_coef for t in tables]
+        self.rep_coef = torch.cat(rep_coef)
+        sizes = torch.tensor([len(c) for c in rep_coef], device=dev)
+        self.rep_base = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.cumsum(sizes, 0)[:-1]])[table]
+        self.rep_exp = torch.tensor([t.rep_exp for t in tables], dtype=dt, device=dev)[table].T  # (3, P)
+        self.rep_cutoff = torch.tensor([t.rep_cutoff for t in tables], dtype=dt, device=dev)[table]
+
+    def repulsive(self, r: torch.Tensor) -> torch.Tensor:
+        """Repulsive energy (…,) in Hartree, summed over the pairs at distances r (…, P) Bohr (the splines and
+        short-range exponential of :meth:`TorchPair.repulsive`)."""
+        k = torch.clamp((r.detach().unsqueeze(-1) >= self.rep_knots).sum(-1) - 1, min=0)
+        k = torch.minimum(k, self.rep_kmax)
+        x = r - torch.gather(self.rep_knots.expand(*r.shape, -1), -1, k.unsqueeze(-1)).squeeze(-1)
+        c = self.rep_coef[self.rep_base + k]  # (…, P, 6)
+        poly = c[..., 5]
+        for i in range(4, -1, -1):
+            poly = poly * x + c[..., i]
+        a1, a2, a3 = self.rep_exp
+        e = torch.where(r < self.rep_knots[:, 0], torch.exp(-a1 * r + a2) + a3, poly)
+        return torch.where(r < self.rep_cutoff, e, torch.zeros_like(e)).sum(-1)
 
     def integrals(self, r: torch.Tensor) -> torch.Tensor:
         """(…, P, 20) Hamiltonian (first 10) and overlap (last 10) integrals at distances r (…, P) Bohr."""
