@@ -566,18 +566,18 @@ def test_warm_start_begins_at_the_trained_model(direct_model: tuple[Path, dict],
         train(delta_data, delta, tmp_path / "delta.pt", progress=False, init=path)
 
 
-def test_warm_start_keeps_the_start_when_training_only_worsens_it(
+def test_warm_start_members_beyond_the_start_model_start_fresh(
     direct_model: tuple[Path, dict], syn: Path, tmp_path: Path
 ) -> None:
-    """The start model is a candidate best: at a learning rate that wrecks every epoch, the warm-started run
-    ends at its start (the start model's test errors), where keeping only trained epochs would not; members
-    beyond the start model's count start from random weights, not as copies of a start member."""
+    """An ensemble of three warm-started from a model of two: at a learning rate too small to move them,
+    members 1 and 2 are the start model's members; member 3 starts from random weights, not as a copy of
+    one (which would begin the ensemble with no spread)."""
     import torch
 
     from qmlmm.models import QMLMMModel
 
     path, _ = direct_model
-    cfg = TrainConfig(target="ref", ensemble=3, epochs=2, **{**FAST, "lr": 3.0, "lr_min": 1e-3})  # type: ignore[arg-type]
+    cfg = TrainConfig(target="ref", ensemble=3, epochs=1, **{**FAST, "lr": 1e-12, "lr_min": 1e-14})  # type: ignore[arg-type]
     data = load_training_data(syn, "ref", split=cfg.split_settings)
     out = tmp_path / "warm.pt"
     train(data, cfg, out, progress=False, init=path)
@@ -585,8 +585,8 @@ def test_warm_start_keeps_the_start_when_training_only_worsens_it(
     warm = QMLMMModel.load(out, dtype=torch.float64).ensemble.members
     last = [[p for n, p in m.named_parameters() if n.startswith("nets.")][-1] for m in (*start, *warm)]
     s0, s1, w0, w1, w2 = last
-    assert torch.equal(w0, s0) and torch.equal(w1, s1)  # kept at the start: every trained epoch was worse
-    assert not torch.equal(w2, s0) and not torch.equal(w2, s1)  # the third member is no copy
+    assert torch.allclose(w0, s0, atol=1e-9) and torch.allclose(w1, s1, atol=1e-9)
+    assert not torch.allclose(w2, s0, atol=1e-3) and not torch.allclose(w2, s1, atol=1e-3)
 
 
 def test_learning_curve_points_train_the_configured_epochs_unless_scaled() -> None:

@@ -519,11 +519,6 @@ def train(
         current = ckpt.get("current") if ckpt.get("member") == k else None
         start = _warm_state(init_states, k)
         m = _start_member(k, mcfg, st, cfg, dtype, device, current, start)
-        if start is not None and current is None:  # the start is a candidate best: training keeps it unless beaten
-            m.best, m.best_state = (
-                _validation(m.model, va_items, st, cfg, dtype, device)[0],
-                copy.deepcopy(m.model.state_dict()),
-            )
         bar = tqdm(range(m.epoch, cfg.epochs), desc=f"{out.stem} network {k + 1}/{cfg.ensemble}", position=position,
                    leave=position is None, unit="epoch", disable=not progress, dynamic_ncols=True, initial=m.epoch,
                    total=cfg.epochs)  # fmt: skip
