@@ -141,15 +141,12 @@ class DFTBCalculator:
         swap = zt[ii] > zt[jj]
         ii, jj = torch.where(swap, jj, ii), torch.where(swap, ii, jj)
         self.pi, self.pj = ii, jj
-        groups: dict[tuple[int, int], list[int]] = {}
-        for k, (a, b) in enumerate(zip(zt[ii].tolist(), zt[jj].tolist(), strict=True)):
-            groups.setdefault((a, b), []).append(k)
-        self.groups = {key: torch.tensor(v, device=dev) for key, v in groups.items()}
         # the integrals of every pair from one stacked evaluation (tables A-B, A the pair's first atom); the
         # B-A tables only where a block needs them (l1 > l2) and the elements differ
-        keys = sorted({key for a, b in self.groups for key in ((a, b), (b, a))}) or [(self.numbers[0],) * 2]
-        tab = {key: t for t, key in enumerate(keys)}
         za, zb = zt[ii].tolist(), zt[jj].tolist()
+        keys = sorted({key for a, b in zip(za, zb, strict=True) for key in ((a, b), (b, a))})
+        keys = keys or [(self.numbers[0],) * 2]  # a lone atom: no pairs, one table to stack
+        tab = {key: t for t, key in enumerate(keys)}
         tables = [params.pair(*key) for key in keys]
         ab = [tab[(a, b)] for a, b in zip(za, zb, strict=True)]
         self.tables_ab = PairTables(tables, torch.tensor(ab, dtype=torch.long))
@@ -161,9 +158,7 @@ class DFTBCalculator:
         self.blocks = self._block_types(ii, jj, [s.lmax for s in sp], offs[:-1])
         self.hpair = (self.is_h[ii] | self.is_h[jj]) & (params.zeta is not None)
         self._last_dq: dict[tuple[int, ...], torch.Tensor] = {}
-        if self.opts.mixer == "auto":
-            self.opts = replace(self.opts, mixer="newton" if self.opts.kt <= 0 else "anderson")
-        check_mixer(self.opts.mixer, self.opts.kt)
+        self.opts = replace(self.opts, mixer=resolved_mixer(self.opts.mixer, self.opts.kt))
 
     @staticmethod
     def _block_types(ii: torch.Tensor, jj: torch.Tensor, lmax: list[int], offs: list[int]) -> list[_BlockIndex]:
@@ -500,12 +495,17 @@ class DFTBCalculator:
         )
 
 
-def check_mixer(mixer: str, kt: float) -> None:
-    """InputError unless ``mixer`` (resolved: anderson or newton) works at electronic temperature ``kt``."""
+def resolved_mixer(mixer: str, kt: float) -> str:
+    """The SCC mixer ``mixer`` (auto, anderson or newton) means at electronic temperature ``kt`` (> 0: Fermi
+    occupations): auto is newton with integer occupations, anderson with Fermi ones; InputError for an unknown
+    mixer, or newton with Fermi occupations (its Jacobian assumes integer ones)."""
+    if mixer == "auto":
+        return "newton" if kt <= 0 else "anderson"
     if mixer not in ("anderson", "newton"):
         raise InputError(f"unknown SCC mixer {mixer!r}; known: auto, anderson, newton")
     if mixer == "newton" and kt > 0:
         raise InputError("the newton SCC mixer needs integer occupations (etemp 0); use mixer=anderson or auto")
+    return mixer
 
 
 class _Anderson:
@@ -538,13 +538,13 @@ class _Anderson:
 class _Broyden:
     """Broyden's second method: an estimate ``jinv`` (B, n, n) of the inverse Jacobian of the residual
     f(dq) = dq_out(dq) - dq, updated so that it maps each residual change onto its charge change; the
-    step is dq - jinv f. It starts from -mixing * I (linear mixing) until :meth:`restart_from` gives it a
-    Jacobian (the caller hands over to Anderson when a step grows the residual)."""
+    step is dq - jinv f. It starts (``start``) from -mixing * I (linear mixing) until :meth:`restart_from`
+    gives it a Jacobian (the caller hands over to Anderson when a step grows the residual)."""
 
     def __init__(self, mixing: float, dq: torch.Tensor) -> None:
         B, n = dq.shape
-        self.linear = -mixing * torch.eye(n, dtype=dq.dtype, device=dq.device).expand(B, n, n)
-        self.jinv = self.linear.clone()
+        self.start = -mixing * torch.eye(n, dtype=dq.dtype, device=dq.device).expand(B, n, n)
+        self.jinv = self.start.clone()
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def restart_from(self, jacobian: torch.Tensor) -> None:
@@ -552,8 +552,8 @@ class _Broyden:
         whose Jacobian cannot be inverted keep linear mixing."""
         inv, info = torch.linalg.inv_ex(jacobian)
         ok = (info == 0)[:, None, None] & torch.isfinite(inv).all(-1, keepdim=True).all(-2, keepdim=True)
-        self.linear = torch.where(ok, inv, self.linear)
-        self.jinv = self.linear.clone()
+        self.start = torch.where(ok, inv, self.start)
+        self.jinv = self.start.clone()
         self.last = None
 
     def step(self, dq: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -568,7 +568,7 @@ class _Broyden:
         self.last = (dq, f)
         new = dq - (self.jinv @ f.unsqueeze(-1)).squeeze(-1)
         ok = torch.isfinite(new).all(-1, keepdim=True)
-        return torch.where(ok, new, dq - (self.linear @ f.unsqueeze(-1)).squeeze(-1))
+        return torch.where(ok, new, dq - (self.start @ f.unsqueeze(-1)).squeeze(-1))
 
 
 def _scatter_sym(m: torch.Tensor, i: torch.Tensor, j: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from qmlmm.engines.base import Engine, EngineResult, QMMMInput
-from qmlmm.engines.dftb.calculator import DFTBCalculator, SCCOptions, check_mixer
+from qmlmm.engines.dftb.calculator import DFTBCalculator, SCCOptions, resolved_mixer
 from qmlmm.engines.dftb.tensors import DFTBParameters, load_parameters
 from qmlmm.errors import InputError
 from qmlmm.units import BOHR_PER_NM, KJMOL_PER_HARTREE, KJMOLNM_PER_HARTREEBOHR
@@ -62,10 +62,7 @@ class DFTBEngine(Engine):
         etemp = float(opts.pop("etemp", "0"))
         if etemp < 0:
             raise InputError(f"dftb option etemp must be >= 0 K, got {etemp}")
-        mixer = opts.pop("mixer", "auto").lower()
-        if mixer == "auto":
-            mixer = "newton" if etemp == 0 else "anderson"
-        check_mixer(mixer, etemp)
+        mixer = resolved_mixer(opts.pop("mixer", "auto").lower(), etemp)  # refused now, not at the first frame
         self.options = SCCOptions(
             tol=float(opts.pop("tol", "1e-8")),
             mixer=mixer,

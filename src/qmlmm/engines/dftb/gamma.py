@@ -6,35 +6,18 @@ hydrogen atom, h = exp(-((U_A + U_B)/2)^zeta r^2) (gamma^h); otherwise h = 1. ga
 
 Gamma_AB = U^d_A dgamma_AB/dU_A (third order), following DFTB+ ``thirdorder.F90``: for two atoms
 of one element (U_A = U_B) the derivative of the equal-U formula is taken along U_A = U_B, and
-the H-damping contributes its own U derivative. Gamma_AA = U^d_A / 2. The U derivatives are taken
-by central differences (step 1e-5 Hartree), accurate to ~1e-10 and differentiable in r.
+the H-damping contributes its own U derivative. Gamma_AA = U^d_A / 2. The U derivatives are
+analytic (tests/test_dftb.py checks them against autograd and against central differences).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["EQUAL_U", "charge_kernels", "gamma_offdiag", "short_range", "third_order_offdiag"]
+__all__ = ["EQUAL_U", "charge_kernels"]
 
 #: two Hubbard parameters closer than this (Hartree) use the equal-U formula (as DFTB+)
 EQUAL_U = 0.3125e-5
-_DU = 1e-5
-
-
-def short_range(r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, equal: torch.Tensor) -> torch.Tensor:
-    """S(r; U_A, U_B) for r > 0 (…); ``equal`` (…) bool selects the equal-U formula."""
-    ta, tb = 3.2 * ua, 3.2 * ub
-    t = 0.5 * (ta + tb)
-    s_eq = torch.exp(-t * r) * (1.0 / r + 11.0 / 16.0 * t + 3.0 / 16.0 * t * t * r + t**3 * r * r / 48.0)
-    # unequal formula; guard the denominators of equal pairs (their value is discarded)
-    d2 = torch.where(equal, torch.ones_like(ta), ta * ta - tb * tb)
-
-    def part(a: torch.Tensor, b: torch.Tensor, sgn: float) -> torch.Tensor:
-        dd = sgn * d2  # a^2 - b^2
-        return torch.exp(-a * r) * (b**4 * a / (2.0 * dd * dd) - (b**6 - 3.0 * b**4 * a * a) / (dd**3 * r))
-
-    s_ne = part(ta, tb, 1.0) + part(tb, ta, -1.0)
-    return torch.where(equal, s_eq, s_ne)
 
 
 def _damping(
@@ -48,27 +31,6 @@ def _damping(
     h = torch.exp(-(u**zeta) * r * r)
     dh = -0.5 * zeta * r * r * u ** (zeta - 1.0) * h
     return torch.where(hpair, h, torch.ones_like(h)), torch.where(hpair, dh, torch.zeros_like(dh))
-
-
-def gamma_offdiag(
-    r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, hpair: torch.Tensor, zeta: float | None
-) -> torch.Tensor:
-    """gamma_AB for distinct atoms at distance r > 0 (…)."""
-    equal = (ua - ub).abs() < EQUAL_U
-    h, _ = _damping(r, ua, ub, hpair, zeta)
-    return 1.0 / r - short_range(r, ua, ub, equal) * h
-
-
-def third_order_offdiag(
-    r: torch.Tensor, ua: torch.Tensor, ub: torch.Tensor, uda: torch.Tensor, hpair: torch.Tensor, zeta: float | None
-) -> torch.Tensor:
-    """Gamma_AB = U^d_A dgamma_AB/dU_A for distinct atoms (…); not symmetric in A, B."""
-    equal = (ua - ub).abs() < EQUAL_U
-    ub_p = torch.where(equal, ub + _DU, ub)
-    ub_m = torch.where(equal, ub - _DU, ub)
-    ds = (short_range(r, ua + _DU, ub_p, equal) - short_range(r, ua - _DU, ub_m, equal)) / (2.0 * _DU)
-    h, dh = _damping(r, ua, ub, hpair, zeta)
-    return uda * (-ds * h - short_range(r, ua, ub, equal) * dh)
 
 
 def _unequal_part(r: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -101,8 +63,7 @@ def charge_kernels(
     third_order: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """gamma_AB, Gamma_AB and Gamma_BA (…) for distinct atoms at distance r > 0 from one evaluation of the
-    short-range term and its analytic U derivatives (:func:`gamma_offdiag`, :func:`third_order_offdiag`
-    take them by central differences; the same formulas otherwise). Gammas are None without ``third_order``.
+    short-range term S(r; U_A, U_B) and its analytic U derivatives. Gammas are None without ``third_order``.
 
     Equal U (|U_A - U_B| < EQUAL_U): S(t), t = 3.2 (U_A + U_B) / 2, differentiated along U_A = U_B as
     DFTB+ does, dS/dU = 3.2 dS/dt with dS/dt = -r S + exp(-t r) (11/16 + 3/8 t r + t^2 r^2 / 16).

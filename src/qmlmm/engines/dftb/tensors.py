@@ -65,7 +65,11 @@ class Species:
 
 
 class TorchPair:
-    """Integral and repulsive tables of one ordered element pair as tensors."""
+    """Integral and repulsive tables of one ordered element pair as tensors (evaluated by
+    :class:`PairTables`): cubic splines of the integrals on the SKF grid and, beyond its last point r_max,
+    DFTB+'s tail (1 - t/L)^3 (a + b t + c t^2), t = r - r_max, L = TAIL_BOHR, whose ``tail`` (3, 20) =
+    (a, b, c) brings value, slope and curvature at r_max to zero at r_max + L; repulsive splines, with
+    exp(-a1 r + a2) + a3 below their first knot and zero beyond their last (the cutoff)."""
 
     def __init__(self, tab: SKTable, device: torch.device, dtype: torch.dtype) -> None:
         self.dr = tab.dr
@@ -73,40 +77,14 @@ class TorchPair:
         self.r_max = tab.r_max
         self.coef = torch.as_tensor(tab.spline_coef, device=device, dtype=dtype)  # (n-1, 4, 20)
         ends = np.stack([tab.end_value, tab.end_d1, tab.end_d2])
-        self.end = torch.as_tensor(ends, device=device, dtype=dtype)  # (3, 20)
+        a, f1, f2 = torch.as_tensor(ends, device=device, dtype=dtype)  # value, slope, curvature at r_max
+        L = TAIL_BOHR
+        b = f1 + 3.0 * a / L
+        self.tail = torch.stack([a, b, 0.5 * (f2 + 6.0 * b / L - 6.0 * a / L**2)])  # (3, 20)
         self.rep_exp = tab.rep_exp
         self.rep_knots = torch.as_tensor(tab.rep_knots, device=device, dtype=dtype)
         self.rep_coef = torch.as_tensor(tab.rep_coef, device=device, dtype=dtype)
         self.rep_cutoff = tab.rep_cutoff
-
-    def integrals(self, r: torch.Tensor) -> torch.Tensor:
-        """(…, 20) Hamiltonian (first 10) and overlap (last 10) integrals at distances r (…) Bohr."""
-        k = torch.clamp(torch.floor(r / self.dr).long() - 1, 0, self.n - 2)
-        x = (r - (k + 1).to(r.dtype) * self.dr).unsqueeze(-1)
-        c = self.coef[k]  # (…, 4, 20)
-        inside = ((c[..., 0, :] * x + c[..., 1, :]) * x + c[..., 2, :]) * x + c[..., 3, :]
-        t = (r - self.r_max).clamp(min=0.0).unsqueeze(-1)
-        a, f1, f2 = self.end[0], self.end[1], self.end[2]
-        L = TAIL_BOHR
-        b = f1 + 3.0 * a / L
-        cc = 0.5 * (f2 + 6.0 * b / L - 6.0 * a / L**2)
-        tt = t.clamp(max=L)
-        tail = (1.0 - tt / L) ** 3 * (a + b * tt + cc * tt * tt)
-        return torch.where((r <= self.r_max).unsqueeze(-1), inside, tail)
-
-    def repulsive(self, r: torch.Tensor) -> torch.Tensor:
-        """Repulsive pair energy (Hartree) at distances r (…) Bohr."""
-        a1, a2, a3 = self.rep_exp
-        knots = self.rep_knots
-        k = torch.clamp(torch.searchsorted(knots, r.detach().contiguous(), right=True) - 1, 0, len(knots) - 2)
-        x = r - knots[k]
-        c = self.rep_coef[k]  # (…, 6)
-        poly = c[..., 5]
-        for i in range(4, -1, -1):
-            poly = poly * x + c[..., i]
-        expo = torch.exp(-a1 * r + a2) + a3
-        e = torch.where(r < knots[0], expo, poly)
-        return torch.where(r < self.rep_cutoff, e, torch.zeros_like(e))
 
 
 class PairTables:
@@ -114,22 +92,21 @@ class PairTables:
     stacked so that every pair comes from one evaluation (the splines and tails of :class:`TorchPair`),
     with the per-pair constants gathered once."""
 
+    @staticmethod
+    def _stacked(parts: list[torch.Tensor], table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables' ``parts`` concatenated along their first axis, and each pair's offset into it (P,)."""
+        sizes = torch.tensor([len(x) for x in parts], device=parts[0].device)
+        base = torch.cat([torch.zeros(1, dtype=torch.long, device=sizes.device), torch.cumsum(sizes, 0)[:-1]])
+        return torch.cat(parts), base[table]
+
     def __init__(self, tables: list[TorchPair], table: torch.Tensor) -> None:
-        coef = [t.coef for t in tables]
-        self.coef = torch.cat(coef)  # (sum of n_t - 1, 4, 20)
+        table = table.to(tables[0].coef.device)
+        self.coef, self.base = self._stacked([t.coef for t in tables], table)  # (sum of n_t - 1, 4, 20), (P,)
         dev, dt = self.coef.device, self.coef.dtype
-        table = table.to(dev)
-        sizes = torch.tensor([len(c) for c in coef], device=dev)
-        base = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.cumsum(sizes, 0)[:-1]])
-        self.base = base[table]  # (P,)
         self.dr = torch.tensor([t.dr for t in tables], dtype=dt, device=dev)[table]
         self.k_max = torch.tensor([t.n - 2 for t in tables], device=dev)[table]
         self.r_max = torch.tensor([t.r_max for t in tables], dtype=dt, device=dev)[table]
-        end = torch.stack([t.end for t in tables])[table]  # (P, 3, 20): value, slope, curvature at r_max
-        L = TAIL_BOHR
-        a, f1, f2 = end[:, 0], end[:, 1], end[:, 2]
-        b = f1 + 3.0 * a / L
-        self.tail = torch.stack([a, b, 0.5 * (f2 + 6.0 * b / L - 6.0 * a / L**2)])  # (3, P, 20)
+        self.tail = torch.stack([t.tail for t in tables])[table].transpose(0, 1)  # (3, P, 20)
         # repulsive splines: each pair's knots padded with +inf (K = most knots of a table)
         K = max(len(t.rep_knots) for t in tables)
         knots = torch.full((len(tables), K), float("inf"), dtype=dt, device=dev)
@@ -137,16 +114,13 @@ class PairTables:
             knots[i, : len(t.rep_knots)] = t.rep_knots
         self.rep_knots = knots[table]  # (P, K)
         self.rep_kmax = torch.tensor([len(t.rep_knots) - 2 for t in tables], device=dev)[table]
-        rep_coef = [t.rep_coef for t in tables]
-        self.rep_coef = torch.cat(rep_coef)
-        sizes = torch.tensor([len(c) for c in rep_coef], device=dev)
-        self.rep_base = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.cumsum(sizes, 0)[:-1]])[table]
+        self.rep_coef, self.rep_base = self._stacked([t.rep_coef for t in tables], table)
         self.rep_exp = torch.tensor([t.rep_exp for t in tables], dtype=dt, device=dev)[table].T  # (3, P)
         self.rep_cutoff = torch.tensor([t.rep_cutoff for t in tables], dtype=dt, device=dev)[table]
 
     def repulsive(self, r: torch.Tensor) -> torch.Tensor:
-        """Repulsive energy (…,) in Hartree, summed over the pairs at distances r (…, P) Bohr (the splines and
-        short-range exponential of :meth:`TorchPair.repulsive`)."""
+        """Repulsive energy (…,) in Hartree, summed over the pairs at distances r (…, P) Bohr (each pair's
+        splines, short-range exponential and cutoff, :class:`TorchPair`)."""
         k = torch.clamp((r.detach().unsqueeze(-1) >= self.rep_knots).sum(-1) - 1, min=0)
         k = torch.minimum(k, self.rep_kmax)
         x = r - torch.gather(self.rep_knots.expand(*r.shape, -1), -1, k.unsqueeze(-1)).squeeze(-1)
