@@ -12,7 +12,8 @@ Two views, one run, same machine state:
    forces back to the atoms, and the rest: OpenMM's MM forces and integration), and the MM-only step
    (the same system, solute frozen) that the speed issue measures the others against.
 
-Run: `.venv/bin/python benchmarks/md_profile.py [--system runs/ra_small/system] [--random] [--steps 60] [--threads 2]`
+Run: `.venv/bin/python benchmarks/md_profile.py [--system runs/ra_small/system] [--random] [--steps 60] [--threads 2]
+[--rounds 3]`
 Writes benchmarks/results/md_profile.{json,md}.
 """
 
@@ -115,10 +116,21 @@ def model_breakdown(model: QMLMMModel, msys: MDSystem, repeat: int) -> dict[str,
     return {"n_qm": len(ft.qm_z), "n_mm": len(ft.mm_q), "ms": t, "top_ops": top}
 
 
-def md_steps(system: Path, driver: str, engine: Any, emb: Any, steps: int, threads: int, work: Path) -> dict[str, Any]:
+def md_steps(
+    system: Path,
+    driver: str,
+    engine: Any,
+    emb: Any,
+    steps: int,
+    threads: int,
+    work: Path,
+    concurrent: bool | None = None,
+) -> dict[str, Any]:
     from qmlmm.md.runner import MDSettings, run_md
 
-    s = MDSettings(steps=steps, dt_fs=0.5, report_every=20, threads=threads, thermalize_steps=100)
+    s = MDSettings(
+        steps=steps, dt_fs=0.5, report_every=20, threads=threads, thermalize_steps=100, concurrent_baseline=concurrent
+    )
     out = work / driver
     run_md(system, engine, out, s, emb, progress=False)
     run = json.loads((out / "run.json").read_text())
@@ -127,6 +139,7 @@ def md_steps(system: Path, driver: str, engine: Any, emb: Any, steps: int, threa
         "ns_per_day": run["ns_per_day"],
         "stopped": run["stopped"],
         "engine_threads": run["engine_threads"],
+        "concurrent_baseline": run.get("concurrent_baseline"),
     }
 
 
@@ -158,7 +171,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--drivers", default="direct,delta,dftb3,xtb")
+    ap.add_argument("--drivers", default="direct,delta,delta_serial,dftb3,xtb")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the MD runs (medians reported)")
     ap.add_argument(
         "--random",
         action="store_true",
@@ -178,18 +192,29 @@ def main() -> None:
         }
     breakdown = {k: model_breakdown(m, msys, args.repeat) for k, m in models.items()}
     mm_ms = mm_only_ms_per_step(msys, max(args.steps, 100), args.threads)
-    runs: dict[str, Any] = {}
+    rounds: list[dict[str, Any]] = []
     from qmlmm.engines import Engine, make_engine
 
     with tempfile.TemporaryDirectory() as tmp:
-        for d in args.drivers.split(","):
-            emb = models["direct"].embedding
-            eng: Engine = (
-                models[d].engine(args.threads)
-                if d in models
-                else make_engine({"dftb3": "dftb3:3ob", "xtb": "xtb:gfn2"}[d], threads=args.threads)
-            )
-            runs[d] = md_steps(system, d, eng, emb, args.steps, args.threads, Path(tmp))
+        for k in range(args.rounds):  # drivers interleaved round by round: the machine's drift hits them alike
+            runs: dict[str, Any] = {}
+            for d in args.drivers.split(","):
+                emb = models["direct"].embedding
+                name = "delta" if d == "delta_serial" else d
+                eng: Engine = (
+                    models[name].engine(args.threads)
+                    if name in models
+                    else make_engine({"dftb3": "dftb3:3ob", "xtb": "xtb:gfn2"}[d], threads=args.threads)
+                )
+                conc = False if d == "delta_serial" else None
+                runs[d] = md_steps(system, d, eng, emb, args.steps, args.threads, Path(tmp) / str(k), conc)
+            rounds.append(runs)
+    runs = {d: median_run([r[d] for r in rounds]) for d in rounds[0]}
+    ratios = {
+        f"{a}/{b}": [r[a]["ms_per_step"]["total"] / r[b]["ms_per_step"]["total"] for r in rounds]
+        for a, b in (("delta", "dftb3"), ("delta_serial", "dftb3"), ("delta", "delta_serial"))
+        if a in rounds[0] and b in rounds[0]
+    }
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
@@ -198,7 +223,10 @@ def main() -> None:
         "members": args.members,
         "model_breakdown_ms": breakdown,
         "mm_only_ms_per_step": mm_ms,
+        "md_rounds": args.rounds,
         "md_ms_per_step": runs,
+        "md_ms_per_step_each_round": rounds,
+        "md_ratios_each_round": ratios,
     }
     save_json("md_profile", result)
     md = [
@@ -220,7 +248,9 @@ def main() -> None:
     parts = ("state_transfer", "embedding", "engine", "forces_to_frame", "openmm_and_rest")
     md += [
         "",
-        f"MD, ms per 0.5 fs step ({args.steps} Langevin steps; MM-only with the solute frozen: {mm_ms:.1f} ms):",
+        f"MD, ms per 0.5 fs step, median of {args.rounds} interleaved round(s) of {args.steps} Langevin steps "
+        f"(MM-only with the solute frozen: {mm_ms:.1f} ms; delta: baseline beside the network, delta_serial: "
+        "after it):",
         "",
         "| driver | engine threads | total | " + " | ".join(parts) + " | x MM-only | ns/day |",
         "|---|---|---|" + "---|" * len(parts) + "---|---|",
@@ -232,7 +262,20 @@ def main() -> None:
             + " | ".join(f"{p[k]:.1f}" for k in parts)
             + f" | {p['total'] / mm_ms:.1f} | {r['ns_per_day']:.3f} |"
         )
+    if ratios:
+        md += ["", "Step-time ratios, each round:", ""]
+        md += [f"- {k}: " + ", ".join(f"{v:.2f}" for v in vals) for k, vals in ratios.items()]
     save_markdown("md_profile", md)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One driver's rounds as one row: the median of each timed part and of ns/day."""
+    import statistics
+
+    out = dict(runs[0])
+    out["ms_per_step"] = {k: statistics.median(r["ms_per_step"][k] for r in runs) for k in runs[0]["ms_per_step"]}
+    out["ns_per_day"] = statistics.median(r["ns_per_day"] for r in runs)
+    return out
 
 
 if __name__ == "__main__":

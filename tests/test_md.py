@@ -736,3 +736,54 @@ def test_same_seed_same_build_on_one_thread(tmp_path: Path) -> None:
         built.append(MDSystem.load(tmp_path / name))
     assert np.array_equal(built[0].box, built[1].box) and np.array_equal(built[0].positions, built[1].positions)
     assert not np.array_equal(built[0].box, built[2].box)
+
+
+def test_concurrent_baseline_gives_the_serial_trajectory(methanol_system: Path, tmp_path: Path) -> None:
+    """A delta model's baseline run in a thread of its own beside the network (`--concurrent-baseline`) gives
+    the serial run's trajectory bit for bit (the same numbers added in the same order; the DFTB3 SCC starts
+    from its own previous charges in either thread); run.json records which ran; the default is what
+    concurrent_baseline_fits says for the engine's threads; the worker thread takes the engine's thread
+    count when it changes (an OpenMP count is per calling thread)."""
+    import pickle
+
+    from qmlmm.md.runner import concurrent_baseline_fits, load_final_state
+    from qmlmm.models import ModelMeta, QMLMMModel
+    from qmlmm.models.ensemble import Ensemble
+    from qmlmm.models.hdnnp import ModelConfig
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width, charge_sum="zero")
+    model = QMLMMModel(
+        Ensemble(cfg, 2), ModelMeta(target="ref", baseline="base", baseline_method="dftb3:3ob", target_method="x")
+    ).to(dtype=torch.float64)
+    s = MDSettings(steps=8, report_every=4, threads=1, thermalize_steps=0, seed=3)
+    ends = {}
+    for name, conc in (("serial", False), ("concurrent", True)):
+        run_md(methanol_system, model.engine(1), tmp_path / name, replace(s, concurrent_baseline=conc), EMB,
+               progress=False)  # fmt: skip
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        assert info["concurrent_baseline"] is conc
+        st = load_final_state(tmp_path / name)
+        assert st is not None and st.velocities is not None
+        ends[name] = (st.positions, st.velocities)
+    assert np.array_equal(ends["concurrent"][0], ends["serial"][0])
+    assert np.array_equal(ends["concurrent"][1], ends["serial"][1])
+    msys = MDSystem.load(methanol_system)
+    for threads in (1, 2):
+        _, cb = make_simulation(msys, model.engine(1), EMB, replace(s, threads=threads))
+        assert cb is not None and cb.engine_threads is not None
+        assert cb.engine.concurrent_baseline is concurrent_baseline_fits(cb.engine_threads)  # type: ignore[attr-defined]
+    # the worker thread follows the engine's thread count; the engine pickles without its thread
+    before = torch.get_num_threads()
+    try:
+        eng = model.engine(1, concurrent_baseline=True)
+        fr = msys.frame()
+        emb = select_embedding(fr, EMB)
+        for n in (2, 1):
+            eng.set_threads(n)
+            eng.compute_frame(fr, emb)
+            assert eng._baseline_pool().submit(torch.get_num_threads).result() == n
+        assert pickle.loads(pickle.dumps(eng)).concurrent_baseline
+    finally:
+        torch.set_num_threads(before)

@@ -595,6 +595,14 @@ def md(
             "leave, at least 1; more oversubscribes them, docs/md.md)."
         ),
     ] = None,
+    concurrent_baseline: Annotated[
+        bool | None,
+        typer.Option(
+            "--concurrent-baseline/--serial-baseline",
+            help="Delta models: run the baseline engine in a thread of its own beside the network (default: when "
+            "the cores hold both, docs/md.md).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Velocity and thermostat seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Start afresh in a run folder that holds a run.")] = False,
 ) -> None:
@@ -621,6 +629,7 @@ def md(
             reference=reference,
             threads=threads,
             engine_threads=engine_threads,
+            concurrent_baseline=concurrent_baseline,
             seed=seed,
             hmr_amu=hmr,
         )

@@ -13,8 +13,10 @@ E_baseline + E_nn, running its baseline engine in the same call.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,9 +243,10 @@ class QMLMMModel:
 
         return make_engine(self.meta.baseline_method, threads=threads)
 
-    def engine(self, threads: int = 1) -> ModelEngine:
-        """The model as a QM/MM engine (baseline included for delta models)."""
-        return ModelEngine(self, threads)
+    def engine(self, threads: int = 1, concurrent_baseline: bool = False) -> ModelEngine:
+        """The model as a QM/MM engine (baseline included for delta models; with ``concurrent_baseline`` the
+        baseline runs in a second thread beside the network)."""
+        return ModelEngine(self, threads, concurrent_baseline)
 
     def fingerprint(self) -> str:
         """SHA-256 (16 hex digits) of every member's weights and buffers: two files with the same number
@@ -273,15 +276,36 @@ class ModelEngine(Engine):
 
     family = "model"
 
-    def __init__(self, model: QMLMMModel, threads: int = 1) -> None:
+    def __init__(self, model: QMLMMModel, threads: int = 1, concurrent_baseline: bool = False) -> None:
         self.model = model
         self.spec = "model" + (f"+{model.meta.baseline_method}" if model.meta.delta else "")
         self.base = model.baseline_engine(threads) if model.meta.delta else None
         self.last_baseline: EngineResult | None = None
+        #: run the baseline in a second thread beside the network (:meth:`_compute`); the MD runner turns it
+        #: on when the cores allow (:func:`qmlmm.md.runner.concurrent_baseline_fits`)
+        self.concurrent_baseline = concurrent_baseline
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads = max(1, int(threads))
+        self._worker_threads = threading.local()
         self.set_threads(threads)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pool"], state["_worker_threads"] = None, None  # threads do not pickle; made again on use
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._worker_threads = threading.local()
+
+    def _baseline_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="qmlmm-baseline")
+        return self._pool
+
     def set_threads(self, n: int) -> None:
-        torch.set_num_threads(max(1, int(n)))
+        self._threads = max(1, int(n))
+        torch.set_num_threads(self._threads)
         if self.base is not None:
             self.base.set_threads(n)
 
@@ -309,6 +333,10 @@ class ModelEngine(Engine):
             qm_charge=torch.tensor([float(inp.charge)], dtype=torch.float64, device=dev),
             meta={"switched": True},  # engines receive already switched charges
         )
+        # a delta model's baseline in a second thread while the network runs in this one (both release the
+        # GIL in their numerical kernels): inside MD the callback has the cores OpenMM waits with
+        concurrent = self.base is not None and self.concurrent_baseline
+        pending = self._baseline_pool().submit(self._baseline, inp) if concurrent else None
         p = m.ensemble.predict(b, potential=inp.need_potential)
         res = EngineResult(
             energy=float(p.energy[0]),
@@ -318,16 +346,7 @@ class ModelEngine(Engine):
             info={"energy_std": float(p.energy_std[0])},
         )
         if self.base is not None:
-            rb = self.base.compute(
-                inp.numbers,
-                inp.qm_positions,
-                inp.mm_positions,
-                inp.mm_charges,
-                inp.charge,
-                inp.mult,
-                inp.mm_numbers,
-                inp.need_potential,
-            )
+            rb = self._baseline(inp) if pending is None else pending.result()
             self.last_baseline = rb  # the baseline alone, for a step that falls back to it
             res.info["baseline_energy"] = rb.energy
             res.energy += rb.energy
@@ -336,3 +355,22 @@ class ModelEngine(Engine):
             if inp.need_potential and res.mm_potential is not None and rb.mm_potential is not None:
                 res.mm_potential = res.mm_potential + rb.mm_potential
         return res
+
+    def _baseline(self, inp: QMMMInput) -> EngineResult:
+        """The baseline engine's result, in whichever thread calls it."""
+        assert self.base is not None
+        local = self._worker_threads
+        if getattr(local, "threads", None) != self._threads:
+            # an OpenMP thread count is per calling thread: a worker thread keeps the one it started with
+            self.base.set_threads(self._threads)
+            local.threads = self._threads
+        return self.base.compute(
+            inp.numbers,
+            inp.qm_positions,
+            inp.mm_positions,
+            inp.mm_charges,
+            inp.charge,
+            inp.mult,
+            inp.mm_numbers,
+            inp.need_potential,
+        )
