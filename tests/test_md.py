@@ -787,3 +787,37 @@ def test_concurrent_baseline_gives_the_serial_trajectory(methanol_system: Path, 
         assert pickle.loads(pickle.dumps(eng)).concurrent_baseline
     finally:
         torch.set_num_threads(before)
+
+
+def test_concurrent_baseline_error_paths_and_an_xtb_baseline(methanol_system: Path) -> None:
+    """A network that fails while the baseline runs beside it leaves no baseline call running (the DFTB3
+    engine has finished and kept its charges when the error arrives); an xtb baseline (Fortran, its own
+    OpenMP) gives the same numbers in the worker thread as in the calling one."""
+    from qmlmm.errors import InputError
+    from qmlmm.models import ModelMeta, QMLMMModel
+    from qmlmm.models.ensemble import Ensemble
+    from qmlmm.models.hdnnp import ModelConfig
+
+    torch = pytest.importorskip("torch")
+    msys = MDSystem.load(methanol_system)
+    fr = msys.frame()
+    emb = select_embedding(fr, EMB)
+    torch.manual_seed(0)
+    no_oxygen = ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width)
+    no_oxygen.descriptor.elements = [1, 6]
+    meta = ModelMeta(target="ref", baseline="base", baseline_method="dftb3:3ob", target_method="x")
+    eng = QMLMMModel(Ensemble(no_oxygen, 2), meta).engine(1, concurrent_baseline=True)
+    calcs = eng.base._calcs  # type: ignore[union-attr]
+    with pytest.raises(InputError, match="not known to this model"):
+        eng.compute_frame(fr, emb)
+    assert len(calcs) == 1 and all(c._last_dq for c in calcs.values())
+    xtb = pytest.importorskip("xtb")
+    assert xtb is not None
+    cfg = ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width)
+    model = QMLMMModel(
+        Ensemble(cfg, 2), ModelMeta(target="ref", baseline="base", baseline_method="xtb:gfn2", target_method="x")
+    ).to(dtype=torch.float64)
+    serial = model.engine(1).compute_frame(fr, emb)
+    conc = model.engine(1, concurrent_baseline=True).compute_frame(fr, emb)
+    assert conc.energy == serial.energy and conc.info["baseline_energy"] == serial.info["baseline_energy"]
+    assert np.array_equal(conc.qm_forces, serial.qm_forces) and np.array_equal(conc.mm_forces, serial.mm_forces)

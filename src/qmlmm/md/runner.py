@@ -652,10 +652,13 @@ def _save_end(out: Path, stretch: _Stretch, steps_done: int) -> None:
 def concurrent_baseline_fits(engine_threads: int) -> bool:
     """Whether a delta model's baseline can run in a thread of its own beside the network inside the force
     callback: the callback runs while OpenMM's threads wait, so it has every core; both parts need
-    ``engine_threads`` each.
+    ``engine_threads`` each. The engine's threads are the cores OpenMM's threads leave (or --engine-threads),
+    so on 2 cores with OpenMM's 2 threads the engine has 1 and the baseline gets the second core; with more
+    cores than that the engine already has them all and this stays off (not measured there).
 
-    Measured (retinoic acid in water, 10727 atoms, 2 cores, DFTB3 baseline, 4-member model, 100 steps, 3
-    interleaved rounds; benchmarks/results/md_profile.md): 112 -> 80 ms a step, against 71 for DFTB3/MM."""
+    Measured (retinoic acid in water, 10727 atoms, 2 cores, DFTB3 baseline, 4-member model, 3 interleaved
+    rounds of 100 steps; benchmarks/results/md_profile.md): the delta step 91.4 -> 71.2 ms (medians),
+    against 58.7 ms for DFTB3/MM."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -669,7 +672,11 @@ def _callback_record(cb: QMMMCallback | None, seconds: float, steps: int, phases
         "qmmm_seconds_per_call": (cb.seconds / cb.calls) if cb and cb.calls else None,
         "ms_per_step": _step_profile(seconds, steps, cb, phases0),
         "engine_threads": cb.engine_threads if cb else None,
-        "concurrent_baseline": bool(getattr(cb.engine, "concurrent_baseline", False)) if cb else None,
+        "concurrent_baseline": (
+            getattr(cb.engine, "base", None) is not None and bool(getattr(cb.engine, "concurrent_baseline", False))
+        )
+        if cb
+        else None,
         "fallback": cb.fallback if cb else None,
         "fallback_steps": cb.fallback_steps if cb else 0,  # QM/MM calls this invocation took from the fallback
         "uncertain_frames_queued": len(cb.queue.frames) if cb and cb.queue else 0,

@@ -13,10 +13,11 @@ E_baseline + E_nn, running its baseline engine in the same call.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ModelMeta", "QMLMMModel", "ModelEngine", "Prediction", "MODEL_FORMAT"]
 
 MODEL_FORMAT = "qmlmm-model"
+#: stack of the thread a delta model's baseline runs in beside the network (bytes, virtual)
+BASELINE_THREAD_STACK = 256 * 2**20
 MODEL_VERSION = 1
 
 
@@ -285,6 +288,7 @@ class ModelEngine(Engine):
         #: on when the cores allow (:func:`qmlmm.md.runner.concurrent_baseline_fits`)
         self.concurrent_baseline = concurrent_baseline
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self._threads = max(1, int(threads))
         self._worker_threads = threading.local()
         self.set_threads(threads)
@@ -292,15 +296,27 @@ class ModelEngine(Engine):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pool"], state["_worker_threads"] = None, None  # threads do not pickle; made again on use
+        state["_pool_pid"] = 0
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("concurrent_baseline", False)  # engines pickled before the option
+        state.setdefault("_threads", torch.get_num_threads())
+        state.setdefault("_pool", None)
         self.__dict__.update(state)
         self._worker_threads = threading.local()
 
     def _baseline_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="qmlmm-baseline")
+        """The one worker thread of the baseline (made again in a forked child, which has no thread)."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = ThreadPoolExecutor(1, thread_name_prefix="qmlmm-baseline"), os.getpid()
+            # its thread with a large stack: a new thread gets RLIMIT_STACK, or 2 MiB where that is unlimited
+            # (as xtb's docs advise), where the main thread's stack grows; xtb's Fortran keeps arrays there
+            old = threading.stack_size(BASELINE_THREAD_STACK)
+            try:
+                self._pool.submit(lambda: None).result()  # starts the thread now, with that stack
+            finally:
+                threading.stack_size(old)
         return self._pool
 
     def set_threads(self, n: int) -> None:
@@ -337,7 +353,12 @@ class ModelEngine(Engine):
         # GIL in their numerical kernels): inside MD the callback has the cores OpenMM waits with
         concurrent = self.base is not None and self.concurrent_baseline
         pending = self._baseline_pool().submit(self._baseline, inp) if concurrent else None
-        p = m.ensemble.predict(b, potential=inp.need_potential)
+        try:
+            p = m.ensemble.predict(b, potential=inp.need_potential)
+        except BaseException:
+            if pending is not None:  # the baseline finishes before the error leaves: no call left running
+                wait([pending])
+            raise
         res = EngineResult(
             energy=float(p.energy[0]),
             qm_forces=p.qm_forces.double().cpu().numpy(),
