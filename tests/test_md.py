@@ -821,3 +821,17 @@ def test_concurrent_baseline_error_paths_and_an_xtb_baseline(methanol_system: Pa
     conc = model.engine(1, concurrent_baseline=True).compute_frame(fr, emb)
     assert conc.energy == serial.energy and conc.info["baseline_energy"] == serial.info["baseline_energy"]
     assert np.array_equal(conc.qm_forces, serial.qm_forces) and np.array_equal(conc.mm_forces, serial.mm_forces)
+
+
+def test_sampling_runs_beside_each_other_keep_their_threads() -> None:
+    """A sampling run alone on the machine takes the runner's defaults (the cores OpenMM leaves, a delta
+    baseline beside its network where they fit); runs on Dask workers share the machine, so each engine keeps
+    the run's threads and a delta baseline runs after its network."""
+    from qmlmm.workflows.sample import SampleSettings, run_md_settings
+
+    s = SampleSettings(threads=1, steps=20, max_uncertainty=3.0)
+    alone, shared = run_md_settings(s, 310.0, 7), run_md_settings(s, 310.0, 7, alone=False)
+    assert alone.engine_threads is None and alone.concurrent_baseline is None
+    assert shared.engine_threads == 1 and shared.concurrent_baseline is False
+    for md in (alone, shared):
+        assert (md.steps, md.temperature, md.seed, md.threads, md.max_uncertainty) == (20, 310.0, 7, 1, 3.0)

@@ -66,8 +66,25 @@ def sampling_engine(spec: str, threads: int) -> Any:
     return make_engine(spec, threads=threads)
 
 
-def _one_run(system_dir: str, s: SampleSettings, run: int, part: str) -> str:
-    """Runs on a worker: one sampling run, saved to ``part`` (HDF5); returns its path."""
+def run_md_settings(s: SampleSettings, temperature: float, seed: int, alone: bool = True) -> MDSettings:
+    """The MD settings of one sampling run at ``temperature`` (K) with ``seed``; ``alone`` False: other runs
+    share the machine (Dask workers), so the engine keeps ``s.threads`` and a delta model's baseline runs
+    after its network, not in a thread of its own (the cores OpenMM leaves are the other runs')."""
+    return MDSettings(
+        steps=s.steps,
+        dt_fs=s.dt_fs,
+        temperature=temperature,
+        seed=seed,
+        threads=s.threads,
+        max_uncertainty=s.max_uncertainty,
+        engine_threads=None if alone else s.threads,
+        concurrent_baseline=None if alone else False,
+    )
+
+
+def _one_run(system_dir: str, s: SampleSettings, run: int, part: str, alone: bool = True) -> str:
+    """Runs on a worker: one sampling run, saved to ``part`` (HDF5); returns its path (``alone``: see
+    :func:`run_md_settings`)."""
     import openmm.unit as u
 
     from qmlmm.md.runner import make_simulation
@@ -79,9 +96,7 @@ def _one_run(system_dir: str, s: SampleSettings, run: int, part: str) -> str:
         msys, steps=s.equil_steps, temperature=temp, seed=seed, threads=s.threads
     )
     engine = sampling_engine(s.engine, s.threads)
-    md = MDSettings(
-        steps=s.steps, dt_fs=s.dt_fs, temperature=temp, seed=seed, threads=s.threads, max_uncertainty=s.max_uncertainty
-    )
+    md = run_md_settings(s, temp, seed, alone)
     emb = EmbeddingSettings(s.cutoff, s.switch_width)
     rs = []
     if s.restraints_per_run:
@@ -172,7 +187,9 @@ def sample(
 
         client = _dask_client(min(workers, len(todo)), s.threads, scheduler)
         try:
-            futs = [client.submit(_one_run, str(system_dir), replace(s), r, str(parts[r]), pure=False) for r in todo]
+            futs = [
+                client.submit(_one_run, str(system_dir), replace(s), r, str(parts[r]), False, pure=False) for r in todo
+            ]
             for f in as_completed(futs):
                 f.result()
                 bar.update(1)
