@@ -97,8 +97,12 @@ def test_active_study_records_errors_against_labels_for_both_arms(tiny_study: tu
         assert len(rounds) >= 2 and json.loads(rounds[0].read_text())["warm_start_from"] is None
         for prev, cur in itertools.pairwise(rounds):
             assert json.loads(cur.read_text())["warm_start_from"] == str(prev.parent / "model.pt")
-    # both arms start from the same first labels and model, so their first points are identical
+    # both arms start from the same first labels and model (trained once, copied), so their first points
+    # are identical
     assert rec["arms"]["active"][0] == rec["arms"]["random"][0]
+    first = [run / arm / "round_00" for arm in ("active", "random")]
+    for name in ("model.pt", "model.metrics.json", "train.h5"):
+        assert (first[0] / name).read_bytes() == (first[1] / name).read_bytes(), name
     assert set(rec["baseline_alone"]) == {"energy", "qm_forces", "mm_forces"} and rec["heldout_frames"] > 0
     # calibration: spread against true error on every held-out frame, per round, and its plot
     assert set(rec["arms"]["active"][-1]["spread_error_spearman"]) == {"energy", "qm_forces"}

@@ -174,6 +174,8 @@ def run_active(system_dir: str | Path, out: str | Path, s: ActiveSettings, progr
         model: Path | None = None
         while True:
             rd = out / arm / f"round_{r:02d}"
+            if r == 0 and arm != "active":
+                _first_round_of(out / "active" / "round_00", rd)
             model = _trained(rd, sources, s, progress, model if s.warm_start else None)
             point = _evaluated(rd, model, heldout, sum(len(i) for _, i in sources))
             record["arms"][arm].append(point)
@@ -195,6 +197,27 @@ def run_active(system_dir: str | Path, out: str | Path, s: ActiveSettings, progr
             r += 1
     _plot(out, record)
     return record
+
+
+def _first_round_of(active: Path, folder: Path) -> None:
+    """Every arm's first round trains on the same initial labels with the same settings: ``folder`` takes the
+    active arm's first-round model and training files (copied, the model last: its presence marks the round
+    trained) instead of training the same ensemble again."""
+    import shutil
+
+    from qmlmm.fileio import atomic_path
+
+    if (folder / "model.pt").exists() or not (active / "model.pt").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [
+        p
+        for p in active.iterdir()
+        if p.is_file() and p.suffix != ".tmp" and (p.name.startswith("model.") or p.name == "train.h5")
+    ]
+    for src in sorted(files, key=lambda p: p.name == "model.pt"):
+        with atomic_path(folder / src.name) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def _write_json(path: Path, data: Any) -> None:
