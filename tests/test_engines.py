@@ -93,6 +93,11 @@ def test_bad_input_errors(shell: tuple[np.ndarray, ...]) -> None:
         make_engine("xtb:gfn2,foo=1")
     with pytest.raises(InputError, match="basis"):
         make_engine("dft:pbe/no-such-basis").compute(z, p)
+    # a choice has one spelling, so the spec's text (an MD restart's engine identity) does not depend on case
+    assert parse_spec("DFTB3:3OB, Mixer=NEWTON").text == parse_spec("dftb3:3ob,mixer=newton").text
+    assert parse_spec("dft:pbe/sto-3g,df=YES").options["df"] == "yes"
+    with pytest.raises(InputError, match="must be one of"):
+        parse_spec("dftb3:3ob,mixer=broyden")
 
 
 def test_open_shell_dft_runs() -> None:

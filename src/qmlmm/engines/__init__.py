@@ -63,9 +63,10 @@ def _number(kind: type, low: float | None = None, high: float | None = None, low
 
 
 def _choice(*values: str) -> Any:
-    def check(name: str, v: str) -> None:
+    def check(name: str, v: str) -> str:
         if v.lower() not in values:
             raise InputError(f"engine option {name}={v!r} must be one of {', '.join(values)}")
+        return v.lower()  # one spelling: the spec's text (an MD restart's engine identity, label keys) too
 
     return check
 
@@ -148,10 +149,12 @@ def parse_spec(spec: str) -> EngineSpec:
         k, v = p.split("=", 1)
         opts[k.strip().lower()] = v.strip()
     known = OPTIONS[family]
-    for k, v in opts.items():
+    for k, v in list(opts.items()):
         if k not in known:
             raise InputError(f"unknown {family} option {k!r} in {spec!r}; known: {', '.join(sorted(known))}")
-        known[k](k, v)
+        canonical = known[k](k, v)  # a check returns the value's one spelling where it has one
+        if canonical is not None:
+            opts[k] = canonical
     if family == "dft":
         _check_dft_method(spec, method)
     return EngineSpec(family, method, opts)
