@@ -303,6 +303,7 @@ class ModelEngine(Engine):
         state.setdefault("concurrent_baseline", False)  # engines pickled before the option
         state.setdefault("_threads", torch.get_num_threads())
         state.setdefault("_pool", None)
+        state.setdefault("_pool_pid", 0)
         self.__dict__.update(state)
         self._worker_threads = threading.local()
 
