@@ -143,7 +143,8 @@ def main() -> None:
     md = [
         f"# Active learning vs random selection ({result['date']})",
         "",
-        f"`python benchmarks/active_learning.py --seed {args.seed} --per-round {args.per_round}` on "
+        f"`python benchmarks/active_learning.py --solute {args.solute} --seed {args.seed} --per-round "
+        f"{args.per_round} --budget {args.budget}` on "
         f"{result['machine']}. {args.solute} in TIP3P water, {args.cutoff} nm embedding; reference GFN2-xTB/MM, "
         f"baseline DFTB3/3ob (delta model, ensemble of 3, 2x32); {args.per_round} labels a round up to "
         f"{args.budget}; held-out set: "
@@ -172,7 +173,12 @@ def main() -> None:
         r = reach[key]
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         md.append(f"| {label} | {r['target']:.3f} {unit} | {r['active'] or 'not reached'} | {r['random']} | {ratio} |")
-    md += ["", f"Wall time {result['seconds'] / 60:.0f} min.", "", f"![curves]({name}.png)"]
+    md += [
+        "",
+        f"Wall time of this invocation {result['seconds'] / 60:.0f} min (a resumed run counts only its own part).",
+        "",
+        f"![curves]({name}.png)",
+    ]
     save_markdown(name, md)
 
 
@@ -236,8 +242,8 @@ def warm_start(work: Path, tag: str, args: argparse.Namespace) -> None:
 def summary() -> None:
     """Labels each arm needed to reach ``TARGETS``, per seed result in benchmarks/results, and the ratio."""
     rows = []
-    for path in sorted(RESULTS.glob("active_learning_seed*.json")):
-        if path.stem.endswith("_warm"):
+    for path in sorted(RESULTS.glob("active_learning_*seed*.json")):
+        if path.stem.endswith(("_warm", "_partial")):
             continue
         d = json.loads(path.read_text())
         row: dict[str, Any] = {"result": path.stem, "solute": d.get("solute", "methanol"), "seed": d["seed"],
