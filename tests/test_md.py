@@ -746,7 +746,8 @@ def test_concurrent_baseline_gives_the_serial_trajectory(methanol_system: Path, 
     count when it changes (an OpenMP count is per calling thread)."""
     import pickle
 
-    from qmlmm.md.runner import concurrent_baseline_fits, load_final_state
+    from qmlmm.md.runner import load_final_state
+    from qmlmm.md.system import concurrent_baseline_fits
     from qmlmm.models import ModelMeta, QMLMMModel
     from qmlmm.models.ensemble import Ensemble
     from qmlmm.models.hdnnp import ModelConfig

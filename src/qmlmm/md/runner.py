@@ -25,7 +25,13 @@ from qmlmm.errors import EngineError, InputError
 from qmlmm.md.hmr import H_MASS_RANGE_AMU
 from qmlmm.md.qmforce import QMMMCallback, UncertainFrames, make_python_force
 from qmlmm.md.restraints import Restraint, add_restraints, rc_value
-from qmlmm.md.system import MDSystem, cpu_properties, engine_threads_beside_openmm, openmm_seed
+from qmlmm.md.system import (
+    MDSystem,
+    concurrent_baseline_fits,
+    cpu_properties,
+    engine_threads_beside_openmm,
+    openmm_seed,
+)
 from qmlmm.units import KB_KJMOL_PER_K
 
 log = logging.getLogger(__name__)
@@ -34,7 +40,6 @@ __all__ = [
     "MDSettings",
     "MDResult",
     "StartState",
-    "concurrent_baseline_fits",
     "energy_drift",
     "freeze_qm_and_relax_water",
     "load_final_state",
@@ -270,7 +275,7 @@ def make_simulation(
         for e in (engine, fb_engine):
             if e is not None:
                 e.set_threads(n_eng)
-        if getattr(engine, "base", None) is not None and hasattr(engine, "concurrent_baseline"):
+        if getattr(engine, "base", None) is not None and hasattr(engine, "concurrent_baseline"):  # a delta model
             fits = concurrent_baseline_fits(n_eng)
             engine.concurrent_baseline = fits if s.concurrent_baseline is None else s.concurrent_baseline
             log.info("delta model: baseline %s the network", "beside" if engine.concurrent_baseline else "after")
@@ -649,22 +654,6 @@ def _save_end(out: Path, stretch: _Stretch, steps_done: int) -> None:
         )
 
 
-def concurrent_baseline_fits(engine_threads: int) -> bool:
-    """Whether a delta model's baseline can run in a thread of its own beside the network inside the force
-    callback: the callback runs while OpenMM's threads wait, so it has every core; both parts need
-    ``engine_threads`` each. The engine's threads are the cores OpenMM's threads leave (or --engine-threads),
-    so on 2 cores with OpenMM's 2 threads the engine has 1 and the baseline gets the second core; with more
-    cores than that the engine already has them all and this stays off (not measured there).
-
-    Measured (retinoic acid in water, 10727 atoms, 2 cores, DFTB3 baseline, 4-member model, 3 interleaved
-    rounds of 100 steps; benchmarks/results/md_profile.md): the delta step 91.4 -> 71.2 ms (medians),
-    against 58.7 ms for DFTB3/MM."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores >= 2 * max(1, int(engine_threads))
-
-
 def _callback_record(cb: QMMMCallback | None, seconds: float, steps: int, phases0: dict[str, float]) -> dict[str, Any]:
     """run.json's record of the QM/MM force for this invocation: seconds per call, the per-step
     profile, engine threads, the fallback and its steps, and the uncertain frames queued."""
@@ -672,11 +661,7 @@ def _callback_record(cb: QMMMCallback | None, seconds: float, steps: int, phases
         "qmmm_seconds_per_call": (cb.seconds / cb.calls) if cb and cb.calls else None,
         "ms_per_step": _step_profile(seconds, steps, cb, phases0),
         "engine_threads": cb.engine_threads if cb else None,
-        "concurrent_baseline": (
-            getattr(cb.engine, "base", None) is not None and bool(getattr(cb.engine, "concurrent_baseline", False))
-        )
-        if cb
-        else None,
+        "concurrent_baseline": bool(getattr(cb.engine, "baseline_beside_network", False)) if cb else None,
         "fallback": cb.fallback if cb else None,
         "fallback_steps": cb.fallback_steps if cb else 0,  # QM/MM calls this invocation took from the fallback
         "uncertain_frames_queued": len(cb.queue.frames) if cb and cb.queue else 0,

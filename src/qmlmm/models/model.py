@@ -285,7 +285,7 @@ class ModelEngine(Engine):
         self.base = model.baseline_engine(threads) if model.meta.delta else None
         self.last_baseline: EngineResult | None = None
         #: run the baseline in a second thread beside the network (:meth:`_compute`); the MD runner turns it
-        #: on when the cores allow (:func:`qmlmm.md.runner.concurrent_baseline_fits`)
+        #: on when the cores allow (:func:`qmlmm.md.system.concurrent_baseline_fits`)
         self.concurrent_baseline = concurrent_baseline
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
@@ -306,6 +306,12 @@ class ModelEngine(Engine):
         state.setdefault("_pool_pid", 0)
         self.__dict__.update(state)
         self._worker_threads = threading.local()
+
+    @property
+    def baseline_beside_network(self) -> bool:
+        """Whether a call runs the baseline in the worker thread while the network runs (delta models with
+        ``concurrent_baseline``)."""
+        return self.base is not None and self.concurrent_baseline
 
     def _baseline_pool(self) -> ThreadPoolExecutor:
         """The one worker thread of the baseline (made again in a forked child, which has no thread)."""
@@ -352,8 +358,7 @@ class ModelEngine(Engine):
         )
         # a delta model's baseline in a second thread while the network runs in this one (both release the
         # GIL in their numerical kernels): inside MD the callback has the cores OpenMM waits with
-        concurrent = self.base is not None and self.concurrent_baseline
-        pending = self._baseline_pool().submit(self._baseline, inp) if concurrent else None
+        pending = self._baseline_pool().submit(self._baseline, inp) if self.baseline_beside_network else None
         try:
             p = m.ensemble.predict(b, potential=inp.need_potential)
         except BaseException:
