@@ -1,0 +1,361 @@
+"""Validation observables of a peptide in water: backbone phi/psi, Ramachandran populations and
+histograms, solute-water RDFs and hydrogen bonds, per run, and their comparison between MD drivers.
+
+Statistics treat independent MD runs as the unit: every observable is computed per run, its error bar
+is the standard error over runs, and "within noise" is decided by a permutation test over runs (the
+runs of two drivers pooled, every split into two groups of the original sizes; the p-value is the
+fraction of splits whose statistic is at least the observed one). Frames within one run are
+correlated; the runs are not.
+
+Angles in degrees, lengths nm.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qmlmm.errors import InputError
+from qmlmm.system import minimum_image
+
+__all__ = [
+    "REGIONS",
+    "PeptideSites",
+    "RunObservables",
+    "compare_drivers",
+    "driver_statistics",
+    "hbond_counts",
+    "jensen_shannon_bits",
+    "peptide_sites",
+    "permutation_p_value",
+    "ramachandran_histogram",
+    "region_of",
+    "region_populations",
+    "run_observables",
+    "water_donors",
+]
+
+#: Ramachandran regions (deg), a partition of the plane; phi in [-180, 180), psi in [-180, 180).
+#: alpha_R: phi < 0, -120 <= psi < 50; C7eq: phi < 0, 50 <= psi < 120; beta/PII: phi < 0 and
+#: psi >= 120 or psi < -120; alpha_L/other: phi >= 0.
+REGIONS: tuple[str, ...] = ("C7eq", "beta_PII", "alpha_R", "alpha_L_other")
+
+
+@dataclass(frozen=True)
+class PeptideSites:
+    """System atom indices of one residue's backbone dihedrals and its solute-water H-bond sites."""
+
+    phi: tuple[int, int, int, int]  # C'(i-1) - N - CA - C'
+    psi: tuple[int, int, int, int]  # N - CA - C' - N(i+1)
+    carbonyl_o: tuple[int, ...]  # every O double-bonded to a C
+    amide_h: tuple[int, ...]  # every H on an amide N
+    donors: tuple[tuple[int, int], ...]  # (N, H) of every N-H
+
+
+def peptide_sites(smiles: str, offset: int = 0) -> PeptideSites:
+    """phi/psi of the one residue flanked by two peptide bonds (e.g. Ace-Ala-Nme), and the carbonyl O
+    and amide N-H atoms, as system indices (RDKit order with hydrogens, as ``qmlmm build`` numbers a
+    solute, shifted by ``offset``). Raises InputError unless exactly one such residue is found."""
+    from rdkit import Chem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    patt = Chem.MolFromSmarts("[CX3](=O)[NX3][CX4][CX3](=O)[NX3]")
+    hits = mol.GetSubstructMatches(patt)
+    if len(hits) != 1:
+        raise InputError(
+            f"{smiles}: validation needs exactly one residue between two peptide bonds "
+            f"(C(=O)-N-CA-C(=O)-N), found {len(hits)}"
+        )
+    c0, _, n1, ca, c1, _, n2 = (int(i) + offset for i in hits[0])
+    o = tuple(
+        a.GetIdx() + offset
+        for a in mol.GetAtoms()
+        if a.GetSymbol() == "O"
+        and any(b.GetBondType() == Chem.BondType.DOUBLE and b.GetOtherAtom(a).GetSymbol() == "C" for b in a.GetBonds())
+    )
+    donors = tuple(
+        (a.GetIdx() + offset, h.GetIdx() + offset)
+        for a in mol.GetAtoms()
+        if a.GetSymbol() == "N" and any(n.GetSymbol() == "C" and n.GetDegree() == 3 for n in a.GetNeighbors())
+        for h in a.GetNeighbors()
+        if h.GetSymbol() == "H"
+    )
+    return PeptideSites((c0, n1, ca, c1), (n1, ca, c1, n2), o, tuple(h for _, h in donors), donors)
+
+
+def region_of(phi: np.ndarray, psi: np.ndarray) -> np.ndarray:
+    """Index into :data:`REGIONS` of every (phi, psi) pair (deg, any shape; angles are wrapped into
+    [-180, 180))."""
+    phi = (np.asarray(phi, dtype=float) + 180.0) % 360.0 - 180.0
+    psi = (np.asarray(psi, dtype=float) + 180.0) % 360.0 - 180.0
+    out = np.full(phi.shape, 3, dtype=np.int64)
+    left = phi < 0
+    out[left & (psi >= -120) & (psi < 50)] = 2
+    out[left & (psi >= 50) & (psi < 120)] = 0
+    out[left & ((psi >= 120) | (psi < -120))] = 1
+    return out
+
+
+def region_populations(phi: np.ndarray, psi: np.ndarray) -> dict[str, float]:
+    """Fraction of frames in each of :data:`REGIONS` (sums to 1); phi, psi (T,) deg, T >= 1."""
+    r = region_of(phi, psi)
+    if r.size == 0:
+        raise InputError("region populations need at least one frame")
+    return {name: float(np.mean(r == k)) for k, name in enumerate(REGIONS)}
+
+
+def ramachandran_histogram(phi: np.ndarray, psi: np.ndarray, n_bins: int = 18) -> np.ndarray:
+    """Counts (n_bins, n_bins) of (phi, psi) on [-180, 180)^2 (rows phi, columns psi)."""
+    phi = (np.asarray(phi, dtype=float) + 180.0) % 360.0 - 180.0
+    psi = (np.asarray(psi, dtype=float) + 180.0) % 360.0 - 180.0
+    edges = np.linspace(-180.0, 180.0, n_bins + 1)
+    h, _, _ = np.histogram2d(phi, psi, bins=[edges, edges])
+    return h
+
+
+def jensen_shannon_bits(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence (bits, in [0, 1]) between two histograms of the same bins (counts or
+    probabilities, any shape; each normalised here). Raises InputError for an empty histogram."""
+    p = np.asarray(p, dtype=float).ravel()
+    q = np.asarray(q, dtype=float).ravel()
+    if p.shape != q.shape or p.sum() <= 0 or q.sum() <= 0:
+        raise InputError("Jensen-Shannon divergence needs two non-empty histograms of the same bins")
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log2(a[nz] / m[nz])))
+
+    return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
+
+
+def water_donors(numbers: np.ndarray, mol_ids: np.ndarray, is_qm: np.ndarray) -> np.ndarray:
+    """(n, 2) (O, H) index pairs of every water O-H (MM molecules of one O and two H)."""
+    out: list[tuple[int, int]] = []
+    mm = np.flatnonzero(~is_qm)
+    ids, start = np.unique(mol_ids[mm], return_index=True)
+    bounds = np.append(start, len(mm))
+    for k in range(len(ids)):
+        atoms = mm[bounds[k] : bounds[k + 1]]
+        z = numbers[atoms]
+        if len(atoms) == 3 and (z == 8).sum() == 1 and (z == 1).sum() == 2:
+            o = atoms[z == 8][0]
+            out.extend((o, h) for h in atoms[z == 1])
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def hbond_counts(
+    positions: np.ndarray,
+    boxes: np.ndarray | None,
+    donors: np.ndarray | Sequence[Sequence[int]],
+    acceptors: np.ndarray | Sequence[int],
+    r_max: float = 0.35,
+    angle_max_deg: float = 30.0,
+) -> np.ndarray:
+    """Hydrogen bonds per frame by the geometric criterion: donor-acceptor distance < ``r_max`` (nm) and
+    angle between D->H and D->A < ``angle_max_deg`` (Luzar-Chandler). positions (T, N, 3) nm, boxes
+    (T, 3) nm or None, donors (n_d, 2) (D, H), acceptors (n_a,). Pairs with D == A are skipped.
+    Returns (T,) counts."""
+    pos = np.asarray(positions, dtype=float)
+    pos = pos[None] if pos.ndim == 2 else pos
+    don = np.asarray(donors, dtype=np.int64).reshape(-1, 2)
+    acc = np.asarray(acceptors, dtype=np.int64).ravel()
+    out = np.zeros(len(pos), dtype=np.int64)
+    if not len(don) or not len(acc):
+        return out
+    cos_min = np.cos(np.radians(angle_max_deg))
+    bx = None if boxes is None else np.broadcast_to(np.asarray(boxes, dtype=float), (len(pos), 3))
+    distinct = don[:, 0][:, None] != acc[None, :]
+    for t, p in enumerate(pos):
+        box = None if bx is None else np.diag(bx[t])
+        da = minimum_image(p[acc][None, :, :] - p[don[:, 0]][:, None, :], box)  # (n_d, n_a, 3)
+        dh = minimum_image(p[don[:, 1]] - p[don[:, 0]], box)  # (n_d, 3)
+        r = np.linalg.norm(da, axis=-1)
+        close = (r < r_max) & distinct
+        if not close.any():
+            continue
+        cos = np.einsum("dak,dk->da", da, dh) / (np.maximum(r, 1e-12) * np.linalg.norm(dh, axis=-1)[:, None])
+        out[t] = int(np.sum(close & (cos > cos_min)))
+    return out
+
+
+@dataclass
+class RunObservables:
+    """One MD run's observables after its first ``skip_ps``: phi, psi (T,) deg; region populations;
+    region changes between consecutive frames; RDF curves {pair: (r nm, g)}; mean solute-water H-bond
+    counts {"solute_donor", "solute_acceptor", "total"}; speed (ns/day) and whether the run stopped."""
+
+    n_frames: int
+    phi: np.ndarray
+    psi: np.ndarray
+    populations: dict[str, float]
+    region_changes: int
+    rdf: dict[str, tuple[np.ndarray, np.ndarray]]
+    hbonds: dict[str, float]
+    ns_per_day: float | None = None
+    stopped: str | None = None
+
+
+def run_observables(
+    positions: np.ndarray,
+    boxes: np.ndarray,
+    sites: PeptideSites,
+    water_o: np.ndarray,
+    water_h: np.ndarray,
+    water_oh: np.ndarray,
+    r_max: float = 0.8,
+    n_bins: int = 80,
+) -> RunObservables:
+    """Observables of one trajectory (positions (T, N, 3) nm, boxes (T, 3) nm, T >= 1): phi/psi and
+    populations, the RDFs carbonyl O - water H ("O=C-HW") and amide H - water O ("HN-OW"), and the
+    H-bonds N-H...OW ("solute_donor") and OW-HW...O=C ("solute_acceptor")."""
+    from qmlmm.analysis.md_analysis import dihedrals, rdf
+
+    if len(positions) == 0:
+        raise InputError("run observables need at least one frame")
+    ang = dihedrals(positions, [sites.phi, sites.psi], boxes)
+    phi, psi = ang[:, 0], ang[:, 1]
+    reg = region_of(phi, psi)
+    curves = {
+        "O=C-HW": rdf(positions, boxes, list(sites.carbonyl_o), list(water_h), r_max=r_max, n_bins=n_bins),
+        "HN-OW": rdf(positions, boxes, list(sites.amide_h), list(water_o), r_max=r_max, n_bins=n_bins),
+    }
+    don = hbond_counts(positions, boxes, sites.donors, water_o)
+    acc = hbond_counts(positions, boxes, water_oh, sites.carbonyl_o)
+    return RunObservables(
+        n_frames=len(phi),
+        phi=phi,
+        psi=psi,
+        populations=region_populations(phi, psi),
+        region_changes=int(np.sum(reg[1:] != reg[:-1])),
+        rdf=curves,
+        hbonds={
+            "solute_donor": float(don.mean()),
+            "solute_acceptor": float(acc.mean()),
+            "total": float((don + acc).mean()),
+        },
+    )
+
+
+def _mean_se(x: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(x, dtype=float)
+    se = float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+    return {"mean": float(a.mean()), "se": se}
+
+
+def _pooled_histogram(runs: Sequence[RunObservables], n_bins: int) -> np.ndarray:
+    return sum((ramachandran_histogram(r.phi, r.psi, n_bins) for r in runs), np.zeros((n_bins, n_bins)))
+
+
+def _mean_curve(runs: Sequence[RunObservables], pair: str) -> np.ndarray:
+    return np.mean([r.rdf[pair][1] for r in runs], axis=0)
+
+
+def driver_statistics(runs: Sequence[RunObservables], n_bins: int = 18) -> dict[str, Any]:
+    """Mean and standard error over runs of a driver's populations, H-bond counts and RDF first peaks
+    (position and height of the largest g), the pooled Ramachandran histogram (counts), the region
+    changes per run, and the Jensen-Shannon divergence between the histograms of its two run halves
+    (its own run-to-run noise)."""
+    if not runs:
+        raise InputError("driver statistics need at least one run")
+    out: dict[str, Any] = {
+        "n_runs": len(runs),
+        "frames_per_run": [r.n_frames for r in runs],
+        "region_changes_per_run": [r.region_changes for r in runs],
+        "populations": {k: _mean_se([r.populations[k] for r in runs]) for k in REGIONS},
+        "hbonds": {k: _mean_se([r.hbonds[k] for r in runs]) for k in runs[0].hbonds},
+        "rdf_peak": {},
+        "histogram": _pooled_histogram(runs, n_bins).tolist(),
+        "ns_per_day": _mean_se([r.ns_per_day for r in runs if r.ns_per_day is not None] or [float("nan")]),
+        "stopped": [r.stopped for r in runs if r.stopped],
+    }
+    for pair in runs[0].rdf:
+        k = [int(np.argmax(r.rdf[pair][1])) for r in runs]
+        out["rdf_peak"][pair] = {
+            "r_nm": _mean_se([r.rdf[pair][0][i] for r, i in zip(runs, k, strict=True)]),
+            "g": _mean_se([r.rdf[pair][1][i] for r, i in zip(runs, k, strict=True)]),
+        }
+    if len(runs) >= 2:
+        h = len(runs) // 2
+        out["js_halves_bits"] = jensen_shannon_bits(
+            _pooled_histogram(runs[:h], n_bins), _pooled_histogram(runs[h:], n_bins)
+        )
+    return out
+
+
+def permutation_p_value(
+    a: Sequence[RunObservables], b: Sequence[RunObservables], statistic: Callable[[Sequence[Any], Sequence[Any]], float]
+) -> float:
+    """Fraction of the splits of the pooled runs into groups of len(a) and len(b) whose ``statistic``
+    is at least that of the observed split (the observed one included, so p > 0). Exact over all
+    splits (C(8, 4) = 70 for 4 + 4 runs)."""
+    pooled = list(a) + list(b)
+    observed = statistic(a, b)
+    n, k = len(pooled), len(a)
+    hits = total = 0
+    for idx in itertools.combinations(range(n), k):
+        rest = [pooled[i] for i in range(n) if i not in idx]
+        total += 1
+        hits += statistic([pooled[i] for i in idx], rest) >= observed - 1e-12
+    return hits / total
+
+
+def compare_drivers(ref: Sequence[RunObservables], other: Sequence[RunObservables], n_bins: int = 18) -> dict[str, Any]:
+    """How a driver's runs differ from the reference runs, each difference beside run-to-run noise.
+
+    - populations: difference of means with the combined standard error, and a permutation p-value over
+      runs of the largest absolute population difference;
+    - Ramachandran: Jensen-Shannon divergence (bits) of the pooled histograms, the reference's own
+      halves' divergence, and its permutation p-value;
+    - RDFs: root-mean-square difference of the run-averaged g(r) and its permutation p-value;
+    - H-bonds: difference of mean total counts with combined SE and permutation p-value.
+
+    ``agree`` per observable: p >= 0.05 (with 4 + 4 runs the smallest possible p is 1/35 over distinct
+    splits, so a real difference can be detected, but only a large one)."""
+
+    def pops_stat(x: Sequence[RunObservables], y: Sequence[RunObservables]) -> float:
+        return max(
+            float(abs(np.mean([r.populations[k] for r in x]) - np.mean([r.populations[k] for r in y]))) for k in REGIONS
+        )
+
+    def js_stat(x: Sequence[RunObservables], y: Sequence[RunObservables]) -> float:
+        return jensen_shannon_bits(_pooled_histogram(x, n_bins), _pooled_histogram(y, n_bins))
+
+    def hb_stat(x: Sequence[RunObservables], y: Sequence[RunObservables]) -> float:
+        return float(abs(np.mean([r.hbonds["total"] for r in x]) - np.mean([r.hbonds["total"] for r in y])))
+
+    def rdf_stat(pair: str) -> Callable[[Sequence[RunObservables], Sequence[RunObservables]], float]:
+        return lambda x, y: float(np.sqrt(np.mean((_mean_curve(x, pair) - _mean_curve(y, pair)) ** 2)))
+
+    res: dict[str, Any] = {"populations": {}, "rdf": {}}
+    for k in REGIONS:
+        a, b = _mean_se([r.populations[k] for r in other]), _mean_se([r.populations[k] for r in ref])
+        res["populations"][k] = {"difference": a["mean"] - b["mean"], "se": float(np.hypot(a["se"], b["se"]))}
+    p = permutation_p_value(other, ref, pops_stat)
+    res["populations_max_abs_difference"] = pops_stat(other, ref)
+    res["populations_p"] = p
+    res["ramachandran_js_bits"] = js_stat(other, ref)
+    res["ramachandran_p"] = permutation_p_value(other, ref, js_stat)
+    for pair in ref[0].rdf:
+        res["rdf"][pair] = {
+            "rms_g_difference": rdf_stat(pair)(other, ref),
+            "p": permutation_p_value(other, ref, rdf_stat(pair)),
+        }
+    a, b = _mean_se([r.hbonds["total"] for r in other]), _mean_se([r.hbonds["total"] for r in ref])
+    res["hbonds_total"] = {
+        "difference": a["mean"] - b["mean"],
+        "se": float(np.hypot(a["se"], b["se"])),
+        "p": permutation_p_value(other, ref, hb_stat),
+    }
+    res["agree"] = {
+        "populations": bool(res["populations_p"] >= 0.05),
+        "ramachandran": bool(res["ramachandran_p"] >= 0.05),
+        **{f"rdf {pair}": bool(v["p"] >= 0.05) for pair, v in res["rdf"].items()},
+        "hbonds": bool(res["hbonds_total"]["p"] >= 0.05),
+    }
+    return res

@@ -1,0 +1,186 @@
+"""The validation observables (qmlmm.analysis.validation) and settings: backbone dihedrals against
+geometries set by RDKit, Ramachandran regions, Jensen-Shannon divergence against scipy, hydrogen bonds
+on constructed geometries (across a periodic boundary too), and the permutation test over runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qmlmm.analysis.md_analysis import dihedrals
+from qmlmm.analysis.validation import (
+    REGIONS,
+    RunObservables,
+    compare_drivers,
+    driver_statistics,
+    hbond_counts,
+    jensen_shannon_bits,
+    peptide_sites,
+    permutation_p_value,
+    ramachandran_histogram,
+    region_of,
+    region_populations,
+    water_donors,
+)
+from qmlmm.errors import InputError
+from qmlmm.workflows.pipeline.validation import ValidationSettings
+
+ALA2 = "CC(=O)N[C@@H](C)C(=O)NC"
+
+
+def test_peptide_sites_of_alanine_dipeptide() -> None:
+    s = peptide_sites(ALA2)
+    assert s.phi == (1, 3, 4, 6) and s.psi == (3, 4, 6, 8)  # C' N CA C' and N CA C' N in RDKit order
+    assert s.carbonyl_o == (2, 7)
+    assert [d for d, _ in s.donors] == [3, 8] and len(s.amide_h) == 2
+    s5 = peptide_sites(ALA2, offset=5)
+    assert s5.phi == (6, 8, 9, 11) and s5.donors[0] == (8, s.donors[0][1] + 5)
+    with pytest.raises(InputError, match="exactly one residue"):
+        peptide_sites("CCO")
+    with pytest.raises(InputError, match="found 2"):
+        peptide_sites("CC(=O)NC(C)C(=O)NC(C)C(=O)NC")
+
+
+@pytest.mark.parametrize(("phi", "psi"), [(-80.0, 70.0), (-150.0, 155.0), (-65.0, -40.0), (60.0, 40.0), (-75.0, 145.0)])
+def test_backbone_dihedrals_match_geometry_set_by_rdkit(phi: float, psi: float) -> None:
+    """phi/psi read from positions by the sites' quadruples equal the angles RDKit set on a conformer
+    (same IUPAC sign convention), also with the molecule split across a periodic boundary."""
+    from rdkit import Chem
+    from rdkit.Chem import rdDistGeom, rdMolTransforms
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(ALA2))
+    rdDistGeom.EmbedMolecule(mol, randomSeed=7)
+    s = peptide_sites(ALA2)
+    conf = mol.GetConformer()
+    rdMolTransforms.SetDihedralDeg(conf, *s.phi, phi)
+    rdMolTransforms.SetDihedralDeg(conf, *s.psi, psi)
+    pos = conf.GetPositions() / 10.0  # nm
+    box = np.array([2.0, 2.0, 2.0])
+    wrapped = pos - pos[4] + np.array([1.99, 1.0, 1.0])  # CA next to the x face: the backbone crosses it
+    wrapped = wrapped % box
+    for p, b in ((pos, None), (wrapped, box[None])):
+        ang = dihedrals(p[None], [s.phi, s.psi], b)[0]
+        assert ang[0] == pytest.approx(phi, abs=1e-3) and ang[1] == pytest.approx(psi, abs=1e-3)
+
+
+def test_regions_partition_the_plane() -> None:
+    pts = {(-80, 70): "C7eq", (-75, 145): "beta_PII", (-150, 155): "beta_PII", (-150, -170): "beta_PII"}
+    pts |= {(-65, -40): "alpha_R", (60, 40): "alpha_L_other", (70, -160): "alpha_L_other", (280, 70): "C7eq"}
+    for (f, y), name in pts.items():
+        assert REGIONS[int(region_of(np.array(f), np.array(y)))] == name, (f, y)
+    g = np.linspace(-180, 179, 97)
+    phi, psi = np.meshgrid(g, g)
+    pops = region_populations(phi.ravel(), psi.ravel())
+    assert sum(pops.values()) == pytest.approx(1.0)
+    assert pops["alpha_L_other"] == pytest.approx(0.5, abs=0.01)  # phi >= 0 is half the plane
+    # the phi < 0 half: alpha_R 170 deg of psi, C7eq 70, beta/PII 120
+    assert pops["alpha_R"] == pytest.approx(0.5 * 170 / 360, abs=0.01)
+    assert pops["C7eq"] == pytest.approx(0.5 * 70 / 360, abs=0.01)
+    h = ramachandran_histogram(phi.ravel(), psi.ravel(), 18)
+    assert h.shape == (18, 18) and h.sum() == phi.size
+
+
+def test_jensen_shannon_against_scipy() -> None:
+    from scipy.spatial.distance import jensenshannon
+
+    rng = np.random.default_rng(0)
+    p, q = rng.random((6, 6)), rng.random((6, 6))
+    q[0] = 0.0  # empty bins in one histogram only
+    assert jensen_shannon_bits(p, q) == pytest.approx(jensenshannon(p.ravel(), q.ravel(), base=2) ** 2, rel=1e-10)
+    assert jensen_shannon_bits(p, q) == pytest.approx(jensen_shannon_bits(q, p))
+    assert jensen_shannon_bits(p, 3 * p) == pytest.approx(0.0, abs=1e-12)
+    assert jensen_shannon_bits(np.array([1, 0]), np.array([0, 1])) == pytest.approx(1.0)
+    with pytest.raises(InputError):
+        jensen_shannon_bits(np.array([0, 0]), np.array([1, 0]))
+
+
+def _water(o: np.ndarray, toward: np.ndarray, angle_deg: float) -> np.ndarray:
+    """A water (O, H1, H2) at ``o`` whose H1 points from O at ``angle_deg`` off the O->``toward`` line."""
+    u = (toward - o) / np.linalg.norm(toward - o)
+    perp = np.cross(u, [0.0, 0.0, 1.0])
+    perp /= np.linalg.norm(perp)
+    a = np.radians(angle_deg)
+    h1 = o + 0.09572 * (np.cos(a) * u + np.sin(a) * perp)
+    b = a + np.radians(104.52)
+    h2 = o + 0.09572 * (np.cos(b) * u + np.sin(b) * perp)
+    return np.stack([o, h1, h2])
+
+
+def test_hydrogen_bond_criterion_on_constructed_geometries() -> None:
+    acc = np.array([1.0, 1.0, 1.0])
+    box = np.array([3.0, 3.0, 3.0])
+
+    def count(o: np.ndarray, angle: float) -> int:
+        pos = np.vstack([acc[None], _water(o, acc, angle)])
+        return int(hbond_counts(pos, box, [(1, 2), (1, 3)], [0])[0])
+
+    assert count(acc + np.array([0.28, 0, 0]), 0.0) == 1  # linear, 0.28 nm
+    assert count(acc + np.array([0.28, 0, 0]), 25.0) == 1  # bent inside 30 deg
+    assert count(acc + np.array([0.28, 0, 0]), 40.0) == 0  # bent outside
+    assert count(acc + np.array([0.36, 0, 0]), 0.0) == 0  # too far
+    assert count(acc + np.array([0.0, 0.2, 0.2]), 10.0) == 1  # another direction
+    # across the periodic boundary: acceptor at x = 0.1, donor O at x = 2.92 (0.18 nm away through the face)
+    a2 = np.array([0.1, 1.0, 1.0])
+    o2 = np.array([2.92, 1.0, 1.0])
+    w = _water(o2, np.array([3.1, 1.0, 1.0]), 0.0)  # H points toward +x, i.e. at the acceptor's image
+    pos = np.vstack([a2[None], w])
+    assert hbond_counts(pos, box, [(1, 2), (1, 3)], [0])[0] == 1
+    assert hbond_counts(pos, None, [(1, 2), (1, 3)], [0])[0] == 0  # without the box it is 2.8 nm away
+    assert hbond_counts(np.stack([pos, pos]), np.stack([box, box]), [(1, 2)], [0]).tolist() == [1, 1]
+
+
+def test_water_donors_pairs_every_water_oh() -> None:
+    numbers = np.array([6, 1, 8, 1, 1, 8, 1, 1, 11])  # a QM C-H, two waters, an ion
+    mol_ids = np.array([0, 0, 1, 1, 1, 2, 2, 2, 3])
+    is_qm = np.array([True, True] + [False] * 7)
+    assert water_donors(numbers, mol_ids, is_qm).tolist() == [[2, 3], [2, 4], [5, 6], [5, 7]]
+
+
+def _fake_run(rng: np.random.Generator, psi0: float, hb: float, g_shift: float = 0.0) -> RunObservables:
+    phi = rng.normal(-70.0, 15.0, 200)
+    psi = rng.normal(psi0, 25.0, 200)
+    r = np.linspace(0.005, 0.795, 80)
+    g = 1 + np.exp(-(((r - 0.19 - g_shift) / 0.02) ** 2)) + rng.normal(0, 0.02, 80)
+    reg = region_of(phi, psi)
+    return RunObservables(
+        len(phi), phi, psi, region_populations(phi, psi), int(np.sum(reg[1:] != reg[:-1])),
+        {"O=C-HW": (r, g)}, {"solute_donor": hb / 2, "solute_acceptor": hb / 2, "total": hb + rng.normal(0, 0.05)},
+        ns_per_day=1.0,
+    )  # fmt: skip
+
+
+def test_permutation_test_separates_different_drivers_and_accepts_equal_ones() -> None:
+    rng = np.random.default_rng(1)
+    ref = [_fake_run(rng, 140.0, 3.0) for _ in range(4)]
+    same = [_fake_run(rng, 140.0, 3.0) for _ in range(4)]
+    other = [_fake_run(rng, 100.0, 4.0, g_shift=0.03) for _ in range(4)]
+    c_same, c_other = compare_drivers(ref, same), compare_drivers(ref, other)
+    assert all(c_same["agree"].values()), c_same["agree"]
+    assert not any(c_other["agree"].values()), c_other["agree"]
+    # 4 + 4 runs: 70 splits, the observed one and its mirror are the most extreme: p = 2/70
+    assert c_other["ramachandran_p"] == pytest.approx(2 / 70)
+    assert c_other["ramachandran_js_bits"] > 10 * c_same["ramachandran_js_bits"]
+    assert c_other["hbonds_total"]["difference"] == pytest.approx(1.0, abs=0.2)
+    assert permutation_p_value(ref, ref, lambda x, y: 0.0) == 1.0
+    st = driver_statistics(ref)
+    assert st["n_runs"] == 4 and st["rdf_peak"]["O=C-HW"]["r_nm"]["mean"] == pytest.approx(0.19, abs=0.011)
+    assert sum(st["populations"][k]["mean"] for k in REGIONS) == pytest.approx(1.0)
+    assert 0 <= st["js_halves_bits"] < c_other["ramachandran_js_bits"]
+
+
+def test_validation_settings_refuse_bad_values() -> None:
+    ValidationSettings.from_dict({"runs": 4, "steps": 2500})
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"runs": 1}, "at least 2"),
+        ({"drivers": ["delta"]}, "include 'reference'"),
+        ({"drivers": ["reference", "dft"]}, "among"),
+        ({"steps": 100, "skip_ps": 0.2}, "shorter than a run"),
+        ({"steps": 1000, "every": 300}, "fewer than 2 frames"),
+        ({"runz": 4}, "unknown validation setting"),
+        ({"runs": "4"}, "runs"),
+    ]
+    for bad, msg in cases:
+        with pytest.raises(InputError, match=msg):
+            ValidationSettings.from_dict(bad)
