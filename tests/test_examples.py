@@ -147,6 +147,51 @@ def test_tiny_sam_cytosine(tmp_path: Path) -> None:
     assert (out / "free_energy_profile.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.examples
+def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
+    """The validation step: every driver's runs ran to their end, the observables are computed from
+    them, and a second call reuses the runs."""
+    from qmlmm.analysis.validation import REGIONS
+    from qmlmm.workflows.pipeline.validation import DRIVERS, ValidationSettings
+
+    cfg = load_pipeline_config(EXAMPLES / "alanine_dipeptide" / "config.yaml", "tiny")
+    out = tmp_path / "ad"
+    summary = run_pipeline(cfg, out, progress=False)
+    _check_common(summary, out, cfg)
+    vs = ValidationSettings.from_dict(cfg.validation or {})
+    v = summary["validation"]
+    assert set(v["drivers"]) == set(DRIVERS) and set(v["against_reference"]) == set(DRIVERS) - {"reference"}
+    kept = vs.steps // vs.every - vs.skip_frames
+    for d, st in v["drivers"].items():
+        assert st["n_runs"] == vs.runs and st["frames_per_run"] == [kept] * vs.runs and not st["stopped"], d
+        run = json.loads((out / "validation" / d / "run0" / "run.json").read_text())
+        assert run["steps_done"] == vs.steps and run["settings"]["hmr_amu"] == vs.hmr_amu, d
+        assert sum(st["populations"][k]["mean"] for k in REGIONS) == pytest.approx(1.0)
+        assert np.asarray(st["histogram"]).sum() == kept * vs.runs
+        # an amide H's nearest-water peak: an H-bond at ~0.2 nm (or, in a tiny run, anywhere inside 0.8)
+        assert 0.1 < st["rdf_peak"]["HN-OW"]["r_nm"]["mean"] < 0.8
+    for d, c in v["against_reference"].items():  # 2 runs from 2 starts: no relabelling can give p < 0.05
+        assert c["smallest_p"] >= 0.05 and all(x is None for x in c["agree"].values()), d
+    # every run starts from the built backbone (starts: null): the first saved frame (10 fs in) is still there
+    from qmlmm.analysis.md_analysis import dihedrals, load_run
+    from qmlmm.analysis.validation import peptide_sites
+    from qmlmm.md.system import MDSystem
+
+    assert vs.starts is None
+    sites = peptide_sites(cfg.solutes[0])
+    built = dihedrals(MDSystem.load(out / "system").positions[None], [sites.phi, sites.psi])[0]
+    for k in range(vs.runs):
+        pos, boxes = load_run(out / "validation" / "reference" / f"run{k}")
+        ang = dihedrals(pos[:1], [sites.phi, sites.psi], boxes[:1] if boxes is not None else None)[0]
+        diff = (ang - built + 180.0) % 360.0 - 180.0
+        assert np.all(np.abs(diff) < 25.0), (k, ang, built)
+    assert (out / "validation" / "validation.md").exists() and (out / "validation" / "validation.png").exists()
+    again = run_pipeline(cfg, out, progress=False)
+    assert again["timings_s"]["validation"] < 60  # the runs are reused, only the analysis is redone
+    assert again["validation"]["drivers"]["reference"]["histogram"] == v["drivers"]["reference"]["histogram"]
+
+
 def test_pipeline_config_errors(tmp_path: Path) -> None:
     from qmlmm.errors import InputError
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -321,6 +322,42 @@ def test_sample_then_label(methanol_system: Path, tmp_path: Path) -> None:
         progress=False,
     )
     assert rep.ok and rep.computed == {"dftb3": 2}
+
+
+def test_sampling_runs_start_where_asked(methanol_system: Path, tmp_path: Path) -> None:
+    """SampleSettings.starts: a run starts from its entry (here the solute turned by 90 deg about z), not
+    from the built structure; a start of another shape is refused by name."""
+    from qmlmm.data import Dataset
+    from qmlmm.errors import InputError
+    from qmlmm.workflows.sample import SampleSettings, sample
+
+    msys = MDSystem.load(methanol_system)
+    qm = msys.qm_indices
+    c = msys.positions[qm].mean(0)
+    rot = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    turned = msys.positions.copy()
+    turned[qm] = (msys.positions[qm] - c) @ rot.T + c
+    co = [int(i) for i in qm if msys.numbers[i] in (6, 8)]
+    base: dict[str, Any] = dict(engine="dftb3:3ob", steps=10, every=10, runs=1, equil_steps=20, cutoff=0.8, margin=0.2)
+    out = sample(
+        methanol_system, tmp_path / "f.h5", SampleSettings(**base, starts=[turned.tolist()]), workers=0, progress=False
+    )
+    with Dataset(out) as ds:
+        fr = ds.frame(0)
+        z = fr.numbers[fr.is_qm]
+        p = fr.positions[fr.is_qm]
+        v = p[z == 8][0] - p[z == 6][0]
+    want = turned[co[1]] - turned[co[0]] if msys.numbers[co[0]] == 6 else turned[co[0]] - turned[co[1]]
+    cos = float(v @ want / np.linalg.norm(v) / np.linalg.norm(want))
+    assert cos > 0.9, cos  # 10 steps of 0.5 fs: the C-O axis still points where the start put it
+    with pytest.raises(InputError, match="sampling start 0 has shape"):
+        sample(
+            methanol_system,
+            tmp_path / "g.h5",
+            SampleSettings(**base, starts=[turned[:5].tolist()]),
+            workers=0,
+            progress=False,
+        )
 
 
 def test_nve_energy_conservation_with_trained_model(methanol_system: Path, tmp_path: Path) -> None:

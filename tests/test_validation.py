@@ -4,6 +4,8 @@ on constructed geometries (across a periodic boundary too), and the permutation 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +24,11 @@ from qmlmm.analysis.validation import (
     ramachandran_histogram,
     region_of,
     region_populations,
+    smallest_p,
     water_donors,
 )
 from qmlmm.errors import InputError
-from qmlmm.workflows.pipeline.validation import ValidationSettings
+from qmlmm.workflows.pipeline.validation import ValidationSettings, start_positions
 
 ALA2 = "CC(=O)N[C@@H](C)C(=O)NC"
 
@@ -138,8 +141,32 @@ def test_water_donors_pairs_every_water_oh() -> None:
     assert water_donors(numbers, mol_ids, is_qm).tolist() == [[2, 3], [2, 4], [5, 6], [5, 7]]
 
 
-def _fake_run(rng: np.random.Generator, psi0: float, hb: float, g_shift: float = 0.0) -> RunObservables:
-    phi = rng.normal(-70.0, 15.0, 200)
+def test_start_positions_set_the_backbone_and_keep_the_rest() -> None:
+    """The start of a validation run: phi and psi as asked, bond lengths kept, other atoms untouched."""
+    from rdkit import Chem
+    from rdkit.Chem import rdDistGeom
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(ALA2))
+    rdDistGeom.EmbedMolecule(mol, randomSeed=3)
+    solute = mol.GetConformer().GetPositions() / 10.0
+    rng = np.random.default_rng(0)
+    pos = np.vstack([rng.random((5, 3)), solute + 1.0, rng.random((4, 3))])  # solute at offset 5
+    s = peptide_sites(ALA2, offset=5)
+    for phi, psi in [(-70.0, -40.0), (-150.0, 155.0), (60.0, 40.0)]:
+        new = start_positions(pos, ALA2, 5, phi, psi)
+        ang = dihedrals(new[None], [s.phi, s.psi])[0]
+        assert ang == pytest.approx([phi, psi], abs=1e-4)
+        np.testing.assert_array_equal(new[:5], pos[:5])
+        np.testing.assert_array_equal(new[-4:], pos[-4:])
+        for b in mol.GetBonds():
+            i, j = b.GetBeginAtomIdx() + 5, b.GetEndAtomIdx() + 5
+            assert np.linalg.norm(new[i] - new[j]) == pytest.approx(np.linalg.norm(pos[i] - pos[j]), abs=1e-6)
+
+
+def _fake_run(
+    rng: np.random.Generator, psi0: float, hb: float, g_shift: float = 0.0, phi0: float = -70.0
+) -> RunObservables:
+    phi = rng.normal(phi0, 15.0, 200)
     psi = rng.normal(psi0, 25.0, 200)
     r = np.linspace(0.005, 0.795, 80)
     g = 1 + np.exp(-(((r - 0.19 - g_shift) / 0.02) ** 2)) + rng.normal(0, 0.02, 80)
@@ -170,6 +197,44 @@ def test_permutation_test_separates_different_drivers_and_accepts_equal_ones() -
     assert 0 <= st["js_halves_bits"] < c_other["ramachandran_js_bits"]
 
 
+def test_strata_limit_the_relabellings() -> None:
+    """Runs exchanged only within a start: 4 starts x (1 + 1) runs give 16 relabellings (p >= 2/16, never
+    below 0.05: undecidable), 4 starts x (2 + 2) give 6^4; a difference carried by the starts alone is not
+    a difference between the drivers."""
+    rng = np.random.default_rng(2)
+    assert smallest_p([0, 1, 2, 3], [0, 1, 2, 3]) == pytest.approx(2 / 16)
+    assert smallest_p([0, 1, 2, 3] * 2, [0, 1, 2, 3] * 2) == pytest.approx(2 / 6**4)
+    # the runs' psi depends on their start only: both drivers alike, starts far apart
+    starts = [0, 1, 2, 3] * 2
+    ref = [_fake_run(rng, [140.0, -40.0, 80.0, 170.0][k], 3.0) for k in starts]
+    same = [_fake_run(rng, [140.0, -40.0, 80.0, 170.0][k], 3.0) for k in starts]
+    c = compare_drivers(ref, same, strata_ref=starts, strata_other=starts)
+    assert all(c["agree"].values()) and c["smallest_p"] < 0.05
+    small = compare_drivers(ref[:4], same[:4], strata_ref=starts[:4], strata_other=starts[:4])
+    assert all(v is None for v in small["agree"].values())  # 4 single pairs cannot decide
+    # a driver whose runs all sit at phi -140 instead of -70, from the same starts: found
+    other = [_fake_run(rng, [140.0, -40.0, 80.0, 170.0][k], 4.0, phi0=-140.0) for k in starts]
+    c2 = compare_drivers(ref, other, strata_ref=starts, strata_other=starts)
+    assert c2["ramachandran_p"] < 0.05 and not c2["agree"]["ramachandran"]
+    assert c2["ramachandran_js_cross_halves_bits"] > 3 * c2["ramachandran_js_reference_halves_bits"]
+
+    # above the cap, random relabellings: the same verdict
+    def hb(x: Sequence[RunObservables], y: Sequence[RunObservables]) -> float:
+        return float(abs(np.mean([r.hbonds["total"] for r in x]) - np.mean([r.hbonds["total"] for r in y])))
+
+    p_mc = permutation_p_value(other, ref, hb, starts, starts, max_relabellings=200)
+    assert p_mc < 0.05
+
+
+def test_rdf_first_peak_is_the_hydrogen_bonded_shell() -> None:
+    rng = np.random.default_rng(3)
+    runs = [_fake_run(rng, 140.0, 3.0) for _ in range(3)]
+    for r in runs:  # a second shell at 0.33 nm higher than the first at 0.19
+        rr, g = r.rdf["O=C-HW"]
+        r.rdf["O=C-HW"] = (rr, g + 2.0 * np.exp(-(((rr - 0.33) / 0.03) ** 2)))
+    assert driver_statistics(runs)["rdf_peak"]["O=C-HW"]["r_nm"]["mean"] == pytest.approx(0.19, abs=0.011)
+
+
 def test_validation_settings_refuse_bad_values() -> None:
     ValidationSettings.from_dict({"runs": 4, "steps": 2500})
     cases: list[tuple[dict[str, Any], str]] = [
@@ -180,7 +245,27 @@ def test_validation_settings_refuse_bad_values() -> None:
         ({"steps": 1000, "every": 300}, "fewer than 2 frames"),
         ({"runz": 4}, "unknown validation setting"),
         ({"runs": "4"}, "runs"),
+        ({"dt_fs": 0.0}, "dt_fs"),
+        ({"temperature": -5.0}, "temperature"),
+        ({"solute": -1}, "solute"),
+        ({"starts": [[-70.0]]}, "starts"),
     ]
     for bad, msg in cases:
         with pytest.raises(InputError, match=msg):
             ValidationSettings.from_dict(bad)
+
+
+def test_validation_solute_checked_when_the_config_loads(tmp_path: Path) -> None:
+    import yaml
+
+    from qmlmm.workflows.pipeline import load_pipeline_config
+
+    for solutes, validation, msg in [
+        (["CCO"], {}, "exactly one residue"),
+        ([ALA2], {"solute": 1}, "1 solute"),
+    ]:
+        cfg = {"name": "x", "solutes": solutes, "sizes": {"s": {"validation": validation}}}
+        p = tmp_path / "c.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(InputError, match=msg):
+            load_pipeline_config(p, "s")

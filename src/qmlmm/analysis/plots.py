@@ -17,6 +17,7 @@ __all__ = [
     "parity_plot",
     "parity_plot_of_model",
     "profile_plot",
+    "validation_plot",
 ]
 
 
@@ -190,3 +191,42 @@ def md_observables_plot(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def validation_plot(stats: dict[str, Any], runs: dict[str, Sequence[Any]], path: str | Path) -> Path:
+    """Top row: each driver's pooled Ramachandran histogram (phi across, psi up, log density); bottom
+    row: region populations (mean +- SE over runs) and the run-averaged RDFs carbonyl O - water H and
+    amide H - water O. ``stats`` {driver: driver_statistics}, ``runs`` {driver: [RunObservables]}."""
+    from qmlmm.analysis.validation import REGIONS
+
+    plt = _plt()
+    n = max(len(stats), 3)
+    fig, axes = plt.subplots(2, n, figsize=(3.3 * n, 6.6), squeeze=False)
+    for ax, (d, st) in zip(axes[0], stats.items(), strict=False):
+        h = np.asarray(st["histogram"], dtype=float)
+        dens = np.log10(np.where(h > 0, h / h.sum(), np.nan))
+        ax.imshow(dens.T, origin="lower", extent=(-180, 180, -180, 180), cmap="viridis", aspect="equal")
+        ax.set_title(d)
+        ax.set_xlabel("phi (deg)")
+        ax.set_ylabel("psi (deg)")
+    for ax in axes[0][len(stats) :]:
+        ax.axis("off")
+    width = 0.8 / max(1, len(stats))
+    x = np.arange(len(REGIONS))
+    for j, (d, st) in enumerate(stats.items()):
+        m = [st["populations"][k]["mean"] for k in REGIONS]
+        e = [st["populations"][k]["se"] for k in REGIONS]
+        axes[1][0].bar(x + j * width, m, width, yerr=e, label=d, capsize=2)
+    axes[1][0].set_xticks(x + 0.4 - width / 2, list(REGIONS), fontsize=8)
+    axes[1][0].set_ylabel("population")
+    axes[1][0].legend(fontsize=7)
+    for ax, pair in zip(axes[1][1:3], ("O=C-HW", "HN-OW"), strict=True):
+        for d, rs in runs.items():
+            if rs and pair in rs[0].rdf:
+                ax.plot(rs[0].rdf[pair][0], np.mean([r.rdf[pair][1] for r in rs], axis=0), label=d)
+        ax.set_xlabel("r (nm)")
+        ax.set_ylabel(f"g(r) {pair}")
+        ax.legend(fontsize=7)
+    for ax in axes[1][3:]:
+        ax.axis("off")
+    return _saved(plt, fig, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["learning_curve_table"]
+__all__ = ["learning_curve_table", "validation_markdown"]
 
 Point = Mapping[str, Any]
 
@@ -37,3 +37,92 @@ def learning_curve_table(
         cells += [f"{baseline['mm_forces']['mae']:.3f}", *("-" for _ in extra)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _pm(d: Mapping[str, float], fmt: str = ".3f") -> str:
+    return f"{d['mean']:{fmt}} +- {d['se']:{fmt}}"
+
+
+def validation_markdown(res: Mapping[str, Any]) -> str:
+    """Markdown of the validation step's result (``qmlmm.workflows.pipeline.validation``): per driver the
+    Ramachandran populations, H-bonds, RDF peaks and speed (mean +- standard error over runs), then each
+    driver against the reference with permutation p-values over runs."""
+    from qmlmm.analysis.validation import REGIONS
+
+    s, drivers = res["settings"], res["drivers"]
+    lines = [
+        f"{s['runs']} independent runs per driver, {s['steps']} steps of {s['dt_fs']} fs "
+        f"(HMR {s['hmr_amu']} amu), {s['temperature']} K; the first {s['skip_ps']} ps of every run left out "
+        f"({res['production_ps_per_run']:.2f} ps a run kept). Mean +- standard error over runs.",
+        "",
+        "| driver | runs | " + " | ".join(REGIONS) + " | H-bonds solute-water | region changes per run | ns/day |",
+        "|" + "---|" * (len(REGIONS) + 5),
+    ]
+    for d, st in drivers.items():
+        pops = " | ".join(_pm(st["populations"][k]) for k in REGIONS)
+        lines.append(
+            f"| {d} | {st['n_runs']} | {pops} | {_pm(st['hbonds']['total'], '.2f')} | "
+            f"{', '.join(str(x) for x in st['region_changes_per_run'])} | {st['ns_per_day']['mean']:.2f} |"
+        )
+    pairs = sorted({p for st in drivers.values() for p in st["rdf_peak"]})
+    lines += [
+        "",
+        "| driver | " + " | ".join(f"{p} peak r (nm) / g" for p in pairs) + " |",
+        "|" + "---|" * (len(pairs) + 1),
+    ]
+    for d, st in drivers.items():
+        cells = [f"{_pm(st['rdf_peak'][p]['r_nm'])} / {_pm(st['rdf_peak'][p]['g'], '.2f')}" for p in pairs]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    if "reference" in drivers and "js_halves_bits" in drivers["reference"]:
+        lines += [
+            "",
+            "Run-to-run noise: Jensen-Shannon divergence between the Ramachandran histograms of the first and "
+            f"second half of the runs: reference {drivers['reference']['js_halves_bits']:.4f} bits"
+            + "".join(
+                f", {d} {st['js_halves_bits']:.4f}"
+                for d, st in drivers.items()
+                if d != "reference" and "js_halves_bits" in st
+            )
+            + ".",
+        ]
+    comp = res.get("against_reference") or {}
+    if comp:
+        lines += [
+            "",
+            "Against the reference (p: permutation test over runs; p >= 0.05: within run-to-run noise):",
+            "",
+            "| driver | largest population difference (p) | Ramachandran JS bits (p) | "
+            + " | ".join(f"RDF {p} rms g difference (p)" for p in pairs)
+            + " | H-bond difference (p) |",
+            "|" + "---|" * (len(pairs) + 4),
+        ]
+        for d, c in comp.items():
+            rd = " | ".join(f"{c['rdf'][p]['rms_g_difference']:.3f} ({c['rdf'][p]['p']:.3f})" for p in pairs)
+            hb = c["hbonds_total"]
+            lines.append(
+                f"| {d} | {c['populations_max_abs_difference']:.3f} ({c['populations_p']:.3f}) | "
+                f"{c['ramachandran_js_bits']:.4f} ({c['ramachandran_p']:.3f}) | {rd} | "
+                f"{hb['difference']:+.2f} +- {hb['se']:.2f} ({hb['p']:.3f}) |"
+            )
+        lines += [
+            "",
+            "| driver | " + " | ".join(f"{k} difference" for k in REGIONS) + " |",
+            "|" + "---|" * (len(REGIONS) + 1),
+        ]
+        for d, c in comp.items():
+            lines.append(
+                f"| {d} | "
+                + " | ".join(
+                    f"{c['populations'][k]['difference']:+.3f} +- {c['populations'][k]['se']:.3f}" for k in REGIONS
+                )
+                + " |"
+            )
+    stopped = res.get("runs_stopped") or {}
+    if stopped:
+        lines += [
+            "",
+            "Runs that stopped early (their frames up to the stop are used; none before the first frame):",
+            "",
+        ]
+        lines += [f"- {d} {run}: {why}" for d, runs in stopped.items() for run, why in runs.items()]
+    return "\n".join(lines) + "\n"

@@ -1,11 +1,14 @@
 """Validation observables of a peptide in water: backbone phi/psi, Ramachandran populations and
 histograms, solute-water RDFs and hydrogen bonds, per run, and their comparison between MD drivers.
 
-Statistics treat independent MD runs as the unit: every observable is computed per run, its error bar
-is the standard error over runs, and "within noise" is decided by a permutation test over runs (the
-runs of two drivers pooled, every split into two groups of the original sizes; the p-value is the
-fraction of splits whose statistic is at least the observed one). Frames within one run are
-correlated; the runs are not.
+Statistics treat MD runs as the unit: every observable is computed per run, its error bar is the
+standard error over runs, and "within noise" is decided by a permutation test over runs. Runs may be
+grouped in strata (runs started from the same conformation); the test then only exchanges the two
+drivers' labels within a stratum, so that a shared start cannot make two drivers look alike. The
+p-value is the fraction of the relabellings whose statistic is at least the observed one (the
+observed one included). Frames within one run are correlated; runs with different seeds are not,
+but runs from the same start share its memory for as long as the start is not forgotten, which is
+why the strata exist.
 
 Angles in degrees, lengths nm.
 """
@@ -32,6 +35,7 @@ __all__ = [
     "jensen_shannon_bits",
     "peptide_sites",
     "permutation_p_value",
+    "smallest_p",
     "ramachandran_histogram",
     "region_of",
     "region_populations",
@@ -80,11 +84,19 @@ def peptide_sites(smiles: str, offset: int = 0) -> PeptideSites:
     donors = tuple(
         (a.GetIdx() + offset, h.GetIdx() + offset)
         for a in mol.GetAtoms()
-        if a.GetSymbol() == "N" and any(n.GetSymbol() == "C" and n.GetDegree() == 3 for n in a.GetNeighbors())
+        if a.GetSymbol() == "N" and any(_is_carbonyl_c(n) for n in a.GetNeighbors())
         for h in a.GetNeighbors()
         if h.GetSymbol() == "H"
     )
     return PeptideSites((c0, n1, ca, c1), (n1, ca, c1, n2), o, tuple(h for _, h in donors), donors)
+
+
+def _is_carbonyl_c(atom: Any) -> bool:
+    from rdkit import Chem
+
+    return atom.GetSymbol() == "C" and any(
+        b.GetBondType() == Chem.BondType.DOUBLE and b.GetOtherAtom(atom).GetSymbol() == "O" for b in atom.GetBonds()
+    )
 
 
 def region_of(phi: np.ndarray, psi: np.ndarray) -> np.ndarray:
@@ -218,6 +230,8 @@ def run_observables(
 
     if len(positions) == 0:
         raise InputError("run observables need at least one frame")
+    if r_max > 0.5 * float(np.min(boxes)):
+        raise InputError(f"RDF range {r_max} nm exceeds half the smallest box edge ({float(np.min(boxes)):.3f} nm)")
     ang = dihedrals(positions, [sites.phi, sites.psi], boxes)
     phi, psi = ang[:, 0], ang[:, 1]
     reg = region_of(phi, psi)
@@ -240,6 +254,17 @@ def run_observables(
             "total": float((don + acc).mean()),
         },
     )
+
+
+#: the H-bond peak of an RDF to water H or O is looked for below this distance (nm): the maximum over the
+#: whole curve can jump to the second shell from one run to the next
+FIRST_PEAK_MAX_NM = 0.26
+
+
+def _first_peak(r: np.ndarray, g: np.ndarray) -> int:
+    """Index of the largest g at r < FIRST_PEAK_MAX_NM (the first, hydrogen-bonded shell)."""
+    inside = np.flatnonzero(r < FIRST_PEAK_MAX_NM)
+    return int(inside[np.argmax(g[inside])]) if len(inside) else int(np.argmax(g))
 
 
 def _mean_se(x: Sequence[float]) -> dict[str, float]:
@@ -275,7 +300,7 @@ def driver_statistics(runs: Sequence[RunObservables], n_bins: int = 18) -> dict[
         "stopped": [r.stopped for r in runs if r.stopped],
     }
     for pair in runs[0].rdf:
-        k = [int(np.argmax(r.rdf[pair][1])) for r in runs]
+        k = [_first_peak(*r.rdf[pair]) for r in runs]
         out["rdf_peak"][pair] = {
             "r_nm": _mean_se([r.rdf[pair][0][i] for r, i in zip(runs, k, strict=True)]),
             "g": _mean_se([r.rdf[pair][1][i] for r, i in zip(runs, k, strict=True)]),
@@ -288,35 +313,87 @@ def driver_statistics(runs: Sequence[RunObservables], n_bins: int = 18) -> dict[
     return out
 
 
+def _relabellings(strata_a: Sequence[int], strata_b: Sequence[int]) -> list[list[tuple[int, ...]]]:
+    """Per stratum, every choice of which of its pooled runs (indices into a + b) carry label a, keeping
+    the stratum's count of a."""
+    pooled = list(strata_a) + list(strata_b)
+    out = []
+    for st in sorted(set(pooled)):
+        members = [i for i, x in enumerate(pooled) if x == st]
+        n_a = sum(1 for x in strata_a if x == st)
+        out.append(list(itertools.combinations(members, n_a)))
+    return out
+
+
+def smallest_p(strata_a: Sequence[int], strata_b: Sequence[int]) -> float:
+    """The smallest p-value :func:`permutation_p_value` can give for these strata: the observed labelling
+    and its mirror image (when that keeps the counts) count as at least as extreme. A difference of means
+    reaches it when every other relabelling gives a smaller difference; a divergence between pooled
+    histograms may not (a relabelling that swaps a whole stratum can keep it as large)."""
+    n = int(np.prod([len(c) for c in _relabellings(strata_a, strata_b)]))
+    mirror = sorted(strata_a) == sorted(strata_b)
+    return (2 if mirror else 1) / n
+
+
 def permutation_p_value(
-    a: Sequence[RunObservables], b: Sequence[RunObservables], statistic: Callable[[Sequence[Any], Sequence[Any]], float]
+    a: Sequence[RunObservables],
+    b: Sequence[RunObservables],
+    statistic: Callable[[Sequence[Any], Sequence[Any]], float],
+    strata_a: Sequence[int] | None = None,
+    strata_b: Sequence[int] | None = None,
+    max_relabellings: int = 20000,
+    seed: int = 0,
 ) -> float:
-    """Fraction of the splits of the pooled runs into groups of len(a) and len(b) whose ``statistic``
-    is at least that of the observed split (the observed one included, so p > 0). Exact over all
-    splits (C(8, 4) = 70 for 4 + 4 runs)."""
+    """Fraction of the relabellings of the pooled runs a + b whose ``statistic`` is at least that of the
+    observed labelling (which is counted, so p > 0). Labels are exchanged only within strata (runs with
+    equal ``strata_*`` entries, e.g. the same start; default one stratum), keeping each stratum's counts.
+    Exact over all relabellings (C(8, 4) = 70 for 4 + 4 runs in one stratum) up to ``max_relabellings``;
+    above it, that many random relabellings plus the observed one."""
+    sa = [0] * len(a) if strata_a is None else list(strata_a)
+    sb = [0] * len(b) if strata_b is None else list(strata_b)
+    if len(sa) != len(a) or len(sb) != len(b):
+        raise InputError("permutation test: one stratum per run")
     pooled = list(a) + list(b)
     observed = statistic(a, b)
-    n, k = len(pooled), len(a)
-    hits = total = 0
-    for idx in itertools.combinations(range(n), k):
-        rest = [pooled[i] for i in range(n) if i not in idx]
-        total += 1
-        hits += statistic([pooled[i] for i in idx], rest) >= observed - 1e-12
-    return hits / total
+    choices = _relabellings(sa, sb)
+    n_total = int(np.prod([len(c) for c in choices]))
+
+    def stat_of(pick: Sequence[tuple[int, ...]]) -> float:
+        in_a = {i for c in pick for i in c}
+        return statistic([pooled[i] for i in sorted(in_a)], [pooled[i] for i in range(len(pooled)) if i not in in_a])
+
+    if n_total <= max_relabellings:
+        picks: Any = itertools.product(*choices)
+        hits = sum(stat_of(p) >= observed - 1e-12 for p in picks)
+        return hits / n_total
+    rng = np.random.default_rng(seed)
+    hits = 1 + sum(
+        stat_of([c[rng.integers(len(c))] for c in choices]) >= observed - 1e-12 for _ in range(max_relabellings)
+    )
+    return hits / (max_relabellings + 1)
 
 
-def compare_drivers(ref: Sequence[RunObservables], other: Sequence[RunObservables], n_bins: int = 18) -> dict[str, Any]:
+def compare_drivers(
+    ref: Sequence[RunObservables],
+    other: Sequence[RunObservables],
+    n_bins: int = 18,
+    strata_ref: Sequence[int] | None = None,
+    strata_other: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """How a driver's runs differ from the reference runs, each difference beside run-to-run noise.
 
     - populations: difference of means with the combined standard error, and a permutation p-value over
       runs of the largest absolute population difference;
-    - Ramachandran: Jensen-Shannon divergence (bits) of the pooled histograms, the reference's own
-      halves' divergence, and its permutation p-value;
+    - Ramachandran: Jensen-Shannon divergence (bits) of the pooled histograms and its permutation p-value;
+      and, like for like, the mean divergence between a half of one driver's runs and the other half of
+      the other's (``ramachandran_js_cross_halves_bits``) beside the divergence between the reference's
+      own halves;
     - RDFs: root-mean-square difference of the run-averaged g(r) and its permutation p-value;
     - H-bonds: difference of mean total counts with combined SE and permutation p-value.
 
-    ``agree`` per observable: p >= 0.05 (with 4 + 4 runs the smallest possible p is 1/35 over distinct
-    splits, so a real difference can be detected, but only a large one)."""
+    ``strata_*``: per run its start (runs from the same start are only exchanged with each other).
+    ``agree`` per observable: p >= 0.05, or None where no relabelling could give p < 0.05 (too few runs
+    or strata of single pairs; ``smallest_p`` says how small p could get)."""
 
     def pops_stat(x: Sequence[RunObservables], y: Sequence[RunObservables]) -> float:
         return max(
@@ -332,30 +409,41 @@ def compare_drivers(ref: Sequence[RunObservables], other: Sequence[RunObservable
     def rdf_stat(pair: str) -> Callable[[Sequence[RunObservables], Sequence[RunObservables]], float]:
         return lambda x, y: float(np.sqrt(np.mean((_mean_curve(x, pair) - _mean_curve(y, pair)) ** 2)))
 
-    res: dict[str, Any] = {"populations": {}, "rdf": {}}
+    so = [0] * len(other) if strata_other is None else list(strata_other)
+    sr = [0] * len(ref) if strata_ref is None else list(strata_ref)
+
+    def p_of(stat: Callable[[Sequence[Any], Sequence[Any]], float]) -> float:
+        return permutation_p_value(other, ref, stat, so, sr)
+
+    res: dict[str, Any] = {"populations": {}, "rdf": {}, "smallest_p": smallest_p(so, sr)}
     for k in REGIONS:
         a, b = _mean_se([r.populations[k] for r in other]), _mean_se([r.populations[k] for r in ref])
         res["populations"][k] = {"difference": a["mean"] - b["mean"], "se": float(np.hypot(a["se"], b["se"]))}
-    p = permutation_p_value(other, ref, pops_stat)
     res["populations_max_abs_difference"] = pops_stat(other, ref)
-    res["populations_p"] = p
+    res["populations_p"] = p_of(pops_stat)
     res["ramachandran_js_bits"] = js_stat(other, ref)
-    res["ramachandran_p"] = permutation_p_value(other, ref, js_stat)
+    res["ramachandran_p"] = p_of(js_stat)
+    ho, hr = len(other) // 2, len(ref) // 2
+    if ho and hr:
+        res["ramachandran_js_cross_halves_bits"] = 0.5 * (js_stat(other[:ho], ref[hr:]) + js_stat(other[ho:], ref[:hr]))
+        res["ramachandran_js_reference_halves_bits"] = js_stat(ref[:hr], ref[hr:])
     for pair in ref[0].rdf:
-        res["rdf"][pair] = {
-            "rms_g_difference": rdf_stat(pair)(other, ref),
-            "p": permutation_p_value(other, ref, rdf_stat(pair)),
-        }
+        res["rdf"][pair] = {"rms_g_difference": rdf_stat(pair)(other, ref), "p": p_of(rdf_stat(pair))}
     a, b = _mean_se([r.hbonds["total"] for r in other]), _mean_se([r.hbonds["total"] for r in ref])
     res["hbonds_total"] = {
         "difference": a["mean"] - b["mean"],
         "se": float(np.hypot(a["se"], b["se"])),
-        "p": permutation_p_value(other, ref, hb_stat),
+        "p": p_of(hb_stat),
     }
+    decidable = res["smallest_p"] < 0.05
+
+    def verdict(p: float) -> bool | None:
+        return bool(p >= 0.05) if decidable else None
+
     res["agree"] = {
-        "populations": bool(res["populations_p"] >= 0.05),
-        "ramachandran": bool(res["ramachandran_p"] >= 0.05),
-        **{f"rdf {pair}": bool(v["p"] >= 0.05) for pair, v in res["rdf"].items()},
-        "hbonds": bool(res["hbonds_total"]["p"] >= 0.05),
+        "populations": verdict(res["populations_p"]),
+        "ramachandran": verdict(res["ramachandran_p"]),
+        **{f"rdf {pair}": verdict(v["p"]) for pair, v in res["rdf"].items()},
+        "hbonds": verdict(res["hbonds_total"]["p"]),
     }
     return res

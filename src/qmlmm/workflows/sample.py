@@ -51,6 +51,9 @@ class SampleSettings:
     max_uncertainty: float | None = None
     # a run that fails part-way (an ML/MM run leaving the model's domain) keeps the frames stored before
     keep_partial: bool = False
+    # start positions (N, 3) nm of the runs (run r from entry r % len, e.g. solute conformations in several
+    # basins); None: the built structure
+    starts: list[Any] | None = None
 
     def run_temperature(self, run: int) -> float:
         """Temperature (K) of sampling run ``run``."""
@@ -90,6 +93,13 @@ def _one_run(system_dir: str, s: SampleSettings, run: int, part: str, alone: boo
     from qmlmm.md.runner import make_simulation
 
     msys = MDSystem.load(system_dir)
+    if s.starts:
+        start = np.asarray(s.starts[run % len(s.starts)], dtype=np.float64)
+        if start.shape != msys.positions.shape:
+            raise InputError(
+                f"sampling start {run % len(s.starts)} has shape {start.shape}, the system {msys.positions.shape}"
+            )
+        msys.positions = start
     seed = s.seed * 1000 + run
     temp = s.run_temperature(run)
     msys.positions = freeze_qm_and_relax_water(

@@ -64,6 +64,9 @@ class PipelineConfig:
     reaction_extra_windows: str | None = None
     reaction_extra_k: float | None = None
     sample_windows: str | None = None  # start:stop:n windows for sampling (default: the umbrella windows)
+    # validation (optional): independent MD runs of the reference, baseline and both models, compared
+    # (qmlmm.workflows.pipeline.validation.ValidationSettings: runs, steps, dt_fs, hmr_amu, every, skip_ps, ...)
+    validation: dict[str, Any] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,6 +109,10 @@ class PipelineConfig:
                 umbrella_windows(getattr(self, name))
         if self.learning_curve is not None and (not self.learning_curve or min(self.learning_curve) < 1):
             raise InputError(f"pipeline setting learning_curve must list positive sizes, got {self.learning_curve}")
+        if self.validation is not None:
+            from qmlmm.workflows.pipeline.validation import ValidationSettings, check_solute
+
+            check_solute(self, ValidationSettings.from_dict(self.validation))
         if self.reaction is not None:
             known = {"atoms", "d", "k", "keep_together", "windows", "steps", "every", "bins", "compare_baseline"}
             unknown = sorted(set(self.reaction) - known)

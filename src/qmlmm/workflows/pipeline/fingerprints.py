@@ -21,7 +21,7 @@ STEP_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         (
             *("sample_engine", "sample_steps", "sample_every", "sample_runs", "equil_steps", "switch_width"),
             *("sample_windows", "reaction:atoms", "reaction:d", "reaction:k", "reaction:keep_together"),
-            "reaction:windows",
+            *("reaction:windows", "validation:starts", "validation:solute"),
         ),
         ("frames.h5", "frames.h5.parts"),
     ),
@@ -30,12 +30,18 @@ STEP_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "learning_curve": (("learning_curve",), ("learning_curve",)),
     "md": (("md_dt_fs", "max_uncertainty"), ("md",)),
     "reaction": (("reaction_windows", "reaction_extra_windows", "reaction_extra_k"), ("umbrella",)),
+    # more runs or steps extend the validation; another step, masses, temperature or drivers' runs would mix
+    "validation": (
+        ("validation:dt_fs", "validation:hmr_amu", "validation:temperature", "validation:every"),
+        ("validation",),
+    ),
 }
 
 
 def _setting(cfg: PipelineConfig, key: str) -> Any:
-    if key.startswith("reaction:"):
-        return (cfg.reaction or {}).get(key.split(":", 1)[1])
+    if ":" in key:  # a key of a block: reaction:atoms, validation:dt_fs
+        block, name = key.split(":", 1)
+        return (getattr(cfg, block) or {}).get(name)
     return getattr(cfg, key)
 
 

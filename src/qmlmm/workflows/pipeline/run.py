@@ -66,6 +66,7 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
     from qmlmm.workflows.pipeline import steps
     from qmlmm.workflows.pipeline.observables import observables_step
     from qmlmm.workflows.pipeline.reaction import reaction_step
+    from qmlmm.workflows.pipeline.validation import validation_step
 
     if not analyze_only:  # what `qmlmm analyze RUN/` reads back
         check_fingerprints(cfg, out)
@@ -96,6 +97,8 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
     timer.done("reaction")
     analysis = observables_step(cfg, out, system, list(md_runs))
     timer.done("analysis")
+    validation = validation_step(cfg, out, system, models, progress, analyze_only)
+    timer.done("validation")
     summary = {
         "name": cfg.name,
         "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
@@ -110,6 +113,7 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
         },
         "analysis": analysis,
         "reaction": reaction,
+        "validation": validation,
         "learning_curve": curve,
         "timings_s": timer.seconds,
         "total_s": time.perf_counter() - t_start,

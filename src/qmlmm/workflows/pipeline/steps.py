@@ -59,6 +59,15 @@ def sample_step(cfg: PipelineConfig, system: Path, frames: Path, progress: bool)
 
     per_run = reaction_restraints(cfg, system, umbrella_windows(cfg.sample_windows) if cfg.sample_windows else None)
     runs = len(per_run) if per_run else cfg.sample_runs
+    starts = None
+    if cfg.validation is not None:  # sample where the validation runs start (several backbone basins)
+        from qmlmm.md.system import MDSystem
+        from qmlmm.workflows.pipeline.validation import ValidationSettings, validation_starts
+
+        starts = [
+            p.tolist()
+            for p in validation_starts(cfg, ValidationSettings.from_dict(cfg.validation), MDSystem.load(system))
+        ]
     sample(
         system,
         frames,
@@ -73,6 +82,7 @@ def sample_step(cfg: PipelineConfig, system: Path, frames: Path, progress: bool)
             seed=cfg.seed,
             threads=cfg.threads,
             restraints_per_run=per_run,
+            starts=starts,
         ),
         workers=min(cfg.workers, runs),
         progress=progress,

@@ -140,6 +140,11 @@ def summary_markdown(s: dict[str, Any], out: Path) -> str:
                 )
                 + (f"; no profile: {v['profile_error']}" if v.get("profile_error") else "")
             )
+    if s.get("validation"):
+        from qmlmm.analysis.tables import validation_markdown
+
+        lines += ["", "## Validation: independent MD runs of each driver against the reference", ""]
+        lines += [validation_markdown(s["validation"]).rstrip("\n"), "", "Plot: validation/validation.png"]
     every = s.get("timings_all_s") or {}
     lines += ["", "## Timings (s)", "", "| step | this invocation | all invocations on this folder |", "|---|---|---|"]
     lines += [f"| {k} | {v:.0f} | {every.get(k, float('nan')):.0f} |" for k, v in s["timings_s"].items()]

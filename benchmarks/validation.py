@@ -1,0 +1,85 @@
+"""ML/MM MD against reference QM/MM MD: the validation step of a pipeline config, written to
+benchmarks/results/validation_<name>.{json,md,png}.
+
+Runs (or resumes) ``qmlmm pipeline CONFIG --size SIZE -o RUN`` (every step, the validation runs last;
+what is done is reused), then copies the validation result with the number of labels, the models' test
+errors beside the baseline's and the machine into the results folder.
+
+    python benchmarks/validation.py examples/alanine_dipeptide/config.yaml --size small \\
+        -o runs/alanine_dipeptide_small --name alanine_dipeptide_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from _results import RESULTS, machine, save_json, save_markdown
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--size", default="small")
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--name", required=True, help="results are written as validation_NAME.*")
+    ap.add_argument("--analyze-only", action="store_true", help="recompute the analysis of a finished folder")
+    a = ap.parse_args()
+
+    from qmlmm.analysis.tables import validation_markdown
+    from qmlmm.workflows.pipeline import load_pipeline_config, run_pipeline
+
+    cfg = load_pipeline_config(a.config, a.size)
+    if cfg.validation is None:
+        raise SystemExit(f"{a.config} --size {a.size} has no validation block")
+    t0 = time.perf_counter()
+    s = run_pipeline(cfg, a.out, progress=False, analyze_only=a.analyze_only)
+    v = s["validation"]
+    name = f"validation_{a.name}"
+    errors = {
+        mode: {k: s["evaluation"][mode]["model"][k]["mae"] for k in ("energy", "qm_forces", "mm_forces")}
+        for mode in ("direct", "delta")
+    }
+    base = s["evaluation"]["delta"].get("baseline_alone") or {}
+    errors["baseline alone"] = {k: base[k]["mae"] for k in ("energy", "qm_forces", "mm_forces") if k in base}
+    res = {
+        **v,
+        "config": str(a.config),
+        "size": a.size,
+        "reference": cfg.reference,
+        "baseline": cfg.baseline,
+        "n_labelled_frames": s["n_frames"],
+        "split": s["split"].get("delta"),
+        "test_mae": errors,
+        "machine": machine(),
+        "seconds_this_invocation": time.perf_counter() - t0,
+        "timings_all_s": s.get("timings_all_s"),
+    }
+    save_json(name, res)
+    lines = [
+        f"# {cfg.name} ({a.size}): ML/MM MD against reference {cfg.reference}/MM MD",
+        "",
+        f"`python benchmarks/validation.py {a.config} --size {a.size} -o {a.out} --name {a.name}` on "
+        f"{res['machine']}. Baseline {cfg.baseline}; models trained on {s['n_frames']} labelled frames "
+        "from baseline sampling runs (none from the reference runs below).",
+        "",
+        "Test-set MAE (E kJ/mol, QM F and MM F kJ/mol/nm), whole sampling runs held out:",
+        "",
+        "| model | E | QM F | MM F |",
+        "|---|---|---|---|",
+        *(
+            f"| {m} | {e.get('energy', float('nan')):.2f} | {e.get('qm_forces', float('nan')):.1f} | "
+            f"{e.get('mm_forces', float('nan')):.2f} |"
+            for m, e in errors.items()
+        ),
+        "",
+        validation_markdown(v).rstrip("\n"),
+    ]
+    save_markdown(name, lines)
+    shutil.copyfile(a.out / "validation" / "validation.png", RESULTS / f"{name}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""The validation step: MD runs with the reference, the baseline and both models, and the observables
+that say whether ML/MM MD reproduces reference QM/MM MD (``qmlmm.analysis.validation``).
+
+Run k of every driver starts from the built structure with the solute's backbone set to
+``starts[k % len(starts)]`` (phi, psi; by default one conformation in each of four basins), the water
+MM-relaxed around it and velocities drawn with a seed of its own (driver and run). Runs from
+different basins show whether a run is long enough to forget its start; the comparison between
+drivers exchanges runs only within a start (``compare_drivers``' strata). The first ``skip_ps`` of
+every run is left out of the observables. Writes ``RUN/validation/<driver>/run<k>/`` (``qmlmm md``
+folders, resumable) and ``RUN/validation/validation.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qmlmm.errors import InputError, SchemaError
+from qmlmm.workflows.pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DRIVERS", "ValidationSettings", "check_solute", "start_positions", "validation_starts", "validation_step"]
+
+#: what drives the validation runs: the reference engine, the baseline engine, the delta and direct models
+DRIVERS: tuple[str, ...] = ("reference", "baseline", "delta", "direct")
+
+
+@dataclass
+class ValidationSettings:
+    """A config's ``validation`` block (time fs/ps, masses amu)."""
+
+    runs: int = 4
+    steps: int = 2500  # per run
+    dt_fs: float = 2.0
+    hmr_amu: float | None = 3.024  # hydrogen mass repartitioning for the 2 fs step (docs/md.md)
+    every: int = 10  # steps between saved frames
+    skip_ps: float = 1.0  # left out of the observables at the start of every run
+    temperature: float = 300.0
+    drivers: list[str] = field(default_factory=lambda: list(DRIVERS))
+    solute: int = 0  # the solute whose backbone phi/psi are analysed
+    n_bins: int = 18  # Ramachandran histogram bins per angle (20 deg)
+    # (phi, psi) deg of each start: PII, alpha_R, C7eq, beta; run k starts from entry k % len; None: every
+    # run from the built structure. The pipeline's sampling runs start from the same conformations (run r
+    # from entry r % len), so that the models are trained where the validation runs go
+    starts: list[list[float]] | None = field(
+        default_factory=lambda: [[-75.0, 145.0], [-70.0, -40.0], [-80.0, 75.0], [-150.0, 155.0]]
+    )
+
+    def __post_init__(self) -> None:
+        from qmlmm.typecheck import check_field_types
+
+        check_field_types(self, "validation")
+        if self.runs < 2:
+            raise InputError(
+                f"validation runs must be at least 2 (the noise comes from independent runs), got {self.runs}"
+            )
+        unknown = sorted(set(self.drivers) - set(DRIVERS))
+        if unknown or "reference" not in self.drivers:
+            raise InputError(
+                f"validation drivers must include 'reference' and be among {list(DRIVERS)}, got {self.drivers}"
+            )
+        for name in ("steps", "every", "n_bins"):
+            if getattr(self, name) < 1:
+                raise InputError(f"validation {name} must be at least 1, got {getattr(self, name)}")
+        for name, ok, want in [
+            ("dt_fs", 0 < self.dt_fs <= 10, "in (0, 10] fs"),
+            ("temperature", self.temperature > 0, "positive (K)"),
+            ("solute", self.solute >= 0, ">= 0"),
+            (
+                "starts",
+                self.starts is None or (bool(self.starts) and all(len(x) == 2 for x in self.starts)),
+                "None or a list of [phi, psi] (deg)",
+            ),
+        ]:
+            if not ok:
+                raise InputError(f"validation {name} must be {want}, got {getattr(self, name)!r}")
+        if self.skip_ps < 0 or self.skip_ps >= self.steps * self.dt_fs * 1e-3:
+            raise InputError(
+                f"validation skip_ps ({self.skip_ps}) must be >= 0 and shorter than a run "
+                f"({self.steps} x {self.dt_fs} fs = {self.steps * self.dt_fs * 1e-3} ps)"
+            )
+        if self.steps // self.every - round(self.skip_ps * 1e3 / (self.dt_fs * self.every)) < 2:
+            raise InputError("validation keeps fewer than 2 frames a run: more steps, a smaller every or skip_ps")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ValidationSettings:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown validation setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def start_of(self, k: int) -> int:
+        """Index into ``starts`` of run ``k`` (0 for every run without starts)."""
+        return k % len(self.starts) if self.starts else 0
+
+    @property
+    def skip_frames(self) -> int:
+        return round(self.skip_ps * 1e3 / (self.dt_fs * self.every))
+
+
+def _engine_maker(cfg: PipelineConfig, models: Path, driver: str, threads: int) -> tuple[Any, Any]:
+    """(a function making the driver's engine, its embedding settings)."""
+    from qmlmm.engines import make_engine
+    from qmlmm.environment import EmbeddingSettings
+
+    emb = EmbeddingSettings(cfg.cutoff, cfg.switch_width)
+    if driver in ("reference", "baseline"):
+        spec = cfg.reference if driver == "reference" else cfg.baseline
+        return (lambda: make_engine(spec, threads=threads)), emb
+    from qmlmm.models import QMLMMModel
+
+    model = QMLMMModel.load(models / f"{driver}.pt")
+    return (lambda: model.engine(threads)), model.embedding
+
+
+def _run_dir(out: Path, driver: str, k: int) -> Path:
+    return out / "validation" / driver / f"run{k}"
+
+
+def _check_same_engine(rdir: Path, engine: Any) -> None:
+    """Raise InputError when the run in ``rdir`` was made by another engine or model (e.g. a model
+    retrained since): its frames would be compared under the wrong name."""
+    from qmlmm.md.runner import _engine_identity
+
+    p = rdir / "run_settings.json"
+    if p.exists() and json.loads(p.read_text()).get("engine") != _engine_identity(engine):
+        raise InputError(
+            f"{rdir} was run with another engine or model than the one this config names now "
+            f"({engine.spec}); delete {rdir.parent} to rerun that driver's validation runs"
+        )
+
+
+def start_positions(positions: np.ndarray, smiles: str, offset: int, phi: float, psi: float) -> np.ndarray:
+    """``positions`` (N, 3) nm with the solute's residue (SMILES, atoms from ``offset`` in RDKit order with
+    hydrogens, whole as built) set to ``phi`` and ``psi`` (deg) by rotation about its N-CA and CA-C' bonds
+    (RDKit moves the side of the dihedral's last atom). Returns a new (N, 3) array."""
+    from rdkit import Chem
+    from rdkit.Chem import rdMolTransforms
+    from rdkit.Geometry import Point3D
+
+    from qmlmm.analysis.validation import peptide_sites
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    n = mol.GetNumAtoms()
+    conf = Chem.Conformer(n)
+    for i in range(n):
+        x, y, z = (10.0 * positions[offset + i]).tolist()  # nm -> Angstrom
+        conf.SetAtomPosition(i, Point3D(x, y, z))
+    mol.AddConformer(conf, assignId=True)
+    c = mol.GetConformer()
+    sites = peptide_sites(smiles)
+    rdMolTransforms.SetDihedralDeg(c, *sites.phi, float(phi))
+    rdMolTransforms.SetDihedralDeg(c, *sites.psi, float(psi))
+    out = np.array(positions, dtype=float, copy=True)
+    out[offset : offset + n] = np.asarray(c.GetPositions()) / 10.0
+    return out
+
+
+def validation_starts(cfg: PipelineConfig, vs: ValidationSettings, msys: Any) -> list[np.ndarray]:
+    """The start positions (N, 3) nm of the validation runs (and the pipeline's sampling runs): the built
+    structure with the solute's backbone at each of ``vs.starts``, or the built structure alone."""
+    if not vs.starts:
+        return [np.array(msys.positions, dtype=float)]
+    off = int(msys.meta["solute_offsets"][vs.solute])
+    return [start_positions(msys.positions, cfg.solutes[vs.solute], off, *st) for st in vs.starts]
+
+
+def _run_all(
+    cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path, models: Path, progress: bool
+) -> None:
+    """Every driver's runs, each resumed from its checkpoint or skipped when finished or stopped."""
+    from qmlmm.md.runner import MDSettings, StartState, run_md
+    from qmlmm.md.system import MDSystem
+
+    threads = cfg.total_threads
+    msys = MDSystem.load(system)
+    starts = validation_starts(cfg, vs, msys)
+    for driver in vs.drivers:
+        make, emb = _engine_maker(cfg, models, driver, threads)
+        for k in range(vs.runs):
+            rdir = _run_dir(out, driver, k)
+            if (rdir / "run.json").exists():
+                _check_same_engine(rdir, make())
+                rec = json.loads((rdir / "run.json").read_text())
+                if rec["steps_done"] >= vs.steps or rec.get("stopped"):
+                    continue
+            log.info("[validation] %s run %d of %d", driver, k + 1, vs.runs)
+            s = MDSettings(
+                steps=vs.steps,
+                dt_fs=vs.dt_fs,
+                temperature=vs.temperature,
+                report_every=vs.every,
+                dcd_every=vs.every,
+                checkpoint_every=max(vs.every, 250),
+                seed=cfg.seed + 1 + k + 1000 * (1 + DRIVERS.index(driver)),  # every run its own noise
+                threads=threads,
+                hmr_amu=vs.hmr_amu,
+            )
+            what = f"at phi, psi = {vs.starts[vs.start_of(k)]} deg" if vs.starts else "as built"
+            start = StartState(starts[vs.start_of(k)], None, f"built structure {what}")
+            run_md(
+                system, make(), rdir, s, emb, restart=(rdir / "checkpoint.chk").exists(), progress=progress, start=start
+            )
+
+
+def _observables(
+    cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path
+) -> tuple[dict[str, list[Any]], dict[str, list[int]], dict[str, dict[str, str]]]:
+    """Per driver, the RunObservables of every run that has a run.json and frames past ``skip_ps``, the
+    start index of each of those runs, and the runs that stopped early (driver -> run -> where, why)."""
+    from qmlmm.analysis.md_analysis import load_run
+    from qmlmm.analysis.validation import peptide_sites, run_observables, water_donors
+    from qmlmm.md.system import MDSystem
+
+    msys = MDSystem.load(system)
+    sites = peptide_sites(cfg.solutes[vs.solute], int(msys.meta["solute_offsets"][vs.solute]))
+    oh = water_donors(msys.numbers, msys.mol_ids, msys.is_qm)
+    w_o, w_h = np.unique(oh[:, 0]), oh[:, 1]
+    res: dict[str, list[Any]] = {}
+    strata: dict[str, list[int]] = {}
+    stopped: dict[str, dict[str, str]] = {}
+    for driver in vs.drivers:
+        res[driver], strata[driver] = [], []
+        for k in range(vs.runs):
+            rdir = _run_dir(out, driver, k)
+            if not (rdir / "traj.dcd").exists() or not (rdir / "run.json").exists():
+                continue  # not run yet, or killed before its first run.json
+            rec = json.loads((rdir / "run.json").read_text())
+            if rec.get("stopped"):
+                stopped.setdefault(driver, {})[f"run{k}"] = f"step {rec['steps_done']}: {rec['stopped']}"
+            try:
+                pos, boxes = load_run(rdir)
+            except SchemaError:  # stopped before its first frame: nothing to analyse
+                continue
+            pos, boxes = pos[vs.skip_frames :], None if boxes is None else boxes[vs.skip_frames :]
+            if len(pos) < 2 or boxes is None:
+                continue
+            ro = run_observables(pos, boxes, sites, w_o, w_h, oh)
+            ro.ns_per_day, ro.stopped = rec.get("ns_per_day"), rec.get("stopped")
+            res[driver].append(ro)
+            strata[driver].append(vs.start_of(k))
+    return res, strata, stopped
+
+
+def check_solute(cfg: PipelineConfig, vs: ValidationSettings) -> None:
+    """Raise InputError, before any run, when ``vs.solute`` names no solute or one without a residue
+    between two peptide bonds."""
+    from qmlmm.analysis.validation import peptide_sites
+
+    if vs.solute >= len(cfg.solutes):
+        raise InputError(f"validation solute {vs.solute}: the config has {len(cfg.solutes)} solute(s)")
+    peptide_sites(cfg.solutes[vs.solute])
+
+
+def validation_step(
+    cfg: PipelineConfig, out: Path, system: Path, models: Path, progress: bool, analyze_only: bool
+) -> dict[str, Any] | None:
+    """Run (unless ``analyze_only``) and analyse the validation runs; None when the config has no
+    ``validation`` block. Returns per driver its statistics and, for every driver but the reference,
+    its comparison with the reference (``qmlmm.analysis.validation.compare_drivers``)."""
+    if cfg.validation is None:
+        return None
+    from qmlmm.analysis.validation import compare_drivers, driver_statistics
+    from qmlmm.workflows.pipeline.summary import _write_json_atomic
+
+    vs = ValidationSettings.from_dict(cfg.validation)
+    check_solute(cfg, vs)
+    if not analyze_only:
+        _run_all(cfg, vs, out, system, models, progress)
+    obs, strata, stopped = _observables(cfg, vs, out, system)
+    stats = {d: driver_statistics(r, vs.n_bins) for d, r in obs.items() if r}
+    ref = obs.get("reference") or []
+    comparisons = {
+        d: compare_drivers(ref, r, vs.n_bins, strata["reference"], strata[d])
+        for d, r in obs.items()
+        if d != "reference" and len(r) >= 2 and len(ref) >= 2
+    }
+    missing = {d: vs.runs - len(r) for d, r in obs.items() if len(r) < vs.runs}
+    if missing:
+        log.warning("validation: runs without frames to analyse (not run, killed early): %s", missing)
+    res = {
+        "settings": asdict(vs),
+        "production_ps_per_run": (vs.steps - vs.skip_frames * vs.every) * vs.dt_fs * 1e-3,
+        "drivers": stats,
+        "against_reference": comparisons,
+        "runs_stopped": stopped,
+        "runs_analysed": {d: len(r) for d, r in obs.items()},
+    }
+    vdir = out / "validation"
+    vdir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(vdir / "validation.json", res)
+    from qmlmm.analysis.plots import validation_plot
+    from qmlmm.analysis.tables import validation_markdown
+
+    validation_plot(stats, {d: r for d, r in obs.items() if r}, vdir / "validation.png")
+    tmp = vdir / "validation.md.tmp"
+    tmp.write_text(validation_markdown(res))
+    tmp.replace(vdir / "validation.md")
+    return res
