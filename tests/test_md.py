@@ -265,6 +265,31 @@ def test_nve_energy_conservation_with_dftb3(methanol_system: Path, tmp_path: Pat
     assert np.linalg.norm(pos[-1, 0] - pos[-1, 1]) == pytest.approx(0.143, abs=0.02)  # C-O bond, molecule whole
 
 
+def test_resume_after_a_kill_writes_every_frame_once(methanol_system: Path, tmp_path: Path) -> None:
+    """A run killed after its checkpoint at step 20 had written rows and frames up to step 30; resumed at
+    20, it must not keep them twice: log steps 10..40 once each, 4 DCD frames, the last one the end."""
+    import shutil
+
+    from qmlmm.analysis.md_analysis import read_dcd
+    from qmlmm.md.runner import load_final_state
+
+    r = tmp_path / "r"
+    s = MDSettings(steps=20, report_every=10, dcd_every=10, checkpoint_every=10, threads=1, thermalize_steps=0)
+    run_md(methanol_system, None, r, s, EMB, progress=False)
+    shutil.copyfile(r / "checkpoint.chk", tmp_path / "chk20")
+    run_md(methanol_system, None, r, dataclasses.replace(s, steps=30), EMB, restart=True, progress=False)
+    with open(r / "traj.dcd", "ab") as f:  # and was killed while writing the next frame
+        f.write(b"\0" * 100)
+    shutil.copyfile(tmp_path / "chk20", r / "checkpoint.chk")  # the kill came before the checkpoint at 30
+    res = run_md(methanol_system, None, r, dataclasses.replace(s, steps=40), EMB, restart=True, progress=False)
+    steps = np.genfromtxt(res.log_csv, delimiter=",", names=True)["step"]
+    assert list(steps) == [10, 20, 30, 40]
+    pos, boxes = read_dcd(r / "traj.dcd")
+    assert len(pos) == 4 and boxes is not None and len(boxes) == 4
+    end = load_final_state(r)
+    assert end is not None and np.allclose(end.positions, pos[-1], atol=2e-5)
+
+
 def test_restart_continues_and_appends(methanol_system: Path, tmp_path: Path) -> None:
     eng = make_engine("dftb3:3ob")
     s = MDSettings(steps=20, report_every=10, checkpoint_every=10, threads=2)

@@ -45,6 +45,7 @@ __all__ = [
     "load_final_state",
     "make_simulation",
     "run_md",
+    "trim_run_to_step",
 ]
 
 
@@ -504,7 +505,50 @@ def _resume(sim: Any, run: _Run) -> _Begin:
     sim.loadCheckpoint(str(chk))
     start_step = round(sim.context.getState().getStepCount())
     log.info("restarting %s at step %d", run.out, start_step)
+    trim_run_to_step(run.out, start_step, run.s.dcd_every)
     return _Begin(start_step, _start_info(run.engine, run.s, run.start, restart=True))
+
+
+def trim_run_to_step(out: str | Path, step: int, dcd_every: int) -> None:
+    """Cut a run folder's log.csv rows after ``step`` and traj.dcd frames after ``step // dcd_every``
+    (and any partial frame): what a killed run wrote after its last checkpoint is done again when it
+    resumes there, and would otherwise be in the files twice."""
+    import struct
+
+    out = Path(out)
+    csv_path, dcd_path = out / "log.csv", out / "traj.dcd"
+    if csv_path.exists():
+        lines = csv_path.read_text().splitlines(keepends=True)
+        keep = lines[:1] + [ln for ln in lines[1:] if ln.strip() and int(float(ln.split(",", 1)[0])) <= step]
+        if len(keep) < len(lines):
+            tmp = csv_path.with_name(csv_path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(csv_path)
+            log.info("%s: %d log rows after step %d removed", csv_path, len(lines) - len(keep), step)
+    if not dcd_path.exists() or dcd_path.stat().st_size < 276:
+        return
+    with open(dcd_path, "r+b") as f:
+        count, first, interval = struct.unpack("<3i", _read_at(f, 8, 12))
+        (box_flag,) = struct.unpack("<i", _read_at(f, 48, 4))
+        (comments,) = struct.unpack("<i", _read_at(f, 92, 4))
+        header = 104 + comments + 8
+        (n_atoms,) = struct.unpack("<i", _read_at(f, 104 + comments, 4))
+        frame = 3 * (8 + 4 * n_atoms) + (56 if box_flag else 0)
+        whole = (dcd_path.stat().st_size - header) // frame
+        n_keep = min(count, whole, step // dcd_every)
+        if n_keep == count and header + n_keep * frame == dcd_path.stat().st_size:
+            return
+        f.truncate(header + n_keep * frame)
+        f.seek(8)
+        f.write(struct.pack("<i", n_keep))
+        f.seek(20)
+        f.write(struct.pack("<i", first + n_keep * interval))
+    log.info("%s: %d frames kept (up to step %d)", dcd_path, n_keep, step)
+
+
+def _read_at(f: Any, offset: int, n: int) -> bytes:
+    f.seek(offset)
+    return bytes(f.read(n))
 
 
 def _begin_fresh(sim: Any, msys: MDSystem, run: _Run) -> _Begin:
