@@ -164,14 +164,21 @@ def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
     assert set(v["drivers"]) == set(DRIVERS) and set(v["against_reference"]) == set(DRIVERS) - {"reference"}
     kept = vs.steps // vs.every - vs.skip_frames
     for d, st in v["drivers"].items():
-        assert st["n_runs"] == vs.runs and st["frames_per_run"] == [kept] * vs.runs and not st["stopped"], d
         run = json.loads((out / "validation" / d / "run0" / "run.json").read_text())
-        assert run["steps_done"] == vs.steps and run["settings"]["hmr_amu"] == vs.hmr_amu, d
+        assert run["settings"]["hmr_amu"] == vs.hmr_amu and run["settings"]["dt_fs"] == vs.dt_fs, d
         assert sum(st["populations"][k]["mean"] for k in REGIONS) == pytest.approx(1.0)
-        assert np.asarray(st["histogram"]).sum() == kept * vs.runs
+        if d in ("reference", "baseline"):  # QM/MM MD runs to the end
+            assert st["n_runs"] == vs.runs and st["frames_per_run"] == [kept] * vs.runs, d
+            assert run["steps_done"] == vs.steps and d not in v["runs_stopped"], d
+            assert np.asarray(st["histogram"]).sum() == kept * vs.runs
+        else:  # a model trained on 12 frames may leave its domain (measured: the direct model stretched the
+            # solute past the box's unique-image size at step 30): a stopped run is recorded with its reason
+            for k in range(vs.runs):
+                rec = json.loads((out / "validation" / d / f"run{k}" / "run.json").read_text())
+                assert rec["steps_done"] == vs.steps or f"run{k}" in v["runs_stopped"].get(d, {}), (d, k)
         # an amide H's nearest-water peak: an H-bond at ~0.2 nm (or, in a tiny run, anywhere inside 0.8)
         assert 0.1 < st["rdf_peak"]["HN-OW"]["r_nm"]["mean"] < 0.8
-    for d, c in v["against_reference"].items():  # 2 runs from 2 starts: no relabelling can give p < 0.05
+    for d, c in v["against_reference"].items():  # 2 + 2 runs: no relabelling can give p < 0.05
         assert c["smallest_p"] >= 0.05 and all(x is None for x in c["agree"].values()), d
     # every run starts from the built backbone (starts: null): the first saved frame (10 fs in) is still there
     from qmlmm.analysis.md_analysis import dihedrals, load_run
