@@ -269,3 +269,27 @@ def test_validation_solute_checked_when_the_config_loads(tmp_path: Path) -> None
         p.write_text(yaml.safe_dump(cfg))
         with pytest.raises(InputError, match=msg):
             load_pipeline_config(p, "s")
+
+
+def test_waters_in_the_way_of_a_new_conformation_are_moved_whole() -> None:
+    """A water whose H sits inside a QM atom (nothing in MM pushes it out: TIP3P H has no LJ, QM atoms
+    no MM charges) is moved, rigid, to free space; waters clear of the solute stay where they were."""
+    from qmlmm.workflows.pipeline.validation import relocate_clashing_waters
+
+    box = np.diag([2.0, 2.0, 2.0])
+    qm = np.array([[1.0, 1.0, 1.0], [1.15, 1.0, 1.0]])
+    w_in = np.array([[1.05, 1.08, 1.0], [1.0, 1.02, 1.0], [1.1, 1.15, 1.0]])  # its H 0.02 nm from a QM atom
+    w_far = np.array([[0.2, 0.2, 0.2], [0.29, 0.2, 0.2], [0.18, 0.29, 0.2]])
+    w_edge = np.array([[1.95, 1.0, 1.0], [2.04, 1.0, 1.0], [1.93, 1.09, 1.0]])  # clear through the box face
+    pos = np.vstack([qm, w_in, w_far, w_edge])
+    is_qm = np.array([True, True] + [False] * 9)
+    mol_ids = np.array([0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    new = relocate_clashing_waters(pos, is_qm, mol_ids, box, seed=1)
+    np.testing.assert_array_equal(new[:2], pos[:2])
+    np.testing.assert_array_equal(new[5:], pos[5:])
+    moved = new[2:5]
+    assert np.allclose(moved - moved.mean(0), w_in - w_in.mean(0))  # rigid translation
+    from qmlmm.system import minimum_image
+
+    d = minimum_image(moved[:, None] - np.delete(new, [2, 3, 4], axis=0)[None], box)
+    assert np.sqrt((d * d).sum(-1)).min() >= 0.22

@@ -25,7 +25,15 @@ from qmlmm.workflows.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DRIVERS", "ValidationSettings", "check_solute", "start_positions", "validation_starts", "validation_step"]
+__all__ = [
+    "DRIVERS",
+    "ValidationSettings",
+    "check_solute",
+    "relocate_clashing_waters",
+    "start_positions",
+    "validation_starts",
+    "validation_step",
+]
 
 #: what drives the validation runs: the reference engine, the baseline engine, the delta and direct models
 DRIVERS: tuple[str, ...] = ("reference", "baseline", "delta", "direct")
@@ -169,22 +177,63 @@ def validation_starts(cfg: PipelineConfig, vs: ValidationSettings, msys: Any) ->
     if not vs.starts:
         return [np.array(msys.positions, dtype=float)]
     off = int(msys.meta["solute_offsets"][vs.solute])
-    return [start_positions(msys.positions, cfg.solutes[vs.solute], off, *st) for st in vs.starts]
+    out = []
+    for k, st in enumerate(vs.starts):
+        pos = start_positions(msys.positions, cfg.solutes[vs.solute], off, *st)
+        out.append(relocate_clashing_waters(pos, msys.is_qm, msys.mol_ids, msys.box, seed=k))
+    return out
+
+
+def relocate_clashing_waters(
+    positions: np.ndarray, is_qm: np.ndarray, mol_ids: np.ndarray, box: np.ndarray, min_nm: float = 0.22, seed: int = 0
+) -> np.ndarray:
+    """``positions`` (N, 3) nm with every MM molecule that has an atom within ``min_nm`` of a QM atom
+    (minimum image, box (3, 3) nm) moved, whole, to a random place in the box where all its atoms are at
+    least ``min_nm`` from every other atom. A solute turned into a new conformation can sweep through
+    water that an MM relaxation cannot push out: TIP3P hydrogens have no Lennard-Jones term and the QM
+    atoms no MM charges, so a water H inside a QM atom feels nothing there. Returns a new array."""
+    from qmlmm.system import minimum_image
+
+    pos = np.array(positions, dtype=float, copy=True)
+    rng = np.random.default_rng(seed)
+    qm = np.flatnonzero(is_qm)
+
+    def nearest(p: np.ndarray, others: np.ndarray) -> float:
+        d = minimum_image(p[:, None, :] - pos[others][None, :, :], box)
+        return float(np.sqrt((d * d).sum(-1)).min())
+
+    mm = np.flatnonzero(~is_qm)
+    d = minimum_image(pos[mm][:, None, :] - pos[qm][None, :, :], box)
+    close = mm[np.sqrt((d * d).sum(-1)).min(1) < min_nm]
+    for mid in np.unique(mol_ids[close]):
+        atoms = np.flatnonzero((mol_ids == mid) & ~is_qm)
+        rest = np.setdiff1d(np.arange(len(pos)), atoms)
+        shape = pos[atoms] - pos[atoms].mean(0)
+        for _ in range(10000):
+            trial = shape + rng.random(3) @ box
+            if nearest(trial, rest) >= min_nm:
+                pos[atoms] = trial
+                break
+        else:
+            raise InputError(f"no room in the box for MM molecule {mid} displaced by the solute's new conformation")
+    return pos
 
 
 def _run_all(
     cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path, models: Path, progress: bool
 ) -> None:
-    """Every driver's runs, each resumed from its checkpoint or skipped when finished or stopped."""
+    """Every driver's runs, each resumed from its checkpoint or skipped when finished or stopped. Run k of
+    every driver before run k + 1 of any: stopped part-way, the validation has the same runs of each."""
     from qmlmm.md.runner import MDSettings, StartState, run_md
     from qmlmm.md.system import MDSystem
 
     threads = cfg.total_threads
     msys = MDSystem.load(system)
     starts = validation_starts(cfg, vs, msys)
-    for driver in vs.drivers:
-        make, emb = _engine_maker(cfg, models, driver, threads)
-        for k in range(vs.runs):
+    makers = {d: _engine_maker(cfg, models, d, threads) for d in vs.drivers}
+    for k in range(vs.runs):
+        for driver in vs.drivers:
+            make, emb = makers[driver]
             rdir = _run_dir(out, driver, k)
             if (rdir / "run.json").exists():
                 _check_same_engine(rdir, make())
