@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -293,3 +294,53 @@ def test_waters_in_the_way_of_a_new_conformation_are_moved_whole() -> None:
 
     d = minimum_image(moved[:, None] - np.delete(new, [2, 3, 4], axis=0)[None], box)
     assert np.sqrt((d * d).sum(-1)).min() >= 0.22
+
+
+def test_stopped_runs_are_left_out_and_finished_runs_are_not_rerun(tmp_path: Path, monkeypatch: Any) -> None:
+    """The statistics use finished runs only (a stopped run's last frames can be of a molecule coming
+    apart; it is listed instead); a rerun of the step with every run finished or stopped runs nothing and
+    builds no start structure (that search takes seconds per start)."""
+    import json
+
+    import mdtraj
+
+    from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
+    from qmlmm.md.system import MDSystem
+    from qmlmm.workflows.pipeline import validation as pv
+
+    system = tmp_path / "system"
+    build_system([SoluteSpec(smiles=ALA2)], system, BuildSettings(cutoff=0.6, equilibrate_ps=0.2, threads=1))
+    msys = MDSystem.load(system)
+    vs = ValidationSettings(runs=2, steps=40, every=10, skip_ps=0.0, drivers=["reference", "baseline"], starts=None)
+
+    cfg = SimpleNamespace(
+        solutes=[ALA2],
+        total_threads=1,
+        seed=0,
+        cutoff=0.6,
+        switch_width=0.1,
+        reference="xtb:gfn2",
+        baseline="dftb3:3ob",
+    )
+
+    lengths = np.diag(msys.box)
+    for driver in vs.drivers:
+        for k in range(vs.runs):
+            rdir = tmp_path / "validation" / driver / f"run{k}"
+            rdir.mkdir(parents=True)
+            frames = np.repeat(msys.positions[None], 4, axis=0).astype(np.float32)
+            with mdtraj.formats.DCDTrajectoryFile(str(rdir / "traj.dcd"), "w") as f:
+                f.write(10.0 * frames, cell_lengths=np.tile(10.0 * lengths, (4, 1)), cell_angles=np.full((4, 3), 90.0))
+            why = "QM/MM force failed: atoms overlap" if (driver, k) == ("baseline", 1) else None
+            rec = {"steps_done": 20 if why else 40, "stopped": why, "ns_per_day": 1.0}
+            (rdir / "run.json").write_text(json.dumps(rec))
+    obs, strata, stopped = pv._observables(cfg, vs, tmp_path, system)  # type: ignore[arg-type]
+    assert [len(obs[d]) for d in vs.drivers] == [2, 1] and strata["baseline"] == [0]
+    assert list(stopped) == ["baseline"] and "step 20: QM/MM force failed" in stopped["baseline"]["run1"]
+
+    def fail(*a: Any, **k: Any) -> None:
+        raise AssertionError("nothing should run or be built")
+
+    monkeypatch.setattr(pv, "validation_start", fail)
+    monkeypatch.setattr("qmlmm.md.runner.run_md", fail)
+    pv._run_all(cfg, vs, tmp_path, system, tmp_path / "models", progress=False)  # type: ignore[arg-type]

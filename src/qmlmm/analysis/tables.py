@@ -121,7 +121,8 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
     if stopped:
         lines += [
             "",
-            "Runs that stopped early (their frames up to the stop are used; none before the first frame):",
+            "Runs that stopped early, left out of the statistics above (their last frames can be of a molecule"
+            " coming apart):",
             "",
         ]
         lines += [f"- {d} {run}: {why}" for d, runs in stopped.items() for run, why in runs.items()]

@@ -200,7 +200,7 @@ def hbond_counts(
 class RunObservables:
     """One MD run's observables after its first ``skip_ps``: phi, psi (T,) deg; region populations;
     region changes between consecutive frames; RDF curves {pair: (r nm, g)}; mean solute-water H-bond
-    counts {"solute_donor", "solute_acceptor", "total"}; speed (ns/day) and whether the run stopped."""
+    counts {"solute_donor", "solute_acceptor", "total"}; speed (ns/day)."""
 
     n_frames: int
     phi: np.ndarray
@@ -210,7 +210,6 @@ class RunObservables:
     rdf: dict[str, tuple[np.ndarray, np.ndarray]]
     hbonds: dict[str, float]
     ns_per_day: float | None = None
-    stopped: str | None = None
 
 
 def run_observables(
@@ -297,7 +296,6 @@ def driver_statistics(runs: Sequence[RunObservables], n_bins: int = 18) -> dict[
         "rdf_peak": {},
         "histogram": _pooled_histogram(runs, n_bins).tolist(),
         "ns_per_day": _mean_se([r.ns_per_day for r in runs if r.ns_per_day is not None] or [float("nan")]),
-        "stopped": [r.stopped for r in runs if r.stopped],
     }
     for pair in runs[0].rdf:
         k = [_first_peak(*r.rdf[pair]) for r in runs]

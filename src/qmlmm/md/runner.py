@@ -156,7 +156,7 @@ _LEGACY_DEFAULTS: dict[str, object] = {"hmr_amu": None}
 def _run_identity(engine: Engine | None, emb: EmbeddingSettings, s: MDSettings, rs: list[Any]) -> dict[str, Any]:
     """What a continuation must share with the run it continues (written to run_settings.json at the start)."""
     return {
-        "engine": _engine_identity(engine),
+        "engine": engine_identity(engine),
         "embedding": emb.to_dict(),
         "restraints": [r.text() for r in rs],
         **{k: getattr(s, k) for k in RESTART_KEYS},
@@ -203,11 +203,19 @@ def _check_restart(out: Path, engine: Engine | None, emb: EmbeddingSettings, s: 
         )
 
 
-def _engine_identity(engine: Engine | None) -> str:
-    """The engine's spec and the settings that determine its numbers (a model: its weights' fingerprint)."""
+def engine_identity(engine: Engine | None) -> str:
+    """The engine's spec and the settings that determine its numbers (a model: its weights' fingerprint),
+    as a JSON string; "mm-only" for None. Two runs with the same identity ran on the same potential."""
     if engine is None:
         return "mm-only"
     return json.dumps({"spec": engine.spec, "settings": engine.settings()}, sort_keys=True, default=str)
+
+
+def run_engine_matches(run_dir: str | Path, engine: Engine | None) -> bool:
+    """Whether the run in ``run_dir`` was made with ``engine`` (same :func:`engine_identity`); True for a
+    folder with no run yet."""
+    p = Path(run_dir) / "run_settings.json"
+    return not p.exists() or json.loads(p.read_text()).get("engine") == engine_identity(engine)
 
 
 @dataclass
@@ -454,7 +462,7 @@ def run_md(
         "settings": asdict(s),
         "embedding": emb.to_dict(),
         "engine": getattr(engine, "spec", "mm-only"),
-        "engine_identity": _engine_identity(engine),
+        "engine_identity": engine_identity(engine),
         "steps_done": steps_done,
         "seconds_this_run": seconds,
         "ns_per_day": nsday,

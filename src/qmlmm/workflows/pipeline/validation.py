@@ -31,6 +31,7 @@ __all__ = [
     "check_solute",
     "relocate_clashing_waters",
     "start_positions",
+    "validation_start",
     "validation_starts",
     "validation_step",
 ]
@@ -135,10 +136,9 @@ def _run_dir(out: Path, driver: str, k: int) -> Path:
 def _check_same_engine(rdir: Path, engine: Any) -> None:
     """Raise InputError when the run in ``rdir`` was made by another engine or model (e.g. a model
     retrained since): its frames would be compared under the wrong name."""
-    from qmlmm.md.runner import _engine_identity
+    from qmlmm.md.runner import run_engine_matches
 
-    p = rdir / "run_settings.json"
-    if p.exists() and json.loads(p.read_text()).get("engine") != _engine_identity(engine):
+    if not run_engine_matches(rdir, engine):
         raise InputError(
             f"{rdir} was run with another engine or model than the one this config names now "
             f"({engine.spec}); delete {rdir.parent} to rerun that driver's validation runs"
@@ -171,17 +171,22 @@ def start_positions(positions: np.ndarray, smiles: str, offset: int, phi: float,
     return out
 
 
-def validation_starts(cfg: PipelineConfig, vs: ValidationSettings, msys: Any) -> list[np.ndarray]:
-    """The start positions (N, 3) nm of the validation runs (and the pipeline's sampling runs): the built
-    structure with the solute's backbone at each of ``vs.starts``, or the built structure alone."""
+def validation_start(cfg: PipelineConfig, vs: ValidationSettings, msys: Any, i: int) -> np.ndarray:
+    """Start ``i`` (N, 3) nm of the validation runs (and the pipeline's sampling runs): the built structure
+    with the solute's backbone at ``vs.starts[i]`` and the waters it displaced moved; the built structure
+    itself when ``vs.starts`` is None (``i`` 0 only)."""
     if not vs.starts:
-        return [np.array(msys.positions, dtype=float)]
+        if i != 0:
+            raise InputError(f"validation start {i}: without `starts` there is one start, the built structure")
+        return np.array(msys.positions, dtype=float)
     off = int(msys.meta["solute_offsets"][vs.solute])
-    out = []
-    for k, st in enumerate(vs.starts):
-        pos = start_positions(msys.positions, cfg.solutes[vs.solute], off, *st)
-        out.append(relocate_clashing_waters(pos, msys.is_qm, msys.mol_ids, msys.box, seed=k))
-    return out
+    pos = start_positions(msys.positions, cfg.solutes[vs.solute], off, *vs.starts[i])
+    return relocate_clashing_waters(pos, msys.is_qm, msys.mol_ids, msys.box, seed=i)
+
+
+def validation_starts(cfg: PipelineConfig, vs: ValidationSettings, msys: Any) -> list[np.ndarray]:
+    """Every start (:func:`validation_start`) as a list of (N, 3) nm arrays."""
+    return [validation_start(cfg, vs, msys, i) for i in range(len(vs.starts) if vs.starts else 1)]
 
 
 def relocate_clashing_waters(
@@ -229,7 +234,13 @@ def _run_all(
 
     threads = cfg.total_threads
     msys = MDSystem.load(system)
-    starts = validation_starts(cfg, vs, msys)
+    starts: dict[int, np.ndarray] = {}  # made when first needed: the free-space search takes seconds
+
+    def start_at(i: int) -> np.ndarray:
+        if i not in starts:
+            starts[i] = validation_start(cfg, vs, msys, i)
+        return starts[i]
+
     makers = {d: _engine_maker(cfg, models, d, threads) for d in vs.drivers}
     for k in range(vs.runs):
         for driver in vs.drivers:
@@ -253,7 +264,7 @@ def _run_all(
                 hmr_amu=vs.hmr_amu,
             )
             what = f"at phi, psi = {vs.starts[vs.start_of(k)]} deg" if vs.starts else "as built"
-            start = StartState(starts[vs.start_of(k)], None, f"built structure {what}")
+            start = StartState(start_at(vs.start_of(k)), None, f"built structure {what}")
             run_md(
                 system, make(), rdir, s, emb, restart=(rdir / "checkpoint.chk").exists(), progress=progress, start=start
             )
@@ -262,8 +273,9 @@ def _run_all(
 def _observables(
     cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path
 ) -> tuple[dict[str, list[Any]], dict[str, list[int]], dict[str, dict[str, str]]]:
-    """Per driver, the RunObservables of every run that has a run.json and frames past ``skip_ps``, the
-    start index of each of those runs, and the runs that stopped early (driver -> run -> where, why)."""
+    """Per driver, the RunObservables of every run that has a run.json and frames past ``skip_ps`` and did
+    not stop early, the start index of each of those runs, and the runs that stopped early (driver -> run
+    -> where, why), which the statistics leave out."""
     from qmlmm.analysis.md_analysis import load_run
     from qmlmm.analysis.validation import peptide_sites, run_observables, water_donors
     from qmlmm.md.system import MDSystem
@@ -282,8 +294,9 @@ def _observables(
             if not (rdir / "traj.dcd").exists() or not (rdir / "run.json").exists():
                 continue  # not run yet, or killed before its first run.json
             rec = json.loads((rdir / "run.json").read_text())
-            if rec.get("stopped"):
+            if rec.get("stopped"):  # left out: its last frames can be of a molecule coming apart
                 stopped.setdefault(driver, {})[f"run{k}"] = f"step {rec['steps_done']}: {rec['stopped']}"
+                continue
             try:
                 pos, boxes = load_run(rdir)
             except SchemaError:  # stopped before its first frame: nothing to analyse
@@ -292,7 +305,7 @@ def _observables(
             if len(pos) < 2 or boxes is None:
                 continue
             ro = run_observables(pos, boxes, sites, w_o, w_h, oh)
-            ro.ns_per_day, ro.stopped = rec.get("ns_per_day"), rec.get("stopped")
+            ro.ns_per_day = rec.get("ns_per_day")
             res[driver].append(ro)
             strata[driver].append(vs.start_of(k))
     return res, strata, stopped
