@@ -150,10 +150,11 @@ def test_tiny_sam_cytosine(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.examples
 def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
-    """The validation step: every driver's runs ran to their end, the observables are computed from
-    them, and a second call reuses the runs."""
+    """The validation step: every driver's runs ran to their end (the guarded models' too: the guard
+    takes over where the 12-frame models are unsure) or are listed as stopped, the observables are computed
+    from the finished ones, and a second call reuses the runs."""
     from qmlmm.analysis.validation import REGIONS
-    from qmlmm.workflows.pipeline.validation import DRIVERS, ValidationSettings
+    from qmlmm.workflows.pipeline.validation import ValidationSettings
 
     cfg = load_pipeline_config(EXAMPLES / "alanine_dipeptide" / "config.yaml", "tiny")
     out = tmp_path / "ad"
@@ -161,13 +162,15 @@ def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
     _check_common(summary, out, cfg)
     vs = ValidationSettings.from_dict(cfg.validation or {})
     v = summary["validation"]
-    assert set(v["drivers"]) == set(DRIVERS) and set(v["against_reference"]) == set(DRIVERS) - {"reference"}
+    assert len(vs.drivers) == 6 and {"reference", "baseline", "delta_guarded", "direct_guarded"} <= set(v["drivers"])
+    assert set(v["drivers"]) | set(v["runs_stopped"]) == set(vs.drivers)  # analysed, or every run stopped
+    assert set(v["against_reference"]) <= set(v["drivers"]) - {"reference"}
     kept = vs.steps // vs.every - vs.skip_frames
     for d, st in v["drivers"].items():
         run = json.loads((out / "validation" / d / "run0" / "run.json").read_text())
         assert run["settings"]["hmr_amu"] == vs.hmr_amu and run["settings"]["dt_fs"] == vs.dt_fs, d
         assert sum(st["populations"][k]["mean"] for k in REGIONS) == pytest.approx(1.0)
-        if d in ("reference", "baseline"):  # QM/MM MD runs to the end
+        if d in ("reference", "baseline", "delta_guarded", "direct_guarded"):  # these run to the end
             assert st["n_runs"] == vs.runs and st["frames_per_run"] == [kept] * vs.runs, d
             assert run["steps_done"] == vs.steps and d not in v["runs_stopped"], d
             assert np.asarray(st["histogram"]).sum() == kept * vs.runs

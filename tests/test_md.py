@@ -624,6 +624,10 @@ def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_syste
     info = json.loads((tmp_path / "fb" / "run.json").read_text())
     assert res.stopped is None and res.steps_done == 40
     assert info["fallback"] == "baseline" and info["fallback_steps"] >= 40
+    # continued, run.json counts this invocation's fallback steps and every invocation's
+    run_md(methanol_system, eng, tmp_path / "fb", replace(s, steps=60), EMB, restart=True, progress=False)
+    info = json.loads((tmp_path / "fb" / "run.json").read_text())
+    assert 20 <= info["fallback_steps"] < info["fallback_steps_total"] and info["fallback_steps_total"] >= 60
     with Dataset(tmp_path / "fb" / "uncertain.h5") as ds:
         assert 2 <= len(ds) <= 3 and ds.frame(0).info["source"] == "uncertain"
     # a direct model has no baseline to fall back to

@@ -250,6 +250,9 @@ def test_validation_settings_refuse_bad_values() -> None:
         ({"temperature": -5.0}, "temperature"),
         ({"solute": -1}, "solute"),
         ({"starts": [[-70.0]]}, "starts"),
+        ({"max_uncertainty": 0.0}, "max_uncertainty"),
+        ({"fallback": "stop"}, "fallback"),
+        ({"fallback": "baseline", "drivers": ["reference", "direct_guarded"]}, "direct_guarded needs"),
     ]
     for bad, msg in cases:
         with pytest.raises(InputError, match=msg):

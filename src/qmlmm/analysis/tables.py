@@ -64,6 +64,15 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
             f"| {d} | {st['n_runs']} | {pops} | {_pm(st['hbonds']['total'], '.2f')} | "
             f"{', '.join(str(x) for x in st['region_changes_per_run'])} | {st['ns_per_day']['mean']:.2f} |"
         )
+    guarded = {d: st.get("fallback_steps_per_run", []) for d, st in drivers.items() if d.endswith("_guarded")}
+    if guarded:
+        lines += [
+            "",
+            f"Guarded drivers: steps above an ensemble energy spread of {s.get('max_uncertainty')} kJ/mol took "
+            f"their forces from the {s.get('fallback')} engine; such steps per run (of {s['steps']}): "
+            + "; ".join(f"{d} {', '.join(str(x) for x in n)}" for d, n in guarded.items())
+            + ".",
+        ]
     pairs = sorted({p for st in drivers.values() for p in st["rdf_peak"]})
     lines += [
         "",
@@ -91,17 +100,23 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
             "",
             "Against the reference (p: permutation test over runs; p >= 0.05: within run-to-run noise):",
             "",
-            "| driver | largest population difference (p) | Ramachandran JS bits (p) | "
+            "| driver | largest population difference (p) | Ramachandran JS bits (p) | JS half vs half, "
+            "against reference's own halves | "
             + " | ".join(f"RDF {p} rms g difference (p)" for p in pairs)
             + " | H-bond difference (p) |",
-            "|" + "---|" * (len(pairs) + 4),
+            "|" + "---|" * (len(pairs) + 5),
         ]
         for d, c in comp.items():
             rd = " | ".join(f"{c['rdf'][p]['rms_g_difference']:.3f} ({c['rdf'][p]['p']:.3f})" for p in pairs)
             hb = c["hbonds_total"]
+            halves = (
+                f"{c['ramachandran_js_cross_halves_bits']:.4f} vs {c['ramachandran_js_reference_halves_bits']:.4f}"
+                if "ramachandran_js_cross_halves_bits" in c
+                else "-"
+            )
             lines.append(
                 f"| {d} | {c['populations_max_abs_difference']:.3f} ({c['populations_p']:.3f}) | "
-                f"{c['ramachandran_js_bits']:.4f} ({c['ramachandran_p']:.3f}) | {rd} | "
+                f"{c['ramachandran_js_bits']:.4f} ({c['ramachandran_p']:.3f}) | {halves} | {rd} | "
                 f"{hb['difference']:+.2f} +- {hb['se']:.2f} ({hb['p']:.3f}) |"
             )
         lines += [

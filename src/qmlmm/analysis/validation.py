@@ -200,7 +200,8 @@ def hbond_counts(
 class RunObservables:
     """One MD run's observables after its first ``skip_ps``: phi, psi (T,) deg; region populations;
     region changes between consecutive frames; RDF curves {pair: (r nm, g)}; mean solute-water H-bond
-    counts {"solute_donor", "solute_acceptor", "total"}; speed (ns/day)."""
+    counts {"solute_donor", "solute_acceptor", "total"}; speed (ns/day); steps whose forces came from an
+    uncertainty guard's fallback engine."""
 
     n_frames: int
     phi: np.ndarray
@@ -210,6 +211,7 @@ class RunObservables:
     rdf: dict[str, tuple[np.ndarray, np.ndarray]]
     hbonds: dict[str, float]
     ns_per_day: float | None = None
+    fallback_steps: int = 0
 
 
 def run_observables(
@@ -291,6 +293,7 @@ def driver_statistics(runs: Sequence[RunObservables], n_bins: int = 18) -> dict[
         "n_runs": len(runs),
         "frames_per_run": [r.n_frames for r in runs],
         "region_changes_per_run": [r.region_changes for r in runs],
+        "fallback_steps_per_run": [r.fallback_steps for r in runs],
         "populations": {k: _mean_se([r.populations[k] for r in runs]) for k in REGIONS},
         "hbonds": {k: _mean_se([r.hbonds[k] for r in runs]) for k in runs[0].hbonds},
         "rdf_peak": {},

@@ -472,6 +472,9 @@ def run_md(
         "start": _start_record(out, begin.info, restart),
         **_callback_record(cb, seconds, done, phases0),
     }
+    before = json.loads((out / "run.json").read_text()) if restart and (out / "run.json").exists() else {}
+    # every invocation's fallback steps (a restart repeats the steps after the last checkpoint: an upper bound)
+    info["fallback_steps_total"] = int(before.get("fallback_steps_total", 0)) + int(info["fallback_steps"])
     (out / "run.json").write_text(json.dumps(info, indent=2))
     return MDResult(out, steps_done, seconds, nsday, stretch.stopped, out / "log.csv", drift)
 

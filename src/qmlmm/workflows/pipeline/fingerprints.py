@@ -32,7 +32,10 @@ STEP_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "reaction": (("reaction_windows", "reaction_extra_windows", "reaction_extra_k"), ("umbrella",)),
     # more runs or steps extend the validation; another step, masses, temperature or drivers' runs would mix
     "validation": (
-        ("validation:dt_fs", "validation:hmr_amu", "validation:temperature", "validation:every"),
+        (
+            *("validation:dt_fs", "validation:hmr_amu", "validation:temperature", "validation:every"),
+            *("validation:max_uncertainty", "validation:fallback"),
+        ),
         ("validation",),
     ),
 }

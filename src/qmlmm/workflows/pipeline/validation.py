@@ -36,8 +36,10 @@ __all__ = [
     "validation_step",
 ]
 
-#: what drives the validation runs: the reference engine, the baseline engine, the delta and direct models
-DRIVERS: tuple[str, ...] = ("reference", "baseline", "delta", "direct")
+#: what drives the validation runs: the reference engine, the baseline engine, the delta and direct models,
+#: and the same models with the uncertainty guard (a step whose ensemble energy spread exceeds
+#: ``max_uncertainty`` is taken from the ``fallback`` engine; the run goes on)
+DRIVERS: tuple[str, ...] = ("reference", "baseline", "delta", "direct", "delta_guarded", "direct_guarded")
 
 
 @dataclass
@@ -51,7 +53,11 @@ class ValidationSettings:
     every: int = 10  # steps between saved frames
     skip_ps: float = 1.0  # left out of the observables at the start of every run
     temperature: float = 300.0
-    drivers: list[str] = field(default_factory=lambda: list(DRIVERS))
+    drivers: list[str] = field(default_factory=lambda: list(DRIVERS[:4]))
+    # the guarded drivers: above this ensemble energy spread (kJ/mol) a step's forces come from the
+    # fallback, "reference" (the config's reference engine) or "baseline" (delta only: its own baseline)
+    max_uncertainty: float = 15.0
+    fallback: str = "reference"
     solute: int = 0  # the solute whose backbone phi/psi are analysed
     n_bins: int = 18  # Ramachandran histogram bins per angle (20 deg)
     # (phi, psi) deg of each start: PII, alpha_R, C7eq, beta; run k starts from entry k % len; None: every
@@ -80,6 +86,8 @@ class ValidationSettings:
         for name, ok, want in [
             ("dt_fs", 0 < self.dt_fs <= 10, "in (0, 10] fs"),
             ("temperature", self.temperature > 0, "positive (K)"),
+            ("max_uncertainty", self.max_uncertainty > 0, "positive (kJ/mol)"),
+            ("fallback", self.fallback in ("reference", "baseline"), "'reference' or 'baseline'"),
             ("solute", self.solute >= 0, ">= 0"),
             (
                 "starts",
@@ -89,6 +97,8 @@ class ValidationSettings:
         ]:
             if not ok:
                 raise InputError(f"validation {name} must be {want}, got {getattr(self, name)!r}")
+        if self.fallback == "baseline" and "direct_guarded" in self.drivers:
+            raise InputError("validation fallback 'baseline' is for delta models; direct_guarded needs 'reference'")
         if self.skip_ps < 0 or self.skip_ps >= self.steps * self.dt_fs * 1e-3:
             raise InputError(
                 f"validation skip_ps ({self.skip_ps}) must be >= 0 and shorter than a run "
@@ -125,7 +135,7 @@ def _engine_maker(cfg: PipelineConfig, models: Path, driver: str, threads: int) 
         return (lambda: make_engine(spec, threads=threads)), emb
     from qmlmm.models import QMLMMModel
 
-    model = QMLMMModel.load(models / f"{driver}.pt")
+    model = QMLMMModel.load(models / f"{driver.removesuffix('_guarded')}.pt")
     return (lambda: model.engine(threads)), model.embedding
 
 
@@ -224,6 +234,13 @@ def relocate_clashing_waters(
     return pos
 
 
+def _guard(cfg: PipelineConfig, vs: ValidationSettings, driver: str) -> dict[str, Any]:
+    """MDSettings fields of the uncertainty guard: none for an unguarded driver."""
+    if not driver.endswith("_guarded"):
+        return {}
+    return {"max_uncertainty": vs.max_uncertainty, "fallback": vs.fallback, "reference": cfg.reference}
+
+
 def _run_all(
     cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path, models: Path, progress: bool
 ) -> None:
@@ -259,9 +276,12 @@ def _run_all(
                 report_every=vs.every,
                 dcd_every=vs.every,
                 checkpoint_every=max(vs.every, 250),
-                seed=cfg.seed + 1 + k + 1000 * (1 + DRIVERS.index(driver)),  # every run its own noise
+                # every run its own noise; a guarded run the noise of its unguarded twin (the same
+                # trajectory up to its first fallback step)
+                seed=cfg.seed + 1 + k + 1000 * (1 + DRIVERS.index(driver.removesuffix("_guarded"))),
                 threads=threads,
                 hmr_amu=vs.hmr_amu,
+                **_guard(cfg, vs, driver),
             )
             what = f"at phi, psi = {vs.starts[vs.start_of(k)]} deg" if vs.starts else "as built"
             start = StartState(start_at(vs.start_of(k)), None, f"built structure {what}")
@@ -306,6 +326,7 @@ def _observables(
                 continue
             ro = run_observables(pos, boxes, sites, w_o, w_h, oh)
             ro.ns_per_day = rec.get("ns_per_day")
+            ro.fallback_steps = int(rec.get("fallback_steps_total", rec.get("fallback_steps")) or 0)
             res[driver].append(ro)
             strata[driver].append(vs.start_of(k))
     return res, strata, stopped
