@@ -276,8 +276,8 @@ def _run_all(
                 report_every=vs.every,
                 dcd_every=vs.every,
                 checkpoint_every=max(vs.every, 250),
-                # every run its own noise; a guarded run its unguarded twin's seed (not its trajectory: the
-                # multi-threaded MM relaxation before the run differs between invocations)
+                # every run its own noise; a guarded run its unguarded twin's seed (not its trajectory:
+                # measured, the twins' waters differ 20 fs in)
                 seed=cfg.seed + 1 + k + 1000 * (1 + DRIVERS.index(driver.removesuffix("_guarded"))),
                 threads=threads,
                 hmr_amu=vs.hmr_amu,
