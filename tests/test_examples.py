@@ -173,7 +173,7 @@ def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
         if d in ("reference", "baseline", "delta_guarded", "direct_guarded"):  # these run to the end
             assert st["n_runs"] == vs.runs and st["frames_per_run"] == [kept] * vs.runs, d
             assert run["steps_done"] == vs.steps and d not in v["runs_stopped"], d
-            assert np.asarray(st["histogram"]).sum() == kept * vs.runs
+            assert np.asarray(st["histogram"]).sum() == pytest.approx(kept * vs.runs)
         else:  # a model trained on 12 frames may leave its domain (measured: the direct model stretched the
             # solute past the box's unique-image size at step 30): a stopped run is recorded with its reason
             for k in range(vs.runs):

@@ -5,6 +5,7 @@ on constructed geometries (across a periodic boundary too), and the permutation 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -225,6 +226,34 @@ def test_strata_limit_the_relabellings() -> None:
 
     p_mc = permutation_p_value(other, ref, hb, starts, starts, max_relabellings=200)
     assert p_mc < 0.05
+
+
+def test_a_driver_that_lost_a_starts_runs_is_compared_on_the_starts_it_has() -> None:
+    """Runs too short to forget their start carry it. A driver as good as the reference whose runs from
+    one start all stopped (left out) must not differ from it just because the reference's mean still
+    holds that start: the comparison keeps the starts both have, each weighted equally; with unequal
+    numbers of runs per start, every start still counts once."""
+    from qmlmm.analysis.validation import stratum_weights
+
+    rng = np.random.default_rng(5)
+    psi0 = [140.0, 150.0, 130.0, -40.0]  # start 3 in alpha_R, the others in beta/PII
+    hb0 = [3.0, 3.0, 3.0, 6.0]
+    starts = [0, 1, 2, 3] * 2
+    ref = [replace(_fake_run(rng, psi0[k], hb0[k]), stratum=k) for k in starts]
+    kept = [0, 1, 2, 0, 1, 2, 0]  # every start-3 run stopped; start 0 has three runs, the others two
+    same = [replace(_fake_run(rng, psi0[k], hb0[k]), stratum=k) for k in kept]
+    c = compare_drivers(ref, same)
+    assert c["common_starts"] == [0, 1, 2] and c["runs_compared"] == {"reference": 6, "other": 7}
+    assert c["populations"]["alpha_R"]["difference"] == pytest.approx(0.0, abs=0.02)
+    assert c["hbonds_total"]["difference"] == pytest.approx(0.0, abs=0.1)
+    assert c["agree"]["hbonds"] and c["agree"]["populations"]
+    w = [{0: 1 / 9, 1: 1 / 6, 2: 1 / 6}[k] for k in kept]  # each start a third, shared by its runs
+    np.testing.assert_allclose(stratum_weights(same), w, rtol=1e-12, atol=0)
+    # over every run, the reference's mean holds start 3's alpha_R: what comparing all runs would have seen
+    st = driver_statistics(ref)
+    assert st["populations"]["alpha_R"]["mean"] > 0.2 and st["starts"] == [0, 1, 2, 3]
+    with pytest.raises(InputError, match="no start in common"):
+        compare_drivers(ref[3:4], same[:1] + same[3:4])
 
 
 def test_rdf_first_peak_is_the_hydrogen_bonded_shell() -> None:

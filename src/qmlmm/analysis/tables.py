@@ -53,7 +53,8 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
     lines = [
         f"{s['runs']} independent runs per driver, {s['steps']} steps of {s['dt_fs']} fs "
         f"(HMR {s['hmr_amu']} amu), {s['temperature']} K; the first {s['skip_ps']} ps of every run left out "
-        f"({res['production_ps_per_run']:.2f} ps a run kept). Mean +- standard error over runs.",
+        f"({res['production_ps_per_run']:.2f} ps a run kept). Mean +- standard error over runs, every start "
+        "weighted equally.",
         "",
         "| driver | runs | " + " | ".join(REGIONS) + " | H-bonds solute-water | region changes per run | ns/day |",
         "|" + "---|" * (len(REGIONS) + 5),
@@ -98,7 +99,8 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
     if comp:
         lines += [
             "",
-            "Against the reference (p: permutation test over runs; p >= 0.05: within run-to-run noise):",
+            "Against the reference (p: permutation test over runs; p >= 0.05: within run-to-run noise), on the "
+            "starts both have runs from, every start weighted equally:",
             "",
             "| driver | largest population difference (p) | Ramachandran JS bits (p) | JS half vs half, "
             "against reference's own halves | "
@@ -114,8 +116,10 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
                 if "ramachandran_js_cross_halves_bits" in c
                 else "-"
             )
+            n = c.get("runs_compared", {})
+            name = f"{d} ({n.get('other')} vs {n.get('reference')} runs, starts {c.get('common_starts')})" if n else d
             lines.append(
-                f"| {d} | {c['populations_max_abs_difference']:.3f} ({c['populations_p']:.3f}) | "
+                f"| {name} | {c['populations_max_abs_difference']:.3f} ({c['populations_p']:.3f}) | "
                 f"{c['ramachandran_js_bits']:.4f} ({c['ramachandran_p']:.3f}) | {halves} | {rd} | "
                 f"{hb['difference']:+.2f} +- {hb['se']:.2f} ({hb['p']:.3f}) |"
             )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -212,6 +212,7 @@ class RunObservables:
     hbonds: dict[str, float]
     ns_per_day: float | None = None
     fallback_steps: int = 0
+    stratum: int = 0  # the run's start: statistics weight every start equally
 
 
 def run_observables(
@@ -274,19 +275,43 @@ def _mean_se(x: Sequence[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "se": se}
 
 
+def stratum_weights(runs: Sequence[RunObservables]) -> np.ndarray:
+    """(R,) weights summing to 1 that give every stratum (start) of ``runs`` the same total weight, split
+    equally among its runs. Runs too short to forget their start carry it: a driver that lost the runs of
+    one start (stopped early) would otherwise be averaged over another mix of starts than the reference."""
+    st = np.array([r.stratum for r in runs])
+    counts = {k: int((st == k).sum()) for k in set(st.tolist())}
+    return np.array([1.0 / (len(counts) * counts[k]) for k in st.tolist()])
+
+
+def _wmean_se(x: Sequence[float], runs: Sequence[RunObservables]) -> dict[str, float]:
+    """Stratum-balanced mean (:func:`stratum_weights`) and its standard error, sqrt(R / (R - 1) sum w^2
+    (x - mean)^2) (the usual SE for equal weights)."""
+    a, w = np.asarray(x, dtype=float), stratum_weights(runs)
+    m = float((w * a).sum())
+    n = len(a)
+    se = float(np.sqrt(n / (n - 1) * (w * w * (a - m) ** 2).sum())) if n > 1 else float("nan")
+    return {"mean": m, "se": se}
+
+
 def _pooled_histogram(runs: Sequence[RunObservables], n_bins: int) -> np.ndarray:
-    return sum((ramachandran_histogram(r.phi, r.psi, n_bins) for r in runs), np.zeros((n_bins, n_bins)))
+    """The runs' Ramachandran histograms, each normalised and stratum-weighted, scaled to the total count
+    (the plain sum of counts when every start has as many runs of as many frames)."""
+    hs = [ramachandran_histogram(r.phi, r.psi, n_bins) for r in runs]
+    total = sum(float(h.sum()) for h in hs)
+    w = stratum_weights(runs)
+    return total * sum((wi * h / max(h.sum(), 1.0) for wi, h in zip(w, hs, strict=True)), np.zeros((n_bins, n_bins)))
 
 
 def _mean_curve(runs: Sequence[RunObservables], pair: str) -> np.ndarray:
-    return np.mean([r.rdf[pair][1] for r in runs], axis=0)
+    return np.asarray(np.tensordot(stratum_weights(runs), np.array([r.rdf[pair][1] for r in runs]), axes=1))
 
 
 def driver_statistics(runs: Sequence[RunObservables], n_bins: int = 18) -> dict[str, Any]:
-    """Mean and standard error over runs of a driver's populations, H-bond counts and RDF first peaks
-    (position and height of the largest g), the pooled Ramachandran histogram (counts), the region
-    changes per run, and the Jensen-Shannon divergence between the histograms of its two run halves
-    (its own run-to-run noise)."""
+    """Mean and standard error over runs (every start weighted equally, :func:`stratum_weights`) of a
+    driver's populations, H-bond counts and RDF first peaks (position and height of the largest g), the
+    pooled Ramachandran histogram (counts), the region changes per run, and the Jensen-Shannon divergence
+    between the histograms of its two run halves (its own run-to-run noise)."""
     if not runs:
         raise InputError("driver statistics need at least one run")
     out: dict[str, Any] = {
@@ -294,8 +319,9 @@ def driver_statistics(runs: Sequence[RunObservables], n_bins: int = 18) -> dict[
         "frames_per_run": [r.n_frames for r in runs],
         "region_changes_per_run": [r.region_changes for r in runs],
         "fallback_steps_per_run": [r.fallback_steps for r in runs],
-        "populations": {k: _mean_se([r.populations[k] for r in runs]) for k in REGIONS},
-        "hbonds": {k: _mean_se([r.hbonds[k] for r in runs]) for k in runs[0].hbonds},
+        "starts": sorted({r.stratum for r in runs}),
+        "populations": {k: _wmean_se([r.populations[k] for r in runs], runs) for k in REGIONS},
+        "hbonds": {k: _wmean_se([r.hbonds[k] for r in runs], runs) for k in runs[0].hbonds},
         "rdf_peak": {},
         "histogram": _pooled_histogram(runs, n_bins).tolist(),
         "ns_per_day": _mean_se([r.ns_per_day for r in runs if r.ns_per_day is not None] or [float("nan")]),
@@ -303,8 +329,8 @@ def driver_statistics(runs: Sequence[RunObservables], n_bins: int = 18) -> dict[
     for pair in runs[0].rdf:
         k = [_first_peak(*r.rdf[pair]) for r in runs]
         out["rdf_peak"][pair] = {
-            "r_nm": _mean_se([r.rdf[pair][0][i] for r, i in zip(runs, k, strict=True)]),
-            "g": _mean_se([r.rdf[pair][1][i] for r, i in zip(runs, k, strict=True)]),
+            "r_nm": _wmean_se([r.rdf[pair][0][i] for r, i in zip(runs, k, strict=True)], runs),
+            "g": _wmean_se([r.rdf[pair][1][i] for r, i in zip(runs, k, strict=True)], runs),
         }
     if len(runs) >= 2:
         h = len(runs) // 2
@@ -392,33 +418,52 @@ def compare_drivers(
     - RDFs: root-mean-square difference of the run-averaged g(r) and its permutation p-value;
     - H-bonds: difference of mean total counts with combined SE and permutation p-value.
 
-    ``strata_*``: per run its start (runs from the same start are only exchanged with each other).
-    ``agree`` per observable: p >= 0.05, or None where no relabelling could give p < 0.05 (too few runs
-    or strata of single pairs; ``smallest_p`` says how small p could get)."""
+    ``strata_*``: per run its start (default: each run's ``stratum``). Only starts both drivers have runs
+    from are compared (``common_starts``), every start weighted equally (:func:`stratum_weights`): a
+    driver that lost a start's runs is not compared with the reference's runs from it. Runs from the same
+    start are only exchanged with each other. ``agree`` per observable: p >= 0.05, or None where no
+    relabelling could give p < 0.05 (too few runs or strata of single pairs; ``smallest_p`` says how
+    small p could get)."""
+
+    def pop(x: Sequence[RunObservables], k: str) -> float:
+        return float(np.dot(stratum_weights(x), [r.populations[k] for r in x]))
 
     def pops_stat(x: Sequence[RunObservables], y: Sequence[RunObservables]) -> float:
-        return max(
-            float(abs(np.mean([r.populations[k] for r in x]) - np.mean([r.populations[k] for r in y]))) for k in REGIONS
-        )
+        return max(abs(pop(x, k) - pop(y, k)) for k in REGIONS)
 
     def js_stat(x: Sequence[RunObservables], y: Sequence[RunObservables]) -> float:
         return jensen_shannon_bits(_pooled_histogram(x, n_bins), _pooled_histogram(y, n_bins))
 
     def hb_stat(x: Sequence[RunObservables], y: Sequence[RunObservables]) -> float:
-        return float(abs(np.mean([r.hbonds["total"] for r in x]) - np.mean([r.hbonds["total"] for r in y])))
+        hx = np.dot(stratum_weights(x), [r.hbonds["total"] for r in x])
+        return float(abs(hx - np.dot(stratum_weights(y), [r.hbonds["total"] for r in y])))
 
     def rdf_stat(pair: str) -> Callable[[Sequence[RunObservables], Sequence[RunObservables]], float]:
         return lambda x, y: float(np.sqrt(np.mean((_mean_curve(x, pair) - _mean_curve(y, pair)) ** 2)))
 
-    so = [0] * len(other) if strata_other is None else list(strata_other)
-    sr = [0] * len(ref) if strata_ref is None else list(strata_ref)
+    so = [r.stratum for r in other] if strata_other is None else list(strata_other)
+    sr = [r.stratum for r in ref] if strata_ref is None else list(strata_ref)
+    if len(so) != len(other) or len(sr) != len(ref):
+        raise InputError("compare_drivers: one stratum per run")
+    common = sorted(set(so) & set(sr))
+    if not common:
+        raise InputError(f"compare_drivers: no start in common (reference {sorted(set(sr))}, other {sorted(set(so))})")
+    other = [replace(r, stratum=k) for r, k in zip(other, so, strict=True) if k in common]
+    ref = [replace(r, stratum=k) for r, k in zip(ref, sr, strict=True) if k in common]
+    so, sr = [r.stratum for r in other], [r.stratum for r in ref]
 
     def p_of(stat: Callable[[Sequence[Any], Sequence[Any]], float]) -> float:
         return permutation_p_value(other, ref, stat, so, sr)
 
-    res: dict[str, Any] = {"populations": {}, "rdf": {}, "smallest_p": smallest_p(so, sr)}
+    res: dict[str, Any] = {
+        "populations": {},
+        "rdf": {},
+        "smallest_p": smallest_p(so, sr),
+        "common_starts": common,
+        "runs_compared": {"reference": len(ref), "other": len(other)},
+    }
     for k in REGIONS:
-        a, b = _mean_se([r.populations[k] for r in other]), _mean_se([r.populations[k] for r in ref])
+        a, b = _wmean_se([r.populations[k] for r in other], other), _wmean_se([r.populations[k] for r in ref], ref)
         res["populations"][k] = {"difference": a["mean"] - b["mean"], "se": float(np.hypot(a["se"], b["se"]))}
     res["populations_max_abs_difference"] = pops_stat(other, ref)
     res["populations_p"] = p_of(pops_stat)
@@ -430,7 +475,7 @@ def compare_drivers(
         res["ramachandran_js_reference_halves_bits"] = js_stat(ref[:hr], ref[hr:])
     for pair in ref[0].rdf:
         res["rdf"][pair] = {"rms_g_difference": rdf_stat(pair)(other, ref), "p": p_of(rdf_stat(pair))}
-    a, b = _mean_se([r.hbonds["total"] for r in other]), _mean_se([r.hbonds["total"] for r in ref])
+    a, b = _wmean_se([r.hbonds["total"] for r in other], other), _wmean_se([r.hbonds["total"] for r in ref], ref)
     res["hbonds_total"] = {
         "difference": a["mean"] - b["mean"],
         "se": float(np.hypot(a["se"], b["se"])),

@@ -327,6 +327,7 @@ def _observables(
             ro = run_observables(pos, boxes, sites, w_o, w_h, oh)
             ro.ns_per_day = rec.get("ns_per_day")
             ro.fallback_steps = int(rec.get("fallback_steps_total", rec.get("fallback_steps")) or 0)
+            ro.stratum = vs.start_of(k)
             res[driver].append(ro)
             strata[driver].append(vs.start_of(k))
     return res, strata, stopped
