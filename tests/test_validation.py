@@ -256,6 +256,33 @@ def test_a_driver_that_lost_a_starts_runs_is_compared_on_the_starts_it_has() -> 
         compare_drivers(ref[3:4], same[:1] + same[3:4])
 
 
+def test_standard_errors_and_halves_respect_the_starts() -> None:
+    """The SE of a start-weighted mean comes from the spread within starts (the differences between
+    starts are fixed by the design); halves keep the same starts when a run is missing; a guarded run made
+    with another threshold is refused."""
+    from qmlmm.analysis.validation import _wmean_se, run_halves
+    from qmlmm.workflows.pipeline.validation import _check_same_guard
+
+    rng = np.random.default_rng(6)
+    starts = [0, 1, 2, 3] * 2
+    runs = [replace(_fake_run(rng, 140.0, 3.0), stratum=k) for k in starts]
+    x = np.array([10.0 * k for k in starts]) + np.array([1, 1, 1, 1, -1, -1, -1, -1])  # starts 10 apart
+    se = _wmean_se(list(x), runs)
+    # within-start variance (1 - 0)^2 + (-1 - 0)^2 per start, 4 dof: s_w^2 = 8 / 4; sum w^2 = 8 / 64
+    assert se["mean"] == pytest.approx(15.0) and se["se"] == pytest.approx(np.sqrt(2.0 / 8.0))
+    one = [replace(r, stratum=0) for r in runs]
+    assert _wmean_se(list(x), one)["se"] == pytest.approx(np.std(x, ddof=1) / np.sqrt(8))  # the usual SE
+    assert np.isnan(_wmean_se([1.0, 2.0], runs[:2])["se"])  # one run per start: no within-start spread
+    a, b = run_halves(runs[:6] + runs[7:])  # start 2 lost a run: left out of both halves
+    assert sorted(r.stratum for r in a) == [0, 1, 3] and sorted(r.stratum for r in b) == [0, 1, 3]
+    rec = {"settings": {"max_uncertainty": 15.0, "fallback": "reference"}}
+    _check_same_guard(Path("run0"), rec, {"max_uncertainty": 15.0, "fallback": "reference"})
+    with pytest.raises(InputError, match="uncertainty guard"):
+        _check_same_guard(Path("run0"), rec, {"max_uncertainty": 10.0, "fallback": "reference"})
+    with pytest.raises(InputError, match="uncertainty guard"):
+        _check_same_guard(Path("run0"), {"settings": {"max_uncertainty": None, "fallback": "stop"}}, rec["settings"])
+
+
 def test_rdf_first_peak_is_the_hydrogen_bonded_shell() -> None:
     rng = np.random.default_rng(3)
     runs = [_fake_run(rng, 140.0, 3.0) for _ in range(3)]

@@ -197,7 +197,7 @@ def validation_plot(stats: dict[str, Any], runs: dict[str, Sequence[Any]], path:
     """Top row: each driver's pooled Ramachandran histogram (phi across, psi up, log density); bottom
     row: region populations (mean +- SE over runs) and the run-averaged RDFs carbonyl O - water H and
     amide H - water O. ``stats`` {driver: driver_statistics}, ``runs`` {driver: [RunObservables]}."""
-    from qmlmm.analysis.validation import REGIONS
+    from qmlmm.analysis.validation import REGIONS, mean_curve
 
     plt = _plt()
     n = max(len(stats), 3)
@@ -223,7 +223,7 @@ def validation_plot(stats: dict[str, Any], runs: dict[str, Sequence[Any]], path:
     for ax, pair in zip(axes[1][1:3], ("O=C-HW", "HN-OW"), strict=True):
         for d, rs in runs.items():
             if rs and pair in rs[0].rdf:
-                ax.plot(rs[0].rdf[pair][0], np.mean([r.rdf[pair][1] for r in rs], axis=0), label=d)
+                ax.plot(rs[0].rdf[pair][0], mean_curve(rs, pair), label=d)  # every start weighted equally
         ax.set_xlabel("r (nm)")
         ax.set_ylabel(f"g(r) {pair}")
         ax.legend(fontsize=7)

@@ -56,13 +56,16 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
         f"({res['production_ps_per_run']:.2f} ps a run kept). Mean +- standard error over runs, every start "
         "weighted equally.",
         "",
-        "| driver | runs | " + " | ".join(REGIONS) + " | H-bonds solute-water | region changes per run | ns/day |",
+        "| driver | runs (starts) | "
+        + " | ".join(REGIONS)
+        + " | H-bonds solute-water | region changes per run | ns/day |",
         "|" + "---|" * (len(REGIONS) + 5),
     ]
     for d, st in drivers.items():
         pops = " | ".join(_pm(st["populations"][k]) for k in REGIONS)
+        starts = ", ".join(str(x) for x in st.get("starts", []))
         lines.append(
-            f"| {d} | {st['n_runs']} | {pops} | {_pm(st['hbonds']['total'], '.2f')} | "
+            f"| {d} | {st['n_runs']} ({starts}) | {pops} | {_pm(st['hbonds']['total'], '.2f')} | "
             f"{', '.join(str(x) for x in st['region_changes_per_run'])} | {st['ns_per_day']['mean']:.2f} |"
         )
     guarded = {d: st.get("fallback_steps_per_run", []) for d, st in drivers.items() if d.endswith("_guarded")}
@@ -70,7 +73,8 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
         lines += [
             "",
             f"Guarded drivers: steps above an ensemble energy spread of {s.get('max_uncertainty')} kJ/mol took "
-            f"their forces from the {s.get('fallback')} engine; such steps per run (of {s['steps']}): "
+            f"their forces from the {s.get('fallback')} engine; such force calls per run (about one a step, "
+            f"of {s['steps']} steps): "
             + "; ".join(f"{d} {', '.join(str(x) for x in n)}" for d, n in guarded.items())
             + ".",
         ]

@@ -285,13 +285,35 @@ def stratum_weights(runs: Sequence[RunObservables]) -> np.ndarray:
 
 
 def _wmean_se(x: Sequence[float], runs: Sequence[RunObservables]) -> dict[str, float]:
-    """Stratum-balanced mean (:func:`stratum_weights`) and its standard error, sqrt(R / (R - 1) sum w^2
-    (x - mean)^2) (the usual SE for equal weights)."""
+    """Stratum-balanced mean sum w_i x_i (:func:`stratum_weights`) and its standard error
+    sqrt(s_w^2 sum w_i^2), s_w^2 the variance of the runs about their own start's mean pooled over starts
+    (n - H degrees of freedom, H starts): the differences between starts are fixed by the design, not
+    noise. The usual s / sqrt(n) for one start; NaN without a start of two runs (n <= H)."""
     a, w = np.asarray(x, dtype=float), stratum_weights(runs)
+    st = np.array([r.stratum for r in runs])
     m = float((w * a).sum())
-    n = len(a)
-    se = float(np.sqrt(n / (n - 1) * (w * w * (a - m) ** 2).sum())) if n > 1 else float("nan")
-    return {"mean": m, "se": se}
+    groups = sorted(set(st.tolist()))
+    dof = len(a) - len(groups)
+    if dof < 1:
+        return {"mean": m, "se": float("nan")}
+    ss = sum(float(((a[st == g] - a[st == g].mean()) ** 2).sum()) for g in groups)
+    return {"mean": m, "se": float(np.sqrt(ss / dof * (w * w).sum()))}
+
+
+def run_halves(
+    runs: Sequence[RunObservables], starts: set[int] | None = None
+) -> tuple[list[RunObservables], list[RunObservables]]:
+    """Two halves of ``runs`` with the same starts: each start's runs (of ``starts``; default every start)
+    go alternately to one half and the other; a start with fewer than two runs is left out. Halves split
+    by position would differ in their mix of starts once a run is missing, and measure that mix."""
+    a: list[RunObservables] = []
+    b: list[RunObservables] = []
+    for st in sorted({r.stratum for r in runs}):
+        rs = [r for r in runs if r.stratum == st]
+        if len(rs) >= 2 and (starts is None or st in starts):
+            a += rs[0::2]
+            b += rs[1::2]
+    return a, b
 
 
 def _pooled_histogram(runs: Sequence[RunObservables], n_bins: int) -> np.ndarray:
@@ -303,7 +325,7 @@ def _pooled_histogram(runs: Sequence[RunObservables], n_bins: int) -> np.ndarray
     return total * sum((wi * h / max(h.sum(), 1.0) for wi, h in zip(w, hs, strict=True)), np.zeros((n_bins, n_bins)))
 
 
-def _mean_curve(runs: Sequence[RunObservables], pair: str) -> np.ndarray:
+def mean_curve(runs: Sequence[RunObservables], pair: str) -> np.ndarray:
     return np.asarray(np.tensordot(stratum_weights(runs), np.array([r.rdf[pair][1] for r in runs]), axes=1))
 
 
@@ -332,11 +354,9 @@ def driver_statistics(runs: Sequence[RunObservables], n_bins: int = 18) -> dict[
             "r_nm": _wmean_se([r.rdf[pair][0][i] for r, i in zip(runs, k, strict=True)], runs),
             "g": _wmean_se([r.rdf[pair][1][i] for r, i in zip(runs, k, strict=True)], runs),
         }
-    if len(runs) >= 2:
-        h = len(runs) // 2
-        out["js_halves_bits"] = jensen_shannon_bits(
-            _pooled_histogram(runs[:h], n_bins), _pooled_histogram(runs[h:], n_bins)
-        )
+    ha, hb = run_halves(runs)
+    if ha and hb:
+        out["js_halves_bits"] = jensen_shannon_bits(_pooled_histogram(ha, n_bins), _pooled_histogram(hb, n_bins))
     return out
 
 
@@ -414,7 +434,7 @@ def compare_drivers(
     - Ramachandran: Jensen-Shannon divergence (bits) of the pooled histograms and its permutation p-value;
       and, like for like, the mean divergence between a half of one driver's runs and the other half of
       the other's (``ramachandran_js_cross_halves_bits``) beside the divergence between the reference's
-      own halves;
+      own halves (:func:`run_halves`, on the starts where both have two runs or more);
     - RDFs: root-mean-square difference of the run-averaged g(r) and its permutation p-value;
     - H-bonds: difference of mean total counts with combined SE and permutation p-value.
 
@@ -439,7 +459,7 @@ def compare_drivers(
         return float(abs(hx - np.dot(stratum_weights(y), [r.hbonds["total"] for r in y])))
 
     def rdf_stat(pair: str) -> Callable[[Sequence[RunObservables], Sequence[RunObservables]], float]:
-        return lambda x, y: float(np.sqrt(np.mean((_mean_curve(x, pair) - _mean_curve(y, pair)) ** 2)))
+        return lambda x, y: float(np.sqrt(np.mean((mean_curve(x, pair) - mean_curve(y, pair)) ** 2)))
 
     so = [r.stratum for r in other] if strata_other is None else list(strata_other)
     sr = [r.stratum for r in ref] if strata_ref is None else list(strata_ref)
@@ -469,10 +489,12 @@ def compare_drivers(
     res["populations_p"] = p_of(pops_stat)
     res["ramachandran_js_bits"] = js_stat(other, ref)
     res["ramachandran_p"] = p_of(js_stat)
-    ho, hr = len(other) // 2, len(ref) // 2
-    if ho and hr:
-        res["ramachandran_js_cross_halves_bits"] = 0.5 * (js_stat(other[:ho], ref[hr:]) + js_stat(other[ho:], ref[:hr]))
-        res["ramachandran_js_reference_halves_bits"] = js_stat(ref[:hr], ref[hr:])
+    twice = {k for k in common if so.count(k) >= 2 and sr.count(k) >= 2}  # halves need two runs of a start
+    (oa, ob), (ra, rb) = run_halves(other, twice), run_halves(ref, twice)
+    if oa and ra:
+        res["ramachandran_js_cross_halves_bits"] = 0.5 * (js_stat(oa, rb) + js_stat(ob, ra))
+        res["ramachandran_js_reference_halves_bits"] = js_stat(ra, rb)
+        res["halves_starts"] = sorted(twice)
     for pair in ref[0].rdf:
         res["rdf"][pair] = {"rms_g_difference": rdf_stat(pair)(other, ref), "p": p_of(rdf_stat(pair))}
     a, b = _wmean_se([r.hbonds["total"] for r in other], other), _wmean_se([r.hbonds["total"] for r in ref], ref)

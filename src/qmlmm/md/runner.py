@@ -473,8 +473,11 @@ def run_md(
         **_callback_record(cb, seconds, done, phases0),
     }
     before = json.loads((out / "run.json").read_text()) if restart and (out / "run.json").exists() else {}
-    # every invocation's fallback steps (a restart repeats the steps after the last checkpoint: an upper bound)
-    info["fallback_steps_total"] = int(before.get("fallback_steps_total", 0)) + int(info["fallback_steps"])
+    # every invocation's fallback force calls, as far as run.json recorded them: an invocation killed before
+    # writing run.json is not counted; one resumed after a stop counts the steps it repeats again
+    info["fallback_steps_total"] = int(before.get("fallback_steps_total", before.get("fallback_steps", 0))) + int(
+        info["fallback_steps"]
+    )
     (out / "run.json").write_text(json.dumps(info, indent=2))
     return MDResult(out, steps_done, seconds, nsday, stretch.stopped, out / "log.csv", drift)
 

@@ -241,6 +241,17 @@ def _guard(cfg: PipelineConfig, vs: ValidationSettings, driver: str) -> dict[str
     return {"max_uncertainty": vs.max_uncertainty, "fallback": vs.fallback, "reference": cfg.reference}
 
 
+def _check_same_guard(rdir: Path, rec: dict[str, Any], guard: dict[str, Any]) -> None:
+    """Raise InputError when the run in ``rdir`` (its run.json ``rec``) had another uncertainty guard."""
+    was = {k: rec.get("settings", {}).get(k) for k in ("max_uncertainty", "fallback")}
+    now = {"max_uncertainty": guard.get("max_uncertainty"), "fallback": guard.get("fallback", "stop")}
+    if rec.get("settings") and was != now:
+        raise InputError(
+            f"{rdir} was run with the uncertainty guard {was}, this config asks for {now}; delete {rdir.parent} "
+            "to rerun that driver's validation runs"
+        )
+
+
 def _run_all(
     cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path, models: Path, progress: bool
 ) -> None:
@@ -266,6 +277,7 @@ def _run_all(
             if (rdir / "run.json").exists():
                 _check_same_engine(rdir, make())
                 rec = json.loads((rdir / "run.json").read_text())
+                _check_same_guard(rdir, rec, _guard(cfg, vs, driver))
                 if rec["steps_done"] >= vs.steps or rec.get("stopped"):
                     continue
             log.info("[validation] %s run %d of %d", driver, k + 1, vs.runs)
@@ -325,7 +337,7 @@ def _observables(
             if len(pos) < 2 or boxes is None:
                 continue
             ro = run_observables(pos, boxes, sites, w_o, w_h, oh)
-            ro.ns_per_day = rec.get("ns_per_day")
+            ro.ns_per_day = rec.get("ns_per_day") or None  # 0.0: a resume with no step left
             ro.fallback_steps = int(rec.get("fallback_steps_total", rec.get("fallback_steps")) or 0)
             ro.stratum = vs.start_of(k)
             res[driver].append(ro)
@@ -364,11 +376,11 @@ def validation_step(
     comparisons = {
         d: compare_drivers(ref, r, vs.n_bins, strata["reference"], strata[d])
         for d, r in obs.items()
-        if d != "reference" and len(r) >= 2 and len(ref) >= 2
+        if d != "reference" and len(r) >= 2 and len(ref) >= 2 and set(strata[d]) & set(strata["reference"])
     }
     missing = {d: vs.runs - len(r) for d, r in obs.items() if len(r) < vs.runs}
     if missing:
-        log.warning("validation: runs without frames to analyse (not run, killed early): %s", missing)
+        log.warning("validation: runs not analysed (not run, killed early, or stopped): %s", missing)
     res = {
         "settings": asdict(vs),
         "production_ps_per_run": (vs.steps - vs.skip_frames * vs.every) * vs.dt_fs * 1e-3,
