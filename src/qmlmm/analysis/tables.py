@@ -90,8 +90,9 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
     if "reference" in drivers and "js_halves_bits" in drivers["reference"]:
         lines += [
             "",
-            "Run-to-run noise: Jensen-Shannon divergence between the Ramachandran histograms of the first and "
-            f"second half of the runs: reference {drivers['reference']['js_halves_bits']:.4f} bits"
+            "Run-to-run noise: Jensen-Shannon divergence between the Ramachandran histograms of two halves of "
+            "the runs (each start's runs alternating between them): reference "
+            f"{drivers['reference']['js_halves_bits']:.4f} bits"
             + "".join(
                 f", {d} {st['js_halves_bits']:.4f}"
                 for d, st in drivers.items()
