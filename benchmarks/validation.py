@@ -15,6 +15,7 @@ import argparse
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from _results import RESULTS, machine, save_json, save_markdown
 
@@ -26,7 +27,18 @@ def main() -> None:
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--name", required=True, help="results are written as validation_NAME.*")
     ap.add_argument("--analyze-only", action="store_true", help="recompute the analysis of a finished folder")
+    ap.add_argument(
+        "--speed",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="instead: each driver for STEPS steps from the first start, one after another (run on a quiet "
+        "machine), written as validation_NAME_speed.*",
+    )
     a = ap.parse_args()
+    if a.speed:
+        speed(a)
+        return
 
     from qmlmm.analysis.tables import validation_markdown
     from qmlmm.workflows.pipeline import load_pipeline_config, run_pipeline
@@ -79,6 +91,61 @@ def main() -> None:
     ]
     save_markdown(name, lines)
     shutil.copyfile(a.out / "validation" / "validation.png", RESULTS / f"{name}.png")
+
+
+def speed(a: argparse.Namespace) -> None:
+    """ns/day of every validation driver on the same start (start 0, the built structure's water relaxed
+    around it), STEPS steps each (the integration's wall time, set-up left out), back to back in one
+    invocation; the ratio to the reference. Run folders under RUN/validation_speed/ (replaced each time)."""
+    from qmlmm.md.runner import MDSettings, StartState, run_md
+    from qmlmm.md.system import MDSystem
+    from qmlmm.workflows.pipeline import load_pipeline_config
+    from qmlmm.workflows.pipeline.validation import ValidationSettings, _engine_maker, _guard, validation_start
+
+    cfg = load_pipeline_config(a.config, a.size)
+    vs = ValidationSettings.from_dict(cfg.validation or {})
+    system, models = a.out / "system", a.out / "models"
+    msys = MDSystem.load(system)
+    start = StartState(validation_start(cfg, vs, msys, 0), None, "validation start 0")
+    rows: dict[str, dict[str, Any]] = {}
+    for driver in vs.drivers:
+        make, emb = _engine_maker(cfg, models, driver, cfg.total_threads)
+        rdir = a.out / "validation_speed" / driver
+        shutil.rmtree(rdir, ignore_errors=True)
+        s = MDSettings(
+            steps=a.speed,
+            dt_fs=vs.dt_fs,
+            temperature=vs.temperature,
+            report_every=a.speed,
+            dcd_every=a.speed,
+            threads=cfg.total_threads,
+            hmr_amu=vs.hmr_amu,
+            **_guard(cfg, vs, driver),
+        )
+        r = run_md(system, make(), rdir, s, emb, progress=False, start=start)
+        rows[driver] = {"ns_per_day": r.ns_per_day, "seconds": r.seconds, "steps": r.steps_done, "stopped": r.stopped}
+        print(f"{driver:16s} {r.ns_per_day:6.2f} ns/day ({r.seconds / max(r.steps_done, 1) * 1e3:.1f} ms a step)")
+    ref = rows.get("reference", {}).get("ns_per_day") or float("nan")
+    res = {"machine": machine(), "steps": a.speed, "dt_fs": vs.dt_fs, "hmr_amu": vs.hmr_amu, "drivers": rows}
+    save_json(f"validation_{a.name}_speed", res)
+    save_markdown(
+        f"validation_{a.name}_speed",
+        [
+            f"# {cfg.name} ({a.size}): speed of each validation driver",
+            "",
+            f"`python benchmarks/validation.py {a.config} --size {a.size} -o {a.out} --name {a.name} --speed "
+            f"{a.speed}` on {res['machine']}: {a.speed} steps of {vs.dt_fs} fs (HMR {vs.hmr_amu} amu) from the "
+            "same start, one driver after another on a quiet machine.",
+            "",
+            "| driver | ns/day | ms a step | x reference |",
+            "|---|---|---|---|",
+            *(
+                f"| {d} | {r['ns_per_day']:.2f} | {r['seconds'] / max(r['steps'], 1) * 1e3:.1f} | "
+                f"{r['ns_per_day'] / ref:.2f} |"
+                for d, r in rows.items()
+            ),
+        ],
+    )
 
 
 if __name__ == "__main__":
