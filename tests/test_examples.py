@@ -150,9 +150,9 @@ def test_tiny_sam_cytosine(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.examples
 def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
-    """The validation step: every driver's runs ran to their end (the guarded models' too: the guard
-    takes over where the 12-frame models are unsure) or are listed as stopped, the observables are computed
-    from the finished ones, and a second call reuses the runs."""
+    """The validation step: the QM/MM drivers' runs ran to their end, the models' (guarded or not) ran
+    to their end or are listed as stopped, the guarded ones with their threshold and fallback counts, the
+    observables are computed from the finished runs, and a second call reuses the runs."""
     from qmlmm.analysis.validation import REGIONS
     from qmlmm.workflows.pipeline.validation import ValidationSettings
 
@@ -162,7 +162,7 @@ def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
     _check_common(summary, out, cfg)
     vs = ValidationSettings.from_dict(cfg.validation or {})
     v = summary["validation"]
-    assert len(vs.drivers) == 6 and {"reference", "baseline", "delta_guarded", "direct_guarded"} <= set(v["drivers"])
+    assert len(vs.drivers) == 6 and {"reference", "baseline"} <= set(v["drivers"])
     assert set(v["drivers"]) | set(v["runs_stopped"]) == set(vs.drivers)  # analysed, or every run stopped
     assert set(v["against_reference"]) <= set(v["drivers"]) - {"reference"}
     kept = vs.steps // vs.every - vs.skip_frames
@@ -170,7 +170,7 @@ def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
         run = json.loads((out / "validation" / d / "run0" / "run.json").read_text())
         assert run["settings"]["hmr_amu"] == vs.hmr_amu and run["settings"]["dt_fs"] == vs.dt_fs, d
         assert sum(st["populations"][k]["mean"] for k in REGIONS) == pytest.approx(1.0)
-        if d in ("reference", "baseline", "delta_guarded", "direct_guarded"):  # these run to the end
+        if d in ("reference", "baseline"):  # QM/MM MD runs to the end
             assert st["n_runs"] == vs.runs and st["frames_per_run"] == [kept] * vs.runs, d
             assert run["steps_done"] == vs.steps and d not in v["runs_stopped"], d
             assert np.asarray(st["histogram"]).sum() == pytest.approx(kept * vs.runs)
@@ -181,6 +181,10 @@ def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
                 assert rec["steps_done"] == vs.steps or f"run{k}" in v["runs_stopped"].get(d, {}), (d, k)
         # an amide H's nearest-water peak: an H-bond at ~0.2 nm (or, in a tiny run, anywhere inside 0.8)
         assert 0.1 < st["rdf_peak"]["HN-OW"]["r_nm"]["mean"] < 0.8
+    for d in ("delta_guarded", "direct_guarded"):  # the guard's settings and counts are recorded
+        rec = json.loads((out / "validation" / d / "run0" / "run.json").read_text())
+        assert rec["settings"]["max_uncertainty"] == vs.max_uncertainty and rec["settings"]["fallback"] == "reference"
+        assert rec["fallback_steps_total"] >= 0
     for d, c in v["against_reference"].items():  # 2 + 2 runs: no relabelling can give p < 0.05
         assert c["smallest_p"] >= 0.05 and all(x is None for x in c["agree"].values()), d
     # every run starts from the built backbone (starts: null): the first saved frame (10 fs in) is still there
