@@ -616,6 +616,17 @@ def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_syste
     lab, _ = label_frame(make_engine("dftb3:3ob"), msys.frame(), EMB)
     assert cb.fallback_steps == 1 and cb.last_uncertainty > 1e-6
     assert e == pytest.approx(lab.energy, abs=1e-6) and np.allclose(f, lab.forces, atol=1e-6)
+    # with a hold of 2, the two calls after one above the threshold fall back below it too, the third not
+    held = QMMMCallback(eng, msys, EMB, max_uncertainty=1e-9, fallback="baseline", hold=2)
+    held.energy_forces(msys.positions, msys.box)
+    held.max_uncertainty = 1e9
+    counts = [held.fallback_steps]
+    for _ in range(3):
+        _, f3 = held.energy_forces(msys.positions, msys.box)
+        counts.append(held.fallback_steps)
+    assert counts == [1, 2, 3, 3] and not np.allclose(f3, lab.forces, atol=1e-3)  # the last: the model's own
+    with pytest.raises(InputError, match="hold"):
+        QMMMCallback(eng, msys, EMB, max_uncertainty=1.0, fallback="baseline", hold=-1)
     assert not np.allclose(eng.compute_frame(msys.frame(), select_embedding(msys.frame(), EMB)).qm_forces,
                            lab.forces[msys.is_qm], atol=1e-3)  # fmt: skip # the delta model's own forces differ
     # in MD: the run goes on, the steps are counted, frames queued for labelling

@@ -578,6 +578,13 @@ def md(
     reference: Annotated[
         str | None, typer.Option(help="Reference engine spec for --fallback reference (default: the model's).")
     ] = None,
+    fallback_hold: Annotated[
+        int,
+        typer.Option(
+            help="After a step above --max-uncertainty, take this many more steps from the fallback whatever "
+            "their spread (a model drifting apart slowly dips below the threshold between such steps)."
+        ),
+    ] = 0,
     report_every: Annotated[int, typer.Option(help="Steps between log rows and DCD frames.")] = 10,
     hmr: Annotated[
         float | None,
@@ -627,6 +634,7 @@ def md(
             max_uncertainty=max_uncertainty,
             fallback=fallback,
             reference=reference,
+            fallback_hold=fallback_hold,
             threads=threads,
             engine_threads=engine_threads,
             concurrent_baseline=concurrent_baseline,

@@ -78,7 +78,11 @@ class QMMMCallback:
     Above ``max_uncertainty`` (the ensemble's energy spread, kJ/mol) a step ``fallback``s: "stop" ends the
     run (MDStopError); "baseline" takes that step's energy and forces from the delta model's baseline
     alone; "reference" from ``fallback_engine`` (the reference QM/MM engine). Either way the frame is
-    queued in ``queue`` for labelling and the run goes on; ``fallback_steps`` counts such calls.
+    queued in ``queue`` for labelling and the run goes on; ``fallback_steps`` counts such calls. With
+    ``hold`` > 0 the next ``hold`` calls after one above the threshold fall back too, whatever their
+    spread: a model that drifts apart slowly keeps its spread below the threshold between the steps above
+    it, and one fallback step at a time does not pull the geometry back (measured on alanine dipeptide,
+    ``benchmarks/uncertainty_early_warning.py``).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class QMMMCallback:
         fallback_engine: Engine | None = None,
         queue: UncertainFrames | None = None,
         engine_threads: int | None = None,
+        hold: int = 0,
     ) -> None:
         if fallback not in FALLBACKS:
             raise InputError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
@@ -106,6 +111,10 @@ class QMMMCallback:
         self.fallback_engine = fallback_engine
         self.queue = queue
         self.fallback_steps = 0
+        if hold < 0:
+            raise InputError(f"fallback hold must be >= 0 calls, got {hold}")
+        self.hold = int(hold)
+        self._held = 0  # calls still to take from the fallback after the last one above the threshold
         self.calls = 0
         self.seconds = 0.0
         #: wall seconds of each part of the calls so far: OpenMM state to numpy, embedding selection, the
@@ -142,7 +151,9 @@ class QMMMCallback:
         res = self.engine.compute_frame(fr, emb)
         self.calls += 1
         self.last_uncertainty = float(res.info.get("energy_std", float("nan")))  # type: ignore[arg-type]
-        if self.max_uncertainty is not None and self.last_uncertainty > self.max_uncertainty:
+        above = self.max_uncertainty is not None and self.last_uncertainty > self.max_uncertainty
+        if above or (self._held > 0 and self.fallback != "stop"):
+            self._held = self.hold if above else self._held - 1
             if self.fallback == "stop":
                 self.stop_reason = (
                     f"model uncertainty {self.last_uncertainty:.2f} kJ/mol exceeds the threshold "
@@ -156,7 +167,7 @@ class QMMMCallback:
                 assert self.fallback_engine is not None
                 res = self.fallback_engine.compute_frame(fr, emb)
             self.fallback_steps += 1
-            if self.queue is not None:
+            if self.queue is not None and above:  # held calls below the threshold are not queued
                 self.queue.offer(fr, self.calls, self.last_uncertainty)
         marks.append(time.perf_counter())  # engine time includes a fallback engine's call and the queueing
         with numpy_blas_threads(1):

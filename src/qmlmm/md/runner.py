@@ -108,6 +108,7 @@ class MDSettings:
     # RUN/uncertain.h5 for labelling
     fallback: str = "stop"
     reference: str | None = None
+    fallback_hold: int = 0  # after a call above max_uncertainty, this many more calls from the fallback
     platform: str = "CPU"
     threads: int = 2  # OpenMM CPU threads
     # threads of the QM/ML engine inside OpenMM's force callback; None: the cores OpenMM's threads leave, at
@@ -139,6 +140,7 @@ class MDSettings:
             ("engine_threads", self.engine_threads is None or self.engine_threads >= 1, "None or at least 1"),
             ("max_uncertainty", self.max_uncertainty is None or self.max_uncertainty > 0, "positive (kJ/mol)"),
             ("fallback", self.fallback in ("stop", "baseline", "reference"), "stop, baseline or reference"),
+            ("fallback_hold", self.fallback_hold >= 0, ">= 0 calls"),
             ("hmr_amu", self.hmr_amu is None or lo_h <= self.hmr_amu <= hi_h, f"None or in [{lo_h}, {hi_h}] amu"),
         ]
         for name, ok, want in checks:
@@ -291,7 +293,9 @@ def make_simulation(
         log.info("QM/MM engine: %d thread(s) beside OpenMM's %d", n_eng, s.threads)
         queue = UncertainFrames(out / "uncertain.h5", embedding.cutoff) if out is not None else None
         fallback = s.fallback if s.max_uncertainty is not None else "stop"
-        cb = QMMMCallback(engine, msys, embedding, s.max_uncertainty, fallback, fb_engine, queue, n_eng)
+        cb = QMMMCallback(
+            engine, msys, embedding, s.max_uncertainty, fallback, fb_engine, queue, n_eng, hold=s.fallback_hold
+        )
         system.addForce(make_python_force(cb))
     if restraints:
         add_restraints(system, restraints)
