@@ -690,15 +690,18 @@ def test_hydrogen_mass_repartitioning_keeps_every_molecule_mass(methanol_system:
 def test_nve_with_hmr_at_1p5fs_conserves_energy(methanol_system: Path, tmp_path: Path) -> None:
     """1.5 fs steps (3x the default) with hydrogen mass repartitioning conserve the total energy.
 
-    Measured (DFTB3/MM methanol, 0.2 ps NVE, std(E_tot)/std(KE)): HMR 3.024 amu 0.014 and 0.026 on two
-    builds; natural masses 0.013 on one build and 0.20-0.22 on the other (one trajectory is no proof
+    Measured (DFTB3/MM methanol, 0.2 ps NVE, std(E_tot)/std(KE)): HMR 3.024 amu, one OpenMM thread
+    (bitwise reproducible) 0.034 on the fixture's build; with two threads 0.014-0.063 from run to run;
+    natural masses 0.013 on one build and 0.20-0.22 on the other (one trajectory is no proof
     at natural masses: under-resolved X-H stretches show as events); 2 fs natural failed within 0.2 ps
     on that build, 2 fs HMR 0.07. The long-run drifts are in benchmarks/results/nve_drift.md."""
     import openmm.unit as u
 
     eng = make_engine("dftb3:3ob,tol=1e-9")
     msys = MDSystem.load(methanol_system)
-    s = MDSettings(steps=134, dt_fs=1.5, nve=True, report_every=7, threads=2, hmr_amu=3.024)
+    # one OpenMM thread: bitwise reproducible (two threads diverge chaotically, and the ratio below moved
+    # between 0.014 and 0.063 from run to run; cpu_properties)
+    s = MDSettings(steps=134, dt_fs=1.5, nve=True, report_every=7, threads=1, hmr_amu=3.024)
     sim, _ = make_simulation(msys, eng, EMB, s)
     h = int(np.flatnonzero(msys.is_qm & (msys.numbers == 1))[0])
     assert sim.system.getParticleMass(h).value_in_unit(u.dalton) == pytest.approx(3.024)
@@ -714,7 +717,8 @@ def test_nve_with_hmr_at_1p5fs_conserves_energy(methanol_system: Path, tmp_path:
     assert sum(prof[k] for k in parts) == pytest.approx(prof["total"])
     assert prof["engine"] > prof["embedding"]  # a DFTB3 SCC on methanol costs more than selecting waters
     data = np.genfromtxt(res.log_csv, delimiter=",", names=True)
-    assert float(np.std(data["total_kjmol"])) < 0.06 * float(np.std(data["kinetic_kjmol"]))
+    ratio = float(np.std(data["total_kjmol"])) / float(np.std(data["kinetic_kjmol"]))
+    assert ratio < 0.06, ratio
     assert np.ptp(data["total_kjmol"]) < 30.0
 
 
