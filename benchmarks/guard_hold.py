@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,15 @@ def main() -> None:
     ap.add_argument("--hold", type=int, default=50, help="fallback_hold, steps")
     ap.add_argument("--runs", type=int, default=None, help="default: the validation's")
     a = ap.parse_args()
-    from qmlmm.md.runner import MDSettings, StartState, run_md
+    from qmlmm.md.runner import StartState, run_md
     from qmlmm.md.system import MDSystem
     from qmlmm.workflows.pipeline import load_pipeline_config
-    from qmlmm.workflows.pipeline.validation import DRIVERS, ValidationSettings, _engine_maker, validation_start
+    from qmlmm.workflows.pipeline.validation import (
+        ValidationSettings,
+        _engine_maker,
+        validation_md_settings,
+        validation_start,
+    )
 
     cfg = load_pipeline_config(a.config, a.size)
     vs = ValidationSettings.from_dict(cfg.validation or {})
@@ -48,16 +54,8 @@ def main() -> None:
         rdir = folder / f"run{k}"
         done = json.loads((rdir / "run.json").read_text()) if (rdir / "run.json").exists() else None
         if done is None or not (done["steps_done"] >= vs.steps or done.get("stopped")):
-            s = MDSettings(
-                steps=vs.steps,
-                dt_fs=vs.dt_fs,
-                temperature=vs.temperature,
-                report_every=vs.every,
-                dcd_every=vs.every,
-                checkpoint_every=max(vs.every, 250),
-                seed=cfg.seed + 1 + k + 1000 * (1 + DRIVERS.index(a.driver)),  # the validation run's seed
-                threads=cfg.total_threads,
-                hmr_amu=vs.hmr_amu,
+            s = replace(
+                validation_md_settings(cfg, vs, a.driver, k),  # the validation run's steps and seed
                 max_uncertainty=a.threshold,
                 fallback="reference",
                 reference=cfg.reference,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,15 @@ def speed(a: argparse.Namespace) -> None:
     """ns/day of every validation driver on the same start (start 0, the built structure's water relaxed
     around it), STEPS steps each (the integration's wall time, set-up left out), back to back in one
     invocation; the ratio to the reference. Run folders under RUN/validation_speed/ (replaced each time)."""
-    from qmlmm.md.runner import MDSettings, StartState, run_md
+    from qmlmm.md.runner import StartState, run_md
     from qmlmm.md.system import MDSystem
     from qmlmm.workflows.pipeline import load_pipeline_config
-    from qmlmm.workflows.pipeline.validation import ValidationSettings, _engine_maker, _guard, validation_start
+    from qmlmm.workflows.pipeline.validation import (
+        ValidationSettings,
+        _engine_maker,
+        validation_md_settings,
+        validation_start,
+    )
 
     cfg = load_pipeline_config(a.config, a.size)
     vs = ValidationSettings.from_dict(cfg.validation or {})
@@ -112,15 +118,13 @@ def speed(a: argparse.Namespace) -> None:
         make, emb = _engine_maker(cfg, models, driver, cfg.total_threads)
         rdir = a.out / "validation_speed" / driver
         shutil.rmtree(rdir, ignore_errors=True)
-        s = MDSettings(
+        # run 0's settings and seed, one report at the end
+        s = replace(
+            validation_md_settings(cfg, vs, driver, 0),
             steps=a.speed,
-            dt_fs=vs.dt_fs,
-            temperature=vs.temperature,
             report_every=a.speed,
             dcd_every=a.speed,
-            threads=cfg.total_threads,
-            hmr_amu=vs.hmr_amu,
-            **_guard(cfg, vs, driver),
+            checkpoint_every=100,
         )
         r = run_md(system, make(), rdir, s, emb, progress=False, start=start)
         rows[driver] = {"ns_per_day": r.ns_per_day, "seconds": r.seconds, "steps": r.steps_done, "stopped": r.stopped}

@@ -315,6 +315,29 @@ def test_validation_settings_refuse_bad_values() -> None:
             ValidationSettings.from_dict(bad)
 
 
+def test_validation_md_settings_give_each_run_its_seed_and_a_guarded_run_its_twins(tmp_path: Path) -> None:
+    import yaml
+
+    from qmlmm.workflows.pipeline import load_pipeline_config
+    from qmlmm.workflows.pipeline.validation import validation_md_settings
+
+    val = {"runs": 3, "steps": 300, "every": 5, "skip_ps": 0.1, "max_uncertainty": 12.0}
+    cfg_d = {"name": "x", "solutes": [ALA2], "reference": "xtb:gfn2", "sizes": {"s": {"validation": val}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg_d))
+    cfg = load_pipeline_config(tmp_path / "c.yaml", "s")
+    vs = ValidationSettings.from_dict(val)
+    runs = {(d, k): validation_md_settings(cfg, vs, d, k) for d in ("reference", "direct", "direct_guarded")
+            for k in range(3)}  # fmt: skip
+    plain = [s.seed for (d, _), s in runs.items() if d != "direct_guarded"]
+    assert len(set(plain)) == len(plain)  # independent noise in every unguarded run
+    for k in range(3):
+        twin, guarded = runs["direct", k], runs["direct_guarded", k]
+        assert guarded.seed == twin.seed and guarded.steps == twin.steps == 300
+        assert (twin.max_uncertainty, guarded.max_uncertainty) == (None, 12.0)
+        assert guarded.fallback == "reference" and guarded.reference == "xtb:gfn2"
+        assert twin.report_every == twin.dcd_every == 5 and twin.dt_fs == vs.dt_fs and twin.hmr_amu == vs.hmr_amu
+
+
 def test_validation_solute_checked_when_the_config_loads(tmp_path: Path) -> None:
     import yaml
 

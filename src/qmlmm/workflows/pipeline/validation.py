@@ -31,6 +31,7 @@ __all__ = [
     "check_solute",
     "relocate_clashing_waters",
     "start_positions",
+    "validation_md_settings",
     "validation_start",
     "validation_starts",
     "validation_step",
@@ -241,6 +242,27 @@ def _guard(cfg: PipelineConfig, vs: ValidationSettings, driver: str) -> dict[str
     return {"max_uncertainty": vs.max_uncertainty, "fallback": vs.fallback, "reference": cfg.reference}
 
 
+def validation_md_settings(cfg: PipelineConfig, vs: ValidationSettings, driver: str, k: int) -> Any:
+    """The ``MDSettings`` of run ``k`` of ``driver``: ``vs.steps`` steps of ``vs.dt_fs`` at ``vs.temperature``,
+    a frame every ``vs.every``, the config's threads, the driver's uncertainty guard, and the run's seed
+    (every run its own noise; a guarded run its unguarded twin's seed, though not its trajectory: measured,
+    the twins' waters differ 20 fs in). Benchmarks that vary one setting take ``dataclasses.replace`` of it."""
+    from qmlmm.md.runner import MDSettings
+
+    return MDSettings(
+        steps=vs.steps,
+        dt_fs=vs.dt_fs,
+        temperature=vs.temperature,
+        report_every=vs.every,
+        dcd_every=vs.every,
+        checkpoint_every=max(vs.every, 250),
+        seed=cfg.seed + 1 + k + 1000 * (1 + DRIVERS.index(driver.removesuffix("_guarded"))),
+        threads=cfg.total_threads,
+        hmr_amu=vs.hmr_amu,
+        **_guard(cfg, vs, driver),
+    )
+
+
 def _check_same_guard(rdir: Path, rec: dict[str, Any], guard: dict[str, Any]) -> None:
     """Raise InputError when the run in ``rdir`` (its run.json ``rec``) had another uncertainty guard."""
     was = {k: rec.get("settings", {}).get(k) for k in ("max_uncertainty", "fallback")}
@@ -257,7 +279,7 @@ def _run_all(
 ) -> None:
     """Every driver's runs, each resumed from its checkpoint or skipped when finished or stopped. Run k of
     every driver before run k + 1 of any: stopped part-way, the validation has the same runs of each."""
-    from qmlmm.md.runner import MDSettings, StartState, run_md
+    from qmlmm.md.runner import StartState, run_md
     from qmlmm.md.system import MDSystem
 
     threads = cfg.total_threads
@@ -281,20 +303,7 @@ def _run_all(
                 if rec["steps_done"] >= vs.steps or rec.get("stopped"):
                     continue
             log.info("[validation] %s run %d of %d", driver, k + 1, vs.runs)
-            s = MDSettings(
-                steps=vs.steps,
-                dt_fs=vs.dt_fs,
-                temperature=vs.temperature,
-                report_every=vs.every,
-                dcd_every=vs.every,
-                checkpoint_every=max(vs.every, 250),
-                # every run its own noise; a guarded run its unguarded twin's seed (not its trajectory:
-                # measured, the twins' waters differ 20 fs in)
-                seed=cfg.seed + 1 + k + 1000 * (1 + DRIVERS.index(driver.removesuffix("_guarded"))),
-                threads=threads,
-                hmr_amu=vs.hmr_amu,
-                **_guard(cfg, vs, driver),
-            )
+            s = validation_md_settings(cfg, vs, driver, k)
             what = f"at phi, psi = {vs.starts[vs.start_of(k)]} deg" if vs.starts else "as built"
             start = StartState(start_at(vs.start_of(k)), None, f"built structure {what}")
             run_md(
