@@ -131,6 +131,55 @@ def test_delta_bookkeeping_reproduces_reference(syn: Path, tmp_path: Path) -> No
     assert res.metrics["test"]["energy"]["mae"] < 0.5 * base_err
 
 
+def test_added_training_frames_leave_the_split_alone(syn: Path, tmp_path: Path) -> None:
+    """Frames of ``add_train`` datasets all go to training; the main dataset alone decides validation and
+    test (so the two models' test errors compare); datasets labelled otherwise are refused; merged
+    datasets keep their labels; ``qmlmm train --add-train`` trains on them and a changed list retrains."""
+    from qmlmm.data import merge_datasets
+    from qmlmm.training import SplitSettings, TrainJob, train_jobs
+
+    extra = make_dataset(tmp_path / "extra.h5", n_frames=10, cutoff=0.8, seed=5, baseline_fraction=0.8)
+    sp = SplitSettings(kind="blocks", valid_fraction=0.2, test_fraction=0.2, block_size=4)
+    plain = load_training_data(syn, "ref", "base", sp)
+    more = load_training_data(syn, "ref", "base", sp, add_train=[extra])
+    assert np.array_equal(plain.valid, more.valid) and np.array_equal(plain.test, more.test)
+    assert np.array_equal(more.train, np.concatenate([plain.train, np.arange(80, 90)]))
+    assert more.split_info is not None and more.split_info["added_train"] == {str(extra): 10}
+    with Dataset(extra) as ds:  # the added items carry the delta targets of their own frames
+        e = [ds.frame(i).labels["ref"].energy - ds.frame(i).labels["base"].energy for i in range(10)]
+    assert np.allclose([it.energy for it in more.items[80:]], e)
+
+    other = make_dataset(tmp_path / "other.h5", n_frames=6, cutoff=0.7, seed=6, baseline_fraction=0.8)
+    with pytest.raises(InputError, match=r"other\.h5.*same methods, settings and embedding"):
+        load_training_data(syn, "ref", "base", sp, add_train=[other])
+
+    merged = merge_datasets([(syn, [0, 3]), (extra, None)], tmp_path / "merged.h5")
+    with Dataset(merged) as ds, Dataset(extra) as ex:
+        assert len(ds) == 12 and ds.levels() == ["base", "ref"]
+        assert ds.frame(2).labels["ref"].energy == ex.frame(0).labels["ref"].energy
+        assert ds.frame(2).info["merged_from"] == str(extra) and float(ds.frame(2).info["run"]) >= 1000
+
+    cfg = TrainConfig(target="ref", baseline="base", ensemble=1, epochs=2, threads=1, **FAST)  # type: ignore[arg-type]
+    job = TrainJob(str(syn), cfg, str(tmp_path / "m.pt"), {"require": ("base",), "add_train": [str(extra)]})
+    m = train_jobs([job], workers=1, progress=False)[job.out][0]
+    n_plain = len(load_training_data(syn, "ref", "base", cfg.split_settings).train)
+    assert m["n_train"] == n_plain + 10 and m["split"]["added_train"] == {str(extra): 10}
+    mtime = (tmp_path / "m.pt").stat().st_mtime
+    train_jobs([job], workers=1, progress=False)
+    assert (tmp_path / "m.pt").stat().st_mtime == mtime  # same frames: reused
+    train_jobs([replace(job, data={"require": ("base",)})], workers=1, progress=False)
+    assert (tmp_path / "m.pt").stat().st_mtime != mtime  # without the added frames: trained again
+
+    res = CliRunner().invoke(
+        app,
+        ["train", str(syn), "-o", str(tmp_path / "cli.pt"), "--target", "ref", "--ensemble", "1", "--epochs", "1",
+         "--add-train", str(extra), "--add-train", str(merged)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "cli.metrics.json").read_text())
+    assert meta["split"]["added_train"] == {str(extra): 10, str(merged): 12}
+
+
 def test_config_errors(tmp_path: Path) -> None:
     from qmlmm.training import load_config
 

@@ -242,6 +242,13 @@ def train(
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume an interrupted run from its checkpoint.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
+    add_train: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A further labelled dataset whose frames all go to training (e.g. frames an uncertainty guard "
+            "queued in MD, labelled since); DATA alone decides the validation and test frames. Repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Train an HDNNP ensemble (direct, or delta over a baseline level) on energies and QM/MM forces."""
     from qmlmm.training import load_config, load_training_data
@@ -250,7 +257,7 @@ def train(
     try:
         from qmlmm.fileio import check_output
 
-        check_output(out, [data], overwrite, "model file")
+        check_output(out, [data, *(add_train or [])], overwrite, "model file")
         cfg = load_config(
             config,
             target=target,
@@ -261,7 +268,7 @@ def train(
             dtype=dtype,
             threads=threads,
         )
-        d = load_training_data(data, cfg.target, cfg.baseline, cfg.split_settings)
+        d = load_training_data(data, cfg.target, cfg.baseline, cfg.split_settings, add_train=add_train or ())
         res = run_train(d, cfg, out, resume=resume)
         from qmlmm.analysis.plots import parity_plot_of_model
 

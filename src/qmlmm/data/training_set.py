@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -225,12 +227,67 @@ def choose_split(s: SplitSettings, runs: np.ndarray | None, times: np.ndarray | 
     return sp
 
 
+def _checked_levels(
+    ds: Dataset, path: str | Path, target: str, baseline: str | None, require: tuple[str, ...]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Level name -> (method, settings) of the levels a training set reads from ``ds``; InputError when
+    one is missing, the target records no embedding, or the baseline used another embedding."""
+    for lvl in (target, *((baseline,) if baseline else ()), *require):
+        if lvl not in ds.levels():
+            kind = "baseline level" if lvl == baseline else "level"
+            raise InputError(f"{kind} {lvl!r} not in {path}; levels: {ds.levels()}")
+    emb_d = ds.level_info(target).settings.get("embedding")
+    if not emb_d:
+        raise InputError(
+            f"level {target!r} in {path} does not record its embedding settings "
+            "(was it imported from extxyz? label it with qmlmm label)"
+        )
+    if baseline is not None and ds.level_info(baseline).settings.get("embedding") != emb_d:
+        raise InputError(
+            f"levels {target!r} and {baseline!r} used different embeddings "
+            f"({emb_d} vs {ds.level_info(baseline).settings.get('embedding')}); relabel one of them"
+        )
+    return {lvl: (ds.level_info(lvl).method, ds.level_info(lvl).settings) for lvl in (target, baseline) if lvl}
+
+
+def _prepared(
+    ds: Dataset, emb: EmbeddingSettings, target: str, baseline: str | None, require: tuple[str, ...]
+) -> tuple[list[FrameTensors], list[object], list[object]]:
+    """The frames of ``ds`` with every needed label as training items (delta targets with a baseline),
+    with their sampling-run labels and times (None where a frame records none)."""
+    st = ds.status(target) == 1
+    for lvl in ((baseline,) if baseline else ()) + tuple(require):
+        st &= ds.status(lvl) == 1
+    idx = np.flatnonzero(st)
+    if len(idx) < len(ds):
+        log.warning("%d of %d frames of %s lack the needed labels and are skipped", len(ds) - len(idx), len(ds),
+                    ds.path)  # fmt: skip
+    items: list[FrameTensors] = []
+    runs: list[object] = []
+    times: list[object] = []
+    for i in idx:
+        fr = ds.frame(int(i))
+        ft = frame_tensors(fr, emb, target, index=int(i))
+        if baseline is not None:
+            b = frame_tensors(fr, emb, baseline)
+            ft.energy -= b.energy
+            ft.qm_forces = ft.qm_forces - b.qm_forces  # type: ignore[operator]
+            ft.mm_forces = ft.mm_forces - b.mm_forces  # type: ignore[operator]
+            # the delta model's charges correct the baseline's
+            ft.qm_q_ref = None if ft.qm_q_ref is None or b.qm_q_ref is None else ft.qm_q_ref - b.qm_q_ref
+        items.append(ft)
+        runs.append(fr.info.get("run"))
+        times.append(fr.info.get("time_ps"))
+    return items, runs, times
+
+
 def load_training_data(
     path: str | Path,
     target: str,
     baseline: str | None = None,
     split: SplitSettings | None = None,
     require: tuple[str, ...] = (),
+    add_train: Sequence[str | Path] = (),
 ) -> TrainingData:
     """Frames labelled at ``target`` (and ``baseline``) with their delta or direct targets, split by
     ``split`` (default: by sampling runs, :class:`SplitSettings`).
@@ -238,60 +295,39 @@ def load_training_data(
     Frames missing a needed label (target, baseline, or any level in ``require``) are skipped with
     a warning; ``require`` lets direct and delta runs use the very same frames and split. The
     embedding settings come from the target level; the baseline level must have used the same ones.
+
+    ``add_train``: further datasets whose frames all go to the training part (e.g. frames an uncertainty
+    guard queued in ML/MM MD, labelled since). ``path`` alone decides the split, so the validation and
+    test frames are those of a model trained on ``path`` alone and the two models' test errors compare.
+    Their target and baseline levels must have the same method and settings (embedding included) as
+    ``path``'s; ``split_info['added_train']`` lists each file and its frames.
     """
     split = split or SplitSettings()
     with Dataset(path) as ds:
-        if target not in ds.levels():
-            raise InputError(f"level {target!r} not in {path}; levels: {ds.levels()}")
-        ti = ds.level_info(target)
-        emb_d = ti.settings.get("embedding")
-        if not emb_d:
-            raise InputError(
-                f"level {target!r} in {path} does not record its embedding settings "
-                "(was it imported from extxyz? label it with qmlmm label)"
-            )
-        emb = EmbeddingSettings.from_dict(emb_d)
-        bmethod = None
-        if baseline is not None:
-            if baseline not in ds.levels():
-                raise InputError(f"baseline level {baseline!r} not in {path}; levels: {ds.levels()}")
-            bi = ds.level_info(baseline)
-            if bi.settings.get("embedding") != emb_d:
-                raise InputError(
-                    f"levels {target!r} and {baseline!r} used different embeddings "
-                    f"({emb_d} vs {bi.settings.get('embedding')}); relabel one of them"
-                )
-            bmethod = bi.method
-        st = ds.status(target) == 1
-        for lvl in ((baseline,) if baseline else ()) + tuple(require):
-            if lvl not in ds.levels():
-                raise InputError(f"level {lvl!r} not in {path}; levels: {ds.levels()}")
-            st &= ds.status(lvl) == 1
-        idx = np.flatnonzero(st)
-        if len(idx) < len(ds):
-            log.warning("%d of %d frames lack the needed labels and are skipped", len(ds) - len(idx), len(ds))
-        items = []
-        elements: set[int] = set()
-        runs: list[object] = []
-        times: list[object] = []
-        for i in idx:
-            fr = ds.frame(int(i))
-            ft = frame_tensors(fr, emb, target, index=int(i))
-            if baseline is not None:
-                b = frame_tensors(fr, emb, baseline)
-                ft.energy -= b.energy
-                ft.qm_forces = ft.qm_forces - b.qm_forces  # type: ignore[operator]
-                ft.mm_forces = ft.mm_forces - b.mm_forces  # type: ignore[operator]
-                # the delta model's charges correct the baseline's
-                ft.qm_q_ref = None if ft.qm_q_ref is None or b.qm_q_ref is None else ft.qm_q_ref - b.qm_q_ref
-            items.append(ft)
-            elements.update(int(z) for z in ft.qm_z)
-            runs.append(fr.info.get("run"))
-            times.append(fr.info.get("time_ps"))
-        method = ti.method
+        levels = _checked_levels(ds, path, target, baseline, require)
+        emb = EmbeddingSettings.from_dict(levels[target][1]["embedding"])
+        items, runs, times = _prepared(ds, emb, target, baseline, require)
+        method = levels[target][0]
+        bmethod = levels[baseline][0] if baseline else None
     run_arr = np.array(runs, dtype=np.float64) if runs and all(r is not None for r in runs) else None
     time_arr = np.array(times, dtype=np.float64) if times and all(t is not None for t in times) else None
     sp = choose_split(split, run_arr, time_arr, np.array([it.energy for it in items]))
+    added: dict[str, int] = {}
+    extra: list[np.ndarray] = []
+    for more in add_train:
+        with Dataset(more) as ds:
+            got = _checked_levels(ds, more, target, baseline, require)
+            if got != levels:
+                raise InputError(
+                    f"{more}: its levels {target!r}/{baseline!r} differ from {path}'s ({got} vs {levels}); "
+                    "label the added frames with the same methods, settings and embedding"
+                )
+            new, _, _ = _prepared(ds, emb, target, baseline, require)
+        extra.append(np.arange(len(items), len(items) + len(new)))
+        items.extend(new)
+        added[str(more)] = len(new)
+    if add_train:
+        sp.info["added_train"] = added
     return TrainingData(
         items=items,
         embedding=emb,
@@ -299,10 +335,10 @@ def load_training_data(
         target_method=method,
         baseline=baseline,
         baseline_method=bmethod,
-        train=sp.train,
+        train=np.concatenate([sp.train, *extra]).astype(np.int64),
         valid=sp.valid,
         test=sp.test,
-        elements=sorted(elements),
+        elements=sorted({int(z) for it in items for z in it.qm_z}),
         source=str(path),
         split_info=sp.info,
     )

@@ -40,7 +40,8 @@ class TrainJob:
 
 
 def finished(job: TrainJob) -> dict[str, Any] | None:
-    """The metrics of ``job`` if its model was already trained with the same configuration, else None."""
+    """The metrics of ``job`` if its model was already trained with the same configuration and added
+    training files, else None."""
     import json
 
     from qmlmm.training.trainer import side_files
@@ -55,6 +56,10 @@ def finished(job: TrainJob) -> dict[str, Any] | None:
     from qmlmm.training.config import result_settings_of
 
     want = json.loads(json.dumps(job.cfg.result_settings()))
+    # frames added to training (load_training_data's add_train) are part of what was trained on
+    added = sorted(str(p) for p in job.data.get("add_train", ()))
+    if sorted((m.get("split") or {}).get("added_train") or {}) != added:
+        return None
     return m if result_settings_of(m.get("config") or {}) == want else None
 
 

@@ -325,41 +325,6 @@ def _done(labels: Path, s: ActiveSettings) -> list[int]:
     return [int(i) for i in np.flatnonzero(ok)]
 
 
-def _merged(sources: list[tuple[Path, list[int]]], out: Path) -> Path:
-    """One dataset with the labelled frames ``sources`` [(dataset, frame indices)], their levels and
-    labels copied (written once; the frames' ``run`` numbers made unique across sources)."""
-    from qmlmm.data import Dataset, write_dataset
-
-    if out.exists():
-        return out
-    frames: list[Any] = []
-    levels: dict[str, Any] = {}
-    for k, (path, idx) in enumerate(sources):
-        with Dataset(path) as ds:
-            for name in ds.levels():
-                levels.setdefault(name, ds.level_info(name))
-            for i in idx:
-                fr = ds.frame(i)
-                fr.info = {**fr.info, "run": 1000 * k + int(fr.info.get("run", 0))}
-                frames.append(fr)
-    from qmlmm.fileio import atomic_path
-
-    labels = [fr.labels for fr in frames]
-    for fr in frames:
-        fr.labels = {}
-    with atomic_path(out) as tmp:
-        ds = write_dataset(tmp, frames, overwrite=True)
-        try:
-            for name, info in levels.items():
-                ds.add_level(name, info.method, info.settings, info.versions)
-                for i, lab in enumerate(labels):
-                    if name in lab:
-                        ds.write_label(name, i, lab[name], flush=False)
-        finally:
-            ds.close()
-    return out
-
-
 def _train_config(s: ActiveSettings) -> Any:
     """TrainConfig of every round: the settings' ``train`` keys, the study's levels, and a split that
     keeps no test frames (the held-out set is the test) and validates on a fifth of the labels."""
@@ -381,7 +346,9 @@ def _trained(folder: Path, sources: list[tuple[Path, list[int]]], s: ActiveSetti
     if model.exists():
         return model
     folder.mkdir(parents=True, exist_ok=True)
-    data = _merged(sources, folder / "train.h5")
+    from qmlmm.data import merge_datasets
+
+    data = merge_datasets(sources, folder / "train.h5")
     cfg = _train_config(s)
     train(load_training_data(data, cfg.target, cfg.baseline, cfg.split_settings), cfg, model, progress=progress,
           init=init)  # fmt: skip
