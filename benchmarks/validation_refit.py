@@ -66,19 +66,26 @@ def labelled(cfg: Any, run: Path, mode: str) -> tuple[Path, int]:
         return out, len(ds)
 
 
-def trained(cfg: Any, run: Path, extra: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Metrics of each mode's refit model (``RUN/refit/models/<mode>.pt``), both trained side by side."""
+def arm_folder(run: Path, arm: str) -> Path:
+    """Where an arm keeps its models and runs: ``RUN/refit`` (refit) or ``RUN/refit/control``."""
+    return run / "refit" if arm == "refit" else run / "refit" / "control"
+
+
+def trained(cfg: Any, run: Path, extra: dict[str, Path] | None) -> dict[str, dict[str, Any]]:
+    """Metrics of each mode's model, both trained side by side: with the queued frames ``extra`` (the refit
+    arm), or, ``extra`` None, the control: the pipeline's frames and split alone, other random numbers
+    (``seed`` + 1, ``split_seed`` kept), which says how much of a change one retraining brings by itself."""
     from qmlmm.training import TrainJob, train_jobs
     from qmlmm.workflows.pipeline.steps import _train_config
 
-    models = run / "refit" / "models"
+    models = arm_folder(run, "refit" if extra else "control") / "models"
     models.mkdir(parents=True, exist_ok=True)
     jobs = [
         TrainJob(
             str(run / "labels.h5"),
-            _train_config(cfg, mode),
+            _train_config(cfg, mode) if extra else _train_config(cfg, mode, seed=cfg.seed + 1, split_seed=cfg.seed),
             str(models / f"{mode}.pt"),
-            {"require": ("base",), "add_train": [str(extra[mode])]},
+            {"require": ("base",), **({"add_train": [str(extra[mode])]} if extra else {})},
         )
         for mode in MODES
     ]
@@ -86,18 +93,19 @@ def trained(cfg: Any, run: Path, extra: dict[str, Path]) -> dict[str, dict[str, 
     return {Path(p).stem: m for p, (m, _) in done.items()}
 
 
-def md_runs(cfg: Any, vs: Any, run: Path) -> None:
-    """The validation's unguarded runs of each mode with its refit model (resumed; finished or stopped
+def md_runs(cfg: Any, vs: Any, run: Path, arm: str) -> None:
+    """The validation's unguarded runs of each mode with the arm's model (resumed; finished or stopped
     runs skipped), run k of both modes before run k + 1."""
     from qmlmm.md.runner import StartState, run_md
     from qmlmm.md.system import MDSystem
     from qmlmm.workflows.pipeline.validation import _engine_maker, validation_md_settings, validation_start
 
     msys = MDSystem.load(run / "system")
-    makers = {m: _engine_maker(cfg, run / "refit" / "models", m, cfg.total_threads) for m in MODES}
+    folder = arm_folder(run, arm)
+    makers = {m: _engine_maker(cfg, folder / "models", m, cfg.total_threads) for m in MODES}
     for k in range(vs.runs):
         for mode in MODES:
-            rdir = run / "refit" / "validation" / mode / f"run{k}"
+            rdir = folder / "validation" / mode / f"run{k}"
             if (rdir / "run.json").exists():
                 rec = json.loads((rdir / "run.json").read_text())
                 if rec["steps_done"] >= vs.steps or rec.get("stopped"):
@@ -107,11 +115,11 @@ def md_runs(cfg: Any, vs: Any, run: Path) -> None:
             restart = (rdir / "checkpoint.chk").exists()
             run_md(run / "system", make(), rdir, validation_md_settings(cfg, vs, mode, k), emb, restart=restart,
                    progress=False, start=start)  # fmt: skip
-            print(f"{mode} run {k}: {json.loads((rdir / 'run.json').read_text()).get('stopped') or 'whole'}",
+            print(f"{arm} {mode} run {k}: {json.loads((rdir / 'run.json').read_text()).get('stopped') or 'whole'}",
                   flush=True)  # fmt: skip
 
 
-def compared(cfg: Any, vs: Any, run: Path) -> dict[str, Any]:
+def compared(cfg: Any, vs: Any, run: Path, arm: str) -> dict[str, Any]:
     """Per mode: runs stopped, and the comparison with the reference (start-weighted, common starts)."""
     from qmlmm.analysis.validation import compare_drivers, driver_statistics
     from qmlmm.workflows.pipeline.validation import _observables
@@ -119,7 +127,7 @@ def compared(cfg: Any, vs: Any, run: Path) -> dict[str, Any]:
     ref_vs = replace(vs, drivers=["reference"])
     ref_obs, ref_strata, _ = _observables(cfg, ref_vs, run, run / "system")
     new_vs = replace(vs, drivers=["reference", *MODES])
-    obs, strata, stopped = _observables(cfg, new_vs, run / "refit", run / "system")
+    obs, strata, stopped = _observables(cfg, new_vs, arm_folder(run, arm), run / "system")
     out: dict[str, Any] = {}
     for mode in MODES:
         r = obs[mode]
@@ -142,6 +150,7 @@ def main() -> None:
     ap.add_argument("--size", default="small")
     ap.add_argument("-o", "--out", type=Path, required=True, help="the pipeline's folder (validation run)")
     ap.add_argument("--no-md", action="store_true", help="label and train only")
+    ap.add_argument("--control", action="store_true", help="also the control arm: no added frames, seed + 1")
     a = ap.parse_args()
     from qmlmm.workflows.pipeline import load_pipeline_config
     from qmlmm.workflows.pipeline.validation import ValidationSettings
@@ -152,12 +161,14 @@ def main() -> None:
     for mode in MODES:
         extra[mode], n_queued[mode] = labelled(cfg, a.out, mode)
         print(f"{mode}: {n_queued[mode]} queued frames labelled", flush=True)
-    metrics = trained(cfg, a.out, extra)
+    arms = ["refit", "control"] if a.control else ["refit"]
+    metrics = {arm: trained(cfg, a.out, extra if arm == "refit" else None) for arm in arms}
     before = {m: json.loads((a.out / "models" / f"{m}.metrics.json").read_text()) for m in MODES}
     if a.no_md:
         return
-    md_runs(cfg, vs, a.out)
-    after = compared(cfg, vs, a.out)
+    for arm in arms:
+        md_runs(cfg, vs, a.out, arm)
+    after = {arm: compared(cfg, vs, a.out, arm) for arm in arms}
     old = json.loads((a.out / "validation" / "validation.json").read_text())
     write(a, cfg, vs, n_queued, before, metrics, after, old)
 
@@ -172,89 +183,106 @@ def write(
     vs: Any,
     n_queued: dict[str, int],
     before: dict[str, Any],
-    metrics: dict[str, Any],
-    after: dict[str, Any],
+    metrics: dict[str, dict[str, Any]],
+    after: dict[str, dict[str, Any]],
     old: dict[str, Any],
 ) -> None:
-    """benchmarks/results/validation_refit.{json,md}."""
-    rows, res = [], {"machine": machine(), "runs": vs.runs, "steps": vs.steps, "modes": {}}
+    """benchmarks/results/validation_refit.{json,md}: per mode the pipeline's model, the refit and (when
+    run) the control, side by side."""
+    from scipy.stats import fisher_exact
+
+    res: dict[str, Any] = {"machine": machine(), "runs": vs.runs, "steps": vs.steps, "queued": n_queued, "models": {}}
     for mode in MODES:
-        n_add = metrics[mode]["split"].get("added_train", {})
-        old_stop = old.get("runs_stopped", {}).get(mode, {})
-        cmp_old = old.get("against_reference", {}).get(mode) or {}
-        cmp_new = after[mode]["against_reference"] or {}
-        res["modes"][mode] = {
-            "queued_frames": n_queued[mode],
-            "added_train": n_add,
-            "n_train": [before[mode]["n_train"], metrics[mode]["n_train"]],
-            "test_mae_before": {k: _mae(before[mode], "test", k) for k in _QUANTITIES},
-            "test_mae_after": {k: _mae(metrics[mode], "test", k) for k in _QUANTITIES},
-            "runs_stopped_before": old_stop,
-            "runs_stopped_after": after[mode]["runs_stopped"],
-            "against_reference_before": cmp_old,
-            "against_reference_after": cmp_new,
+        res["models"][f"{mode} pipeline"] = {
+            "n_train": before[mode]["n_train"],
+            "test_mae": {k: _mae(before[mode], "test", k) for k in _QUANTITIES},
+            "runs_stopped": old.get("runs_stopped", {}).get(mode, {}),
+            "against_reference": old.get("against_reference", {}).get(mode) or {},
         }
-        r = res["modes"][mode]
-        rows.append(
-            f"| {mode} | {r['n_train'][0]} -> {r['n_train'][1]} | "
-            + " | ".join(f"{r['test_mae_before'][k]:.2f} -> {r['test_mae_after'][k]:.2f}" for k in _QUANTITIES)
-            + f" | {len(old_stop)} -> {len(r['runs_stopped_after'])} of {vs.runs} |"
-        )
+        for arm in metrics:
+            res["models"][f"{mode} {arm}"] = {
+                "n_train": metrics[arm][mode]["n_train"],
+                "added_train": metrics[arm][mode]["split"].get("added_train", {}),
+                "test_mae": {k: _mae(metrics[arm][mode], "test", k) for k in _QUANTITIES},
+                "runs_stopped": after[arm][mode]["runs_stopped"],
+                "against_reference": after[arm][mode]["against_reference"] or {},
+            }
+    stops = {
+        arm: sum(len(res["models"][f"{m} {arm}"]["runs_stopped"]) for m in MODES) for arm in ["pipeline", *metrics]
+    }
+    n = vs.runs * len(MODES)
+    res["stopped_pooled"] = {
+        arm: {"stopped": k, "runs": n, "fisher_p_vs_pipeline": None if arm == "pipeline" else
+              float(fisher_exact([[stops["pipeline"], n - stops["pipeline"]], [k, n - k]])[1])}
+        for arm, k in stops.items()
+    }  # fmt: skip
     save_json("validation_refit", res)
     lines = [
         "# One active-learning round from the validation's own MD (alanine dipeptide, small)",
         "",
-        f"Machine: {res['machine']}. `python benchmarks/validation_refit.py {a.config} -o {a.out}`. The frames "
-        "each model's guarded runs queued (ensemble energy spread above the guard's threshold), labelled at "
-        f"{cfg.reference}/MM and {cfg.baseline}/MM, added to its training frames; retrained from random weights "
-        f"with the pipeline's settings; then the validation's {vs.runs} unguarded runs of {vs.steps} steps "
-        "(same starts and seeds). Test frames: the original model's (a held-out sampling run).",
+        f"Machine: {res['machine']}. `python benchmarks/validation_refit.py {a.config} -o {a.out}"
+        f"{' --control' if 'control' in metrics else ''}`.",
+        "",
+        f"- *pipeline*: the validation's models ({cfg.reference} - {cfg.baseline} delta, and direct).",
+        f"- *refit*: retrained from random weights with the pipeline's settings on its frames plus the frames the "
+        f"model's guarded runs queued (energy spread above the guard's threshold; {n_queued['direct']} direct, "
+        f"{n_queued['delta']} delta), labelled at both levels, all of them training frames.",
+        "- *control*: retrained on the pipeline's frames and split alone with other random numbers (seed + 1):"
+        " what one retraining changes by itself.",
+        "",
+        f"Then the validation's {vs.runs} unguarded runs of {vs.steps} steps per model (same starts and seeds). "
+        "Test frames: the pipeline's (a held-out sampling run), for every model.",
         "",
         "| model | training frames | test energy MAE kJ/mol | QM-force MAE kJ/mol/nm | MM-force MAE kJ/mol/nm "
         "| runs stopped |",
         "|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "Against the reference (start-weighted, common starts; before -> after):",
-        "",
-        "| model | H-bonds diff | C7eq diff | beta/PII diff | alpha_R diff | Ramachandran JS bits | populations p |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for mode in MODES:
-        r = res["modes"][mode]
-        cells = _cmp_cells(r["against_reference_before"], r["against_reference_after"])
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    for mode in MODES:
-        for when in ("before", "after"):
-            for k, why in res["modes"][mode][f"runs_stopped_{when}"].items():
-                lines.append(f"- {mode} {when}: {k} stopped at {why}")
+    for name, r in res["models"].items():
+        maes = " | ".join(f"{r['test_mae'][k]:.2f}" for k in _QUANTITIES)
+        lines.append(f"| {name} | {r['n_train']} | {maes} | {len(r['runs_stopped'])} of {vs.runs} |")
+    lines += ["", "Runs stopped, both modes pooled (Fisher's exact test against the pipeline's models):", ""]
+    for arm, d in res["stopped_pooled"].items():
+        p = "" if d["fisher_p_vs_pipeline"] is None else f" (p = {d['fisher_p_vs_pipeline']:.3f})"
+        lines.append(f"- {arm}: {d['stopped']} of {d['runs']}{p}")
+    lines += [
+        "",
+        "Against the reference (start-weighted means, common starts; differences model - reference, p from "
+        "exchanging runs within starts):",
+        "",
+        "| model | runs compared | H-bonds diff (p) | C7eq diff | beta/PII diff | alpha_R diff | populations p "
+        "| Ramachandran JS bits (p) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res["models"].items():
+        lines.append(f"| {name} | " + " | ".join(_cmp_cells(r["against_reference"])) + " |")
+    lines.append("")
+    for name, r in res["models"].items():
+        for k, why in r["runs_stopped"].items():
+            lines.append(f"- {name}: {k} stopped at {why.splitlines()[0][:160]}")
     save_markdown("validation_refit", lines)
     print("\n".join(lines))
 
 
-def _cmp_cells(b: dict[str, Any], a: dict[str, Any]) -> list[str]:
-    """Cells of one comparison row, before -> after ('-' where a side has no comparison)."""
+def _cmp_cells(c: dict[str, Any]) -> list[str]:
+    """Cells of one comparison row ('-' where the model has no comparison)."""
+    if not c:
+        return ["-"] * 7
 
-    def val(c: dict[str, Any], path: tuple[str, ...]) -> str:
+    def diff(*path: str) -> str:
         x: Any = c
         for p in path:
-            if not isinstance(x, dict) or p not in x:
-                return "-"
             x = x[p]
-        return f"{x:+.2f}" if isinstance(x, float) else str(x)
+        return f"{x:+.2f}"
 
-    return [f"{val(b, p)} -> {val(a, p)}" for p in _CMP_PATHS]
-
-
-#: where compare_drivers keeps each number of a row
-_CMP_PATHS: list[tuple[str, ...]] = [
-    ("hbonds_total", "difference"),
-    ("populations", "C7eq", "difference"),
-    ("populations", "beta_PII", "difference"),
-    ("populations", "alpha_R", "difference"),
-    ("ramachandran_js_bits",),
-    ("populations_p",),
-]
+    return [
+        str(c["runs_compared"]["other"]),
+        f"{diff('hbonds_total', 'difference')} ({c['hbonds_total']['p']:.3f})",
+        diff("populations", "C7eq", "difference"),
+        diff("populations", "beta_PII", "difference"),
+        diff("populations", "alpha_R", "difference"),
+        f"{c['populations_p']:.3f}",
+        f"{c['ramachandran_js_bits']:.2f} ({c['ramachandran_p']:.3f})",
+    ]
 
 
 if __name__ == "__main__":

@@ -180,6 +180,22 @@ def test_added_training_frames_leave_the_split_alone(syn: Path, tmp_path: Path) 
     assert meta["split"]["added_train"] == {str(extra): 10, str(merged): 12}
 
 
+def test_split_seed_keeps_the_split_while_seed_changes_the_weights(syn: Path, tmp_path: Path) -> None:
+    from qmlmm.training.config import result_settings_of
+
+    a = TrainConfig(target="ref", ensemble=1, epochs=1, **{**FAST, "split": "blocks"})  # type: ignore[arg-type]
+    b, c = replace(a, seed=1, split_seed=0), replace(a, seed=1)
+    da, db, dc = (load_training_data(syn, "ref", split=x.split_settings) for x in (a, b, c))
+    assert np.array_equal(da.test, db.test) and np.array_equal(da.train, db.train)
+    assert not np.array_equal(da.test, dc.test)  # the seed alone moves the split, as before
+    assert result_settings_of(a.to_dict()) != result_settings_of(b.to_dict())
+    # a model file from before the setting (no split_seed key) matches split_seed None: not retrained
+    old = {k: v for k, v in a.to_dict().items() if k != "split_seed"}
+    assert result_settings_of(old) == result_settings_of(a.to_dict())
+    ra, rb = (train(d, x, tmp_path / f"{n}.pt", progress=False) for d, x, n in ((da, a, "a"), (db, b, "b")))
+    assert ra.metrics["test"]["energy"]["mae"] != rb.metrics["test"]["energy"]["mae"]  # other weights
+
+
 def test_config_errors(tmp_path: Path) -> None:
     from qmlmm.training import load_config
 

@@ -75,7 +75,7 @@ class SplitSettings:
             test_fraction=float(d.get("test_fraction", 0.1)),  # type: ignore[arg-type]
             block_size=int(d.get("block_size", 10)),  # type: ignore[call-overload]
             gap_frames=None if gap is None else int(gap),  # type: ignore[call-overload]
-            seed=int(d.get("seed", 0)),  # type: ignore[call-overload]
+            seed=int(d["split_seed"] if d.get("split_seed") is not None else d.get("seed", 0)),  # type: ignore[call-overload]
         )
 
 

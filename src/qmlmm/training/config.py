@@ -42,10 +42,12 @@ class TrainConfig:
     weight at 1 the energies held the forces back (the QM-force error on the training frames halved at 0.1).
     Split (:class:`qmlmm.data.training_set.SplitSettings`): ``split`` [runs] whole sampling runs to train /
     validation / test (fractions ``valid_fraction`` [0.1] and ``test_fraction`` [0.1] of the runs,
-    shuffled with ``seed`` [0]; fewer than three runs: ``time``, each run cut in time order with
+    shuffled with ``split_seed`` [None: ``seed``, 0]; fewer than three runs: ``time``, each run cut in time order with
     gaps of ``split_gap_frames`` [None: one statistical inefficiency of the energies]); ``blocks``:
     consecutive blocks of ``block_size`` [10] frames shuffled (the old default, test frames next to
-    training frames); ``max_train_frames`` limits the training set (learning curves).
+    training frames); ``max_train_frames`` limits the training set (learning curves). ``seed`` also
+    draws the initial weights and the batches: another ``seed`` with ``split_seed`` kept is the same
+    training on the same frames from other random numbers (how much a result owes to chance).
     """
 
     target: str = "dft"
@@ -77,6 +79,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     max_train_frames: int | None = None
     seed: int = 0
+    split_seed: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = 2
@@ -180,6 +183,8 @@ def result_settings_of(config: dict[str, Any]) -> dict[str, Any]:
     (block_size outside ``blocks``, split_gap_frames with ``blocks``). Stored keys are taken as stored
     (a key a file lacks stays missing, so an older model never matches a newer setting by its default)."""
     d = {k: v for k, v in config.items() if k not in ("threads", "device")}
+    if d.get("split_seed") is None:  # None splits with ``seed``, as files from before the setting did
+        d.pop("split_seed", None)
     if d.get("split", "blocks") != "blocks":
         d.pop("block_size", None)
     else:
