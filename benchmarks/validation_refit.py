@@ -51,7 +51,15 @@ def labelled(cfg: Any, run: Path, mode: str) -> tuple[Path, int]:
 
     folder = run / "refit" / mode
     folder.mkdir(parents=True, exist_ok=True)
-    queued = merge_datasets([(p, None) for p in queued_sources(run, mode)], folder / "queued.h5")
+    sources = [str(p) for p in queued_sources(run, mode)]
+    listed = folder / "queued_sources.json"
+    if listed.exists() and json.loads(listed.read_text()) != sources:
+        raise SystemExit(
+            f"{folder}: the queued frames were merged from other files than the guarded runs hold now; "
+            f"delete {folder} (and {run / 'refit' / 'models'}, {run / 'refit' / 'validation'}) to redo the round"
+        )
+    queued = merge_datasets([(p, None) for p in sources], folder / "queued.h5")
+    listed.write_text(json.dumps(sources))
     out = folder / "labels.h5"
     label_dataset(
         queued,
@@ -83,7 +91,7 @@ def trained(cfg: Any, run: Path, extra: dict[str, Path] | None) -> dict[str, dic
     jobs = [
         TrainJob(
             str(run / "labels.h5"),
-            _train_config(cfg, mode) if extra else _train_config(cfg, mode, seed=cfg.seed + 1, split_seed=cfg.seed),
+            _train_config(cfg, mode) if extra else _control_config(_train_config(cfg, mode)),
             str(models / f"{mode}.pt"),
             {"require": ("base",), **({"add_train": [str(extra[mode])]} if extra else {})},
         )
@@ -93,12 +101,22 @@ def trained(cfg: Any, run: Path, extra: dict[str, Path] | None) -> dict[str, dic
     return {Path(p).stem: m for p, (m, _) in done.items()}
 
 
+def _control_config(tc: Any) -> Any:
+    """``tc`` with the next ``seed`` (initial weights, batches) and its split kept."""
+    return replace(tc, seed=tc.seed + 1, split_seed=tc.split_settings.seed)
+
+
 def md_runs(cfg: Any, vs: Any, run: Path, arm: str) -> None:
     """The validation's unguarded runs of each mode with the arm's model (resumed; finished or stopped
     runs skipped), run k of both modes before run k + 1."""
     from qmlmm.md.runner import StartState, run_md
     from qmlmm.md.system import MDSystem
-    from qmlmm.workflows.pipeline.validation import _engine_maker, validation_md_settings, validation_start
+    from qmlmm.workflows.pipeline.validation import (
+        _check_same_engine,
+        _engine_maker,
+        validation_md_settings,
+        validation_start,
+    )
 
     msys = MDSystem.load(run / "system")
     folder = arm_folder(run, arm)
@@ -106,11 +124,12 @@ def md_runs(cfg: Any, vs: Any, run: Path, arm: str) -> None:
     for k in range(vs.runs):
         for mode in MODES:
             rdir = folder / "validation" / mode / f"run{k}"
+            make, emb = makers[mode]
             if (rdir / "run.json").exists():
+                _check_same_engine(rdir, make())  # a model retrained since: refused, not mixed in
                 rec = json.loads((rdir / "run.json").read_text())
                 if rec["steps_done"] >= vs.steps or rec.get("stopped"):
                     continue
-            make, emb = makers[mode]
             start = StartState(validation_start(cfg, vs, msys, vs.start_of(k)), None, f"validation start {k}")
             restart = (rdir / "checkpoint.chk").exists()
             run_md(run / "system", make(), rdir, validation_md_settings(cfg, vs, mode, k), emb, restart=restart,
@@ -138,7 +157,7 @@ def compared(cfg: Any, vs: Any, run: Path, arm: str) -> dict[str, Any]:
             "against_reference": compare_drivers(
                 ref_obs["reference"], r, vs.n_bins, ref_strata["reference"], strata[mode]
             )
-            if len(r) >= 2 and set(strata[mode]) & set(ref_strata["reference"])
+            if len(r) >= 2 and len(ref_obs["reference"]) >= 2 and set(strata[mode]) & set(ref_strata["reference"])
             else None,
         }
     return out
@@ -211,11 +230,15 @@ def write(
         arm: sum(len(res["models"][f"{m} {arm}"]["runs_stopped"]) for m in MODES) for arm in ["pipeline", *metrics]
     }
     n = vs.runs * len(MODES)
-    res["stopped_pooled"] = {
-        arm: {"stopped": k, "runs": n, "fisher_p_vs_pipeline": None if arm == "pipeline" else
-              float(fisher_exact([[stops["pipeline"], n - stops["pipeline"]], [k, n - k]])[1])}
-        for arm, k in stops.items()
-    }  # fmt: skip
+
+    def fisher(x: int, y: int) -> float:
+        return float(fisher_exact([[x, n - x], [y, n - y]])[1])
+
+    res["stopped_pooled"] = {arm: {"stopped": k, "runs": n} for arm, k in stops.items()}
+    for arm in metrics:
+        res["stopped_pooled"][arm]["fisher_p_vs_pipeline"] = fisher(stops["pipeline"], stops[arm])
+    if "control" in stops:
+        res["stopped_pooled"]["refit"]["fisher_p_vs_control"] = fisher(stops["control"], stops["refit"])
     save_json("validation_refit", res)
     lines = [
         "# One active-learning round from the validation's own MD (alanine dipeptide, small)",
@@ -226,7 +249,8 @@ def write(
         f"- *pipeline*: the validation's models ({cfg.reference} - {cfg.baseline} delta, and direct).",
         f"- *refit*: retrained from random weights with the pipeline's settings on its frames plus the frames the "
         f"model's guarded runs queued (energy spread above the guard's threshold; {n_queued['direct']} direct, "
-        f"{n_queued['delta']} delta), labelled at both levels, all of them training frames.",
+        f"{n_queued['delta']} delta), labelled at both levels, all of them training frames; the pipeline's "
+        "seed, so the same initial weights as the pipeline's model.",
         "- *control*: retrained on the pipeline's frames and split alone with other random numbers (seed + 1):"
         " what one retraining changes by itself.",
         "",
@@ -240,10 +264,15 @@ def write(
     for name, r in res["models"].items():
         maes = " | ".join(f"{r['test_mae'][k]:.2f}" for k in _QUANTITIES)
         lines.append(f"| {name} | {r['n_train']} | {maes} | {len(r['runs_stopped'])} of {vs.runs} |")
-    lines += ["", "Runs stopped, both modes pooled (Fisher's exact test against the pipeline's models):", ""]
+    lines += [
+        "",
+        "Runs stopped, both modes pooled (Fisher's exact test; the two modes' runs taken as independent):",
+        "",
+    ]
     for arm, d in res["stopped_pooled"].items():
-        p = "" if d["fisher_p_vs_pipeline"] is None else f" (p = {d['fisher_p_vs_pipeline']:.3f})"
-        lines.append(f"- {arm}: {d['stopped']} of {d['runs']}{p}")
+        ps = [f"p = {d[k]:.3f} against the {k.split('_')[-1]}" for k in ("fisher_p_vs_pipeline", "fisher_p_vs_control")
+              if k in d]  # fmt: skip
+        lines.append(f"- {arm}: {d['stopped']} of {d['runs']}" + (f" ({'; '.join(ps)})" if ps else ""))
     lines += [
         "",
         "Against the reference (start-weighted means, common starts; differences model - reference, p from "

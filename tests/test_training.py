@@ -169,6 +169,15 @@ def test_added_training_frames_leave_the_split_alone(syn: Path, tmp_path: Path) 
     assert (tmp_path / "m.pt").stat().st_mtime == mtime  # same frames: reused
     train_jobs([replace(job, data={"require": ("base",)})], workers=1, progress=False)
     assert (tmp_path / "m.pt").stat().st_mtime != mtime  # without the added frames: trained again
+    # an added file of the same name with other frames since: not reused either
+    from qmlmm.training.parallel import finished
+
+    few = merge_datasets([(extra, [0, 1, 2])], tmp_path / "few.h5")
+    job_few = replace(job, out=str(tmp_path / "few.pt"), data={"require": ("base",), "add_train": [str(few)]})
+    train_jobs([job_few], workers=1, progress=False)
+    assert finished(job_few) is not None
+    merge_datasets([(extra, None)], tmp_path / "all.h5").replace(few)
+    assert finished(job_few) is None
 
     res = CliRunner().invoke(
         app,
@@ -192,6 +201,7 @@ def test_split_seed_keeps_the_split_while_seed_changes_the_weights(syn: Path, tm
     # a model file from before the setting (no split_seed key) matches split_seed None: not retrained
     old = {k: v for k, v in a.to_dict().items() if k != "split_seed"}
     assert result_settings_of(old) == result_settings_of(a.to_dict())
+    assert result_settings_of(replace(a, split_seed=a.seed).to_dict()) == result_settings_of(old)  # the same split
     ra, rb = (train(d, x, tmp_path / f"{n}.pt", progress=False) for d, x, n in ((da, a, "a"), (db, b, "b")))
     assert ra.metrics["test"]["energy"]["mae"] != rb.metrics["test"]["energy"]["mae"]  # other weights
 

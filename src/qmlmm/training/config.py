@@ -183,7 +183,7 @@ def result_settings_of(config: dict[str, Any]) -> dict[str, Any]:
     (block_size outside ``blocks``, split_gap_frames with ``blocks``). Stored keys are taken as stored
     (a key a file lacks stays missing, so an older model never matches a newer setting by its default)."""
     d = {k: v for k, v in config.items() if k not in ("threads", "device")}
-    if d.get("split_seed") is None:  # None splits with ``seed``, as files from before the setting did
+    if d.get("split_seed") in (None, d.get("seed", 0)):  # splits with ``seed``, as files from before it did
         d.pop("split_seed", None)
     if d.get("split", "blocks") != "blocks":
         d.pop("block_size", None)

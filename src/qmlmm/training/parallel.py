@@ -57,10 +57,27 @@ def finished(job: TrainJob) -> dict[str, Any] | None:
 
     want = json.loads(json.dumps(job.cfg.result_settings()))
     # frames added to training (load_training_data's add_train) are part of what was trained on
-    added = sorted(str(p) for p in job.data.get("add_train", ()))
-    if sorted((m.get("split") or {}).get("added_train") or {}) != added:
+    if ((m.get("split") or {}).get("added_train") or {}) != _added_frames(job):
         return None
     return m if result_settings_of(m.get("config") or {}) == want else None
+
+
+def _added_frames(job: TrainJob) -> dict[str, int]:
+    """{file: frames with every label the job reads} of the job's ``add_train`` files, as the training's
+    ``split.added_train`` records them (a file that gained labels since counts more frames)."""
+    import numpy as np
+
+    from qmlmm.data import Dataset
+
+    levels = [job.cfg.target, *([job.cfg.baseline] if job.cfg.baseline else []), *job.data.get("require", ())]
+    out = {}
+    for p in job.data.get("add_train", ()):
+        with Dataset(p) as ds:
+            ok = np.ones(len(ds), dtype=bool)
+            for lvl in levels:
+                ok &= (ds.status(lvl) == 1) if lvl in ds.levels() else False
+            out[str(p)] = int(ok.sum())
+    return out
 
 
 def _run(job: TrainJob, progress: bool, position: int | None) -> tuple[str, dict[str, Any], float]:

@@ -299,7 +299,9 @@ def _training_frames(data: TrainingData, cfg: TrainConfig) -> tuple[np.ndarray, 
     (the training items when there is no validation part)."""
     train_idx = data.train
     if cfg.max_train_frames is not None and len(train_idx) > cfg.max_train_frames:
-        train_idx = np.sort(np.random.default_rng(cfg.seed).choice(train_idx, cfg.max_train_frames, replace=False))
+        # drawn with the split's seed: another ``seed`` with ``split_seed`` kept trains on the same frames
+        rng = np.random.default_rng(cfg.split_settings.seed)
+        train_idx = np.sort(rng.choice(train_idx, cfg.max_train_frames, replace=False))
     tr_items = data.subset(train_idx)
     return train_idx, tr_items, data.subset(data.valid) if len(data.valid) else tr_items
 
