@@ -107,35 +107,13 @@ def _control_config(tc: Any) -> Any:
 
 
 def md_runs(cfg: Any, vs: Any, run: Path, arm: str) -> None:
-    """The validation's unguarded runs of each mode with the arm's model (resumed; finished or stopped
-    runs skipped), run k of both modes before run k + 1."""
-    from qmlmm.md.runner import StartState, run_md
-    from qmlmm.md.system import MDSystem
-    from qmlmm.workflows.pipeline.validation import (
-        _check_same_engine,
-        _engine_maker,
-        validation_md_settings,
-        validation_start,
-    )
+    """The validation's unguarded runs of each mode with the arm's model, by the validation's own driver
+    loop (resumed; finished or stopped runs skipped; runs of another model refused), run k of both modes
+    before run k + 1."""
+    from qmlmm.workflows.pipeline.validation import _run_all
 
-    msys = MDSystem.load(run / "system")
     folder = arm_folder(run, arm)
-    makers = {m: _engine_maker(cfg, folder / "models", m, cfg.total_threads) for m in MODES}
-    for k in range(vs.runs):
-        for mode in MODES:
-            rdir = folder / "validation" / mode / f"run{k}"
-            make, emb = makers[mode]
-            if (rdir / "run.json").exists():
-                _check_same_engine(rdir, make())  # a model retrained since: refused, not mixed in
-                rec = json.loads((rdir / "run.json").read_text())
-                if rec["steps_done"] >= vs.steps or rec.get("stopped"):
-                    continue
-            start = StartState(validation_start(cfg, vs, msys, vs.start_of(k)), None, f"validation start {k}")
-            restart = (rdir / "checkpoint.chk").exists()
-            run_md(run / "system", make(), rdir, validation_md_settings(cfg, vs, mode, k), emb, restart=restart,
-                   progress=False, start=start)  # fmt: skip
-            print(f"{arm} {mode} run {k}: {json.loads((rdir / 'run.json').read_text()).get('stopped') or 'whole'}",
-                  flush=True)  # fmt: skip
+    _run_all(cfg, vs, folder, run / "system", folder / "models", False, drivers=list(MODES))
 
 
 def compared(cfg: Any, vs: Any, run: Path, arm: str) -> dict[str, Any]:

@@ -275,9 +275,16 @@ def _check_same_guard(rdir: Path, rec: dict[str, Any], guard: dict[str, Any]) ->
 
 
 def _run_all(
-    cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path, models: Path, progress: bool
+    cfg: PipelineConfig,
+    vs: ValidationSettings,
+    out: Path,
+    system: Path,
+    models: Path,
+    progress: bool,
+    drivers: list[str] | None = None,
 ) -> None:
-    """Every driver's runs, each resumed from its checkpoint or skipped when finished or stopped. Run k of
+    """Every driver's runs (``drivers``, default ``vs.drivers``; models from ``models``, runs under
+    ``out/validation``), each resumed from its checkpoint or skipped when finished or stopped. Run k of
     every driver before run k + 1 of any: stopped part-way, the validation has the same runs of each."""
     from qmlmm.md.runner import StartState, run_md
     from qmlmm.md.system import MDSystem
@@ -291,9 +298,10 @@ def _run_all(
             starts[i] = validation_start(cfg, vs, msys, i)
         return starts[i]
 
-    makers = {d: _engine_maker(cfg, models, d, threads) for d in vs.drivers}
+    drivers = vs.drivers if drivers is None else drivers
+    makers = {d: _engine_maker(cfg, models, d, threads) for d in drivers}
     for k in range(vs.runs):
-        for driver in vs.drivers:
+        for driver in drivers:
             make, emb = makers[driver]
             rdir = _run_dir(out, driver, k)
             if (rdir / "run.json").exists():
