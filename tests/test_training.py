@@ -153,6 +153,9 @@ def test_added_training_frames_leave_the_split_alone(syn: Path, tmp_path: Path) 
     with pytest.raises(InputError, match=r"other\.h5.*same methods, settings and embedding"):
         load_training_data(syn, "ref", "base", sp, add_train=[other])
 
+    with pytest.raises(InputError, match=r"other\.h5: level '(ref|base)' is .* an earlier source has"):
+        merge_datasets([(syn, [0]), (other, None)], tmp_path / "mixed.h5")  # labels of another embedding
+    assert not (tmp_path / "mixed.h5").exists()
     merged = merge_datasets([(syn, [0, 3]), (extra, None)], tmp_path / "merged.h5")
     with Dataset(merged) as ds, Dataset(extra) as ex:
         assert len(ds) == 12 and ds.levels() == ["base", "ref"]

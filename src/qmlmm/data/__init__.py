@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qmlmm.data.extxyz import read_extxyz, write_extxyz
 from qmlmm.data.h5 import Dataset, LevelInfo, write_dataset
-from qmlmm.errors import SchemaError
+from qmlmm.errors import InputError, SchemaError
 from qmlmm.system import Frame
 
 __all__ = ["Dataset", "is_hdf5", "load_frames", "merge_datasets", "read_extxyz", "write_dataset", "write_extxyz"]
@@ -36,7 +36,9 @@ def merge_datasets(sources: Sequence[tuple[str | Path, Sequence[int] | None]], o
     """Write one dataset ``out`` with the frames ``sources`` [(dataset, frame indices or None for all)],
     their levels and labels copied. Frame info ``run`` becomes ``1000 * k + run`` for source ``k`` (0 when a
     frame has none), so that runs of different sources stay apart; ``merged_from`` names the source file.
-    An existing ``out`` is returned as it is (written once, atomically). Returns ``out``."""
+    A level that two sources hold must have the same method and settings in both (InputError naming the
+    file otherwise: its labels would be merged under the first one's). An existing ``out`` is returned as it
+    is (written once, atomically). Returns ``out``."""
     from qmlmm.fileio import atomic_path
 
     out = Path(out)
@@ -47,7 +49,13 @@ def merge_datasets(sources: Sequence[tuple[str | Path, Sequence[int] | None]], o
     for k, (path, idx) in enumerate(sources):
         with Dataset(path) as ds:
             for name in ds.levels():
-                levels.setdefault(name, ds.level_info(name))
+                info = levels.setdefault(name, ds.level_info(name))
+                got = ds.level_info(name)
+                if (got.method, got.settings) != (info.method, info.settings):
+                    raise InputError(
+                        f"{path}: level {name!r} is {got.method} with settings {got.settings}, where an earlier "
+                        f"source has {info.method} with {info.settings}; label them alike before merging"
+                    )
             for i in range(len(ds)) if idx is None else idx:
                 fr = ds.frame(int(i))
                 fr.info = {**fr.info, "run": 1000 * k + int(fr.info.get("run", 0)), "merged_from": str(path)}
