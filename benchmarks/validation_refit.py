@@ -44,34 +44,14 @@ def queued_sources(run: Path, mode: str) -> list[Path]:
 
 
 def labelled(cfg: Any, run: Path, mode: str) -> tuple[Path, int]:
-    """(the mode's queued frames labelled at ``ref`` and ``base``, the number of frames queued)."""
-    from qmlmm.data import Dataset, merge_datasets
-    from qmlmm.environment import EmbeddingSettings
-    from qmlmm.workflows.label import LevelRequest, label_dataset
+    """(the mode's queued frames labelled at ``ref`` and ``base``, the number of frames queued), by the
+    pipeline's refit round's own labelling (``qmlmm.workflows.pipeline.refit.label_queued``)."""
+    from qmlmm.workflows.pipeline.refit import label_queued
 
-    folder = run / "refit" / mode
-    folder.mkdir(parents=True, exist_ok=True)
-    sources = [str(p) for p in queued_sources(run, mode)]
-    listed = folder / "queued_sources.json"
-    if listed.exists() and json.loads(listed.read_text()) != sources:
-        raise SystemExit(
-            f"{folder}: the queued frames were merged from other files than the guarded runs hold now; "
-            f"delete {folder} (and {run / 'refit' / 'models'}, {run / 'refit' / 'validation'}) to redo the round"
-        )
-    queued = merge_datasets([(p, None) for p in sources], folder / "queued.h5")
-    listed.write_text(json.dumps(sources))
-    out = folder / "labels.h5"
-    label_dataset(
-        queued,
-        out,
-        [LevelRequest.from_spec(cfg.reference, "ref"), LevelRequest.from_spec(cfg.baseline, "base")],
-        EmbeddingSettings(cfg.cutoff, cfg.switch_width),
-        workers=0,
-        threads=cfg.total_threads,
-        progress=False,
-    )
-    with Dataset(queued) as ds:
-        return out, len(ds)
+    q = label_queued(cfg, queued_sources(run, mode), run / "refit" / mode)
+    if q.labels is None:
+        raise SystemExit(f"{run}: the {mode} guarded runs queued no frame")
+    return q.labels, q.n_queued
 
 
 def arm_folder(run: Path, arm: str) -> Path:

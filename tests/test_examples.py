@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qmlmm.cli import app
+from qmlmm.data import Dataset
 from qmlmm.md.restraints import umbrella_windows
 from qmlmm.workflows.pipeline import PipelineConfig, load_pipeline_config, run_pipeline
 
@@ -163,7 +164,8 @@ def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
     vs = ValidationSettings.from_dict(cfg.validation or {})
     v = summary["validation"]
     assert len(vs.drivers) == 6 and {"reference", "baseline"} <= set(v["drivers"])
-    assert set(v["drivers"]) | set(v["runs_stopped"]) == set(vs.drivers)  # analysed, or every run stopped
+    refit = {f"{m}_refit" for m, r in v["refit"].items() if r["model"]}  # the refit round's drivers (below)
+    assert set(v["drivers"]) | set(v["runs_stopped"]) == set(vs.drivers) | refit  # analysed, or every run stopped
     assert set(v["against_reference"]) <= set(v["drivers"]) - {"reference"}
     kept = vs.steps // vs.every - vs.skip_frames
     for d, st in v["drivers"].items():
@@ -201,6 +203,22 @@ def test_tiny_alanine_dipeptide_validation(tmp_path: Path) -> None:
         diff = (ang - built + 180.0) % 360.0 - 180.0
         assert np.all(np.abs(diff) < 25.0), (k, ang, built)
     assert (out / "validation" / "validation.md").exists() and (out / "validation" / "validation.png").exists()
+    # the refit round: each guarded mode's queued frames labelled and, if any, a retrained model whose
+    # unguarded runs are analysed (or listed as stopped) as <mode>_refit
+    assert vs.refit and set(v["refit"]) == {"delta", "direct"}
+    for mode, r in v["refit"].items():
+        queued = 0
+        for p in (out / "validation" / f"{mode}_guarded").glob("run*/uncertain.h5"):
+            with Dataset(p) as ds:
+                queued += len(ds)
+        assert r["n_queued"] == queued and r["n_labelled"] <= queued, mode
+        if r["model"] is None:
+            assert f"{mode}_refit" not in v["drivers"] and r["why"], mode
+            continue
+        assert r["n_train"]["after"] == r["n_train"]["before"] + r["n_labelled"], mode
+        assert f"{mode}_refit" in set(v["drivers"]) | set(v["runs_stopped"]), mode
+        rec = json.loads((out / "validation" / f"{mode}_refit" / "run0" / "run.json").read_text())
+        assert rec["settings"]["max_uncertainty"] is None, mode
     again = run_pipeline(cfg, out, progress=False)
     assert again["timings_s"]["validation"] < 60  # the runs are reused, only the analysis is redone
     assert again["validation"]["drivers"]["reference"]["histogram"] == v["drivers"]["reference"]["histogram"]

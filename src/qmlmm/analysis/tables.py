@@ -150,4 +150,31 @@ def validation_markdown(res: Mapping[str, Any]) -> str:
             "",
         ]
         lines += [f"- {d} {run}: {why}" for d, runs in stopped.items() for run, why in runs.items()]
+    lines += _refit_lines(res.get("refit"), s["runs"])
     return "\n".join(lines) + "\n"
+
+
+def _refit_lines(refit: Mapping[str, Any] | None, runs: int) -> list[str]:
+    """The refit round of a validation (``qmlmm.workflows.pipeline.refit.refit_models``' record) as lines."""
+    if not refit:
+        return []
+    lines = [
+        "",
+        "Refit round: the frames each guarded driver queued, labelled and added to its model's training frames "
+        f"(validation and test frames unchanged); the model's {runs} unguarded runs repeated as `<mode>_refit`.",
+        "",
+        "| model | frames queued | labelled | training frames before -> after | test E MAE before -> after "
+        "| test QM-F MAE before -> after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, r in refit.items():
+        if not r.get("model"):
+            lines.append(f"| {mode} | {r['n_queued']} | {r['n_labelled']} | {r.get('why', '-')} | - | - |")
+            continue
+        n, e = r["n_train"], r["test_mae"]
+        lines.append(
+            f"| {mode} | {r['n_queued']} | {r['n_labelled']} | {n['before']} -> {n['after']} | "
+            f"{e['before']['energy']:.2f} -> {e['after']['energy']:.2f} | "
+            f"{e['before']['qm_forces']:.1f} -> {e['after']['qm_forces']:.1f} |"
+        )
+    return lines

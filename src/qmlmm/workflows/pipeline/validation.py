@@ -6,8 +6,11 @@ Run k of every driver starts from the built structure with the solute's backbone
 MM-relaxed around it and velocities drawn with a seed of its own (driver and run). Runs from
 different basins show whether a run is long enough to forget its start; the comparison between
 drivers exchanges runs only within a start (``compare_drivers``' strata). The first ``skip_ps`` of
-every run is left out of the observables. Writes ``RUN/validation/<driver>/run<k>/`` (``qmlmm md``
-folders, resumable) and ``RUN/validation/validation.{json,md,png}``.
+every run is left out of the observables. With ``refit``, one active-learning round follows
+(:mod:`qmlmm.workflows.pipeline.refit`): the guarded runs' queued frames labelled, the models retrained
+with them, and their unguarded runs repeated as drivers ``<mode>_refit``. Writes
+``RUN/validation/<driver>/run<k>/`` (``qmlmm md`` folders, resumable) and
+``RUN/validation/validation.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ class ValidationSettings:
     skip_ps: float = 1.0  # left out of the observables at the start of every run
     temperature: float = 300.0
     drivers: list[str] = field(default_factory=lambda: list(DRIVERS[:4]))
+    # one active-learning round after the runs (qmlmm.workflows.pipeline.refit): the guarded runs' queued
+    # frames labelled, each guarded mode's model retrained with them, its unguarded runs repeated as
+    # driver <mode>_refit
+    refit: bool = False
     # the guarded drivers: above this ensemble energy spread (kJ/mol) a step's forces come from the
     # fallback, "reference" (the config's reference engine) or "baseline" (delta only: its own baseline)
     max_uncertainty: float = 15.0
@@ -98,6 +105,11 @@ class ValidationSettings:
         ]:
             if not ok:
                 raise InputError(f"validation {name} must be {want}, got {getattr(self, name)!r}")
+        if self.refit and not any(d.endswith("_guarded") for d in self.drivers):
+            raise InputError(
+                "validation refit needs a guarded driver (delta_guarded or direct_guarded): the frames its runs "
+                "queue are what the refit round adds to training"
+            )
         if self.fallback == "baseline" and "direct_guarded" in self.drivers:
             raise InputError("validation fallback 'baseline' is for delta models; direct_guarded needs 'reference'")
         if self.skip_ps < 0 or self.skip_ps >= self.steps * self.dt_fs * 1e-3:
@@ -124,6 +136,18 @@ class ValidationSettings:
     def skip_frames(self) -> int:
         return round(self.skip_ps * 1e3 / (self.dt_fs * self.every))
 
+    @property
+    def analysed_drivers(self) -> list[str]:
+        """``drivers`` and, with ``refit``, the refit round's ``<mode>_refit`` drivers."""
+        from qmlmm.workflows.pipeline.refit import refit_drivers
+
+        return [*self.drivers, *refit_drivers(self.drivers, self.refit)]
+
+
+def _model_of(driver: str) -> str:
+    """The model or engine a driver runs: ``delta`` for delta, delta_guarded and delta_refit."""
+    return driver.removesuffix("_guarded").removesuffix("_refit")
+
 
 def _engine_maker(cfg: PipelineConfig, models: Path, driver: str, threads: int) -> tuple[Any, Any]:
     """(a function making the driver's engine, its embedding settings)."""
@@ -136,7 +160,7 @@ def _engine_maker(cfg: PipelineConfig, models: Path, driver: str, threads: int) 
         return (lambda: make_engine(spec, threads=threads)), emb
     from qmlmm.models import QMLMMModel
 
-    model = QMLMMModel.load(models / f"{driver.removesuffix('_guarded')}.pt")
+    model = QMLMMModel.load(models / f"{_model_of(driver)}.pt")
     return (lambda: model.engine(threads)), model.embedding
 
 
@@ -246,7 +270,8 @@ def validation_md_settings(cfg: PipelineConfig, vs: ValidationSettings, driver: 
     """The ``MDSettings`` of run ``k`` of ``driver``: ``vs.steps`` steps of ``vs.dt_fs`` at ``vs.temperature``,
     a frame every ``vs.every``, the config's threads, the driver's uncertainty guard, and the run's seed
     (every run its own noise; a guarded run its unguarded twin's seed, though not its trajectory: measured,
-    the twins' waters differ 20 fs in). Benchmarks that vary one setting take ``dataclasses.replace`` of it."""
+    the twins' waters differ 20 fs in; a refit run the seed of its pipeline model's run). Benchmarks that
+    vary one setting take ``dataclasses.replace`` of it."""
     from qmlmm.md.runner import MDSettings
 
     return MDSettings(
@@ -256,7 +281,7 @@ def validation_md_settings(cfg: PipelineConfig, vs: ValidationSettings, driver: 
         report_every=vs.every,
         dcd_every=vs.every,
         checkpoint_every=max(vs.every, 250),
-        seed=cfg.seed + 1 + k + 1000 * (1 + DRIVERS.index(driver.removesuffix("_guarded"))),
+        seed=cfg.seed + 1 + k + 1000 * (1 + DRIVERS.index(_model_of(driver))),
         threads=cfg.total_threads,
         hmr_amu=vs.hmr_amu,
         **_guard(cfg, vs, driver),
@@ -283,9 +308,10 @@ def _run_all(
     progress: bool,
     drivers: list[str] | None = None,
 ) -> None:
-    """Every driver's runs (``drivers``, default ``vs.drivers``; models from ``models``, runs under
-    ``out/validation``), each resumed from its checkpoint or skipped when finished or stopped. Run k of
-    every driver before run k + 1 of any: stopped part-way, the validation has the same runs of each."""
+    """Every driver's runs (``drivers``, default ``vs.drivers``; models from ``models``, a refit driver's from
+    the refit round's folder; runs under ``out/validation``), each resumed from its checkpoint or skipped
+    when finished or stopped. Run k of every driver before run k + 1 of any: stopped part-way, the
+    validation has the same runs of each."""
     from qmlmm.md.runner import StartState, run_md
     from qmlmm.md.system import MDSystem
 
@@ -299,7 +325,10 @@ def _run_all(
         return starts[i]
 
     drivers = vs.drivers if drivers is None else drivers
-    makers = {d: _engine_maker(cfg, models, d, threads) for d in drivers}
+    from qmlmm.workflows.pipeline.refit import refit_folder
+
+    folder = {d: refit_folder(out) / "models" if d.endswith("_refit") else models for d in drivers}
+    makers = {d: _engine_maker(cfg, folder[d], d, threads) for d in drivers}
     for k in range(vs.runs):
         for driver in drivers:
             make, emb = makers[driver]
@@ -336,7 +365,7 @@ def _observables(
     res: dict[str, list[Any]] = {}
     strata: dict[str, list[int]] = {}
     stopped: dict[str, dict[str, str]] = {}
-    for driver in vs.drivers:
+    for driver in vs.analysed_drivers:
         res[driver], strata[driver] = [], []
         for k in range(vs.runs):
             rdir = _run_dir(out, driver, k)
@@ -372,6 +401,31 @@ def check_solute(cfg: PipelineConfig, vs: ValidationSettings) -> None:
     peptide_sites(cfg.solutes[vs.solute])
 
 
+def _runs_and_refit(
+    cfg: PipelineConfig,
+    vs: ValidationSettings,
+    out: Path,
+    system: Path,
+    models: Path,
+    progress: bool,
+    analyze_only: bool,
+) -> dict[str, Any] | None:
+    """Every driver's runs (unless ``analyze_only``), then, with ``vs.refit``, the refit round
+    (:func:`qmlmm.workflows.pipeline.refit.refit_models`) and its drivers' runs. Returns the round's record
+    (None without ``refit``, or, ``analyze_only``, before the round ran)."""
+    from qmlmm.workflows.pipeline.refit import REFIT_MODES, refit_models, refit_record
+
+    if analyze_only:
+        return refit_record(out) if vs.refit else None
+    _run_all(cfg, vs, out, system, models, progress)
+    if not vs.refit:
+        return None
+    modes = [m for m in REFIT_MODES if f"{m}_guarded" in vs.drivers]
+    rec = refit_models(cfg, out, modes, vs.runs, progress)
+    _run_all(cfg, vs, out, system, models, progress, drivers=[f"{m}_refit" for m in modes if rec[m]["model"]])
+    return rec
+
+
 def validation_step(
     cfg: PipelineConfig, out: Path, system: Path, models: Path, progress: bool, analyze_only: bool
 ) -> dict[str, Any] | None:
@@ -385,8 +439,7 @@ def validation_step(
 
     vs = ValidationSettings.from_dict(cfg.validation)
     check_solute(cfg, vs)
-    if not analyze_only:
-        _run_all(cfg, vs, out, system, models, progress)
+    refit = _runs_and_refit(cfg, vs, out, system, models, progress, analyze_only)
     obs, strata, stopped = _observables(cfg, vs, out, system)
     stats = {d: driver_statistics(r, vs.n_bins) for d, r in obs.items() if r}
     ref = obs.get("reference") or []
@@ -405,6 +458,7 @@ def validation_step(
         "against_reference": comparisons,
         "runs_stopped": stopped,
         "runs_analysed": {d: len(r) for d, r in obs.items()},
+        "refit": refit,
     }
     vdir = out / "validation"
     vdir.mkdir(parents=True, exist_ok=True)
