@@ -635,18 +635,49 @@ def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_syste
     info = json.loads((tmp_path / "fb" / "run.json").read_text())
     assert res.stopped is None and res.steps_done == 40
     assert info["fallback"] == "baseline" and info["fallback_steps"] >= 40
-    # continued, run.json counts this invocation's fallback steps and every invocation's
+    with Dataset(tmp_path / "fb" / "uncertain.h5") as ds:
+        first = ds.frames()
+    assert 2 <= len(first) <= 3 and first[0].info["source"] == "uncertain"
+    assert all(0 <= int(fr.info["md_step"]) <= 40 for fr in first)  # step 40: the last report's force
+    # continued, run.json counts this invocation's fallback steps and every invocation's, and the frames the
+    # first invocation queued stay queued beside the new ones
     run_md(methanol_system, eng, tmp_path / "fb", replace(s, steps=60), EMB, restart=True, progress=False)
     info = json.loads((tmp_path / "fb" / "run.json").read_text())
     assert 20 <= info["fallback_steps"] < info["fallback_steps_total"] and info["fallback_steps_total"] >= 60
     with Dataset(tmp_path / "fb" / "uncertain.h5") as ds:
-        assert 2 <= len(ds) <= 3 and ds.frame(0).info["source"] == "uncertain"
+        both = ds.frames()
+    kept = [fr for fr in first if int(fr.info["md_step"]) < 40]  # the resumed run does step 40 again
+    assert len(kept) < len(both) == info["uncertain_frames_queued"] <= len(kept) + 2
+    for a, b in zip(kept, both, strict=False):
+        assert np.array_equal(a.positions, b.positions) and a.info["md_step"] == b.info["md_step"]
+    assert all(40 <= int(fr.info["md_step"]) <= 60 for fr in both[len(kept) :])
     # a direct model has no baseline to fall back to
     direct = QMLMMModel(
         Ensemble(ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width), 2), ModelMeta(target="r")
     )
     with pytest.raises(InputError, match="needs a delta model"):
         QMMMCallback(direct.engine(1), msys, EMB, max_uncertainty=1.0, fallback="baseline")
+
+
+def test_a_resumed_run_keeps_the_frames_queued_before_its_checkpoint(tmp_path: Path) -> None:
+    """A run resumed at step S keeps what its earlier invocations queued before S, drops what they queued at S
+    or later (those steps are done again), and rewrites the file at once."""
+    from conftest import cluster_frame
+    from qmlmm.data import Dataset, write_dataset
+    from qmlmm.md.qmforce import UncertainFrames
+
+    frames = [cluster_frame("water", n_waters=2, seed=1 + k) for k in range(4)]
+    for fr, step in zip(frames, (10, 30, 50, 70), strict=True):
+        fr.info = {"md_step": step, "source": "uncertain"}
+    path = tmp_path / "uncertain.h5"
+    write_dataset(path, frames).close()
+    q = UncertainFrames(path, cutoff=0.8)
+    q.resume(50)
+    assert [int(fr.info["md_step"]) for fr in q.frames] == [10, 30]
+    with Dataset(path) as ds:
+        assert len(ds) == 2 and np.array_equal(ds.frame(1).positions, frames[1].positions)
+    UncertainFrames(tmp_path / "none.h5", cutoff=0.8).resume(50)  # nothing queued before: nothing to keep
+    assert not (tmp_path / "none.h5").exists()
 
 
 def test_hydrogen_mass_repartitioning_keeps_every_molecule_mass(methanol_system: Path) -> None:

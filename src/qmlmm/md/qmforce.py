@@ -42,7 +42,8 @@ class UncertainFrames:
     """Frames where the model was unsure, queued for labelling: the QM region and its environment (the
     embedding cutoff plus 0.3 nm, as sampling stores them) with the step and the spread; written to
     ``path`` (a qmlmm dataset, rewritten atomically with every flush) so ``qmlmm label`` can take it.
-    At most one frame every ``every`` calls and ``limit`` in all (neighbouring steps are near-duplicates)."""
+    At most one frame every ``every`` calls and ``limit`` in all (neighbouring steps are near-duplicates).
+    A resumed run keeps what its earlier invocations queued (:meth:`resume`)."""
 
     def __init__(self, path: Path, cutoff: float, every: int = 20, limit: int = 1000) -> None:
         self.path = Path(path)
@@ -53,12 +54,33 @@ class UncertainFrames:
         self._last_call = -(10**9)
         self._flushed = 0
 
-    def offer(self, frame: Frame, call: int, uncertainty: float) -> bool:
-        """Queue ``frame`` (copied, trimmed) unless one was queued fewer than ``every`` calls ago."""
+    def resume(self, step: int) -> None:
+        """Take over the frames ``path`` holds from the run's earlier invocations, but those queued at MD step
+        ``step`` or later (the run resumes at ``step`` and does those steps again; frames that record no step
+        are kept). The file is rewritten at once when frames are dropped."""
+        from qmlmm.data import Dataset
+
+        if not self.path.exists():
+            return
+        with Dataset(self.path) as ds:
+            old = ds.frames()
+        kept = [fr for fr in old if int(fr.info.get("md_step", -1)) < step]
+        self.frames = kept
+        self._flushed = len(old)
+        if len(kept) < len(old):
+            self._flushed = -1
+            self.flush()
+            log.info("%s: %d queued frames from step %d on removed (done again)", self.path, len(old) - len(kept), step)
+
+    def offer(self, frame: Frame, call: int, uncertainty: float, step: int | None = None) -> bool:
+        """Queue ``frame`` (copied, trimmed) unless one was queued fewer than ``every`` calls ago; ``step``:
+        the MD step whose force this was (recorded, so that a resumed run can drop what it does again)."""
         if call - self._last_call < self.every or len(self.frames) >= self.limit:
             return False
         fr = trim_frame(frame, self.cutoff, 0.3)
         fr.info.update({"md_call": call, "uncertainty_kjmol": uncertainty, "source": "uncertain"})
+        if step is not None:
+            fr.info["md_step"] = int(step)
         self.frames.append(fr)
         self._last_call = call
         return True
@@ -116,6 +138,7 @@ class QMMMCallback:
         self.hold = int(hold)
         self._held = 0  # calls still to take from the fallback after the last one above the threshold
         self.calls = 0
+        self.step: int | None = None  # the MD step of the force evaluated now (from OpenMM's state)
         self.seconds = 0.0
         #: wall seconds of each part of the calls so far: OpenMM state to numpy, embedding selection, the
         #: engine (QM/ML), forces back to the frame's atoms (with the switching term)
@@ -168,7 +191,7 @@ class QMMMCallback:
                 res = self.fallback_engine.compute_frame(fr, emb)
             self.fallback_steps += 1
             if self.queue is not None and above:  # held calls below the threshold are not queued
-                self.queue.offer(fr, self.calls, self.last_uncertainty)
+                self.queue.offer(fr, self.calls, self.last_uncertainty, self.step)
         marks.append(time.perf_counter())  # engine time includes a fallback engine's call and the queueing
         with numpy_blas_threads(1):
             forces = embedding_forces_to_frame(fr, emb, res.qm_forces, res.mm_forces, res.mm_potential)
@@ -186,6 +209,7 @@ class QMMMCallback:
         t0 = time.perf_counter()
         pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(u.nanometer))
         box = np.asarray(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(u.nanometer))
+        self.step = int(state.getStepCount())
         self.phase_seconds["state_transfer"] += time.perf_counter() - t0
         try:
             return self.energy_forces(pos, box)

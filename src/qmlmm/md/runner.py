@@ -455,6 +455,8 @@ def run_md(
     sim, cb = make_simulation(msys, engine, emb, s, rs, out)
     run = _Run(out, engine, emb, s, rs, start)
     begin = _resume(sim, run) if restart else _begin_fresh(sim, msys, run)
+    if restart and cb is not None and cb.queue is not None:  # what earlier invocations queued stays queued
+        cb.queue.resume(begin.start_step)
     phases0 = dict(cb.phase_seconds) if cb is not None else {}
     stretch = _integrate(sim, cb, msys, rs, s, out, begin.start_step, restart, progress)
     steps_done = begin.start_step + stretch.done
@@ -726,7 +728,7 @@ def _callback_record(cb: QMMMCallback | None, seconds: float, steps: int, phases
         "concurrent_baseline": bool(getattr(cb.engine, "baseline_beside_network", False)) if cb else None,
         "fallback": cb.fallback if cb else None,
         "fallback_steps": cb.fallback_steps if cb else 0,  # QM/MM calls this invocation took from the fallback
-        "uncertain_frames_queued": len(cb.queue.frames) if cb and cb.queue else 0,
+        "uncertain_frames_queued": len(cb.queue.frames) if cb and cb.queue else 0,  # in uncertain.h5: all invocations
     }
 
 
