@@ -6,8 +6,9 @@ benchmarks/results/validation_alanine_dipeptide_small.md). Their guarded runs qu
 guard's threshold to ``uncertain.h5`` (``RUN/validation/<mode>_guarded/run*/`` and, for the holding guard,
 ``RUN/guard_hold/<mode>_*/run*/``). Here, per mode (direct, delta):
 
-1. the queued frames merged (``RUN/refit/<mode>/queued.h5``) and labelled at the reference and the baseline
-   (``labels.h5``, resumable);
+1. the queued frames labelled at the reference and the baseline (``RUN/refit/<mode>/``, one dataset per run,
+   resumable), by the pipeline's own refit labelling (``validation: {refit: true}`` does this round for the
+   validation's guarded runs alone; this script adds the guard-hold runs' frames too);
 2. the mode's ensemble retrained from random weights with the pipeline's settings on the pipeline's labels
    plus these frames, all of them training frames (``qmlmm train --add-train``): the validation and test
    frames are the original model's, so the test errors compare;
@@ -43,13 +44,14 @@ def queued_sources(run: Path, mode: str) -> list[Path]:
     return sorted(found)
 
 
-def labelled(cfg: Any, run: Path, mode: str) -> tuple[Path, int]:
-    """(the mode's queued frames labelled at ``ref`` and ``base``, the number of frames queued), by the
+def labelled(cfg: Any, run: Path, mode: str) -> tuple[list[Path], int]:
+    """(the mode's queued frames labelled at ``ref`` and ``base``, one dataset per run, and the number of
+    frames queued), by the
     pipeline's refit round's own labelling (``qmlmm.workflows.pipeline.refit.label_queued``)."""
     from qmlmm.workflows.pipeline.refit import label_queued
 
     q = label_queued(cfg, queued_sources(run, mode), run / "refit" / mode)
-    if q.labels is None:
+    if not q.labels:
         raise SystemExit(f"{run}: the {mode} guarded runs queued no frame")
     return q.labels, q.n_queued
 
@@ -59,7 +61,7 @@ def arm_folder(run: Path, arm: str) -> Path:
     return run / "refit" if arm == "refit" else run / "refit" / "control"
 
 
-def trained(cfg: Any, run: Path, extra: dict[str, Path] | None) -> dict[str, dict[str, Any]]:
+def trained(cfg: Any, run: Path, extra: dict[str, list[Path]] | None) -> dict[str, dict[str, Any]]:
     """Metrics of each mode's model, both trained side by side: with the queued frames ``extra`` (the refit
     arm), or, ``extra`` None, the control: the pipeline's frames and split alone, other random numbers
     (``seed`` + 1, ``split_seed`` kept), which says how much of a change one retraining brings by itself."""
@@ -73,7 +75,7 @@ def trained(cfg: Any, run: Path, extra: dict[str, Path] | None) -> dict[str, dic
             str(run / "labels.h5"),
             _train_config(cfg, mode) if extra else _control_config(_train_config(cfg, mode)),
             str(models / f"{mode}.pt"),
-            {"require": ("base",), **({"add_train": [str(extra[mode])]} if extra else {})},
+            {"require": ("base",), **({"add_train": [str(p.resolve()) for p in extra[mode]]} if extra else {})},
         )
         for mode in MODES
     ]
@@ -134,7 +136,8 @@ def main() -> None:
 
     cfg = load_pipeline_config(a.config, a.size)
     vs = ValidationSettings.from_dict(cfg.validation or {})
-    extra, n_queued = {}, {}
+    extra: dict[str, list[Path]] = {}
+    n_queued: dict[str, int] = {}
     for mode in MODES:
         extra[mode], n_queued[mode] = labelled(cfg, a.out, mode)
         print(f"{mode}: {n_queued[mode]} queued frames labelled", flush=True)

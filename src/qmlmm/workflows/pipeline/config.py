@@ -112,7 +112,13 @@ class PipelineConfig:
         if self.validation is not None:
             from qmlmm.workflows.pipeline.validation import ValidationSettings, check_solute
 
-            check_solute(self, ValidationSettings.from_dict(self.validation))
+            vs = ValidationSettings.from_dict(self.validation)
+            check_solute(self, vs)
+            if vs.refit and self.train.get("max_train_frames"):
+                raise InputError(
+                    "validation refit with train max_train_frames: the subsample would drop frames the refit "
+                    "round adds at random; leave max_train_frames out"
+                )
         if self.reaction is not None:
             known = {"atoms", "d", "k", "keep_together", "windows", "steps", "every", "bins", "compare_baseline"}
             unknown = sorted(set(self.reaction) - known)

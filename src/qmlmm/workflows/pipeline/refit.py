@@ -4,8 +4,8 @@ The guarded validation runs queue the frames where the ensemble was unsure (ener
 ``max_uncertainty``) to ``RUN/validation/<mode>_guarded/run<k>/uncertain.h5``. Here, per mode (delta,
 direct) whose guarded driver ran:
 
-1. those frames merged (``RUN/validation/refit/<mode>/queued.h5``) and labelled at the reference and the
-   baseline (``labels.h5``, resumable; a frame that fails is left out and counted);
+1. those frames labelled at the reference and the baseline (``RUN/validation/refit/<mode>/``, one dataset
+   per run, named by a fingerprint of its frames; resumable; a frame that fails is left out and counted);
 2. the mode's ensemble trained again from the pipeline's settings and seed on the pipeline's labels plus
    these frames, all of them training frames (``add_train``): the validation and test frames stay the
    pipeline's, so the test errors of the two models compare (``RUN/validation/refit/models/<mode>.pt``);
@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qmlmm.errors import InputError
 from qmlmm.workflows.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -37,21 +36,12 @@ __all__ = [
     "QueuedLabels",
     "label_queued",
     "queued_sources",
-    "refit_drivers",
     "refit_folder",
     "refit_models",
 ]
 
 #: the models a refit round retrains (each needs its ``<mode>_guarded`` driver's queued frames)
 REFIT_MODES: tuple[str, ...] = ("delta", "direct")
-
-
-def refit_drivers(drivers: list[str], refit: bool) -> list[str]:
-    """The ``<mode>_refit`` drivers for validation ``drivers``: one per mode whose guarded driver is among
-    them, when ``refit``; none otherwise."""
-    if not refit:
-        return []
-    return [f"{m}_refit" for m in REFIT_MODES if f"{m}_guarded" in drivers]
 
 
 def refit_folder(out: Path) -> Path:
@@ -71,65 +61,51 @@ class QueuedLabels:
     """One mode's queued frames and their labels.
 
     Attributes:
-        labels: the labelled dataset (None when nothing was queued).
-        sources: frames queued per ``uncertain.h5``.
+        labels: one labelled dataset per source file that queued a frame (empty when none did).
+        sources: frames queued per source file (named ``<driver>/run<k>/uncertain.h5``).
         n_queued: frames queued in all.
         n_labelled: frames labelled at both levels (the others failed and are left out).
     """
 
-    labels: Path | None
+    labels: list[Path]
     sources: dict[str, int]
     n_queued: int
     n_labelled: int
 
 
-def _frames_in(path: Path) -> int:
-    from qmlmm.data import Dataset
-
-    with Dataset(path) as ds:
-        return len(ds)
+def _source_name(path: Path) -> str:
+    """``<driver>/run<k>/uncertain.h5`` of a run's queue file."""
+    return "/".join(path.parts[-3:])
 
 
 def label_queued(cfg: PipelineConfig, sources: list[Path], folder: Path, progress: bool = False) -> QueuedLabels:
-    """The frames of ``sources`` merged into ``folder/queued.h5`` and labelled at the config's reference
-    (level ``ref``) and baseline (``base``) into ``folder/labels.h5`` (resumed where it stopped).
+    """Every source's frames labelled at the config's reference (level ``ref``) and baseline (``base``), one
+    dataset per source in ``folder``, named by the source's run and a fingerprint of its frames
+    (``<driver>_run<k>-<fingerprint>.labels.h5``; resumed where it stopped).
 
-    Raises InputError when ``folder`` holds a merge of other files or of other frame counts (the guarded runs
-    went on since): its labels and the model trained on them would not match what the runs queued."""
-    from qmlmm.data import Dataset, merge_datasets
-    from qmlmm.environment import EmbeddingSettings
-    from qmlmm.workflows.label import LevelRequest, label_dataset
-    from qmlmm.workflows.pipeline.summary import _write_json_atomic
-
-    counts = {str(p): _frames_in(p) for p in sources}
-    counts = {p: n for p, n in counts.items() if n}
-    if not counts:
-        return QueuedLabels(None, {}, 0, 0)
-    folder.mkdir(parents=True, exist_ok=True)
-    listed = folder / "queued_sources.json"
-    if listed.exists() and json.loads(listed.read_text()) != counts:
-        raise InputError(
-            f"{folder} holds the frames the guarded runs had queued when it was made "
-            f"({json.loads(listed.read_text())}); they hold {counts} now. Delete {folder}, its model in "
-            f"{folder.parent / 'models'} and its runs to redo the refit round"
-        )
-    queued = merge_datasets([(p, None) for p in counts], folder / "queued.h5")
-    _write_json_atomic(listed, counts)
-    labels = folder / "labels.h5"
-    label_dataset(
-        queued,
-        labels,
-        [LevelRequest.from_spec(cfg.reference, "ref"), LevelRequest.from_spec(cfg.baseline, "base")],
-        EmbeddingSettings(cfg.cutoff, cfg.switch_width),
-        workers=0,
-        threads=cfg.total_threads,
-        progress=progress,
-    )
+    A source whose frames changed since (its run went on, or was run again) gets a new file and only its own
+    frames are labelled again; the others are reused; nothing is overwritten."""
+    from qmlmm.data import Dataset
     from qmlmm.data.h5 import STATUS_DONE
+    from qmlmm.environment import EmbeddingSettings
+    from qmlmm.workflows.label import LevelRequest, frames_fingerprint, label_dataset
 
-    with Dataset(labels) as ds:
-        both = int(((ds.status("ref") == STATUS_DONE) & (ds.status("base") == STATUS_DONE)).sum())
-    return QueuedLabels(labels, counts, sum(counts.values()), both)
+    reqs = [LevelRequest.from_spec(cfg.reference, "ref"), LevelRequest.from_spec(cfg.baseline, "base")]
+    labels, counts, labelled = [], {}, 0
+    for src in sources:
+        with Dataset(src) as ds:
+            n, fp = len(ds), frames_fingerprint(ds)
+        if n == 0:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        out = folder / f"{src.parent.parent.name}_{src.parent.name}-{fp[:12]}.labels.h5"
+        label_dataset(src, out, reqs, EmbeddingSettings(cfg.cutoff, cfg.switch_width), workers=0,
+                      threads=cfg.total_threads, progress=progress)  # fmt: skip
+        with Dataset(out) as ds:
+            labelled += int(((ds.status("ref") == STATUS_DONE) & (ds.status("base") == STATUS_DONE)).sum())
+        labels.append(out)
+        counts[_source_name(src)] = n
+    return QueuedLabels(labels, counts, sum(counts.values()), labelled)
 
 
 def refit_models(
@@ -144,10 +120,12 @@ def refit_models(
         runs: the validation's runs per driver (guarded runs 0..runs-1 are read).
         progress: progress bars.
 
-    Returns per mode: ``queued`` (frames per source file), ``n_queued``, ``n_labelled``, ``model`` (path of
-    the refit model, None when no queued frame could be added: ``why`` says so), and, with a model, ``n_train``
-    and the test errors (``test_mae`` kJ/mol and kJ/mol/nm) of the refit and of the pipeline's model (``before``).
-    Written to ``RUN/validation/refit/refit.json``.
+    Returns per mode: ``sources`` (frames queued per source file), ``n_queued``, ``n_labelled``, ``model``
+    (path of the refit model, None when no queued frame could be added: ``why`` says so), and, with a model,
+    ``n_train`` and the test errors (``test_mae`` kJ/mol and kJ/mol/nm), ``before`` (the pipeline's model) and
+    ``after`` (the refit). Written to ``RUN/validation/refit/refit.json``. A queue that changed since (a
+    guarded run went on) gives a new training set and so a new model, whose refit runs then refuse the old
+    ones by name (the validation's engine check).
     """
     from qmlmm.training import TrainJob, train_jobs
     from qmlmm.workflows.pipeline.steps import _train_config
@@ -159,16 +137,17 @@ def refit_models(
     for mode in modes:
         q = label_queued(cfg, queued_sources(out, mode, runs), folder / mode, progress)
         rec[mode] = {**{k: v for k, v in asdict(q).items() if k != "labels"}, "model": None}
-        if q.labels is None or q.n_labelled == 0:
-            rec[mode]["why"] = (
-                "the guarded runs queued no frame" if q.labels is None else "no queued frame could be labelled"
-            )
+        if q.n_labelled == 0:
+            why = "no queued frame could be labelled" if q.labels else "the guarded runs queued no frame"
+            rec[mode]["why"] = why
             log.warning("[validation refit] %s: %s; no refit model", mode, rec[mode]["why"])
             continue
         model = folder / "models" / f"{mode}.pt"
         model.parent.mkdir(parents=True, exist_ok=True)
         log.info("[validation refit] %s: %d queued frames labelled, training", mode, q.n_labelled)
-        data = {"require": ("base",), "add_train": [str(q.labels)]}
+        # absolute paths: the training records its added files by name, and a rerun with the folder spelt
+        # otherwise must find the same names to reuse the model
+        data = {"require": ("base",), "add_train": [str(p.resolve()) for p in q.labels]}
         jobs.append(TrainJob(str(Path(out) / "labels.h5"), _train_config(cfg, mode), str(model), data))
         rec[mode]["model"] = str(model)
     done = train_jobs(jobs, workers=min(cfg.workers, 2), progress=progress)

@@ -110,6 +110,12 @@ class ValidationSettings:
                 "validation refit needs a guarded driver (delta_guarded or direct_guarded): the frames its runs "
                 "queue are what the refit round adds to training"
             )
+        twins = [d.removesuffix("_guarded") for d in self.drivers if d.endswith("_guarded")]
+        if self.refit and not set(twins) <= set(self.drivers):
+            raise InputError(
+                f"validation refit repeats the unguarded runs of {twins} with the retrained models: "
+                f"drivers must include {twins} too (the runs they are compared with), got {self.drivers}"
+            )
         if self.fallback == "baseline" and "direct_guarded" in self.drivers:
             raise InputError("validation fallback 'baseline' is for delta models; direct_guarded needs 'reference'")
         if self.skip_ps < 0 or self.skip_ps >= self.steps * self.dt_fs * 1e-3:
@@ -135,13 +141,6 @@ class ValidationSettings:
     @property
     def skip_frames(self) -> int:
         return round(self.skip_ps * 1e3 / (self.dt_fs * self.every))
-
-    @property
-    def analysed_drivers(self) -> list[str]:
-        """``drivers`` and, with ``refit``, the refit round's ``<mode>_refit`` drivers."""
-        from qmlmm.workflows.pipeline.refit import refit_drivers
-
-        return [*self.drivers, *refit_drivers(self.drivers, self.refit)]
 
 
 def _model_of(driver: str) -> str:
@@ -349,11 +348,11 @@ def _run_all(
 
 
 def _observables(
-    cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path
+    cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path, drivers: list[str] | None = None
 ) -> tuple[dict[str, list[Any]], dict[str, list[int]], dict[str, dict[str, str]]]:
-    """Per driver, the RunObservables of every run that has a run.json and frames past ``skip_ps`` and did
-    not stop early, the start index of each of those runs, and the runs that stopped early (driver -> run
-    -> where, why), which the statistics leave out."""
+    """Per driver (``drivers``, default ``vs.drivers``), the RunObservables of every run that has a run.json
+    and frames past ``skip_ps`` and did not stop early, the start index of each of those runs, and the runs
+    that stopped early (driver -> run -> where, why), which the statistics leave out."""
     from qmlmm.analysis.md_analysis import load_run
     from qmlmm.analysis.validation import peptide_sites, run_observables, water_donors
     from qmlmm.md.system import MDSystem
@@ -365,7 +364,7 @@ def _observables(
     res: dict[str, list[Any]] = {}
     strata: dict[str, list[int]] = {}
     stopped: dict[str, dict[str, str]] = {}
-    for driver in vs.analysed_drivers:
+    for driver in vs.drivers if drivers is None else drivers:
         res[driver], strata[driver] = [], []
         for k in range(vs.runs):
             rdir = _run_dir(out, driver, k)
@@ -383,7 +382,8 @@ def _observables(
             if len(pos) < 2 or boxes is None:
                 continue
             ro = run_observables(pos, boxes, sites, w_o, w_h, oh)
-            ro.ns_per_day = rec.get("ns_per_day") or None  # 0.0: a resume with no step left
+            # every invocation's speed (a run resumed for its last steps would report those alone)
+            ro.ns_per_day = rec.get("ns_per_day_all", rec.get("ns_per_day")) or None  # 0.0: nothing integrated
             ro.fallback_steps = int(rec.get("fallback_steps_total", rec.get("fallback_steps")) or 0)
             ro.stratum = vs.start_of(k)
             res[driver].append(ro)
@@ -440,7 +440,9 @@ def validation_step(
     vs = ValidationSettings.from_dict(cfg.validation)
     check_solute(cfg, vs)
     refit = _runs_and_refit(cfg, vs, out, system, models, progress, analyze_only)
-    obs, strata, stopped = _observables(cfg, vs, out, system)
+    # a refit driver's runs are analysed when the round made its model (runs of a model since gone are not)
+    refitted = [f"{m}_refit" for m, r in (refit or {}).items() if r.get("model")]
+    obs, strata, stopped = _observables(cfg, vs, out, system, [*vs.drivers, *refitted])
     stats = {d: driver_statistics(r, vs.n_bins) for d, r in obs.items() if r}
     ref = obs.get("reference") or []
     comparisons = {
