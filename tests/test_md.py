@@ -644,6 +644,9 @@ def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_syste
     run_md(methanol_system, eng, tmp_path / "fb", replace(s, steps=60), EMB, restart=True, progress=False)
     info = json.loads((tmp_path / "fb" / "run.json").read_text())
     assert 20 <= info["fallback_steps"] < info["fallback_steps_total"] and info["fallback_steps_total"] >= 60
+    # the speed over both invocations beside this one's
+    assert info["steps_integrated_total"] == 60 and info["seconds_total"] > info["seconds_this_run"] > 0
+    assert info["ns_per_day_all"] == pytest.approx(60 * 0.5e-6 / (info["seconds_total"] / 86400.0))
     with Dataset(tmp_path / "fb" / "uncertain.h5") as ds:
         both = ds.frames()
     kept = [fr for fr in first if int(fr.info["md_step"]) < 40]  # the resumed run does step 40 again

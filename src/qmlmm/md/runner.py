@@ -484,7 +484,18 @@ def run_md(
     info["fallback_steps_total"] = int(before.get("fallback_steps_total", before.get("fallback_steps", 0))) + int(
         info["fallback_steps"]
     )
-    (out / "run.json").write_text(json.dumps(info, indent=2))
+    # the speed over every invocation that recorded itself (ns_per_day: this invocation's alone, which for a
+    # resume with a few steps left says little); a run.json from before these keys counts as one invocation
+    if before and "seconds_total" not in before:  # a record from before: its last invocation is known
+        t0, v0 = float(before.get("seconds_this_run", 0.0)), float(before.get("ns_per_day") or 0.0)
+        before = {"seconds_total": t0, "steps_integrated_total": round(v0 * t0 / 86400.0 / (s.dt_fs * 1e-6))}
+    info["steps_integrated_total"] = int(before.get("steps_integrated_total", 0)) + done
+    info["seconds_total"] = float(before.get("seconds_total", 0.0)) + seconds
+    secs, steps = info["seconds_total"], info["steps_integrated_total"]
+    info["ns_per_day_all"] = steps * s.dt_fs * 1e-6 / (secs / 86400.0) if secs > 0 and steps else 0.0
+    tmp = out / "run.json.tmp"  # atomic: a kill mid-write leaves the previous record whole
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(out / "run.json")
     return MDResult(out, steps_done, seconds, nsday, stretch.stopped, out / "log.csv", drift)
 
 
