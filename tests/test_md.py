@@ -681,6 +681,25 @@ def test_a_resumed_run_keeps_the_frames_queued_before_its_checkpoint(tmp_path: P
         assert len(ds) == 2 and np.array_equal(ds.frame(1).positions, frames[1].positions)
     UncertainFrames(tmp_path / "none.h5", cutoff=0.8).resume(50)  # nothing queued before: nothing to keep
     assert not (tmp_path / "none.h5").exists()
+    # the next frame keeps its spacing (20 calls, about a step each) from the last one kept (step 30): a run
+    # resumed at step 40 queues again 20 steps after it, at its 10th call, not at its 5th
+    spaced = UncertainFrames(path, cutoff=0.8)
+    spaced.resume(40)
+    assert not spaced.offer(frames[2], call=5, uncertainty=1.0, step=45)
+    assert spaced.offer(frames[2], call=10, uncertainty=1.0, step=50) and len(spaced.frames) == 3
+    # every frame queued after the checkpoint: none left, the file goes (an empty dataset cannot be written)
+    all_late = UncertainFrames(path, cutoff=0.8)
+    all_late.resume(5)
+    assert all_late.frames == [] and not path.exists()
+    # frames from before md_step (read back as NaN beside new ones) are kept, and a resume of such a mix works
+    old = cluster_frame("water", n_waters=2, seed=9)
+    old.info = {"source": "uncertain"}
+    write_dataset(path, [old, frames[0], frames[3]]).close()
+    mixed = UncertainFrames(path, cutoff=0.8)
+    mixed.resume(50)
+    assert len(mixed.frames) == 2 and np.array_equal(mixed.frames[0].positions, old.positions)
+    mixed.resume(50)  # again (NaN in the file now)
+    assert len(mixed.frames) == 2
 
 
 def test_hydrogen_mass_repartitioning_keeps_every_molecule_mass(methanol_system: Path) -> None:

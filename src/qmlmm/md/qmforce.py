@@ -57,20 +57,32 @@ class UncertainFrames:
     def resume(self, step: int) -> None:
         """Take over the frames ``path`` holds from the run's earlier invocations, but those queued at MD step
         ``step`` or later (the run resumes at ``step`` and does those steps again; frames that record no step
-        are kept). The file is rewritten at once when frames are dropped."""
+        are kept). The file is rewritten at once when frames are dropped, removed when none is left; the
+        next frame keeps its spacing from the last one kept."""
         from qmlmm.data import Dataset
 
         if not self.path.exists():
             return
         with Dataset(self.path) as ds:
             old = ds.frames()
-        kept = [fr for fr in old if int(fr.info.get("md_step", -1)) < step]
-        self.frames = kept
-        self._flushed = len(old)
-        if len(kept) < len(old):
+
+        def queued_at(fr: Frame) -> float:  # NaN: a frame that records no step (files from before)
+            v = fr.info.get("md_step")
+            return float("nan") if v is None else float(v)
+
+        kept = [fr for fr in old if not queued_at(fr) >= step]  # NaN compares False: kept
+        self.frames, self._flushed = kept, len(kept)
+        steps = [queued_at(fr) for fr in kept if np.isfinite(queued_at(fr))]
+        if steps:  # calls count from 0 again: about one call a step since the last frame kept
+            self._last_call = int(max(steps)) - step
+        if len(kept) == len(old):
+            return
+        if kept:
             self._flushed = -1
             self.flush()
-            log.info("%s: %d queued frames from step %d on removed (done again)", self.path, len(old) - len(kept), step)
+        else:
+            self.path.unlink()
+        log.info("%s: %d queued frames from step %d on removed (done again)", self.path, len(old) - len(kept), step)
 
     def offer(self, frame: Frame, call: int, uncertainty: float, step: int | None = None) -> bool:
         """Queue ``frame`` (copied, trimmed) unless one was queued fewer than ``every`` calls ago; ``step``:

@@ -455,7 +455,9 @@ def run_md(
     sim, cb = make_simulation(msys, engine, emb, s, rs, out)
     run = _Run(out, engine, emb, s, rs, start)
     begin = _resume(sim, run) if restart else _begin_fresh(sim, msys, run)
-    if restart and cb is not None and cb.queue is not None:  # what earlier invocations queued stays queued
+    # what earlier invocations queued stays queued, but what the steps done again will queue again (a run with
+    # no step left does none again: it keeps everything)
+    if restart and cb is not None and cb.queue is not None and begin.start_step < s.steps:
         cb.queue.resume(begin.start_step)
     phases0 = dict(cb.phase_seconds) if cb is not None else {}
     stretch = _integrate(sim, cb, msys, rs, s, out, begin.start_step, restart, progress)
@@ -682,6 +684,8 @@ def _integrate(
                     sim.saveCheckpoint(str(chk))
         finally:
             bar.close()
+            if cb is not None and cb.queue is not None:  # a stop's last stretch queued the frames most worth
+                cb.queue.flush()  # labelling: written, not lost with the run
     return _Stretch(done, stopped, last_good, time.perf_counter() - t0)
 
 

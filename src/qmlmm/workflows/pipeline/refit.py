@@ -137,6 +137,7 @@ def refit_models(
     for mode in modes:
         q = label_queued(cfg, queued_sources(out, mode, runs), folder / mode, progress)
         rec[mode] = {**{k: v for k, v in asdict(q).items() if k != "labels"}, "model": None}
+        rec[mode]["label_files"] = [p.name for p in q.labels]  # the files trained on (older ones stay beside)
         if q.n_labelled == 0:
             why = "no queued frame could be labelled" if q.labels else "the guarded runs queued no frame"
             rec[mode]["why"] = why
