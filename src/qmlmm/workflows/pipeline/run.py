@@ -108,7 +108,10 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
         "split": {m: metrics[m].get("split") for m in metrics},
         "evaluation": evals,
         "md": {
-            k: {kk: v.get(kk) for kk in ("steps_done", "ns_per_day", "stopped", "qmmm_seconds_per_call")}
+            k: {
+                **{kk: v.get(kk) for kk in ("steps_done", "stopped", "qmmm_seconds_per_call")},
+                "ns_per_day": v.get("ns_per_day_all", v.get("ns_per_day")),  # every invocation of a resumed run
+            }
             for k, v in md_runs.items()
         },
         "analysis": analysis,
