@@ -14,7 +14,7 @@ Two views, one run, same machine state:
 
 Run: `.venv/bin/python benchmarks/md_profile.py [--system runs/ra_small/system] [--random] [--steps 60] [--threads 2]
 [--rounds 3]`
-Writes benchmarks/results/md_profile.{json,md}.
+Writes benchmarks/results/md_profile.{json,md} (or NAME.{json,md} with --name NAME).
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--drivers", default="direct,delta,delta_serial,dftb3,xtb")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the MD runs (medians reported)")
+    ap.add_argument("--name", default="md_profile", help="results file name (benchmarks/results/NAME.{json,md})")
     ap.add_argument(
         "--random",
         action="store_true",
@@ -228,7 +229,7 @@ def main() -> None:
         "md_ms_per_step_each_round": rounds,
         "md_ratios_each_round": ratios,
     }
-    save_json("md_profile", result)
+    save_json(args.name, result)
     md = [
         f"# Where an ML/MM step's time goes ({result['date']})",
         "",
@@ -265,7 +266,7 @@ def main() -> None:
     if ratios:
         md += ["", "Step-time ratios, each round:", ""]
         md += [f"- {k}: " + ", ".join(f"{v:.2f}" for v in vals) for k, vals in ratios.items()]
-    save_markdown("md_profile", md)
+    save_markdown(args.name, md)
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
