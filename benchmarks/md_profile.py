@@ -125,11 +125,18 @@ def md_steps(
     threads: int,
     work: Path,
     concurrent: bool | None = None,
+    engine_threads: int | None = None,
 ) -> dict[str, Any]:
     from qmlmm.md.runner import MDSettings, run_md
 
     s = MDSettings(
-        steps=steps, dt_fs=0.5, report_every=20, threads=threads, thermalize_steps=100, concurrent_baseline=concurrent
+        steps=steps,
+        dt_fs=0.5,
+        report_every=20,
+        threads=threads,
+        thermalize_steps=100,
+        concurrent_baseline=concurrent,
+        engine_threads=engine_threads,
     )
     out = work / driver
     run_md(system, engine, out, s, emb, progress=False)
@@ -171,7 +178,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--drivers", default="direct,delta,delta_serial,dftb3,xtb")
+    ap.add_argument(
+        "--drivers",
+        default="direct,delta,delta_serial,dftb3,xtb",
+        help="comma-separated; DRIVER@N runs the engine with N threads beside OpenMM's (default: the runner's choice)",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the MD runs (medians reported)")
     ap.add_argument("--name", default="md_profile", help="results file name (benchmarks/results/NAME.{json,md})")
     ap.add_argument(
@@ -201,14 +212,16 @@ def main() -> None:
             runs: dict[str, Any] = {}
             for d in args.drivers.split(","):
                 emb = models["direct"].embedding
-                name = "delta" if d == "delta_serial" else d
+                base, _, et = d.partition("@")  # DRIVER@N: the engine with N threads beside OpenMM's
+                name = "delta" if base == "delta_serial" else base
                 eng: Engine = (
                     models[name].engine(args.threads)
                     if name in models
-                    else make_engine({"dftb3": "dftb3:3ob", "xtb": "xtb:gfn2"}[d], threads=args.threads)
+                    else make_engine({"dftb3": "dftb3:3ob", "xtb": "xtb:gfn2"}[base], threads=args.threads)
                 )
-                conc = False if d == "delta_serial" else None
-                runs[d] = md_steps(system, d, eng, emb, args.steps, args.threads, Path(tmp) / str(k), conc)
+                conc = False if base == "delta_serial" else None
+                work = Path(tmp) / str(k)
+                runs[d] = md_steps(system, d, eng, emb, args.steps, args.threads, work, conc, int(et) if et else None)
             rounds.append(runs)
     runs = {d: median_run([r[d] for r in rounds]) for d in rounds[0]}
     ratios = {
