@@ -49,8 +49,8 @@ def merge_datasets(sources: Sequence[tuple[str | Path, Sequence[int] | None]], o
     for k, (path, idx) in enumerate(sources):
         with Dataset(path) as ds:
             for name in ds.levels():
-                info = levels.setdefault(name, ds.level_info(name))
                 got = ds.level_info(name)
+                info = levels.setdefault(name, got)
                 if (got.method, got.settings) != (info.method, info.settings):
                     raise InputError(
                         f"{path}: level {name!r} is {got.method} with settings {got.settings}, where an earlier "

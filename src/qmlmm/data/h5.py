@@ -337,6 +337,14 @@ class Dataset:
         """(F,) int8 status of level ``name``: 0 missing, 1 done, 2 failed."""
         return self._level(name)["status"][()]
 
+    def labelled_at(self, levels: Iterable[str]) -> np.ndarray:
+        """(F,) bool: the frames labelled (done) at every one of ``levels``; a level the dataset lacks
+        labels none."""
+        ok = np.ones(len(self), dtype=bool)
+        for name in levels:
+            ok &= (self.status(name) == STATUS_DONE) if name in self.levels() else False
+        return ok
+
     def errors(self, name: str) -> dict[int, str]:
         """Frame index -> failure reason for the failed frames of level ``name``."""
         g = self._level(name)

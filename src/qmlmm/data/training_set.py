@@ -255,10 +255,7 @@ def _prepared(
 ) -> tuple[list[FrameTensors], list[object], list[object]]:
     """The frames of ``ds`` with every needed label as training items (delta targets with a baseline),
     with their sampling-run labels and times (None where a frame records none)."""
-    st = ds.status(target) == 1
-    for lvl in ((baseline,) if baseline else ()) + tuple(require):
-        st &= ds.status(lvl) == 1
-    idx = np.flatnonzero(st)
+    idx = np.flatnonzero(ds.labelled_at((target, *((baseline,) if baseline else ()), *require)))
     if len(idx) < len(ds):
         log.warning("%d of %d frames of %s lack the needed labels and are skipped", len(ds) - len(idx), len(ds),
                     ds.path)  # fmt: skip

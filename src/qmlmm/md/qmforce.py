@@ -70,9 +70,10 @@ class UncertainFrames:
             v = fr.info.get("md_step")
             return float("nan") if v is None else float(v)
 
-        kept = [fr for fr in old if not queued_at(fr) >= step]  # NaN compares False: kept
+        at = [queued_at(fr) for fr in old]
+        kept = [fr for fr, t in zip(old, at, strict=True) if not t >= step]  # NaN compares False: kept
         self.frames, self._flushed = kept, len(kept)
-        steps = [queued_at(fr) for fr in kept if np.isfinite(queued_at(fr))]
+        steps = [t for t in at if t < step]  # the kept frames' recorded steps
         if steps:  # calls count from 0 again: about one call a step since the last frame kept
             self._last_call = int(max(steps)) - step
         if len(kept) == len(old):

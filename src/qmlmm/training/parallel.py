@@ -65,18 +65,13 @@ def finished(job: TrainJob) -> dict[str, Any] | None:
 def _added_frames(job: TrainJob) -> dict[str, int]:
     """{file: frames with every label the job reads} of the job's ``add_train`` files, as the training's
     ``split.added_train`` records them (a file that gained labels since counts more frames)."""
-    import numpy as np
-
     from qmlmm.data import Dataset
 
     levels = [job.cfg.target, *([job.cfg.baseline] if job.cfg.baseline else []), *job.data.get("require", ())]
     out = {}
     for p in job.data.get("add_train", ()):
         with Dataset(p) as ds:
-            ok = np.ones(len(ds), dtype=bool)
-            for lvl in levels:
-                ok &= (ds.status(lvl) == 1) if lvl in ds.levels() else False
-            out[str(p)] = int(ok.sum())
+            out[str(p)] = int(ds.labelled_at(levels).sum())
     return out
 
 

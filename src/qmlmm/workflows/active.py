@@ -319,9 +319,7 @@ def _done(labels: Path, s: ActiveSettings) -> list[int]:
     from qmlmm.data import Dataset
 
     with Dataset(labels) as ds:
-        ok = ds.status(s.target_level) == 1
-        if s.baseline_level:
-            ok &= ds.status(s.baseline_level) == 1
+        ok = ds.labelled_at([s.target_level, *([s.baseline_level] if s.baseline_level else [])])
     return [int(i) for i in np.flatnonzero(ok)]
 
 

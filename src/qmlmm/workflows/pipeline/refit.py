@@ -86,7 +86,6 @@ def label_queued(cfg: PipelineConfig, sources: list[Path], folder: Path, progres
     A source whose frames changed since (its run went on, or was run again) gets a new file and only its own
     frames are labelled again; the others are reused; nothing is overwritten."""
     from qmlmm.data import Dataset
-    from qmlmm.data.h5 import STATUS_DONE
     from qmlmm.environment import EmbeddingSettings
     from qmlmm.workflows.label import LevelRequest, frames_fingerprint, label_dataset
 
@@ -102,7 +101,7 @@ def label_queued(cfg: PipelineConfig, sources: list[Path], folder: Path, progres
         label_dataset(src, out, reqs, EmbeddingSettings(cfg.cutoff, cfg.switch_width), workers=0,
                       threads=cfg.total_threads, progress=progress)  # fmt: skip
         with Dataset(out) as ds:
-            labelled += int(((ds.status("ref") == STATUS_DONE) & (ds.status("base") == STATUS_DONE)).sum())
+            labelled += int(ds.labelled_at(("ref", "base")).sum())
         labels.append(out)
         counts[_source_name(src)] = n
     return QueuedLabels(labels, counts, sum(counts.values()), labelled)

@@ -313,6 +313,7 @@ def _run_all(
     validation has the same runs of each."""
     from qmlmm.md.runner import StartState, run_md
     from qmlmm.md.system import MDSystem
+    from qmlmm.workflows.pipeline.refit import refit_folder
 
     threads = cfg.total_threads
     msys = MDSystem.load(system)
@@ -324,8 +325,6 @@ def _run_all(
         return starts[i]
 
     drivers = vs.drivers if drivers is None else drivers
-    from qmlmm.workflows.pipeline.refit import refit_folder
-
     folder = {d: refit_folder(out) / "models" if d.endswith("_refit") else models for d in drivers}
     makers = {d: _engine_maker(cfg, folder[d], d, threads) for d in drivers}
     for k in range(vs.runs):
