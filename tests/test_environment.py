@@ -371,3 +371,31 @@ def test_selection_does_not_depend_on_the_order_or_numbering_of_atoms_and_molecu
     np.testing.assert_allclose(got.mm_positions[order] - qm0, ref.mm_positions[ref_order] - qm0_ref, atol=1e-9)
     np.testing.assert_allclose(got.mm_weights[order], ref.mm_weights[ref_order], atol=1e-12)
     assert len(got.switch_mm) == len(ref.switch_mm)
+
+
+def test_selection_holds_numpy_blas_to_one_thread_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The selection's small matrix products run with numpy's OpenBLAS at 1 thread (spinning BLAS workers
+    made the model call after a selection 2.5-6x slower: 17 -> 44-110 ms on retinoic acid in water,
+    benchmarks/model_speed.py); the count comes back after."""
+    import qmlmm.environment as env
+    from qmlmm.threads import _openblas
+
+    fns = _openblas()
+    if fns is None:
+        pytest.skip("numpy has no OpenBLAS here")
+    get, set_ = fns
+    seen: list[int] = []
+    inner = env._nearest_qm_atoms
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(get())
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(env, "_nearest_qm_atoms", recording)
+    before = get()
+    set_(2)
+    try:
+        emb = select_embedding(solvated_frame(n_waters=20, seed=0), EmbeddingSettings(cutoff=0.8, switch_width=0.2))
+        assert seen == [1] and get() == 2 and emb.n_mm > 0
+    finally:
+        set_(before)

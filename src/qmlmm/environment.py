@@ -33,6 +33,7 @@ import numpy as np
 from qmlmm.errors import InputError
 from qmlmm.switching import switch_derivative, switch_value
 from qmlmm.system import Frame, minimum_image
+from qmlmm.threads import numpy_blas_threads
 
 __all__ = [
     "DEFAULT_CUTOFF",
@@ -282,7 +283,13 @@ def select_embedding(
     turn it off). ``pairwise`` forces the per-pair minimum-image search (the reference for tests; the
     default takes the cheaper centre-image path wherever it gives the same result).
     """
-    settings = settings or EmbeddingSettings()
+    with numpy_blas_threads(1):  # small products: spinning BLAS threads would slow whatever runs next
+        return _select_embedding(frame, settings or EmbeddingSettings(), chunk, check_images, pairwise)
+
+
+def _select_embedding(
+    frame: Frame, settings: EmbeddingSettings, chunk: int, check_images: bool, pairwise: bool
+) -> Embedding:
     box, rc = frame.box, settings.cutoff
     mm_all = frame.mm_indices
     qm_pos = make_qm_whole(frame.positions[frame.qm_indices], box)

@@ -81,7 +81,9 @@ class QMLMMModel:
     """An ensemble with its metadata; use :meth:`load` / :meth:`save`."""
 
     def __init__(self, ensemble: Ensemble, meta: ModelMeta) -> None:
-        self.ensemble = ensemble
+        # eval mode: a model predicts (training trains the members themselves); in eval mode the members'
+        # networks run in one fused pass and the descriptor takes its compiled kernel where it builds
+        self.ensemble = ensemble.eval()
         self.meta = meta
 
     @property
