@@ -395,7 +395,7 @@ def test_selection_holds_numpy_blas_to_one_thread_and_restores_it(monkeypatch: p
     before = get()
     set_(2)
     try:
-        emb = select_embedding(solvated_frame(n_waters=20, seed=0), EmbeddingSettings(cutoff=0.8, switch_width=0.2))
+        emb = select_embedding(solvated_frame(box=2.6), EmbeddingSettings(cutoff=0.8, switch_width=0.2))
         assert seen == [1] and get() == 2 and emb.n_mm > 0
     finally:
         set_(before)
