@@ -518,7 +518,10 @@ def test_a_model_predicts_in_eval_mode_made_or_loaded(tmp_path: Path) -> None:
     res = loaded.engine().compute(
         np.asarray(it.qm_z), np.asarray(it.qm_pos), np.asarray(it.mm_pos), np.asarray(it.mm_q), need_potential=True
     )
-    e, fq, fm = (torch.stack(x) for x in zip(*[energy_and_forces(m, _batch([it]))[:3] for m in loaded.ensemble.members], strict=True))
+    e, fq, fm = (
+        torch.stack(x)
+        for x in zip(*[energy_and_forces(m, _batch([it]))[:3] for m in loaded.ensemble.members], strict=True)
+    )
     np.testing.assert_allclose(res.energy, float(e.mean(0)[0]), rtol=0, atol=1e-6)
     assert float(e.std(0)[0]) > 1e-3  # two different members
     np.testing.assert_allclose(res.qm_forces, fq.mean(0).detach().numpy(), rtol=0, atol=1e-6)

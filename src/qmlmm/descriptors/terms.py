@@ -99,6 +99,19 @@ def _power(x: torch.Tensor, z: float) -> torch.Tensor:
     return out
 
 
+def _use_native(term: Term, zl: list[tuple[float, float]]) -> bool:
+    """Whether an angular term takes its compiled kernel (:mod:`qmlmm.descriptors.native`): in eval mode on
+    the CPU, with the term's ``native`` on (the default) and zetas >= 1, where the kernels build. Training
+    keeps torch's form, whose second derivatives the force loss needs."""
+    if term.training or not getattr(term, "native", False) or term.shifts.device.type != "cpu":
+        return False
+    if min((z for z, _ in zl), default=1.0) < 1 or len(zl) > 16 or len(term.shifts) > 32:  # angular.cpp's limits
+        return False
+    from qmlmm.descriptors.native import native_available
+
+    return native_available()
+
+
 class Term(nn.Module):
     """A block of features: ``size`` columns named by ``feature_names``."""
 
@@ -161,9 +174,20 @@ class QMAngular(Term):
         self.width, self.cutoff, self.zl = width, cutoff, zl
         self.n_ang = len(zl) * len(shifts)
         self.size = len(self.pairs) * self.n_ang
+        self.native = True  # the compiled kernel where it can run (_use_native); False: torch's form always
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
         ai, aj, ad, ar = nb.ai, nb.aj, nb.ad, nb.ar
+        if _use_native(self, self.zl):
+            from qmlmm.descriptors.native import qm_angular
+
+            if len(ai) == 0:
+                return nb.zeros(nb.nq, self.size)
+            zetas, lams = [z for z, _ in self.zl], [lam for _, lam in self.zl]
+            out = qm_angular(
+                ai, nb.sp[aj], ad, self.pair_index, nb.nq, self.shifts, zetas, lams, self.width, self.cutoff
+            )
+            return out.reshape(nb.nq, -1)
         p, s = triples_from_pairs(ai, aj)
         if len(p) == 0:
             return nb.zeros(nb.nq, self.size)
@@ -218,8 +242,14 @@ class MMRadial(Term):
         self.width, self.cutoff, self.channels = width, cutoff, channels
         self.n_ch = len(_channel_names(channels))
         self.size = self.n_ch * len(shifts)
+        self.native = True  # the compiled kernel where it can run (_use_native); False: torch's form always
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
+        if _use_native(self, []):
+            from qmlmm.descriptors.native import mm_radial
+
+            w = charge_channels(nb.q[nb.mj], self.channels)
+            return mm_radial(nb.mi, nb.mr, w, nb.nq, self.shifts, self.width, self.cutoff)
         k = nb.mr < self.cutoff
         rr = nb.mr[k]
         w = cosine_cutoff(rr, self.cutoff)[:, None] * charge_channels(nb.q[nb.mj[k]], self.channels)  # (P, C)
@@ -302,6 +332,7 @@ class MMAngular(Term):
         self.width, self.cutoff, self.qm_cutoff, self.n_el = width, cutoff, qm_cutoff, n_el
         self.channels, self.n_ch = channels, len(_channel_names(channels))
         self.size = n_el * len(self.zl) * self.n_ch * len(shifts)
+        self.native = True  # the compiled kernel where it can run (_use_native); False: torch's form always
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
         nq = nb.nq
@@ -310,6 +341,26 @@ class MMAngular(Term):
         ai, ar = nb.ai, nb.ar
         if len(ai) == 0 or len(ci) == 0:
             return nb.zeros(nq, self.size)
+        if _use_native(self, self.zl):
+            from qmlmm.descriptors.native import mm_angular
+
+            out = mm_angular(
+                ai,
+                ai * self.n_el + nb.sp[nb.aj],
+                nb.ad,
+                ci,
+                cvec,
+                charge_channels(cq, self.channels),
+                nq,
+                nq * self.n_el,
+                self.shifts,
+                [z for z, _ in self.zl],
+                [lam for _, lam in self.zl],
+                self.width,
+                self.cutoff,
+                self.qm_cutoff,
+            )
+            return out.reshape(nq, -1)
         # each centre's MM neighbours K in padded slots (nq, K), then read once per QM pair (i, j): (P, K)
         sk, nk = padded_slots(ci, nq)
         uk = nb.zeros(nq, nk, 3).index_put((ci, sk), cvec / cr[:, None])[ai]  # (P, K, 3)

@@ -1,0 +1,246 @@
+"""Compiled CPU kernels of the descriptor's angular terms, built on first use with torch's C++ extension loader.
+
+The angular terms (:class:`qmlmm.descriptors.terms.QMAngular` and :class:`~qmlmm.descriptors.terms.MMAngular`)
+were the largest part of a model call in MD: in torch's form each is a few dozen tensor operations over
+triples or (pairs x MM neighbours) blocks, forward and backward ~4 ms each of a ~13 ms call on retinoic acid
+in water (2 threads). The kernels (``angular.cpp``) compute the same sums centre by centre, with analytic
+first derivatives. They have no second derivative, so models use them only in eval mode (MD, prediction,
+labelling, evaluation); training, whose force loss differentiates the forces again, uses the torch form.
+Both forms give the same numbers (tests/test_native.py).
+
+The build (~30-60 s, once per machine and source version) goes to torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot be built (no C++
+compiler) or ``QMLMM_NATIVE=0`` is set, the torch form runs, after one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["mm_angular", "mm_radial", "native_available", "qm_angular"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("angular.cpp")
+
+
+@functools.cache
+def _module() -> Any | None:
+    """The compiled module, or None (disabled, or the build failed: logged once)."""
+    if os.environ.get("QMLMM_NATIVE", "1") == "0":
+        log.info("QMLMM_NATIVE=0: the descriptor's torch form runs")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="qmlmm_angular", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: the torch form is exact, only slower
+        log.warning("the descriptor's compiled kernel could not be built (%s); the torch form runs", exc)
+        return None
+
+
+def native_available() -> bool:
+    """Whether the compiled kernels can run (built now if needed)."""
+    return _module() is not None
+
+
+class _MMAngular(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        ad: torch.Tensor,
+        cvec: torch.Tensor,
+        wq: torch.Tensor,
+        consts: tuple[torch.Tensor, ...],
+        n_rows: int,
+        lengths: tuple[float, float, float],
+    ) -> torch.Tensor:
+        mod = _module()
+        assert mod is not None
+        ad, cvec, wq = ad.contiguous(), cvec.contiguous(), wq.contiguous()
+        ctx.save_for_backward(ad, cvec, wq)
+        ctx.consts, ctx.lengths = consts, lengths
+        a_ptr, c_ptr, arow, shifts, zetas, lams, zint = consts
+        return mod.mm_angular_forward(a_ptr, c_ptr, arow, ad, cvec, wq, shifts, zetas, lams, zint, n_rows, *lengths)
+
+    @staticmethod
+    def backward(ctx: Any, gout: torch.Tensor) -> tuple[Any, ...]:
+        _first_derivative_only()
+        mod = _module()
+        assert mod is not None
+        ad, cvec, wq = ctx.saved_tensors
+        a_ptr, c_ptr, arow, shifts, zetas, lams, zint = ctx.consts
+        gad, gcvec, gwq = mod.mm_angular_backward(
+            gout, a_ptr, c_ptr, arow, ad, cvec, wq, shifts, zetas, lams, zint, *ctx.lengths
+        )
+        return gad, gcvec, gwq, None, None, None
+
+
+def _first_derivative_only() -> None:
+    """Refuse a backward pass that builds a graph (``create_graph``, as for a force loss or a Hessian): the
+    kernels' derivatives are not differentiable, and a second derivative would silently miss their part.
+    (torch's once_differentiable raises only when the incoming gradient itself requires grad.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the descriptor's compiled kernels have first derivatives only, and this backward pass builds a "
+            "graph for a second one (create_graph=True): put the model in train mode, or set native = False "
+            "on its angular and MM radial terms, for the torch form"
+        )
+
+
+def _offsets(centre: torch.Tensor, n: int) -> torch.Tensor:
+    """(n + 1,) CSR offsets of items sorted by ``centre`` (P,) over centres 0..n-1."""
+    counts = torch.bincount(centre, minlength=n)
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def mm_angular(
+    ai: torch.Tensor,
+    arow: torch.Tensor,
+    ad: torch.Tensor,
+    ci: torch.Tensor,
+    cvec: torch.Tensor,
+    wq: torch.Tensor,
+    n_centres: int,
+    n_rows: int,
+    shifts: torch.Tensor,
+    zetas: list[float],
+    lambdas: list[float],
+    width: float,
+    cutoff: float,
+    qm_cutoff: float,
+) -> torch.Tensor:
+    """(n_rows, nzl C ns) sums of the MM angular term (layout [zeta-lambda, channel, shift]).
+
+    ai (P,) centre of every QM pair, sorted; arow (P,) the output row of each pair; ad (P, 3) nm the pair
+    vectors r_j - r_i; ci (M,) centre of every QM-MM pair, sorted; cvec (M, 3) nm the vectors r_K - r_i;
+    wq (M, C) e the channel weights of the MM atoms; shifts (ns,) nm on the device and dtype of ``ad``;
+    ``zetas`` >= 1 with their ``lambdas``; the Gaussian ``width`` and the MM and QM angular cutoffs in nm.
+    Differentiable once in ``ad``, ``cvec`` and ``wq``.
+    """
+    dt = ad.dtype
+    consts = (
+        _offsets(ai, n_centres),
+        _offsets(ci, n_centres),
+        arow.contiguous(),
+        shifts.to(dt).contiguous(),
+        torch.tensor(zetas, dtype=dt),
+        torch.tensor(lambdas, dtype=dt),
+        _whole_zetas(zetas),
+    )
+    out: torch.Tensor = _MMAngular.apply(ad, cvec, wq, consts, n_rows, (width, cutoff, qm_cutoff))
+    return out
+
+
+class _QMAngular(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, ad: torch.Tensor, consts: tuple[torch.Tensor, ...], n_ep: int, lengths: tuple[float, float]
+    ) -> torch.Tensor:
+        mod = _module()
+        assert mod is not None
+        ad = ad.contiguous()
+        ctx.save_for_backward(ad)
+        ctx.consts, ctx.n_ep, ctx.lengths = consts, n_ep, lengths
+        a_ptr, el, pidx, shifts, zetas, lams, zint = consts
+        return mod.qm_angular_forward(a_ptr, el, pidx, n_ep, ad, shifts, zetas, lams, zint, *lengths)
+
+    @staticmethod
+    def backward(ctx: Any, gout: torch.Tensor) -> tuple[Any, ...]:
+        _first_derivative_only()
+        mod = _module()
+        assert mod is not None
+        (ad,) = ctx.saved_tensors
+        a_ptr, el, pidx, shifts, zetas, lams, zint = ctx.consts
+        gad = mod.qm_angular_backward(gout, a_ptr, el, pidx, ctx.n_ep, ad, shifts, zetas, lams, zint, *ctx.lengths)
+        return gad, None, None, None
+
+
+def qm_angular(
+    ai: torch.Tensor,
+    el: torch.Tensor,
+    ad: torch.Tensor,
+    pair_index: torch.Tensor,
+    n_centres: int,
+    shifts: torch.Tensor,
+    zetas: list[float],
+    lambdas: list[float],
+    width: float,
+    cutoff: float,
+) -> torch.Tensor:
+    """(n_centres * n_ep, nzl ns) sums of the QM angular term over every two QM neighbours of each centre
+    (layout [zeta-lambda, shift]; rows centre by centre, then element pair).
+
+    ai (P,) centre of every QM pair within ``cutoff`` (nm), sorted; el (P,) the element index of its
+    neighbour; ad (P, 3) nm the pair vectors r_j - r_i; pair_index (E, E) the element-pair row of two
+    neighbours' elements (n_ep rows, its largest entry + 1); shifts (ns,) nm; ``zetas`` >= 1 with their
+    ``lambdas``; the Gaussian ``width`` in nm. Differentiable once in ``ad``.
+    """
+    dt = ad.dtype
+    consts = (
+        _offsets(ai, n_centres),
+        el.contiguous(),
+        pair_index.contiguous(),
+        shifts.to(dt).contiguous(),
+        torch.tensor(zetas, dtype=dt),
+        torch.tensor(lambdas, dtype=dt),
+        _whole_zetas(zetas),
+    )
+    out: torch.Tensor = _QMAngular.apply(ad, consts, int(pair_index.max()) + 1, (width, cutoff))
+    return out
+
+
+def _whole_zetas(zetas: list[float]) -> torch.Tensor:
+    """(nzl,) int32: each zeta as a whole number for the kernel's power by products (1..16), else 0 (pow)."""
+    return torch.tensor([int(z) if float(z).is_integer() and 1 <= z <= 16 else 0 for z in zetas], dtype=torch.int32)
+
+
+class _MMRadial(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, r: torch.Tensor, wq: torch.Tensor, consts: tuple[torch.Tensor, ...], lengths: tuple[float, float]
+    ) -> torch.Tensor:
+        mod = _module()
+        assert mod is not None
+        r, wq = r.contiguous(), wq.contiguous()
+        ctx.save_for_backward(r, wq)
+        ctx.consts, ctx.lengths = consts, lengths
+        c_ptr, shifts = consts
+        return mod.mm_radial_forward(c_ptr, r, wq, shifts, *lengths)
+
+    @staticmethod
+    def backward(ctx: Any, gout: torch.Tensor) -> tuple[Any, ...]:
+        _first_derivative_only()
+        mod = _module()
+        assert mod is not None
+        r, wq = ctx.saved_tensors
+        c_ptr, shifts = ctx.consts
+        gr, gwq = mod.mm_radial_backward(gout, c_ptr, r, wq, shifts, *ctx.lengths)
+        return gr, gwq, None, None
+
+
+def mm_radial(
+    ci: torch.Tensor,
+    r: torch.Tensor,
+    wq: torch.Tensor,
+    n_centres: int,
+    shifts: torch.Tensor,
+    width: float,
+    cutoff: float,
+) -> torch.Tensor:
+    """(n_centres, C ns) sums of the MM radial term f_c(r) w_c exp(-(r - R_s)^2 / (2 w^2)) over each centre's
+    QM-MM pairs (layout [channel, shift]).
+
+    ci (M,) centre of every QM-MM pair, sorted; r (M,) nm their distances (pairs beyond ``cutoff`` add
+    nothing); wq (M, C) e the channel weights; shifts (ns,) nm; ``width`` and ``cutoff`` in nm.
+    Differentiable once in ``r`` and ``wq``.
+    """
+    consts = (_offsets(ci, n_centres), shifts.to(r.dtype).contiguous())
+    out: torch.Tensor = _MMRadial.apply(r, wq, consts, (width, cutoff))
+    return out

@@ -1,0 +1,185 @@
+"""The descriptor's compiled kernels (qmlmm.descriptors.native) against the torch form of every term.
+
+The kernels replace the QM angular, MM angular and MM radial terms in eval mode. They must give the same
+features and the same first derivatives in positions and charges (float64, to rounding), for batches of
+frames of different sizes, for both charge-channel settings, for the default sizes (compiled with their
+loops unrolled) and for other sizes, whole and fractional zetas, and Gaussians too narrow for the
+factorised form. The build is part of the test: where it fails, these tests fail (set QMLMM_NATIVE=0 to
+run the torch form only, and these are skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cluster_frame
+from qmlmm.batch import FrameBatch
+from qmlmm.data.batch import FrameTensors, collate, frame_tensors
+from qmlmm.descriptors import ACSF, DescriptorConfig
+from qmlmm.descriptors.terms import MMAngular, MMRadial, QMAngular
+from qmlmm.environment import EmbeddingSettings
+
+pytestmark = pytest.mark.skipif(os.environ.get("QMLMM_NATIVE") == "0", reason="QMLMM_NATIVE=0: torch form only")
+
+CFG = DescriptorConfig(
+    elements=[1, 6, 8],
+    qm_radial_cutoff=0.5,
+    qm_angular_cutoff=0.35,
+    mm_radial_cutoff=0.7,
+    mm_angular_cutoff=0.5,
+    long_range_cutoff=0.9,
+)
+NATIVE_TERMS = (QMAngular, MMAngular, MMRadial)
+
+
+def _items() -> list[FrameTensors]:
+    """Two methanol clusters of different sizes (the batch pads them), charges as the embedding gives."""
+    return [
+        frame_tensors(cluster_frame("methanol", n_waters=n, radius=r, seed=s), EmbeddingSettings(cutoff=0.9))
+        for n, r, s in ((9, 0.36, 1), (5, 0.3, 5))
+    ]
+
+
+def _with_grad(b: FrameBatch) -> FrameBatch:
+    return dataclasses.replace(
+        b,
+        qm_pos=b.qm_pos.clone().requires_grad_(),
+        mm_pos=b.mm_pos.clone().requires_grad_(),
+        mm_q=b.mm_q.clone().requires_grad_(),
+    )
+
+
+def _features_and_grads(acsf: ACSF, b: FrameBatch, native: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Features (eval mode) and the gradient of a weighted sum of them in QM positions, MM positions and
+    MM charges, with the angular and MM radial terms in their compiled (``native``) or torch form."""
+    for t in acsf.terms:
+        if isinstance(t, NATIVE_TERMS):
+            t.native = native
+    acsf.eval()
+    x = acsf(b)
+    w = torch.linspace(-1.0, 2.0, x.numel(), dtype=x.dtype).reshape(x.shape)  # every column weighs differently
+    grads = torch.autograd.grad((x * w).sum(), [b.qm_pos, b.mm_pos, b.mm_q])
+    return x.detach(), list(grads)
+
+
+def _compare(cfg: DescriptorConfig, rtol: float = 1e-11) -> None:
+    acsf = ACSF(cfg).double()
+    b = _with_grad(collate(_items(), dtype=torch.float64))
+    x_t, g_t = _features_and_grads(acsf, b, native=False)
+    x_n, g_n = _features_and_grads(acsf, b, native=True)
+    assert all(t.native for t in acsf.terms if isinstance(t, NATIVE_TERMS))
+    names = acsf.feature_names()
+    for prefix in ("G4[", "MM G2", "MM+ G2", "MM G4", "MM+ G4"):  # every kernel's block is there and not zero
+        cols = [k for k, n in enumerate(names) if prefix in n]
+        if prefix in ("G4[",) or cfg.mm_channels == ("sign" if "+" in prefix else "charge"):
+            assert cols and float(x_t[:, cols].abs().max()) > 1e-3, prefix
+    torch.testing.assert_close(x_n, x_t, rtol=rtol, atol=rtol * float(x_t.abs().max()))
+    for gn, gt in zip(g_n, g_t, strict=True):
+        assert float(gt.abs().max()) > 1e-3
+        torch.testing.assert_close(gn, gt, rtol=rtol, atol=rtol * float(gt.abs().max()))
+
+
+@pytest.mark.parametrize("channels", ["charge", "sign"])
+def test_kernels_equal_the_torch_form_with_the_default_sizes(channels: str) -> None:
+    """Default zetas (1, 4: four zeta-lambda pairs) and shifts: the unrolled kernels."""
+    _compare(dataclasses.replace(CFG, mm_channels=channels))
+
+
+@pytest.mark.parametrize("channels", ["charge", "sign"])
+def test_kernels_equal_the_torch_form_with_other_sizes_and_fractional_zetas(channels: str) -> None:
+    """Six zeta-lambda pairs (one of them a fractional zeta, taken by pow) and five MM angular shifts: the
+    kernels' general loops."""
+    cfg = dataclasses.replace(
+        CFG, mm_channels=channels, angular_zetas=[1.0, 2.5, 8.0], mm_angular_shifts=[0.15, 0.2, 0.3, 0.4, 0.45]
+    )
+    _compare(cfg)
+
+
+def test_kernels_equal_the_torch_form_with_gaussians_too_narrow_to_factorise() -> None:
+    """A 0.02 nm MM angular width: the factors of the one-exp form would leave float32's range, so the
+    kernel takes one exp per shift (factor_fits in angular.cpp)."""
+    _compare(dataclasses.replace(CFG, mm_angular_width=0.02, mm_angular_shifts=[0.3, 0.4, 0.45]))
+
+
+def test_kernels_give_the_same_bits_on_one_and_on_two_threads() -> None:
+    """Each centre's sums belong to one thread, in a fixed order: the thread count changes nothing."""
+    acsf = ACSF(CFG).double()
+    out = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            b = _with_grad(collate(_items(), dtype=torch.float64))
+            out.append(_features_and_grads(acsf, b, native=True))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0][0], out[1][0])
+    for g1, g2 in zip(out[0][1], out[1][1], strict=True):
+        assert torch.equal(g1, g2)
+
+
+def test_gradcheck_of_the_kernels() -> None:
+    """Analytic first derivatives against finite differences (float64), through QM and MM positions and
+    the MM charges, for each compiled term alone."""
+    acsf = ACSF(dataclasses.replace(CFG, mm_channels="sign")).double().eval()
+    it = _items()[1]
+    b0 = collate([it], dtype=torch.float64)
+    nb_terms = [t for t in acsf.terms if isinstance(t, NATIVE_TERMS)]
+    assert len(nb_terms) == 3 and all(t.native for t in nb_terms)
+
+    def f(qm: torch.Tensor, mm: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        b = dataclasses.replace(b0, qm_pos=qm, mm_pos=mm, mm_q=q)
+        nb = acsf.neighbours(b)
+        return torch.cat([t(nb) for t in nb_terms], dim=1)
+
+    args = (
+        b0.qm_pos.clone().requires_grad_(),
+        b0.mm_pos.clone().requires_grad_(),
+        b0.mm_q.clone().requires_grad_(),
+    )
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_training_mode_keeps_the_torch_form_and_eval_mode_refuses_a_second_derivative() -> None:
+    """The force loss of training differentiates forces again: train mode runs the torch form (second
+    derivatives work); the kernels have first derivatives only, and a backward pass that builds a graph for a
+    second one in eval mode is an error, not a second derivative that silently misses the kernels' part."""
+    acsf = ACSF(CFG).double()
+    b = _with_grad(collate(_items(), dtype=torch.float64))
+    acsf.train()
+    (g,) = torch.autograd.grad(acsf(b).sum(), [b.qm_pos], create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), [b.qm_pos])
+    assert float(gg.abs().max()) > 0.0
+    acsf.eval()
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(acsf(b).sum(), [b.qm_pos], create_graph=True)
+    (g,) = torch.autograd.grad(acsf(b).sum(), [b.qm_pos])  # first derivatives: fine
+    assert float(g.abs().max()) > 0.0
+
+
+def test_float32_kernels_agree_with_float64() -> None:
+    """Models run in float32: the kernels' float32 features and forces agree with float64 to float32's
+    rounding (the factorised Gaussians keep their factors within range)."""
+    acsf = ACSF(CFG)
+    b32 = _with_grad(collate(_items(), dtype=torch.float32))
+    x32, g32 = _features_and_grads(acsf.float(), b32, native=True)
+    b64 = _with_grad(collate(_items(), dtype=torch.float64))
+    x64, g64 = _features_and_grads(acsf.double(), b64, native=True)
+    np.testing.assert_allclose(x32.double().numpy(), x64.numpy(), rtol=1e-4, atol=1e-5 * float(x64.abs().max()))
+    for a, c in zip(g32, g64, strict=True):
+        np.testing.assert_allclose(a.double().numpy(), c.numpy(), rtol=1e-3, atol=1e-4 * float(c.abs().max()))
+
+
+def test_qmlmm_native_0_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QMLMM_NATIVE=0: no build, the torch form runs."""
+    from qmlmm.descriptors import native
+
+    monkeypatch.setenv("QMLMM_NATIVE", "0")
+    assert native._module.__wrapped__() is None
+    monkeypatch.setenv("QMLMM_NATIVE", "1")
+    assert native._module.__wrapped__() is not None
