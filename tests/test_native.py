@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,40 @@ def test_qmlmm_native_0_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -
     assert native._module.__wrapped__() is None
     monkeypatch.setenv("QMLMM_NATIVE", "1")
     assert native._module.__wrapped__() is not None
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path: Path) -> None:
+    """torch's loader waits for a build lock forever; a build killed half-way leaves one. qmlmm waits while
+    the lock is fresh (another process building) and removes it once unchanged for the stale time."""
+    import threading
+    import time
+
+    from qmlmm.descriptors.native import wait_for_build_lock
+
+    lock = tmp_path / "lock"
+    wait_for_build_lock(tmp_path)  # no lock: returns at once
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    wait_for_build_lock(tmp_path, stale_after=600)  # an hour old: a killed build's
+    assert not lock.exists()
+    lock.touch()  # a live build that finishes after 0.3 s
+    timer = threading.Timer(0.3, lock.unlink)
+    timer.start()
+    t0 = time.perf_counter()
+    wait_for_build_lock(tmp_path, stale_after=600, poll=0.05)
+    assert 0.25 < time.perf_counter() - t0 < 5.0
+    lock.touch()  # fresh, never released: removed once older than the stale time
+    t0 = time.perf_counter()
+    wait_for_build_lock(tmp_path, stale_after=0.5, poll=0.05)
+    assert not lock.exists() and 0.4 < time.perf_counter() - t0 < 5.0
+
+
+def test_an_unsorted_pair_list_is_refused() -> None:
+    """The kernels read each centre's pairs as one contiguous range: an unsorted list is an error, not a
+    wrong sum."""
+    from qmlmm.descriptors.native import _offsets
+
+    assert _offsets(torch.tensor([0, 0, 2, 2, 2]), 4).tolist() == [0, 2, 2, 5, 5]
+    with pytest.raises(ValueError, match="sorted by centre"):
+        _offsets(torch.tensor([0, 2, 1]), 3)

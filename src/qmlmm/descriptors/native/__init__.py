@@ -8,9 +8,15 @@ first derivatives. They have no second derivative, so models use them only in ev
 labelling, evaluation); training, whose force loss differentiates the forces again, uses the torch form.
 Both forms give the same numbers (tests/test_native.py).
 
-The build (~30-60 s, once per machine and source version) goes to torch's extension cache
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot be built (no C++
-compiler) or ``QMLMM_NATIVE=0`` is set, the torch form runs, after one warning.
+The build (~30-60 s, once per source, compiler flags and torch version) goes to a folder named by their
+hash under torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so
+checkouts and environments with the same source share it and never rebuild each other's. torch's loader
+waits, without a time limit, for a build's lock file to go: a build killed half-way (an out-of-memory
+kill, a job's time limit) would leave one, and every later process would hang at its first model call;
+so qmlmm waits for a lock itself first and removes one unchanged for :data:`STALE_LOCK_SECONDS`, with a
+warning (:func:`wait_for_build_lock`). Where
+the kernels cannot be built (no C++ compiler, no ninja), the torch form runs after one warning; with
+``QMLMM_NATIVE=0`` in the environment (read once per process) it runs without trying.
 """
 
 from __future__ import annotations
@@ -23,25 +29,75 @@ from typing import Any
 
 import torch
 
-__all__ = ["mm_angular", "mm_radial", "native_available", "qm_angular"]
+__all__ = [
+    "STALE_LOCK_SECONDS",
+    "build_directory",
+    "mm_angular",
+    "mm_radial",
+    "native_available",
+    "qm_angular",
+    "wait_for_build_lock",
+]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("angular.cpp")
+_CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's own OpenMP runtime (no second one)
+#: a build lock older than this is from a killed build (a build takes ~30-60 s on 2 cores)
+STALE_LOCK_SECONDS = 600.0
+
+
+def build_directory() -> Path:
+    """The kernels' build folder: torch's extension cache / qmlmm_angular_<hash of source, flags, torch>."""
+    import hashlib
+
+    h = hashlib.sha256(_SOURCE.read_bytes())
+    h.update(" ".join(_CFLAGS).encode())
+    h.update(torch.__version__.encode())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    return Path(root) / f"qmlmm_angular_{h.hexdigest()[:12]}"
+
+
+def wait_for_build_lock(folder: Path, stale_after: float = STALE_LOCK_SECONDS, poll: float = 1.0) -> None:
+    """Wait while another process builds in ``folder`` (its ``lock`` file exists); a lock that has not
+    changed for ``stale_after`` seconds is a killed build's: removed, with a warning. torch's loader itself
+    would wait for such a lock forever."""
+    import time
+
+    lock = folder / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_after:
+            log.warning("removing %s, a build lock %.0f s old (a killed build's); building again", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll)
 
 
 @functools.cache
 def _module() -> Any | None:
-    """The compiled module, or None (disabled, or the build failed: logged once)."""
+    """The compiled module, or None (QMLMM_NATIVE=0, or the build failed: a warning, once per process)."""
     if os.environ.get("QMLMM_NATIVE", "1") == "0":
         log.info("QMLMM_NATIVE=0: the descriptor's torch form runs")
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="qmlmm_angular", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], verbose=False)
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        wait_for_build_lock(folder)
+        return load(
+            name="qmlmm_angular",
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            build_directory=str(folder),
+            verbose=False,
+        )
     except Exception as exc:  # no compiler, no ninja, a failed build: the torch form is exact, only slower
-        log.warning("the descriptor's compiled kernel could not be built (%s); the torch form runs", exc)
+        log.warning("the descriptor's compiled kernels could not be built (%s); the torch form runs", exc)
         return None
 
 
@@ -95,7 +151,10 @@ def _first_derivative_only() -> None:
 
 
 def _offsets(centre: torch.Tensor, n: int) -> torch.Tensor:
-    """(n + 1,) CSR offsets of items sorted by ``centre`` (P,) over centres 0..n-1."""
+    """(n + 1,) CSR offsets of items sorted by ``centre`` (P,) over centres 0..n-1 (unsorted: an error, since
+    the kernels would sum wrong items silently)."""
+    if len(centre) > 1 and bool((centre[1:] < centre[:-1]).any()):
+        raise ValueError("the descriptor kernels need pair lists sorted by centre")
     counts = torch.bincount(centre, minlength=n)
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
