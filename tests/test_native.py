@@ -22,7 +22,7 @@ from conftest import cluster_frame
 from qmlmm.batch import FrameBatch
 from qmlmm.data.batch import FrameTensors, collate, frame_tensors
 from qmlmm.descriptors import ACSF, DescriptorConfig
-from qmlmm.descriptors.terms import MMAngular, MMRadial, QMAngular
+from qmlmm.descriptors.terms import LongRange, MMAngular, MMRadial, QMAngular
 from qmlmm.environment import EmbeddingSettings
 
 pytestmark = pytest.mark.skipif(os.environ.get("QMLMM_NATIVE") == "0", reason="QMLMM_NATIVE=0: torch form only")
@@ -35,7 +35,7 @@ CFG = DescriptorConfig(
     mm_angular_cutoff=0.5,
     long_range_cutoff=0.9,
 )
-NATIVE_TERMS = (QMAngular, MMAngular, MMRadial)
+NATIVE_TERMS = (QMAngular, MMAngular, MMRadial, LongRange)
 
 
 def _items() -> list[FrameTensors]:
@@ -75,9 +75,9 @@ def _compare(cfg: DescriptorConfig, rtol: float = 1e-11) -> None:
     x_n, g_n = _features_and_grads(acsf, b, native=True)
     assert all(t.native for t in acsf.terms if isinstance(t, NATIVE_TERMS))
     names = acsf.feature_names()
-    for prefix in ("G4[", "MM G2", "MM+ G2", "MM G4", "MM+ G4"):  # every kernel's block is there and not zero
-        cols = [k for k, n in enumerate(names) if prefix in n]
-        if prefix in ("G4[",) or cfg.mm_channels == ("sign" if "+" in prefix else "charge"):
+    for prefix in ("G4[", "MM G2", "MM+ G2", "MM G4", "MM+ G4", "MM potential", "MM |field|", "MM field . u"):
+        cols = [k for k, n in enumerate(names) if prefix in n]  # every kernel's block is there and not zero
+        if ("+" not in prefix and "MM G" not in prefix) or cfg.mm_channels == ("sign" if "+" in prefix else "charge"):
             assert cols and float(x_t[:, cols].abs().max()) > 1e-3, prefix
     torch.testing.assert_close(x_n, x_t, rtol=rtol, atol=rtol * float(x_t.abs().max()))
     for gn, gt in zip(g_n, g_t, strict=True):
@@ -131,7 +131,7 @@ def test_gradcheck_of_the_kernels() -> None:
     it = _items()[1]
     b0 = collate([it], dtype=torch.float64)
     nb_terms = [t for t in acsf.terms if isinstance(t, NATIVE_TERMS)]
-    assert len(nb_terms) == 3 and all(t.native for t in nb_terms)
+    assert len(nb_terms) == 4 and all(t.native for t in nb_terms)
 
     def f(qm: torch.Tensor, mm: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         b = dataclasses.replace(b0, qm_pos=qm, mm_pos=mm, mm_q=q)
@@ -221,3 +221,25 @@ def test_an_unsorted_pair_list_is_refused() -> None:
     assert _offsets(torch.tensor([0, 0, 2, 2, 2]), 4).tolist() == [0, 2, 2, 5, 5]
     with pytest.raises(ValueError, match="sorted by centre"):
         _offsets(torch.tensor([0, 2, 1]), 3)
+
+
+def test_potential_and_field_kernel_equals_the_block_form() -> None:
+    """The exact potential and field of the embedded charges at the QM atoms (the electrostatic model's
+    inputs), kernel against the dense-block torch form, per frame of a batch of two frames of different
+    sizes: values and the gradients of a weighted sum in positions and charges, float64."""
+    from qmlmm.descriptors import native
+    from qmlmm.descriptors.qm_mm import potential_and_field
+
+    b = _with_grad(collate(_items(), dtype=torch.float64))
+    out = []
+    for use_kernel in (False, True):
+        if use_kernel:
+            phi, field = native.potential_and_field(b.qm_pos, b.qm_frame, b.mm_pos, b.mm_frame, b.mm_q, b.n_frames)
+        else:
+            phi, field = potential_and_field(b, b.mm_q)
+        w = torch.linspace(-1.0, 1.0, len(phi), dtype=phi.dtype)
+        loss = (w * phi).sum() + (w[:, None] * field * torch.tensor([1.0, -2.0, 0.5], dtype=phi.dtype)).sum()
+        out.append([phi.detach(), field.detach(), *torch.autograd.grad(loss, [b.qm_pos, b.mm_pos, b.mm_q])])
+    for t, n in zip(*out, strict=True):
+        assert float(t.abs().max()) > 1e-3
+        torch.testing.assert_close(n, t, rtol=1e-11, atol=1e-11 * float(t.abs().max()))

@@ -99,13 +99,15 @@ def _power(x: torch.Tensor, z: float) -> torch.Tensor:
     return out
 
 
-def _use_native(term: Term, zl: list[tuple[float, float]]) -> bool:
-    """Whether an angular term takes its compiled kernel (:mod:`qmlmm.descriptors.native`): in eval mode on
-    the CPU, with the term's ``native`` on (the default) and zetas >= 1, where the kernels build. Training
-    keeps torch's form, whose second derivatives the force loss needs."""
-    if term.training or not getattr(term, "native", False) or term.shifts.device.type != "cpu":
+def _use_native(term: Term, zl: list[tuple[float, float]], device: torch.device) -> bool:
+    """Whether a term takes its compiled kernel (:mod:`qmlmm.descriptors.native`): in eval mode on the CPU
+    (``device``: the batch's), with the term's ``native`` on (the default), zetas >= 1 and sizes within the
+    kernels' limits, where the kernels build. Training keeps torch's form, whose second derivatives the
+    force loss needs."""
+    if term.training or not getattr(term, "native", False) or device.type != "cpu":
         return False
-    if min((z for z, _ in zl), default=1.0) < 1 or len(zl) > 16 or len(term.shifts) > 32:  # angular.cpp's limits
+    n_shifts = len(term.shifts) if hasattr(term, "shifts") else 0
+    if min((z for z, _ in zl), default=1.0) < 1 or len(zl) > 16 or n_shifts > 32:  # angular.cpp's limits
         return False
     from qmlmm.descriptors.native import native_available
 
@@ -178,7 +180,7 @@ class QMAngular(Term):
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
         ai, aj, ad, ar = nb.ai, nb.aj, nb.ad, nb.ar
-        if _use_native(self, self.zl):
+        if _use_native(self, self.zl, nb.b.qm_pos.device):
             from qmlmm.descriptors.native import qm_angular
 
             if len(ai) == 0:
@@ -245,7 +247,7 @@ class MMRadial(Term):
         self.native = True  # the compiled kernel where it can run (_use_native); False: torch's form always
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
-        if _use_native(self, []):
+        if _use_native(self, [], nb.b.qm_pos.device):
             from qmlmm.descriptors.native import mm_radial
 
             w = charge_channels(nb.q[nb.mj], self.channels)
@@ -280,12 +282,19 @@ class LongRange(Term):
         self.n_el, self.epsilon = n_el, epsilon
         self.damped, self.damped_cutoff = damped, damped_cutoff
         self.size = 2 + n_el
+        self.native = True  # the exact potential and field by the compiled kernel where it can run (_use_native)
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
         if self.damped:
             w = cosine_cutoff(nb.mr, self.damped_cutoff) * nb.q[nb.mj]
             phi = nb.zeros(nb.nq).index_add(0, nb.mi, w / nb.mr)
             field = nb.zeros(nb.nq, 3).index_add(0, nb.mi, nb.mvec * (w / nb.mr**3)[:, None])
+        elif _use_native(self, [], nb.b.qm_pos.device):
+            from qmlmm.descriptors import native
+
+            b = nb.b
+            phi, field = native.potential_and_field(b.qm_pos, b.qm_frame, b.mm_pos, b.mm_frame, nb.q, b.n_frames)
+            nb.potential, nb.field = phi, field
         else:
             phi, field = potential_and_field(nb.b, nb.q, nb.blocks)
             nb.potential, nb.field = phi, field
@@ -341,7 +350,7 @@ class MMAngular(Term):
         ai, ar = nb.ai, nb.ar
         if len(ai) == 0 or len(ci) == 0:
             return nb.zeros(nq, self.size)
-        if _use_native(self, self.zl):
+        if _use_native(self, self.zl, nb.b.qm_pos.device):
             from qmlmm.descriptors.native import mm_angular
 
             out = mm_angular(

@@ -35,6 +35,7 @@ __all__ = [
     "mm_angular",
     "mm_radial",
     "native_available",
+    "potential_and_field",
     "qm_angular",
     "wait_for_build_lock",
 ]
@@ -303,3 +304,43 @@ def mm_radial(
     consts = (_offsets(ci, n_centres), shifts.to(r.dtype).contiguous())
     out: torch.Tensor = _MMRadial.apply(r, wq, consts, (width, cutoff))
     return out
+
+
+class _Field(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, qpos: torch.Tensor, mpos: torch.Tensor, q: torch.Tensor, ptrs: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mod = _module()
+        assert mod is not None
+        qpos, mpos_t, q = qpos.contiguous(), mpos.t().contiguous(), q.contiguous()
+        ctx.save_for_backward(qpos, mpos_t, q)
+        ctx.ptrs = ptrs
+        phi, field = mod.field_forward(ptrs[0], ptrs[1], qpos, mpos_t, q)
+        return phi, field
+
+    @staticmethod
+    def backward(ctx: Any, gphi: torch.Tensor, gfield: torch.Tensor) -> tuple[Any, ...]:
+        _first_derivative_only()
+        mod = _module()
+        assert mod is not None
+        qpos, mpos_t, q = ctx.saved_tensors
+        gq, gm, gc = mod.field_backward(gphi, gfield, ctx.ptrs[0], ctx.ptrs[1], qpos, mpos_t, q)
+        return gq, gm, gc, None
+
+
+def potential_and_field(
+    qm_pos: torch.Tensor,
+    qm_frame: torch.Tensor,
+    mm_pos: torch.Tensor,
+    mm_frame: torch.Tensor,
+    q: torch.Tensor,
+    n_frames: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Potential phi_i = sum_J q_J / r_iJ (Nq,) in e/nm and field E_i = sum_J q_J (r_i - r_J) / r_iJ^3 (Nq, 3)
+    in e/nm^2 of the MM charges ``q`` (Nm,) e at the QM atoms ``qm_pos`` (Nq, 3) nm, over the pairs of each
+    frame (``qm_frame`` (Nq,), ``mm_frame`` (Nm,): each sorted); MM positions (Nm, 3) nm. The kernel form of
+    :func:`qmlmm.descriptors.qm_mm.potential_and_field`. Differentiable once in positions and charges."""
+    ptrs = (_offsets(qm_frame, n_frames), _offsets(mm_frame, n_frames))
+    phi, field = _Field.apply(qm_pos, mm_pos, q, ptrs)
+    return phi, field

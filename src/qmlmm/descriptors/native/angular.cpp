@@ -426,6 +426,89 @@ void mm_radial_backward_kernel(const int64_t* c_ptr, const T* r, const T* wq, co
   });
 }
 
+// The potential phi_i = sum_J q_J / r_iJ and field E_i = sum_J q_J (r_i - r_J) / r_iJ^3 of the MM charges at
+// every QM atom, over the pairs of each frame (atoms sorted by frame, CSR offsets per frame); MM positions
+// as three contiguous coordinate arrays. The backward pass runs twice over the pairs, once per QM atom (its
+// gradient) and once per MM atom (its position's and charge's), so that every entry has one owner thread.
+template <typename T>
+void field_forward_kernel(const int64_t* qptr, const int64_t* mptr, int64_t n_frames, const T* qpos, const T* mx,
+                          const T* my, const T* mz, const T* q, T* phi, T* field) {
+  for (int64_t f = 0; f < n_frames; ++f) {
+    const int64_t m0 = mptr[f], m1 = mptr[f + 1];
+    at::parallel_for(qptr[f], qptr[f + 1], 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T xi = qpos[3 * i], yi = qpos[3 * i + 1], zi = qpos[3 * i + 2];
+        T p = 0, ex = 0, ey = 0, ez = 0;
+        for (int64_t j = m0; j < m1; ++j) {
+          const T dx = xi - mx[j], dy = yi - my[j], dz = zi - mz[j];
+          const T inv = 1 / std::sqrt(dx * dx + dy * dy + dz * dz);
+          const T qi = q[j] * inv, qi3 = qi * inv * inv;
+          p += qi;
+          ex += qi3 * dx;
+          ey += qi3 * dy;
+          ez += qi3 * dz;
+        }
+        phi[i] = p;
+        field[3 * i] = ex;
+        field[3 * i + 1] = ey;
+        field[3 * i + 2] = ez;
+      }
+    });
+  }
+}
+
+template <typename T>
+void field_backward_kernel(const int64_t* qptr, const int64_t* mptr, int64_t n_frames, const T* qpos, const T* mx,
+                           const T* my, const T* mz, const T* q, const T* gphi, const T* gfield, T* gqpos, T* gmpos,
+                           T* gq) {
+  // d/dr_i of q (gphi / r + gE . d / r^3) with d = r_i - r_J: q (-gphi d / r^3 + gE / r^3 - 3 (gE . d) d / r^5);
+  // the MM atom's position gets minus that, its charge gphi / r + (gE . d) / r^3
+  for (int64_t f = 0; f < n_frames; ++f) {
+    const int64_t q0 = qptr[f], q1 = qptr[f + 1], m0 = mptr[f], m1 = mptr[f + 1];
+    at::parallel_for(q0, q1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T xi = qpos[3 * i], yi = qpos[3 * i + 1], zi = qpos[3 * i + 2];
+        const T gp = gphi[i], gx = gfield[3 * i], gy = gfield[3 * i + 1], gz = gfield[3 * i + 2];
+        T ax = 0, ay = 0, az = 0;
+        for (int64_t j = m0; j < m1; ++j) {
+          const T dx = xi - mx[j], dy = yi - my[j], dz = zi - mz[j];
+          const T inv = 1 / std::sqrt(dx * dx + dy * dy + dz * dz);
+          const T inv2 = inv * inv, qi3 = q[j] * inv2 * inv;
+          const T ged = gx * dx + gy * dy + gz * dz;
+          const T c = qi3 * (-gp - 3 * ged * inv2);
+          ax += c * dx + qi3 * gx;
+          ay += c * dy + qi3 * gy;
+          az += c * dz + qi3 * gz;
+        }
+        gqpos[3 * i] = ax;
+        gqpos[3 * i + 1] = ay;
+        gqpos[3 * i + 2] = az;
+      }
+    });
+    at::parallel_for(m0, m1, 256, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        T ax = 0, ay = 0, az = 0, aq = 0;
+        for (int64_t i = q0; i < q1; ++i) {
+          const T dx = qpos[3 * i] - mx[j], dy = qpos[3 * i + 1] - my[j], dz = qpos[3 * i + 2] - mz[j];
+          const T gp = gphi[i], gx = gfield[3 * i], gy = gfield[3 * i + 1], gz = gfield[3 * i + 2];
+          const T inv = 1 / std::sqrt(dx * dx + dy * dy + dz * dz);
+          const T inv2 = inv * inv, inv3 = inv2 * inv;
+          const T ged = gx * dx + gy * dy + gz * dz;
+          const T c = inv3 * (-gp - 3 * ged * inv2);
+          ax += c * dx + inv3 * gx;
+          ay += c * dy + inv3 * gy;
+          az += c * dz + inv3 * gz;
+          aq += gp * inv + ged * inv3;
+        }
+        gmpos[3 * j] = -q[j] * ax;
+        gmpos[3 * j + 1] = -q[j] * ay;
+        gmpos[3 * j + 2] = -q[j] * az;
+        gq[j] = aq;
+      }
+    });
+  }
+}
+
 template <typename T>
 Settings<T> settings_of(const torch::Tensor& shifts, const torch::Tensor& zetas, const torch::Tensor& lams,
                         const torch::Tensor& zint, int64_t nc, double width, double cutoff, double qm_cutoff) {
@@ -536,6 +619,36 @@ std::vector<torch::Tensor> mm_radial_backward(torch::Tensor gout, torch::Tensor 
   return {gr, gwq};
 }
 
+std::vector<torch::Tensor> field_forward(torch::Tensor qptr, torch::Tensor mptr, torch::Tensor qpos,
+                                         torch::Tensor mpos_t, torch::Tensor q) {
+  const int64_t nq = qpos.size(0), n_frames = qptr.numel() - 1;
+  auto phi = torch::zeros({nq}, qpos.options()), field = torch::zeros({nq, 3}, qpos.options());
+  AT_DISPATCH_FLOATING_TYPES(qpos.scalar_type(), "field_forward", [&] {
+    const scalar_t* m = mpos_t.data_ptr<scalar_t>();
+    const int64_t nm = mpos_t.size(1);
+    field_forward_kernel<scalar_t>(qptr.data_ptr<int64_t>(), mptr.data_ptr<int64_t>(), n_frames,
+                                   qpos.data_ptr<scalar_t>(), m, m + nm, m + 2 * nm, q.data_ptr<scalar_t>(),
+                                   phi.data_ptr<scalar_t>(), field.data_ptr<scalar_t>());
+  });
+  return {phi, field};
+}
+
+std::vector<torch::Tensor> field_backward(torch::Tensor gphi, torch::Tensor gfield, torch::Tensor qptr,
+                                          torch::Tensor mptr, torch::Tensor qpos, torch::Tensor mpos_t,
+                                          torch::Tensor q) {
+  const int64_t n_frames = qptr.numel() - 1, nm = mpos_t.size(1);
+  auto gqpos = torch::zeros_like(qpos), gmpos = torch::zeros({nm, 3}, qpos.options()), gq = torch::zeros_like(q);
+  auto gp = gphi.contiguous(), gf = gfield.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(qpos.scalar_type(), "field_backward", [&] {
+    const scalar_t* m = mpos_t.data_ptr<scalar_t>();
+    field_backward_kernel<scalar_t>(qptr.data_ptr<int64_t>(), mptr.data_ptr<int64_t>(), n_frames,
+                                    qpos.data_ptr<scalar_t>(), m, m + nm, m + 2 * nm, q.data_ptr<scalar_t>(),
+                                    gp.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), gqpos.data_ptr<scalar_t>(),
+                                    gmpos.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>());
+  });
+  return {gqpos, gmpos, gq};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_angular_forward", &mm_angular_forward, "MM angular term (CPU)");
   m.def("mm_angular_backward", &mm_angular_backward, "its first derivatives (CPU)");
@@ -543,4 +656,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qm_angular_backward", &qm_angular_backward, "its first derivatives (CPU)");
   m.def("mm_radial_forward", &mm_radial_forward, "MM radial term (CPU)");
   m.def("mm_radial_backward", &mm_radial_backward, "its first derivatives (CPU)");
+  m.def("field_forward", &field_forward, "potential and field of the MM charges at the QM atoms (CPU)");
+  m.def("field_backward", &field_backward, "their first derivatives (CPU)");
 }
