@@ -649,13 +649,14 @@ std::vector<torch::Tensor> field_backward(torch::Tensor gphi, torch::Tensor gfie
   return {gqpos, gmpos, gq};
 }
 
+// the kernels release Python's lock: a delta model's baseline runs in a second Python thread beside them
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mm_angular_forward", &mm_angular_forward, "MM angular term (CPU)");
-  m.def("mm_angular_backward", &mm_angular_backward, "its first derivatives (CPU)");
-  m.def("qm_angular_forward", &qm_angular_forward, "QM angular term (CPU)");
-  m.def("qm_angular_backward", &qm_angular_backward, "its first derivatives (CPU)");
-  m.def("mm_radial_forward", &mm_radial_forward, "MM radial term (CPU)");
-  m.def("mm_radial_backward", &mm_radial_backward, "its first derivatives (CPU)");
-  m.def("field_forward", &field_forward, "potential and field of the MM charges at the QM atoms (CPU)");
-  m.def("field_backward", &field_backward, "their first derivatives (CPU)");
+  m.def("mm_angular_forward", &mm_angular_forward, "MM angular term (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("mm_angular_backward", &mm_angular_backward, "its first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("qm_angular_forward", &qm_angular_forward, "QM angular term (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("qm_angular_backward", &qm_angular_backward, "its first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("mm_radial_forward", &mm_radial_forward, "MM radial term (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("mm_radial_backward", &mm_radial_backward, "its first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("field_forward", &field_forward, "potential and field of the MM charges at the QM atoms (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("field_backward", &field_backward, "their first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
 }
