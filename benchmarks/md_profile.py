@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -99,7 +100,7 @@ def model_breakdown(model: QMLMMModel, msys: MDSystem, repeat: int) -> dict[str,
         "engine_call": median_ms(lambda: engine.compute_frame(fr, emb), repeat),
     }
     threads = torch.get_num_threads()
-    engine.set_threads(1)  # the engine's threads inside MD on 2 cores (qmlmm.md.system.engine_threads_beside_openmm)
+    engine.set_threads(1)  # one thread, as the engine had inside MD on 2 cores before engine_threads_in_md
     t["engine_call_1_thread"] = median_ms(lambda: engine.compute_frame(fr, emb), repeat)
     engine.set_threads(threads)
     t["networks"] = t["descriptor_and_networks"] - t["descriptor"]
@@ -185,6 +186,7 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the MD runs (medians reported)")
     ap.add_argument("--name", default="md_profile", help="results file name (benchmarks/results/NAME.{json,md})")
+    ap.add_argument("--no-breakdown", action="store_true", help="MD steps only, without the model call's parts")
     ap.add_argument(
         "--random",
         action="store_true",
@@ -202,14 +204,15 @@ def main() -> None:
             k: ensemble_of(QMLMMModel.load(p), args.members)
             for k, p in (("direct", args.direct), ("delta", args.delta))
         }
-    breakdown = {k: model_breakdown(m, msys, args.repeat) for k, m in models.items()}
-    mm_ms = mm_only_ms_per_step(msys, max(args.steps, 100), args.threads)
+    breakdown = {} if args.no_breakdown else {k: model_breakdown(m, msys, args.repeat) for k, m in models.items()}
+    mm_each: list[float] = []  # the MM-only step in each round, beside that round's drivers
     rounds: list[dict[str, Any]] = []
     from qmlmm.engines import Engine, make_engine
 
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.rounds):  # drivers interleaved round by round: the machine's drift hits them alike
             runs: dict[str, Any] = {}
+            mm_each.append(mm_only_ms_per_step(msys, max(args.steps, 100), args.threads))
             for d in args.drivers.split(","):
                 emb = models["direct"].embedding
                 base, _, et = d.partition("@")  # DRIVER@N: the engine with N threads beside OpenMM's
@@ -224,6 +227,8 @@ def main() -> None:
                 runs[d] = md_steps(system, d, eng, emb, args.steps, args.threads, work, conc, int(et) if et else None)
             rounds.append(runs)
     runs = {d: median_run([r[d] for r in rounds]) for d in rounds[0]}
+    mm_ms = statistics.median(mm_each)
+    x_mm = {d: [r[d]["ms_per_step"]["total"] / m for r, m in zip(rounds, mm_each, strict=True)] for d in rounds[0]}
     ratios = {
         f"{a}/{b}": [r[a]["ms_per_step"]["total"] / r[b]["ms_per_step"]["total"] for r in rounds]
         for a, b in (("delta", "dftb3"), ("delta_serial", "dftb3"), ("delta", "delta_serial"))
@@ -237,6 +242,8 @@ def main() -> None:
         "members": args.members,
         "model_breakdown_ms": breakdown,
         "mm_only_ms_per_step": mm_ms,
+        "mm_only_ms_per_step_each_round": mm_each,
+        "x_mm_only_each_round": x_mm,
         "md_rounds": args.rounds,
         "md_ms_per_step": runs,
         "md_ms_per_step_each_round": rounds,
@@ -247,8 +254,42 @@ def main() -> None:
         f"# Where an ML/MM step's time goes ({result['date']})",
         "",
         f"`python benchmarks/md_profile.py` on {result['machine']}, {args.threads} threads. {result['system']}; "
-        f"models: {args.direct} and {args.delta}, {args.members} members. Model call on the built frame "
-        f"({breakdown['direct']['n_qm']} QM atoms, {breakdown['direct']['n_mm']} embedded charges), median ms:",
+        f"models: {args.direct} and {args.delta}, {args.members} members.",
+    ]
+    if breakdown:
+        md += breakdown_lines(breakdown)
+    parts = ("state_transfer", "embedding", "engine", "forces_to_frame", "openmm_and_rest")
+    md += [
+        "",
+        f"MD, ms per 0.5 fs step, median of {args.rounds} interleaved round(s) of {args.steps} Langevin steps "
+        f"(MM-only with the solute frozen, measured in each round: {mm_ms:.1f} ms, rounds "
+        f"{', '.join(f'{m:.1f}' for m in mm_each)}; x MM-only: the median of each round's ratio to that round's "
+        "MM-only step; delta: baseline beside the network, delta_serial: after it):",
+        "",
+        "| driver | engine threads | total | " + " | ".join(parts) + " | x MM-only | ns/day |",
+        "|---|---|---|" + "---|" * len(parts) + "---|---|",
+    ]
+    for d, r in runs.items():
+        p = r["ms_per_step"]
+        md.append(
+            f"| {d} | {r['engine_threads']} | {p['total']:.1f} | "
+            + " | ".join(f"{p[k]:.1f}" for k in parts)
+            + f" | {statistics.median(x_mm[d]):.2f} | {r['ns_per_day']:.3f} |"
+        )
+    each = "; ".join(f"{d} " + ", ".join(f"{v:.2f}" for v in x) for d, x in x_mm.items())
+    md += ["", f"x MM-only, each round: {each}"]
+    if ratios:
+        md += ["", "Step-time ratios, each round:", ""]
+        md += [f"- {k}: " + ", ".join(f"{v:.2f}" for v in vals) for k, vals in ratios.items()]
+    save_markdown(args.name, md)
+
+
+def breakdown_lines(breakdown: dict[str, Any]) -> list[str]:
+    """The markdown of the model-call breakdown and the direct model's top operators."""
+    md = [
+        "",
+        f"Model call on the built frame ({breakdown['direct']['n_qm']} QM atoms, {breakdown['direct']['n_mm']} "
+        "embedded charges), median ms:",
         "",
         "| part | direct | delta (network only) |",
         "|---|---|---|",
@@ -259,33 +300,11 @@ def main() -> None:
     md += ["| op | ms | calls |", "|---|---|---|"]
     for o in breakdown["direct"]["top_ops"]:
         md.append(f"| {o['op']} | {o['self_ms_per_call']:.2f} | {o['calls_per_call']} |")
-    parts = ("state_transfer", "embedding", "engine", "forces_to_frame", "openmm_and_rest")
-    md += [
-        "",
-        f"MD, ms per 0.5 fs step, median of {args.rounds} interleaved round(s) of {args.steps} Langevin steps "
-        f"(MM-only with the solute frozen: {mm_ms:.1f} ms; delta: baseline beside the network, delta_serial: "
-        "after it):",
-        "",
-        "| driver | engine threads | total | " + " | ".join(parts) + " | x MM-only | ns/day |",
-        "|---|---|---|" + "---|" * len(parts) + "---|---|",
-    ]
-    for d, r in runs.items():
-        p = r["ms_per_step"]
-        md.append(
-            f"| {d} | {r['engine_threads']} | {p['total']:.1f} | "
-            + " | ".join(f"{p[k]:.1f}" for k in parts)
-            + f" | {p['total'] / mm_ms:.1f} | {r['ns_per_day']:.3f} |"
-        )
-    if ratios:
-        md += ["", "Step-time ratios, each round:", ""]
-        md += [f"- {k}: " + ", ".join(f"{v:.2f}" for v in vals) for k, vals in ratios.items()]
-    save_markdown(args.name, md)
+    return md
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One driver's rounds as one row: the median of each timed part and of ns/day."""
-    import statistics
-
     out = dict(runs[0])
     out["ms_per_step"] = {k: statistics.median(r["ms_per_step"][k] for r in runs) for k in runs[0]["ms_per_step"]}
     out["ns_per_day"] = statistics.median(r["ns_per_day"] for r in runs)

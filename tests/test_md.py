@@ -775,23 +775,22 @@ def test_nve_with_hmr_at_1p5fs_conserves_energy(methanol_system: Path, tmp_path:
     assert np.ptp(data["total_kjmol"]) < 30.0
 
 
-def test_engine_threads_beside_openmm_and_the_timers_of_a_call_that_stops(
-    methanol_system: Path, tmp_path: Path
-) -> None:
-    """The engine gets the cores OpenMM's threads leave (at least 1) unless told, and run.json records
-    it; a call stopped by the uncertainty threshold still counts its embedding and engine time."""
+def test_engine_threads_in_md_and_the_timers_of_a_call_that_stops(methanol_system: Path, tmp_path: Path) -> None:
+    """The engine gets every core (OpenMM's threads wait during the callback), half of them for a delta
+    model with its baseline beside, unless told, and run.json records it; a call stopped by the
+    uncertainty threshold still counts its embedding and engine time."""
     import os
 
     from qmlmm.md.qmforce import MDStopError, QMMMCallback
-    from qmlmm.md.system import engine_threads_beside_openmm
+    from qmlmm.md.system import engine_threads_in_md
     from qmlmm.models import ModelMeta, QMLMMModel
     from qmlmm.models.ensemble import Ensemble
     from qmlmm.models.hdnnp import ModelConfig
 
     torch = pytest.importorskip("torch")
     cores = len(os.sched_getaffinity(0))
-    assert engine_threads_beside_openmm(1) == max(1, cores - 1)
-    assert engine_threads_beside_openmm(cores + 4) == 1 and engine_threads_beside_openmm(0) == cores
+    assert engine_threads_in_md(baseline_beside=False) == cores
+    assert engine_threads_in_md(baseline_beside=True) == max(1, cores // 2)
     with pytest.raises(Exception, match="engine_threads"):
         MDSettings(engine_threads=0)
     torch.manual_seed(0)
@@ -801,7 +800,7 @@ def test_engine_threads_beside_openmm_and_the_timers_of_a_call_that_stops(
     msys = MDSystem.load(methanol_system)
     before = torch.get_num_threads()
     try:
-        for asked, want in ((None, engine_threads_beside_openmm(2)), (3, 3)):
+        for asked, want in ((None, cores), (3, 3)):
             s = MDSettings(steps=2, threads=2, engine_threads=asked)
             _, cb = make_simulation(msys, model.engine(5), EMB, s)
             assert cb is not None and cb.engine_threads == want and torch.get_num_threads() == want
@@ -809,7 +808,7 @@ def test_engine_threads_beside_openmm_and_the_timers_of_a_call_that_stops(
                      thermalize_steps=0), EMB, progress=False)  # fmt: skip
         assert res.stopped is None
         info = json.loads((tmp_path / "thr" / "run.json").read_text())
-        assert info["engine_threads"] == engine_threads_beside_openmm(1)
+        assert info["engine_threads"] == cores
         cb = QMMMCallback(model.engine(1), msys, EMB, max_uncertainty=1e-12, fallback="stop")
         with pytest.raises(MDStopError):
             cb.energy_forces(msys.positions, msys.box)

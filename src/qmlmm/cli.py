@@ -605,8 +605,8 @@ def md(
     engine_threads: Annotated[
         int | None,
         typer.Option(
-            help="Threads of the QM/ML engine inside OpenMM's force call (default: the cores OpenMM's threads "
-            "leave, at least 1; more oversubscribes them, docs/md.md)."
+            help="Threads of the QM/ML engine inside OpenMM's force call (default: every core, since OpenMM's "
+            "threads wait meanwhile; half of them for a delta model with its baseline beside; docs/md.md)."
         ),
     ] = None,
     concurrent_baseline: Annotated[

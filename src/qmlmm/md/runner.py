@@ -29,7 +29,7 @@ from qmlmm.md.system import (
     MDSystem,
     concurrent_baseline_fits,
     cpu_properties,
-    engine_threads_beside_openmm,
+    engine_threads_in_md,
     openmm_seed,
 )
 from qmlmm.units import KB_KJMOL_PER_K
@@ -111,8 +111,8 @@ class MDSettings:
     fallback_hold: int = 0  # after a call above max_uncertainty, this many more calls from the fallback
     platform: str = "CPU"
     threads: int = 2  # OpenMM CPU threads
-    # threads of the QM/ML engine inside OpenMM's force callback; None: the cores OpenMM's threads leave, at
-    # least 1 (qmlmm.md.system.engine_threads_beside_openmm: more oversubscribes the cores; measured 35 % slower)
+    # threads of the QM/ML engine inside OpenMM's force callback; None: every core (OpenMM's threads wait
+    # meanwhile), half of them for a delta model with its baseline beside (qmlmm.md.system.engine_threads_in_md)
     engine_threads: int | None = None
     # a delta model's baseline engine in a second thread beside its network, inside the force callback (the
     # callback runs while OpenMM's threads wait); None: when the cores hold both (concurrent_baseline_fits)
@@ -282,14 +282,17 @@ def make_simulation(
             if not spec:
                 raise InputError("--fallback reference needs --reference ENGINE (the model names no target method)")
             fb_engine = make_engine(str(spec), threads=s.threads)
-        n_eng = s.engine_threads or engine_threads_beside_openmm(s.threads if s.platform == "CPU" else 0)
+        is_delta = getattr(engine, "base", None) is not None and hasattr(engine, "concurrent_baseline")
+        delta: Any = engine if is_delta else None  # a delta model's engine (its baseline may run beside the network)
+        beside = delta is not None and s.concurrent_baseline is not False
+        n_eng = s.engine_threads or engine_threads_in_md(baseline_beside=beside)
         for e in (engine, fb_engine):
             if e is not None:
                 e.set_threads(n_eng)
-        if getattr(engine, "base", None) is not None and hasattr(engine, "concurrent_baseline"):  # a delta model
+        if delta is not None:
             fits = concurrent_baseline_fits(n_eng)
-            engine.concurrent_baseline = fits if s.concurrent_baseline is None else s.concurrent_baseline
-            log.info("delta model: baseline %s the network", "beside" if engine.concurrent_baseline else "after")
+            delta.concurrent_baseline = fits if s.concurrent_baseline is None else s.concurrent_baseline
+            log.info("delta model: baseline %s the network", "beside" if delta.concurrent_baseline else "after")
         log.info("QM/MM engine: %d thread(s) beside OpenMM's %d", n_eng, s.threads)
         queue = UncertainFrames(out / "uncertain.h5", embedding.cutoff) if out is not None else None
         fallback = s.fallback if s.max_uncertainty is not None else "stop"

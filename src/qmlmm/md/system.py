@@ -16,7 +16,7 @@ __all__ = [
     "MDSystem",
     "concurrent_baseline_fits",
     "cpu_properties",
-    "engine_threads_beside_openmm",
+    "engine_threads_in_md",
     "openmm_seed",
     "usable_cores",
 ]
@@ -33,24 +33,27 @@ def cpu_properties(threads: int, deterministic: bool = True) -> dict[str, str]:
     return props
 
 
-def engine_threads_beside_openmm(openmm_threads: int) -> int:
-    """Threads for a QM/ML engine called inside OpenMM's force computation: the cores that OpenMM's own
-    CPU threads (``openmm_threads``; 0 for a GPU platform) leave, at least 1.
+def engine_threads_in_md(baseline_beside: bool) -> int:
+    """Threads for a QM/ML engine called inside OpenMM's force computation: every core, since OpenMM's
+    threads wait while the callback runs; half of them for a delta model whose baseline runs in a thread of
+    its own beside the network (``baseline_beside``; the other half is the baseline's), at least 1.
 
-    Measured on retinoic acid in water (2 cores, OpenMM 2 threads, ML model engine, 60 steps; numpy's
-    BLAS held to 1 thread around qmlmm's numpy work, :mod:`qmlmm.threads`): 2 torch threads 91.5 ms a
-    step (engine 47, OpenMM and the rest 38), 1 torch thread 67.8 ms (37, 26). The runtimes' threads
-    (torch's OpenMP pool, OpenMM's workers) wait on each other when together they ask for more threads
-    than there are cores."""
-    return max(1, usable_cores() - max(0, int(openmm_threads)))
+    Measured on retinoic acid in water (10727 atoms, 2 cores, OpenMM 2 threads, 3 interleaved rounds of 100
+    steps, benchmarks/results/md_profile_kernels*.md): the direct ML/MM step 37.5-41.5 ms with 1 engine
+    thread, 34.9-38.3 with 2 (6 of 6 rounds faster), DFTB3/MM 43.5-49.0 against 39.4-49.2 (5 of 6 faster or
+    equal), GFN2-xTB/MM the same (180-193 against 166-188); a delta model's step is slower with both parts on
+    2 threads one after the other than with one thread each side by side (47-48 against 55-56 ms,
+    md_profile_engine_threads.md). The rule before (the cores OpenMM's threads leave, so 1 here) dates from
+    when torch's threads slept between operations (2 threads took 91.5 ms a step against 67.8)."""
+    cores = usable_cores()
+    return max(1, cores // 2) if baseline_beside else cores
 
 
 def concurrent_baseline_fits(engine_threads: int) -> bool:
     """Whether a delta model's baseline can run in a thread of its own beside the network inside the force
     callback: the callback runs while OpenMM's threads wait, so it has every core; both parts need
-    ``engine_threads`` each. The engine's threads are the cores OpenMM's threads leave (or --engine-threads),
-    so on 2 cores with OpenMM's 2 threads the engine has 1 and the baseline gets the second core; with more
-    cores than that the engine already has them all and this stays off (not measured there).
+    ``engine_threads`` each. The engine's threads are half the cores for such a model
+    (:func:`engine_threads_in_md`, or --engine-threads), so the baseline gets the other half.
 
     Measured (retinoic acid in water, 10727 atoms, 2 cores, DFTB3 baseline, 4-member model, 3 interleaved
     rounds of 100 steps; benchmarks/results/md_profile.md): the delta step 91.4 -> 71.2 ms (medians),
