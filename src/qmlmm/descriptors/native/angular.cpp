@@ -457,48 +457,59 @@ void field_forward_kernel(const int64_t* qptr, const int64_t* mptr, int64_t n_fr
   }
 }
 
+// QM atoms per block of the backward pass: each block sums its MM atoms' gradients into a buffer of its own,
+// and the buffers are added in block order, so the result does not depend on the thread count
+constexpr int64_t FIELD_BLOCK = 8;
+
 template <typename T>
 void field_backward_kernel(const int64_t* qptr, const int64_t* mptr, int64_t n_frames, const T* qpos, const T* mx,
                            const T* my, const T* mz, const T* q, const T* gphi, const T* gfield, T* gqpos, T* gmpos,
                            T* gq) {
-  // d/dr_i of q (gphi / r + gE . d / r^3) with d = r_i - r_J: q (-gphi d / r^3 + gE / r^3 - 3 (gE . d) d / r^5);
+  // d/dr_i of q_J (gphi / r + gE . d / r^3) with d = r_i - r_J: q_J (-gphi d / r^3 + gE / r^3 - 3 (gE . d) d / r^5);
   // the MM atom's position gets minus that, its charge gphi / r + (gE . d) / r^3
   for (int64_t f = 0; f < n_frames; ++f) {
-    const int64_t q0 = qptr[f], q1 = qptr[f + 1], m0 = mptr[f], m1 = mptr[f + 1];
-    at::parallel_for(q0, q1, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const T xi = qpos[3 * i], yi = qpos[3 * i + 1], zi = qpos[3 * i + 2];
-        const T gp = gphi[i], gx = gfield[3 * i], gy = gfield[3 * i + 1], gz = gfield[3 * i + 2];
-        T ax = 0, ay = 0, az = 0;
-        for (int64_t j = m0; j < m1; ++j) {
-          const T dx = xi - mx[j], dy = yi - my[j], dz = zi - mz[j];
-          const T inv = 1 / std::sqrt(dx * dx + dy * dy + dz * dz);
-          const T inv2 = inv * inv, qi3 = q[j] * inv2 * inv;
-          const T ged = gx * dx + gy * dy + gz * dz;
-          const T c = qi3 * (-gp - 3 * ged * inv2);
-          ax += c * dx + qi3 * gx;
-          ay += c * dy + qi3 * gy;
-          az += c * dz + qi3 * gz;
+    const int64_t q0 = qptr[f], q1 = qptr[f + 1], m0 = mptr[f], m1 = mptr[f + 1], nm = m1 - m0;
+    const int64_t n_blocks = (q1 - q0 + FIELD_BLOCK - 1) / FIELD_BLOCK;
+    if (n_blocks == 0 || nm == 0) continue;
+    std::vector<T> buf(n_blocks * nm * 4, 0);  // per block: (x, y, z, charge) of every MM atom, without q_J
+    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        T* acc = &buf[blk * nm * 4];
+        for (int64_t i = q0 + blk * FIELD_BLOCK; i < std::min(q1, q0 + (blk + 1) * FIELD_BLOCK); ++i) {
+          const T xi = qpos[3 * i], yi = qpos[3 * i + 1], zi = qpos[3 * i + 2];
+          const T gp = gphi[i], gx = gfield[3 * i], gy = gfield[3 * i + 1], gz = gfield[3 * i + 2];
+          T ax = 0, ay = 0, az = 0;
+          for (int64_t j = m0; j < m1; ++j) {
+            const T dx = xi - mx[j], dy = yi - my[j], dz = zi - mz[j];
+            const T inv = 1 / std::sqrt(dx * dx + dy * dy + dz * dz);
+            const T inv2 = inv * inv, inv3 = inv2 * inv;
+            const T ged = gx * dx + gy * dy + gz * dz;
+            const T c = inv3 * (-gp - 3 * ged * inv2);
+            const T vx = c * dx + inv3 * gx, vy = c * dy + inv3 * gy, vz = c * dz + inv3 * gz;
+            ax += q[j] * vx;
+            ay += q[j] * vy;
+            az += q[j] * vz;
+            T* a = acc + 4 * (j - m0);
+            a[0] += vx;
+            a[1] += vy;
+            a[2] += vz;
+            a[3] += gp * inv + ged * inv3;
+          }
+          gqpos[3 * i] = ax;
+          gqpos[3 * i + 1] = ay;
+          gqpos[3 * i + 2] = az;
         }
-        gqpos[3 * i] = ax;
-        gqpos[3 * i + 1] = ay;
-        gqpos[3 * i + 2] = az;
       }
     });
     at::parallel_for(m0, m1, 256, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         T ax = 0, ay = 0, az = 0, aq = 0;
-        for (int64_t i = q0; i < q1; ++i) {
-          const T dx = qpos[3 * i] - mx[j], dy = qpos[3 * i + 1] - my[j], dz = qpos[3 * i + 2] - mz[j];
-          const T gp = gphi[i], gx = gfield[3 * i], gy = gfield[3 * i + 1], gz = gfield[3 * i + 2];
-          const T inv = 1 / std::sqrt(dx * dx + dy * dy + dz * dz);
-          const T inv2 = inv * inv, inv3 = inv2 * inv;
-          const T ged = gx * dx + gy * dy + gz * dz;
-          const T c = inv3 * (-gp - 3 * ged * inv2);
-          ax += c * dx + inv3 * gx;
-          ay += c * dy + inv3 * gy;
-          az += c * dz + inv3 * gz;
-          aq += gp * inv + ged * inv3;
+        for (int64_t blk = 0; blk < n_blocks; ++blk) {
+          const T* a = &buf[(blk * nm + (j - m0)) * 4];
+          ax += a[0];
+          ay += a[1];
+          az += a[2];
+          aq += a[3];
         }
         gmpos[3 * j] = -q[j] * ax;
         gmpos[3 * j + 1] = -q[j] * ay;
