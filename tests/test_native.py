@@ -24,17 +24,10 @@ from qmlmm.data.batch import FrameTensors, collate, frame_tensors
 from qmlmm.descriptors import ACSF, DescriptorConfig
 from qmlmm.descriptors.terms import LongRange, MMAngular, MMRadial, QMAngular
 from qmlmm.environment import EmbeddingSettings
+from test_descriptors import CFG  # the descriptor settings of the descriptor tests
 
 pytestmark = pytest.mark.skipif(os.environ.get("QMLMM_NATIVE") == "0", reason="QMLMM_NATIVE=0: torch form only")
 
-CFG = DescriptorConfig(
-    elements=[1, 6, 8],
-    qm_radial_cutoff=0.5,
-    qm_angular_cutoff=0.35,
-    mm_radial_cutoff=0.7,
-    mm_angular_cutoff=0.5,
-    long_range_cutoff=0.9,
-)
 NATIVE_TERMS = (QMAngular, MMAngular, MMRadial, LongRange)
 
 
