@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from dataclasses import replace
@@ -660,6 +661,38 @@ def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_syste
     )
     with pytest.raises(InputError, match="needs a delta model"):
         QMMMCallback(direct.engine(1), msys, EMB, max_uncertainty=1.0, fallback="baseline")
+
+
+def test_a_run_stopped_by_the_uncertainty_keeps_the_frame_it_queued(methanol_system: Path, tmp_path: Path) -> None:
+    """A run that stops at a step above --max-uncertainty (fallback "stop") stops inside a stretch between
+    reports: the frame queued at that step, the one most worth labelling, is written to uncertain.h5 when the
+    run ends, not lost with it."""
+    from qmlmm.data import Dataset
+    from qmlmm.models import ModelMeta, QMLMMModel
+    from qmlmm.models.ensemble import Ensemble
+    from qmlmm.models.hdnnp import ModelConfig
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = QMLMMModel(
+        Ensemble(ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width), 2), ModelMeta(target="r")
+    )
+    # the spread along an unguarded run (deterministic: one thread, the same seed), then a threshold that the
+    # start passes and a later step does not
+    s = MDSettings(steps=40, report_every=1, threads=1, thermalize_steps=0, seed=5)
+    run_md(methanol_system, model.engine(1), tmp_path / "free", s, EMB, progress=False)
+    with open(tmp_path / "free" / "log.csv") as fh:
+        spread = [float(r["uncertainty_kjmol"]) for r in csv.DictReader(fh)]
+    start, top = spread[0], max(spread)
+    assert top > 1.01 * start  # the spread grows along the run: a threshold between them stops it midway
+    guarded = replace(s, report_every=20, max_uncertainty=0.5 * (start + top), fallback="stop")
+    res = run_md(methanol_system, model.engine(1), tmp_path / "stop", guarded, EMB, progress=False)
+    assert res.stopped is not None and "uncertainty" in res.stopped and res.steps_done < 40
+    with Dataset(tmp_path / "stop" / "uncertain.h5") as ds:
+        frames = ds.frames()
+    assert len(frames) == 1 and frames[0].info["source"] == "uncertain"
+    assert frames[0].info["uncertainty_kjmol"] > guarded.max_uncertainty
+    assert res.steps_done < int(frames[0].info["md_step"]) < 40  # queued between two reports: only the end wrote it
 
 
 def test_a_resumed_run_keeps_the_frames_queued_before_its_checkpoint(tmp_path: Path) -> None:

@@ -190,7 +190,9 @@ class QMMMCallback:
         above = self.max_uncertainty is not None and self.last_uncertainty > self.max_uncertainty
         if above or (self._held > 0 and self.fallback != "stop"):
             self._held = self.hold if above else self._held - 1
-            if self.fallback == "stop":
+            if self.queue is not None and above:  # held calls below the threshold are not queued
+                self.queue.offer(fr, self.calls, self.last_uncertainty, self.step)
+            if self.fallback == "stop":  # the frame is queued (the runner writes the queue when the run ends)
                 self.stop_reason = (
                     f"model uncertainty {self.last_uncertainty:.2f} kJ/mol exceeds the threshold "
                     f"{self.max_uncertainty:.2f} kJ/mol"
@@ -203,8 +205,6 @@ class QMMMCallback:
                 assert self.fallback_engine is not None
                 res = self.fallback_engine.compute_frame(fr, emb)
             self.fallback_steps += 1
-            if self.queue is not None and above:  # held calls below the threshold are not queued
-                self.queue.offer(fr, self.calls, self.last_uncertainty, self.step)
         marks.append(time.perf_counter())  # engine time includes a fallback engine's call and the queueing
         with numpy_blas_threads(1):
             forces = embedding_forces_to_frame(fr, emb, res.qm_forces, res.mm_forces, res.mm_potential)
