@@ -691,7 +691,7 @@ def test_a_run_stopped_by_the_uncertainty_keeps_the_frame_it_queued(methanol_sys
     with Dataset(tmp_path / "stop" / "uncertain.h5") as ds:
         frames = ds.frames()
     assert len(frames) == 1 and frames[0].info["source"] == "uncertain"
-    assert frames[0].info["uncertainty_kjmol"] > guarded.max_uncertainty
+    assert float(frames[0].info["uncertainty_kjmol"]) > 0.5 * (start + top)  # the threshold
     assert res.steps_done < int(frames[0].info["md_step"]) < 40  # queued between two reports: only the end wrote it
 
 
