@@ -90,6 +90,8 @@ def _module() -> Any | None:
         folder = build_directory()
         folder.mkdir(parents=True, exist_ok=True)
         wait_for_build_lock(folder)
+        if not any(folder.glob("*.so")):
+            log.info("building the descriptor's compiled kernels in %s (once: ~30-60 s)", folder)
         return load(
             name="qmlmm_angular",
             sources=[str(_SOURCE)],
