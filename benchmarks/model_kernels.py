@@ -71,12 +71,17 @@ def _cell(r: dict[str, float]) -> str:
     return f"{r['median_ms']:.1f} ({r['min_low_ms']:.1f}-{r['min_high_ms']:.1f})"
 
 
-def _set_mode(model: Any, mode: str) -> None:
+def _with_kernel(module: Any) -> bool:
+    """Whether a module is a descriptor term with a compiled kernel (qmlmm.descriptors.native)."""
     from qmlmm.descriptors.terms import LongRange, MMAngular, MMRadial, QMAngular
 
+    return isinstance(module, MMAngular | MMRadial | QMAngular | LongRange)
+
+
+def _set_mode(model: Any, mode: str) -> None:
     model.ensemble.train(mode == "train mode")
     for t in model.ensemble.modules():
-        if isinstance(t, MMAngular | MMRadial | QMAngular | LongRange):
+        if _with_kernel(t):
             t.native = mode == "eval, kernels"
 
 
@@ -99,7 +104,6 @@ def term_calls(model: Any, fr: Any, emb: Any, repeat: int, blocks: int) -> dict[
     MM charges), torch form and kernel, on the frame's neighbour lists (built once)."""
     from qmlmm.data.batch import collate, frame_tensors
     from qmlmm.descriptors.acsf import ACSF
-    from qmlmm.descriptors.terms import LongRange, MMAngular, MMRadial, QMAngular
 
     model.ensemble.eval()
     desc = next(m for m in model.ensemble.modules() if isinstance(m, ACSF))
@@ -113,7 +117,7 @@ def term_calls(model: Any, fr: Any, emb: Any, repeat: int, blocks: int) -> dict[
     nb = desc.neighbours(b)
     fns: dict[str, Callable[[], Any]] = {}
     for term in desc.terms:
-        if not isinstance(term, MMAngular | MMRadial | QMAngular | LongRange):
+        if not _with_kernel(term):
             continue
         for native in (False, True):
 

@@ -185,9 +185,9 @@ class QMAngular(Term):
 
             if len(ai) == 0:
                 return nb.zeros(nb.nq, self.size)
-            zetas, lams = [z for z, _ in self.zl], [lam for _, lam in self.zl]
+            n_pairs = len(self.pairs)
             out = qm_angular(
-                ai, nb.sp[aj], ad, self.pair_index, nb.nq, self.shifts, zetas, lams, self.width, self.cutoff
+                ai, nb.sp[aj], ad, self.pair_index, n_pairs, nb.nq, self.shifts, self.zl, self.width, self.cutoff
             )
             return out.reshape(nb.nq, -1)
         p, s = triples_from_pairs(ai, aj)
@@ -363,8 +363,7 @@ class MMAngular(Term):
                 nq,
                 nq * self.n_el,
                 self.shifts,
-                [z for z, _ in self.zl],
-                [lam for _, lam in self.zl],
+                self.zl,
                 self.width,
                 self.cutoff,
                 self.qm_cutoff,

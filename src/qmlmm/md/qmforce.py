@@ -181,8 +181,7 @@ class QMMMCallback:
         fr: Frame = self._frame
         fr.positions = pos
         fr.box = box
-        with numpy_blas_threads(1):  # qmlmm's small products; spinning BLAS threads would slow the engine
-            emb = select_embedding(fr, self.embedding)
+        emb = select_embedding(fr, self.embedding)  # holds numpy's BLAS to 1 thread itself
         marks.append(time.perf_counter())
         res = self.engine.compute_frame(fr, emb)
         self.calls += 1
@@ -206,7 +205,7 @@ class QMMMCallback:
                 res = self.fallback_engine.compute_frame(fr, emb)
             self.fallback_steps += 1
         marks.append(time.perf_counter())  # engine time includes a fallback engine's call and the queueing
-        with numpy_blas_threads(1):
+        with numpy_blas_threads(1):  # qmlmm's small products; spinning BLAS threads would slow the next call
             forces = embedding_forces_to_frame(fr, emb, res.qm_forces, res.mm_forces, res.mm_potential)
         marks.append(time.perf_counter())
         self.last_energy = res.energy

@@ -1,11 +1,13 @@
-"""Compiled CPU kernels of the descriptor's angular terms, built on first use with torch's C++ extension loader.
+"""Compiled CPU kernels of the descriptor, built on first use with torch's C++ extension loader.
 
 The angular terms (:class:`qmlmm.descriptors.terms.QMAngular` and :class:`~qmlmm.descriptors.terms.MMAngular`)
 were the largest part of a model call in MD: in torch's form each is a few dozen tensor operations over
-triples or (pairs x MM neighbours) blocks, forward and backward ~4 ms each of a ~13 ms call on retinoic acid
-in water (2 threads). The kernels (``angular.cpp``) compute the same sums centre by centre, with analytic
-first derivatives. They have no second derivative, so models use them only in eval mode (MD, prediction,
-labelling, evaluation); training, whose force loss differentiates the forces again, uses the torch form.
+triples or (pairs x MM neighbours) blocks, forward and backward ~2-4 ms each of a ~15 ms call on retinoic
+acid in water (2 threads); the MM radial term and the exact potential and field of the embedded charges
+(:class:`~qmlmm.descriptors.terms.LongRange`) have kernels too. The kernels (``angular.cpp``) compute the
+same sums centre by centre, with analytic first derivatives. They have no second derivative, so models
+use them only in eval mode (MD, prediction, labelling, evaluation); training, whose force loss
+differentiates the forces again, uses the torch form.
 Both forms give the same numbers (tests/test_native.py).
 
 The build (~30-60 s, once per source, compiler flags and torch version) goes to a folder named by their
@@ -162,6 +164,19 @@ def _offsets(centre: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
+def _angular_settings(shifts: torch.Tensor, zl: list[tuple[float, float]], dt: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The kernels' angular settings: shifts (ns,), zetas and lambdas (nzl,) in ``dt``, and the zetas as whole
+    numbers (int32; 0 where pow is needed: not whole, or above 16) from the (zeta, lambda) pairs ``zl``."""
+    zetas = [z for z, _ in zl]
+    whole = [int(z) if float(z).is_integer() and 1 <= z <= 16 else 0 for z in zetas]
+    return (
+        shifts.to(dt).contiguous(),
+        torch.tensor(zetas, dtype=dt),
+        torch.tensor([lam for _, lam in zl], dtype=dt),
+        torch.tensor(whole, dtype=torch.int32),
+    )
+
+
 def mm_angular(
     ai: torch.Tensor,
     arow: torch.Tensor,
@@ -172,8 +187,7 @@ def mm_angular(
     n_centres: int,
     n_rows: int,
     shifts: torch.Tensor,
-    zetas: list[float],
-    lambdas: list[float],
+    zl: list[tuple[float, float]],
     width: float,
     cutoff: float,
     qm_cutoff: float,
@@ -182,19 +196,15 @@ def mm_angular(
 
     ai (P,) centre of every QM pair, sorted; arow (P,) the output row of each pair; ad (P, 3) nm the pair
     vectors r_j - r_i; ci (M,) centre of every QM-MM pair, sorted; cvec (M, 3) nm the vectors r_K - r_i;
-    wq (M, C) e the channel weights of the MM atoms; shifts (ns,) nm on the device and dtype of ``ad``;
-    ``zetas`` >= 1 with their ``lambdas``; the Gaussian ``width`` and the MM and QM angular cutoffs in nm.
-    Differentiable once in ``ad``, ``cvec`` and ``wq``.
+    wq (M, C) e the channel weights of the MM atoms; shifts (ns,) nm; ``zl`` the (zeta, lambda) pairs, zeta
+    >= 1; the Gaussian ``width`` and the MM and QM angular cutoffs in nm. Differentiable once in ``ad``,
+    ``cvec`` and ``wq``.
     """
-    dt = ad.dtype
     consts = (
         _offsets(ai, n_centres),
         _offsets(ci, n_centres),
         arow.contiguous(),
-        shifts.to(dt).contiguous(),
-        torch.tensor(zetas, dtype=dt),
-        torch.tensor(lambdas, dtype=dt),
-        _whole_zetas(zetas),
+        *_angular_settings(shifts, zl, ad.dtype),
     )
     out: torch.Tensor = _MMAngular.apply(ad, cvec, wq, consts, n_rows, (width, cutoff, qm_cutoff))
     return out
@@ -229,10 +239,10 @@ def qm_angular(
     el: torch.Tensor,
     ad: torch.Tensor,
     pair_index: torch.Tensor,
+    n_pairs: int,
     n_centres: int,
     shifts: torch.Tensor,
-    zetas: list[float],
-    lambdas: list[float],
+    zl: list[tuple[float, float]],
     width: float,
     cutoff: float,
 ) -> torch.Tensor:
@@ -240,27 +250,18 @@ def qm_angular(
     (layout [zeta-lambda, shift]; rows centre by centre, then element pair).
 
     ai (P,) centre of every QM pair within ``cutoff`` (nm), sorted; el (P,) the element index of its
-    neighbour; ad (P, 3) nm the pair vectors r_j - r_i; pair_index (E, E) the element-pair row of two
-    neighbours' elements (n_ep rows, its largest entry + 1); shifts (ns,) nm; ``zetas`` >= 1 with their
-    ``lambdas``; the Gaussian ``width`` in nm. Differentiable once in ``ad``.
+    neighbour; ad (P, 3) nm the pair vectors r_j - r_i; pair_index (E, E) the element-pair row (0..n_pairs-1)
+    of two neighbours' elements; shifts (ns,) nm; ``zl`` the (zeta, lambda) pairs, zeta >= 1; the Gaussian
+    ``width`` in nm. Differentiable once in ``ad``.
     """
-    dt = ad.dtype
     consts = (
         _offsets(ai, n_centres),
         el.contiguous(),
         pair_index.contiguous(),
-        shifts.to(dt).contiguous(),
-        torch.tensor(zetas, dtype=dt),
-        torch.tensor(lambdas, dtype=dt),
-        _whole_zetas(zetas),
+        *_angular_settings(shifts, zl, ad.dtype),
     )
-    out: torch.Tensor = _QMAngular.apply(ad, consts, int(pair_index.max()) + 1, (width, cutoff))
+    out: torch.Tensor = _QMAngular.apply(ad, consts, n_pairs, (width, cutoff))
     return out
-
-
-def _whole_zetas(zetas: list[float]) -> torch.Tensor:
-    """(nzl,) int32: each zeta as a whole number for the kernel's power by products (1..16), else 0 (pow)."""
-    return torch.tensor([int(z) if float(z).is_integer() and 1 <= z <= 16 else 0 for z in zetas], dtype=torch.int32)
 
 
 class _MMRadial(torch.autograd.Function):

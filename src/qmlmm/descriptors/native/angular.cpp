@@ -1,5 +1,6 @@
-// The angular descriptor terms (qmlmm.descriptors.terms.QMAngular and MMAngular) and their first
-// derivatives, on the CPU.
+// Descriptor terms and their first derivatives on the CPU: the QM angular, MM angular and MM radial terms
+// (qmlmm.descriptors.terms.QMAngular, MMAngular, MMRadial) and the exact potential and field of the MM
+// charges at the QM atoms (LongRange); each kernel's sums are written out above it.
 //
 // QM angular: for every centre i and every two of its QM neighbours j < k (vectors d = r_j - r_i within the
 // QM angular cutoff, taken in the order of the pair list):
@@ -10,7 +11,7 @@
 //   out[i * n_el + e_j, zl, c, s] += f_q(r_p) 2^(1-z) (1 + lam cos)^z f_m(r_K) w_Kc
 //                                    exp(-((r_p + r_K)/2 - R_s)^2 / (2 w^2))
 // with cos = u_p . u_K clamped to [-1, 1].
-// f are cosine cutoffs. Pairs and MM atoms come sorted by centre, with CSR offsets per centre, so that one
+// f are cosine cutoffs. Pairs and MM atoms (and, for the field, the atoms of each frame) come sorted by centre, with CSR offsets per centre, so that one
 // thread owns each centre's rows and gradients: no atomics, the same sums in the same order for any thread
 // count. Gradients are the analytic first derivatives, with torch.clamp's convention (none through a
 // clamped value); there is no second derivative (training, whose force loss needs one, uses torch's ops).
@@ -82,33 +83,44 @@ inline void gauss_b(const Settings<T>& s, int ns, T r, T* B) {
   for (int t = 0; t < ns; ++t) B[t] = std::exp((static_cast<T>(-0.5) * b * b + s.shifts[t] * b) * s.inv_w2);
 }
 
-// g_t = exp(-((r_p + r_K)/2 - R_t)^2 / (2 w^2)), from the factors where they apply
+// g_t = exp(-(rm - R_t)^2 / (2 w^2)) of a mean distance rm, one exp per shift
 template <typename T>
-inline void gaussians(const Settings<T>& s, int ns, T rp, T rk, const T* A, const T* B, T* g) {
-  if (s.factor) {
-    const T c = std::exp(-(static_cast<T>(0.25) * rp * rk) * s.inv_w2);
-    for (int t = 0; t < ns; ++t) g[t] = A[t] * B[t] * c;
-    return;
-  }
-  const T rm = static_cast<T>(0.5) * (rp + rk);
+inline void gaussians_of_mean(const Settings<T>& s, int ns, T rm, T* g) {
   for (int t = 0; t < ns; ++t) {
     const T x = rm - s.shifts[t];
     g[t] = std::exp(static_cast<T>(-0.5) * x * x * s.inv_w2);
   }
 }
 
-// the MM neighbours of one centre: length, unit vector, cutoff and its slope, per neighbour (computed once
-// per centre, not once per QM pair)
+// g_t = exp(-((r_p + r_K)/2 - R_t)^2 / (2 w^2)), from the factors where they apply
 template <typename T>
-struct Neighbourhood {
-  std::vector<T> r, u, f, df, B;
-  void fill(const T* cvec, int64_t k0, int64_t k1, const Settings<T>& s) {
+inline void gaussians(const Settings<T>& s, int ns, T rp, T rk, const T* A, const T* B, T* g) {
+  if (!s.factor) return gaussians_of_mean(s, ns, static_cast<T>(0.5) * (rp + rk), g);
+  const T c = std::exp(-(static_cast<T>(0.25) * rp * rk) * s.inv_w2);
+  for (int t = 0; t < ns; ++t) g[t] = A[t] * B[t] * c;
+}
+
+// the vectors k0..k1-1 of one centre (its QM pairs, or its MM neighbours): length, unit vector, cutoff and
+// its slope, each computed once per centre, not once per pair of them
+template <typename T>
+struct Vectors {
+  std::vector<T> r, u, f, df;
+  void fill(const T* v, int64_t k0, int64_t k1, T rc) {
     const int64_t n = k1 - k0;
-    r.resize(n); u.resize(3 * n); f.resize(n); df.resize(n); B.resize(n * s.ns);
-    for (int64_t k = 0; k < n; ++k) {
-      Geometry::of(cvec + 3 * (k0 + k), s.cutoff, r[k], &u[3 * k], f[k], df[k]);
-      if (s.factor) gauss_b(s, s.ns, r[k], &B[k * s.ns]);
-    }
+    r.resize(n); u.resize(3 * n); f.resize(n); df.resize(n);
+    for (int64_t k = 0; k < n; ++k) Geometry::of(v + 3 * (k0 + k), rc, r[k], &u[3 * k], f[k], df[k]);
+  }
+};
+
+// the MM neighbours of one centre, with the factors B_t of their Gaussians where those apply
+template <typename T>
+struct Neighbourhood : Vectors<T> {
+  std::vector<T> B;
+  void fill(const T* cvec, int64_t k0, int64_t k1, const Settings<T>& s) {
+    Vectors<T>::fill(cvec, k0, k1, s.cutoff);
+    B.resize((k1 - k0) * s.ns);  // sized either way: the kernels take a pointer to each neighbour's row
+    if (!s.factor) return;
+    for (int64_t k = 0; k < k1 - k0; ++k) gauss_b(s, s.ns, this->r[k], &B[k * s.ns]);
   }
 };
 
@@ -248,17 +260,6 @@ void backward_kernel(const int64_t* a_ptr, const int64_t* c_ptr, const int64_t* 
   });
 }
 
-// the QM pairs of one centre: length, unit vector, cutoff and slope, element
-template <typename T>
-struct Pairs {
-  std::vector<T> r, u, f, df;
-  void fill(const T* ad, int64_t p0, int64_t p1, T rc) {
-    const int64_t n = p1 - p0;
-    r.resize(n); u.resize(3 * n); f.resize(n); df.resize(n);
-    for (int64_t p = 0; p < n; ++p) Geometry::of(ad + 3 * (p0 + p), rc, r[p], &u[3 * p], f[p], df[p]);
-  }
-};
-
 template <typename T>
 void qm_forward_kernel(const int64_t* a_ptr, const int64_t* el, const int64_t* pidx, int64_t n_el, int64_t n_ep,
                        const T* ad, T* out, int64_t n_centres, const Settings<T>& s) {
@@ -266,7 +267,7 @@ void qm_forward_kernel(const int64_t* a_ptr, const int64_t* el, const int64_t* p
   at::parallel_for(0, n_centres, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> a(nzl), g(ns), nrm(nzl);
     for (int z = 0; z < nzl; ++z) nrm[z] = std::exp2(1 - s.zetas[z]);
-    Pairs<T> pr;
+    Vectors<T> pr;
     for (int64_t i = c0; i < c1; ++i) {
       const int64_t p0 = a_ptr[i], n = a_ptr[i + 1] - p0;
       if (n < 2) continue;
@@ -286,10 +287,7 @@ void qm_forward_kernel(const int64_t* a_ptr, const int64_t* el, const int64_t* p
             a[z] = fxy * nrm[z] * p_;
           }
           const T rm = static_cast<T>(0.5) * (pr.r[x] + pr.r[y]);
-          for (int t = 0; t < ns; ++t) {
-            const T d = rm - s.shifts[t];
-            g[t] = std::exp(static_cast<T>(-0.5) * d * d * s.inv_w2);
-          }
+          gaussians_of_mean(s, ns, rm, g.data());
           T* o = out + (i * n_ep + pidx[el[p0 + x] * n_el + el[p0 + y]]) * nf;
           for (int z = 0; z < nzl; ++z)
             for (int t = 0; t < ns; ++t) o[z * ns + t] += a[z] * g[t];
@@ -306,7 +304,7 @@ void qm_backward_kernel(const int64_t* a_ptr, const int64_t* el, const int64_t* 
   at::parallel_for(0, n_centres, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> a(nzl), da(nzl), g(ns), nrm(nzl), gr, gu;
     for (int z = 0; z < nzl; ++z) nrm[z] = std::exp2(1 - s.zetas[z]);
-    Pairs<T> pr;
+    Vectors<T> pr;
     for (int64_t i = c0; i < c1; ++i) {
       const int64_t p0 = a_ptr[i], n = a_ptr[i + 1] - p0;
       if (n < 2) continue;
@@ -329,10 +327,7 @@ void qm_backward_kernel(const int64_t* a_ptr, const int64_t* el, const int64_t* 
             da[z] = clamped ? 0 : nrm[z] * dp_ * s.lams[z];
           }
           const T rm = static_cast<T>(0.5) * (pr.r[x] + pr.r[y]);
-          for (int t = 0; t < ns; ++t) {
-            const T d = rm - s.shifts[t];
-            g[t] = std::exp(static_cast<T>(-0.5) * d * d * s.inv_w2);
-          }
+          gaussians_of_mean(s, ns, rm, g.data());
           const T* G = gout + (i * n_ep + pidx[el[p0 + x] * n_el + el[p0 + y]]) * nf;
           T dcos = 0, dF = 0, drm = 0;
           for (int z = 0; z < nzl; ++z) {
@@ -428,8 +423,8 @@ void mm_radial_backward_kernel(const int64_t* c_ptr, const T* r, const T* wq, co
 
 // The potential phi_i = sum_J q_J / r_iJ and field E_i = sum_J q_J (r_i - r_J) / r_iJ^3 of the MM charges at
 // every QM atom, over the pairs of each frame (atoms sorted by frame, CSR offsets per frame); MM positions
-// as three contiguous coordinate arrays. The backward pass runs twice over the pairs, once per QM atom (its
-// gradient) and once per MM atom (its position's and charge's), so that every entry has one owner thread.
+// as three contiguous coordinate arrays. The backward pass runs once over the pairs, in blocks of QM atoms
+// (FIELD_BLOCK), so that every entry has one owner thread.
 template <typename T>
 void field_forward_kernel(const int64_t* qptr, const int64_t* mptr, int64_t n_frames, const T* qpos, const T* mx,
                           const T* my, const T* mz, const T* q, T* phi, T* field) {
