@@ -214,6 +214,8 @@ def test_an_unsorted_pair_list_is_refused() -> None:
     assert _offsets(torch.tensor([0, 0, 2, 2, 2]), 4).tolist() == [0, 2, 2, 5, 5]
     with pytest.raises(ValueError, match="sorted by centre"):
         _offsets(torch.tensor([0, 2, 1]), 3)
+    with pytest.raises(ValueError, match=r"outside 0\.\.2"):  # a frame index past n_frames: offsets too long
+        _offsets(torch.tensor([0, 1, 3]), 3)
 
 
 def test_potential_and_field_kernel_equals_the_block_form() -> None:

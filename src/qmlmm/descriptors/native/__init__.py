@@ -156,10 +156,12 @@ def _first_derivative_only() -> None:
 
 
 def _offsets(centre: torch.Tensor, n: int) -> torch.Tensor:
-    """(n + 1,) CSR offsets of items sorted by ``centre`` (P,) over centres 0..n-1 (unsorted: an error, since
-    the kernels would sum wrong items silently)."""
+    """(n + 1,) CSR offsets of items sorted by ``centre`` (P,) over centres (or frames) 0..n-1 (unsorted, or an
+    index beyond n - 1: an error, since the kernels would sum wrong items silently or read past the offsets)."""
     if len(centre) > 1 and bool((centre[1:] < centre[:-1]).any()):
-        raise ValueError("the descriptor kernels need pair lists sorted by centre")
+        raise ValueError("the descriptor kernels need their lists sorted by centre (or by frame)")
+    if len(centre) and not 0 <= int(centre[0]) <= int(centre[-1]) < n:
+        raise ValueError(f"the descriptor kernels got a centre (or frame) index outside 0..{n - 1}")
     counts = torch.bincount(centre, minlength=n)
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
