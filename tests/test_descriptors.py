@@ -495,8 +495,20 @@ def test_fused_ensemble_equals_its_members_one_by_one(elec: str) -> None:
     assert pred.qm_forces_std is not None
     torch.testing.assert_close(pred.qm_forces_std, fq.std(0, unbiased=False), rtol=0, atol=1e-9)
     assert float(e.std(0).min()) > 1.0  # the members differ: the comparison means something
+    stacked = ens._stack_cache.stacked
+    assert stacked is not None and ens.predict(b) is not None and ens._stack_cache.stacked is stacked  # reused
+    with torch.no_grad():  # an in-place change (an optimiser step, load_state_dict) is seen: stacked again
+        members[1].nets[0][0].weight.mul_(1.5)  # type: ignore[index]
+        members[2].feat_std.fill_(0.7)
+    e2 = torch.stack([energy_and_forces(m, b)[0] for m in members])
+    assert float((e2 - e).abs().max()) > 1e-3
+    torch.testing.assert_close(ens.predict(b).energy, e2.mean(0), rtol=0, atol=1e-9)
+    ens.float().double()  # .to() replaces the tensors (rounded here): stacked again from the new ones
+    e3 = torch.stack([energy_and_forces(m, b)[0] for m in members])
+    assert float((e3 - e2).abs().max()) > 1e-9
+    torch.testing.assert_close(ens.predict(b).energy, e3.mean(0), rtol=0, atol=1e-9)
     ens.train()
-    torch.testing.assert_close(ens.member_energies(b), e, rtol=0, atol=1e-9)  # the training path agrees
+    torch.testing.assert_close(ens.member_energies(b), e3, rtol=0, atol=1e-9)  # the training path agrees
 
 
 def test_a_model_predicts_in_eval_mode_made_or_loaded(tmp_path: Path) -> None:

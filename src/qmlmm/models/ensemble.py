@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from qmlmm.batch import FrameBatch
-from qmlmm.models.fused import fused_member_energies
+from qmlmm.models.fused import StackCache, fused_member_energies
 from qmlmm.models.hdnnp import HDNNP, ModelConfig, with_grad_inputs
 
 __all__ = ["Ensemble", "EnsemblePrediction"]
@@ -42,6 +43,22 @@ class Ensemble(nn.Module):
         if isinstance(members, int):
             members = [HDNNP(cfg) for _ in range(members)]
         self.members = nn.ModuleList(members)
+        self._stack_cache = StackCache()  # the eval-mode pass's stacked weights (qmlmm.models.fused)
+
+    def train(self, mode: bool = True) -> Ensemble:
+        """Training or eval mode (``eval()`` too); drops the eval pass's stacked weights."""
+        self._cache().clear()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Ensemble:
+        self._cache().clear()  # .to(dtype/device) may replace the members' tensors
+        return super()._apply(fn, recurse)
+
+    def _cache(self) -> StackCache:
+        """The stacked-weights cache (made here for ensembles pickled before it existed)."""
+        if "_stack_cache" not in self.__dict__:
+            self._stack_cache = StackCache()
+        return self._stack_cache
 
     @property
     def size(self) -> int:
@@ -53,13 +70,14 @@ class Ensemble(nn.Module):
 
     def member_energies(self, b: FrameBatch) -> torch.Tensor:
         """(K, B) energies of every member: the features (and MM potential) once for all members, then, in
-        eval mode, all members' networks in one batched pass (:mod:`qmlmm.models.fused`); in training mode
-        member by member (each member keeps its charges for the charge loss)."""
+        eval mode, all members' networks in one batched pass (:mod:`qmlmm.models.fused`, with the members'
+        weights stacked once while they do not change: eval-mode energies are not differentiable in the
+        parameters); in training mode member by member (each member keeps its charges for the charge loss)."""
         m0: HDNNP = self.members[0]  # type: ignore[assignment]
         shared = m0.inputs(b)
         if self.training:
             return torch.stack([m(b, shared) for m in self.members])
-        return fused_member_energies(list(self.members), b, shared)  # type: ignore[arg-type]
+        return fused_member_energies(list(self.members), b, shared, self._cache())  # type: ignore[arg-type]
 
     def forward(self, b: FrameBatch) -> torch.Tensor:
         """(B,) mean energy."""
