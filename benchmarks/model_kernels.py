@@ -7,9 +7,10 @@ model engine, as MD calls it. Three ways, timed in alternating blocks in this on
 
 - ``train mode``: how a loaded model ran in MD before 2026-12-07 (QMLMMModel left its ensemble in training
   mode: members one by one, torch form of every term);
-- ``eval, torch form``: members fused, every term in torch's operations (``native = False``);
-- ``eval, kernels``: members fused, the QM angular, MM angular and MM radial terms and the exact potential
-  and field of the long-range term compiled (qmlmm.descriptors.native; the default now).
+- ``eval, torch form``: members fused, every term and the pair lists in torch's operations (``native = False``);
+- ``eval, kernels``: members fused, the QM angular, MM angular and MM radial terms, the exact potential
+  and field of the long-range term and the QM-QM and QM-MM pair lists compiled (qmlmm.descriptors.native;
+  the default now).
 
 Also each compiled term's forward and backward alone, in both forms. Threads: 1 and 2 (the machine's 2
 cores). Per setting: the median of each block's median, and the range of the blocks' minima.
@@ -79,9 +80,11 @@ def _with_kernel(module: Any) -> bool:
 
 
 def _set_mode(model: Any, mode: str) -> None:
+    from qmlmm.descriptors.acsf import ACSF
+
     model.ensemble.train(mode == "train mode")
     for t in model.ensemble.modules():
-        if _with_kernel(t):
+        if _with_kernel(t) or isinstance(t, ACSF):  # the terms and the pair lists
             t.native = mode == "eval, kernels"
 
 

@@ -54,6 +54,7 @@ def _features_and_grads(acsf: ACSF, b: FrameBatch, native: bool) -> tuple[torch.
     for t in acsf.terms:
         if isinstance(t, NATIVE_TERMS):
             t.native = native
+    acsf.native = native  # the pair lists too
     acsf.eval()
     x = acsf(b)
     w = torch.linspace(-1.0, 2.0, x.numel(), dtype=x.dtype).reshape(x.shape)  # every column weighs differently
@@ -216,6 +217,28 @@ def test_an_unsorted_pair_list_is_refused() -> None:
         _offsets(torch.tensor([0, 2, 1]), 3)
     with pytest.raises(ValueError, match=r"outside 0\.\.2"):  # a frame index past n_frames: offsets too long
         _offsets(torch.tensor([0, 1, 3]), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_list_kernel_gives_the_torch_forms_lists(dtype: torch.dtype) -> None:
+    """The compiled pair lists (QM-MM without the dense block, QM-QM without self pairs) are torch's, pair for
+    pair and in the same order, for frames of different sizes, one without MM atoms and one without QM atoms."""
+    from qmlmm.descriptors import native
+    from qmlmm.descriptors.neighbors import pairs_within
+
+    g = torch.Generator().manual_seed(3)
+    qa = torch.rand(40, 3, generator=g, dtype=dtype) * 1.2
+    fa = torch.tensor([0] * 12 + [1] * 6 + [3] * 22)  # frame 2 has no QM atom
+    mb = torch.rand(500, 3, generator=g, dtype=dtype) * 2.0
+    fb = torch.tensor([0] * 150 + [2] * 50 + [3] * 300)  # frame 1 has no MM atom
+    for a, f_a, b, f_b, rc, same in ((qa, fa, mb, fb, 0.6, False), (qa, fa, qa, fa, 0.5, True)):
+        i, j = native.pairs_within(a, f_a, b, f_b, 4, rc, same)
+        i_ref, j_ref = pairs_within(a, f_a, b, f_b, rc, exclude_self=same)
+        assert len(i_ref) > 50
+        assert torch.equal(i, i_ref) and torch.equal(j, j_ref)
+        assert bool((f_a[i] == f_b[j]).all()) and not (same and bool((i == j).any()))
+    with pytest.raises(ValueError, match="sorted"):
+        native.pairs_within(qa, fa.flip(0), mb, fb, 4, 0.6)
 
 
 def test_potential_and_field_kernel_equals_the_block_form() -> None:

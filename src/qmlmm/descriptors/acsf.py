@@ -162,6 +162,7 @@ class ACSF(nn.Module):
         damped = cfg.long_range and cfg.long_range_damped
         # QM-MM pairs are listed out to the longest short-range MM cutoff (the damped long-range term's too)
         self.mm_pair_cutoff = max(cfg.mm_radial_cutoff, cfg.long_range_cutoff if damped else 0.0, cfg.mm_angular_cutoff)
+        self.native = True  # the pair lists by the compiled kernel where it can run (_pairs_by_kernel)
 
     def species(self, z: torch.Tensor) -> torch.Tensor:
         """Element index 0..n_el-1 of atomic numbers z; raises for elements the model does not know."""
@@ -172,17 +173,36 @@ class ACSF(nn.Module):
             raise InputError(f"element(s) {bad} not known to this model (elements {self.elements})")
         return self.zmap[z]
 
+    def _pairs_by_kernel(self, b: FrameBatch) -> bool:
+        """Whether the pair lists come from the compiled kernel (:func:`qmlmm.descriptors.native.pairs_within`):
+        in eval mode on the CPU with ``native`` on (the default), where the kernels build. Index lists carry no
+        gradient, so training could use them too; it keeps torch's form, which runs on any device."""
+        if self.training or not getattr(self, "native", True) or b.qm_pos.device.type != "cpu":
+            return False
+        from qmlmm.descriptors.native import native_available
+
+        return native_available()
+
     def neighbours(
         self, b: FrameBatch, mm_weight: torch.Tensor | None = None, blocks: QMMMBlock | None = None
     ) -> Neighbours:
-        """The neighbour lists every term reads, for batch ``b`` (``mm_weight`` (Nm,) scales the charges)."""
+        """The neighbour lists every term reads, for batch ``b`` (``mm_weight`` (Nm,) scales the charges).
+        ``blocks``: the batch's dense QM-MM distances, when the caller has them (else made here only if the
+        pair lists need them)."""
         cfg = self.cfg
-        blocks = qm_mm_blocks(b) if blocks is None else blocks
-        i, j = pairs_within(b.qm_pos, b.qm_frame, b.qm_pos, b.qm_frame, cfg.qm_radial_cutoff, exclude_self=True)
+        if self._pairs_by_kernel(b):  # the same lists, without the dense QM-MM block (not needed here then)
+            from qmlmm.descriptors import native
+
+            qm, mm, nf = (b.qm_pos, b.qm_frame), (b.mm_pos, b.mm_frame), b.n_frames
+            i, j = native.pairs_within(*qm, *qm, nf, cfg.qm_radial_cutoff, exclude_self=True)
+            mi, mj = native.pairs_within(*qm, *mm, nf, self.mm_pair_cutoff)
+        else:
+            i, j = pairs_within(b.qm_pos, b.qm_frame, b.qm_pos, b.qm_frame, cfg.qm_radial_cutoff, exclude_self=True)
+            blocks = qm_mm_blocks(b) if blocks is None else blocks
+            mi, mj = pairs_from_blocks(blocks, self.mm_pair_cutoff, b.qm_pos.device)
         dvec = b.qm_pos[j] - b.qm_pos[i]
         r = torch.linalg.norm(dvec, dim=-1)
         ka = r < cfg.qm_angular_cutoff
-        mi, mj = pairs_from_blocks(blocks, self.mm_pair_cutoff, b.qm_pos.device)
         mvec = b.qm_pos[mi] - b.mm_pos[mj]  # from MM atom to QM atom
         return Neighbours(
             b=b,

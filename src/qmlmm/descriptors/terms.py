@@ -45,7 +45,8 @@ class Neighbours:
             fc (P,) f_c(r) with that cutoff.
         ai, aj, ad, ar: the subset within the QM angular cutoff.
         mi, mj (M,), mvec (M, 3) = r_i - r_J, mr (M,): QM-MM pairs within the longest short-range MM cutoff.
-        blocks: the batch's padded QM-MM distances (:mod:`qmlmm.descriptors.qm_mm`).
+        blocks: the batch's padded QM-MM distances (:mod:`qmlmm.descriptors.qm_mm`), or None where nothing
+            made them (the pair lists by the compiled kernel; a term that needs them makes them).
         potential, field: set by :class:`LongRange` (undamped): the exact potential (Nq,) in e/nm and field
             (Nq, 3) in e/nm^2 of the charges at the QM atoms, which the model's electrostatic terms reuse.
     """
@@ -66,7 +67,7 @@ class Neighbours:
     mj: torch.Tensor
     mvec: torch.Tensor
     mr: torch.Tensor
-    blocks: QMMMBlock
+    blocks: QMMMBlock | None
     potential: torch.Tensor | None = None
     field: torch.Tensor | None = None
 

@@ -230,7 +230,10 @@ class HDNNP(nn.Module):
         """Features and (with the electrostatic term) the MM potential at the QM atoms, computed once for
         all members. With smooth embedding the raw MM charges are switched here, unless the batch says its
         charges are already the switched ones (``b.meta["switched"]``, as engines receive them)."""
-        blocks = qm_mm_blocks(b)  # every QM-MM distance once: switching, potential, MM pair list
+        # every QM-MM distance once, where the switching weights need them (potential and pair lists share them;
+        # with the compiled kernels and already switched charges, as in MD, nothing does)
+        switching = self.cfg.switch_width > 0 and not b.meta.get("switched")
+        blocks = qm_mm_blocks(b) if switching else None
         w = self._mm_weight(b, blocks)
         f = self.acsf.features_and_fields(b, mm_weight=w, blocks=blocks)
         phi = f.potential

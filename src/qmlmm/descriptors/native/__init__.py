@@ -4,7 +4,8 @@ The angular terms (:class:`qmlmm.descriptors.terms.QMAngular` and :class:`~qmlmm
 were the largest part of a model call in MD: in torch's form each is a few dozen tensor operations over
 triples or (pairs x MM neighbours) blocks, forward and backward ~2-4 ms each of a ~15 ms call on retinoic
 acid in water (2 threads); the MM radial term and the exact potential and field of the embedded charges
-(:class:`~qmlmm.descriptors.terms.LongRange`) have kernels too. The kernels (``angular.cpp``) compute the
+(:class:`~qmlmm.descriptors.terms.LongRange`) have kernels too, and so do the QM-QM and QM-MM pair lists
+(without the dense QM-MM distance block that torch's form builds for them). The kernels (``angular.cpp``) compute the
 same sums centre by centre, with analytic first derivatives. They have no second derivative, so models
 use them only in eval mode (MD, prediction, labelling, evaluation); training, whose force loss
 differentiates the forces again, uses the torch form.
@@ -37,6 +38,7 @@ __all__ = [
     "mm_angular",
     "mm_radial",
     "native_available",
+    "pairs_within",
     "potential_and_field",
     "qm_angular",
     "wait_for_build_lock",
@@ -349,3 +351,30 @@ def potential_and_field(
     ptrs = (_offsets(qm_frame, n_frames), _offsets(mm_frame, n_frames))
     phi, field = _Field.apply(qm_pos, mm_pos, q, ptrs)
     return phi, field
+
+
+@torch.no_grad()
+def pairs_within(
+    pos_a: torch.Tensor,
+    frame_a: torch.Tensor,
+    pos_b: torch.Tensor,
+    frame_b: torch.Tensor,
+    n_frames: int,
+    cutoff: float,
+    exclude_self: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (i, j), i of set a and j of set b in the same frame, with |r_i - r_j| < ``cutoff`` nm, sorted by i
+    (within an i by j): the kernel form of :func:`qmlmm.descriptors.neighbors.pairs_within` and
+    :func:`qmlmm.descriptors.qm_mm.pairs_from_blocks`, without their dense distance blocks.
+
+    pos_a (Na, 3), pos_b (Nb, 3) nm; frame_a (Na,), frame_b (Nb,) frame indices 0..n_frames-1, each sorted.
+    ``exclude_self``: the sets are the same; drop i == j. Returns i (P,), j (P,) (int64, no gradient).
+    """
+    mod = _module()
+    assert mod is not None
+    ptr_a, ptr_b = _offsets(frame_a, n_frames), _offsets(frame_b, n_frames)
+    dt = pos_a.dtype
+    pi, pj = mod.pairs_within(
+        ptr_a, ptr_b, pos_a.detach().contiguous(), pos_b.detach().to(dt).contiguous(), float(cutoff), exclude_self
+    )
+    return pi, pj

@@ -1,6 +1,7 @@
 // Descriptor terms and their first derivatives on the CPU: the QM angular, MM angular and MM radial terms
 // (qmlmm.descriptors.terms.QMAngular, MMAngular, MMRadial) and the exact potential and field of the MM
-// charges at the QM atoms (LongRange); each kernel's sums are written out above it.
+// charges at the QM atoms (LongRange), and the pair lists within a cutoff; each kernel's sums are written out
+// above it.
 //
 // QM angular: for every centre i and every two of its QM neighbours j < k (vectors d = r_j - r_i within the
 // QM angular cutoff, taken in the order of the pair list):
@@ -655,6 +656,57 @@ std::vector<torch::Tensor> field_backward(torch::Tensor gphi, torch::Tensor gfie
   return {gqpos, gmpos, gq};
 }
 
+// All pairs (i, j), i of set a and j of set b in the same frame (atoms sorted by frame, CSR offsets per frame),
+// with |r_i - r_j| < cutoff (the squares summed in torch's order; a pair within rounding of the cutoff may fall
+// on either side, where every term's cutoff function is zero), skipping i == j when the sets are the same;
+// sorted by i, within an i by j. Two passes over the pairs of each frame: counts per i, then the pairs.
+template <typename T>
+void pairs_within_kernel(const int64_t* aptr, const int64_t* bptr, int64_t n_frames, const T* apos, const T* bpos,
+                         T cutoff, bool same, int64_t* counts, const int64_t* start, int64_t* pi, int64_t* pj) {
+  const bool fill = pi != nullptr;
+  for (int64_t f = 0; f < n_frames; ++f) {
+    const int64_t b0 = bptr[f], b1 = bptr[f + 1];
+    at::parallel_for(aptr[f], aptr[f + 1], 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T xi = apos[3 * i], yi = apos[3 * i + 1], zi = apos[3 * i + 2];
+        int64_t n = 0, at = fill ? start[i] : 0;
+        for (int64_t j = b0; j < b1; ++j) {
+          const T dx = xi - bpos[3 * j], dy = yi - bpos[3 * j + 1], dz = zi - bpos[3 * j + 2];
+          if (!(std::sqrt(dx * dx + dy * dy + dz * dz) < cutoff) || (same && i == j)) continue;
+          if (fill) {
+            pi[at] = i;
+            pj[at++] = j;
+          } else {
+            ++n;
+          }
+        }
+        if (!fill) counts[i] = n;
+      }
+    });
+  }
+}
+
+std::vector<torch::Tensor> pairs_within(torch::Tensor aptr, torch::Tensor bptr, torch::Tensor apos,
+                                        torch::Tensor bpos, double cutoff, bool same) {
+  const int64_t na = apos.size(0), n_frames = aptr.numel() - 1;
+  auto counts = torch::zeros({na}, aptr.options());
+  torch::Tensor pi, pj;
+  AT_DISPATCH_FLOATING_TYPES(apos.scalar_type(), "pairs_within", [&] {
+    const scalar_t* a = apos.data_ptr<scalar_t>();
+    const scalar_t* b = bpos.data_ptr<scalar_t>();
+    const auto rc = static_cast<scalar_t>(cutoff);
+    pairs_within_kernel<scalar_t>(aptr.data_ptr<int64_t>(), bptr.data_ptr<int64_t>(), n_frames, a, b, rc, same,
+                                  counts.data_ptr<int64_t>(), nullptr, nullptr, nullptr);
+    auto start = counts.cumsum(0) - counts;
+    const int64_t total = na ? counts.sum().item<int64_t>() : 0;
+    pi = torch::empty({total}, aptr.options());
+    pj = torch::empty({total}, aptr.options());
+    pairs_within_kernel<scalar_t>(aptr.data_ptr<int64_t>(), bptr.data_ptr<int64_t>(), n_frames, a, b, rc, same,
+                                  nullptr, start.data_ptr<int64_t>(), pi.data_ptr<int64_t>(), pj.data_ptr<int64_t>());
+  });
+  return {pi, pj};
+}
+
 // the kernels release Python's lock: a delta model's baseline runs in a second Python thread beside them
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_angular_forward", &mm_angular_forward, "MM angular term (CPU)", py::call_guard<py::gil_scoped_release>());
@@ -665,4 +717,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_radial_backward", &mm_radial_backward, "its first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("field_forward", &field_forward, "potential and field of the MM charges at the QM atoms (CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("field_backward", &field_backward, "their first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("pairs_within", &pairs_within, "pairs of atoms within a cutoff, frame by frame (CPU)", py::call_guard<py::gil_scoped_release>());
 }
