@@ -36,6 +36,7 @@ import qmlmm  # noqa: F401  first: its OpenMP settings must be in the environmen
 import torch
 
 from _results import machine, median_seconds, save_json, save_markdown
+from qmlmm import environment
 from qmlmm.data.batch import collate, frame_tensors
 from qmlmm.environment import select_embedding
 from qmlmm.md.system import MDSystem
@@ -182,7 +183,8 @@ def main() -> None:
     ap.add_argument(
         "--drivers",
         default="direct,delta,delta_serial,dftb3,xtb",
-        help="comma-separated; DRIVER@N runs the engine with N threads beside OpenMM's (default: the runner's choice)",
+        help="comma-separated; DRIVER@N runs the engine with N threads beside OpenMM's (default: the runner's "
+        "choice); DRIVER_numpy_embedding with numpy's form of the embedding's nearest-QM-atom search",
     )
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the MD runs (medians reported)")
     ap.add_argument("--name", default="md_profile", help="results file name (benchmarks/results/NAME.{json,md})")
@@ -216,6 +218,8 @@ def main() -> None:
             for d in args.drivers.split(","):
                 emb = models["direct"].embedding
                 base, _, et = d.partition("@")  # DRIVER@N: the engine with N threads beside OpenMM's
+                # DRIVER_numpy_embedding: that driver with numpy's form of the embedding's nearest-atom search
+                base, numpy_embedding = base.removesuffix("_numpy_embedding"), base.endswith("_numpy_embedding")
                 name = "delta" if base == "delta_serial" else base
                 eng: Engine = (
                     models[name].engine(args.threads)
@@ -224,7 +228,9 @@ def main() -> None:
                 )
                 conc = False if base == "delta_serial" else None
                 work = Path(tmp) / str(k)
+                environment.USE_SELECTION_KERNEL = not numpy_embedding
                 runs[d] = md_steps(system, d, eng, emb, args.steps, args.threads, work, conc, int(et) if et else None)
+                environment.USE_SELECTION_KERNEL = True
             rounds.append(runs)
     runs = {d: median_run([r[d] for r in rounds]) for d in rounds[0]}
     mm_ms = statistics.median(mm_each)

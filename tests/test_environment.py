@@ -342,6 +342,36 @@ def test_fast_selection_equals_brute_force_on_wrapped_and_shifted_frames(seed: i
             assert np.allclose(getattr(fast, a), getattr(exact, a), atol=1e-12, rtol=0), a
 
 
+def test_compiled_nearest_atom_search_gives_numpys_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled nearest-QM-atom search (qmlmm.descriptors.native.nearest_qm_atoms, used by default) embeds
+    the same atoms at the same positions, with the same weights and switching gradients, as numpy's form of
+    the same search: in a cubic box (wrapped, and shifted by box vectors), in a triclinic box and without a
+    box."""
+    import qmlmm.environment as env
+    from qmlmm.descriptors.native import nearest_qm_atoms_kernel_available
+
+    if not nearest_qm_atoms_kernel_available():
+        pytest.skip("compiled kernels not available (QMLMM_NATIVE=0 or no compiler)")
+    fr = solvated_frame("methanol", box=3.3, seed=6, center=(0.1, 0.2, 3.2))
+    rng = np.random.default_rng(6)
+    shifted = fr.copy()
+    shifted.positions = fr.positions + rng.integers(-2, 3, size=(fr.n_atoms, 1)) * 3.3 * rng.integers(0, 2, size=3)
+    triclinic = solvated_frame("methanol", box=3.3, seed=6)  # in a reduced triclinic cell (rows as OpenMM's)
+    triclinic.box = np.array([[3.6, 0.0, 0.0], [1.2, 3.5, 0.0], [-1.0, 1.3, 3.4]])
+    cluster = fr.copy()
+    cluster.box = None
+    s = EmbeddingSettings(cutoff=1.0, switch_width=0.2)
+    for f in (fr, shifted, triclinic, cluster):
+        got = select_embedding(f, s)
+        monkeypatch.setattr(env, "USE_SELECTION_KERNEL", False)
+        ref = select_embedding(f, s)
+        monkeypatch.setattr(env, "USE_SELECTION_KERNEL", True)
+        assert got.n_mm > 50 and np.array_equal(got.mm_index, ref.mm_index)
+        for a in ("qm_positions", "mm_positions", "mm_charges", "mm_weights", "switch_grad"):
+            np.testing.assert_allclose(getattr(got, a), getattr(ref, a), rtol=0, atol=1e-12, err_msg=a)
+        assert np.array_equal(got.switch_mm, ref.switch_mm) and np.array_equal(got.switch_qm, ref.switch_qm)
+
+
 def test_selection_does_not_depend_on_the_order_or_numbering_of_atoms_and_molecules() -> None:
     """Atoms stored in shuffled order with scattered molecule ids (not molecule by molecule) give the same
     embedding, atom for atom: the per-molecule anchor (first closest atom) and size do not assume sorted

@@ -361,10 +361,18 @@ def _nearest_qm_atoms(frame: Frame, qm_pos: np.ndarray, rc: float, chunk: int, p
     centre = qm_pos.mean(0)
     qm_rel = qm_pos - centre
     radius = float(np.sqrt(np.einsum("ij,ij->i", qm_rel, qm_rel).max()))
+    centre_image = not pairwise and (box is None or shortest_lattice_vector(box) >= 2.0 * (rc + radius) + 1e-9)
+    if centre_image and _selection_kernel():  # the same search in one compiled pass (every MD step)
+        from qmlmm.descriptors.native import nearest_qm_atoms
+
+        near.cand = nearest_qm_atoms(
+            frame.positions, mm_all, centre, box, qm_rel, rc + radius + 1e-9, near.dmin, near.near_qm, near.image_pos
+        )
+        return near
     dc = minimum_image(_rows(frame.positions, mm_all) - centre, box)
     cand = np.flatnonzero(np.einsum("ij,ij->i", dc, dc) < (rc + radius + 1e-9) ** 2)
     near.cand = cand
-    if not pairwise and (box is None or shortest_lattice_vector(box) >= 2.0 * (rc + radius) + 1e-9):
+    if centre_image:
         # When every box vector is at least 2 (r_c + radius) long, the image of an atom within the cutoff of
         # any QM atom is its image nearest the QM centre (|x - c| <= r_c + radius, every other image lies
         # >= L - r_c - radius >= r_c + radius away), so plain distances to that image decide: one (c, n)
@@ -393,6 +401,21 @@ def _nearest_qm_atoms(frame: Frame, qm_pos: np.ndarray, rc: float, chunk: int, p
         near.dmin[sl] = np.sqrt(r2[rows, i])
         near.image_pos[sl] = qm_pos[i] + d[rows, i]
     return near
+
+
+#: the centre-image search by the compiled kernel where it builds (qmlmm.descriptors.native.nearest_qm_atoms);
+#: False: numpy's form always (the tests compare the two)
+USE_SELECTION_KERNEL = True
+
+
+def _selection_kernel() -> bool:
+    """Whether the nearest-QM-atom search runs compiled: :data:`USE_SELECTION_KERNEL` and the kernels build
+    (``QMLMM_NATIVE=0`` turns them off)."""
+    if not USE_SELECTION_KERNEL:
+        return False
+    from qmlmm.descriptors.native import nearest_qm_atoms_kernel_available
+
+    return nearest_qm_atoms_kernel_available()
 
 
 def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "mm_angular",
     "mm_radial",
     "native_available",
+    "nearest_qm_atoms",
+    "nearest_qm_atoms_kernel_available",
     "pairs_within",
     "potential_and_field",
     "qm_angular",
@@ -46,17 +49,20 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("angular.cpp")
+#: the descriptor's kernels (and the module's bindings), and the embedding's nearest-QM-atom search
+_SOURCES = [Path(__file__).with_name("angular.cpp"), Path(__file__).with_name("embedding.cpp")]
 _CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's own OpenMP runtime (no second one)
 #: a build lock older than this is from a killed build (a build takes ~30-60 s on 2 cores)
 STALE_LOCK_SECONDS = 600.0
 
 
 def build_directory() -> Path:
-    """The kernels' build folder: torch's extension cache / qmlmm_angular_<hash of source, flags, torch>."""
+    """The kernels' build folder: torch's extension cache / qmlmm_angular_<hash of sources, flags, torch>."""
     import hashlib
 
-    h = hashlib.sha256(_SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
     h.update(" ".join(_CFLAGS).encode())
     h.update(torch.__version__.encode())
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
@@ -98,7 +104,7 @@ def _module() -> Any | None:
             log.info("building the descriptor's compiled kernels in %s (once: ~30-60 s)", folder)
         return load(
             name="qmlmm_angular",
-            sources=[str(_SOURCE)],
+            sources=[str(s) for s in _SOURCES],
             extra_cflags=_CFLAGS,
             build_directory=str(folder),
             verbose=False,
@@ -378,3 +384,55 @@ def pairs_within(
         ptr_a, ptr_b, pos_a.detach().contiguous(), pos_b.detach().to(dt).contiguous(), float(cutoff), exclude_self
     )
     return pi, pj
+
+
+def nearest_qm_atoms_kernel_available() -> bool:
+    """Whether :func:`nearest_qm_atoms` can run (the kernels built; ``QMLMM_NATIVE=0`` turns it off too)."""
+    return _module() is not None
+
+
+def nearest_qm_atoms(
+    positions: np.ndarray,
+    mm: np.ndarray,
+    centre: np.ndarray,
+    box: np.ndarray | None,
+    qm_rel: np.ndarray,
+    cutoff: float,
+    dmin: np.ndarray,
+    near: np.ndarray,
+    image: np.ndarray,
+) -> np.ndarray:
+    """The nearest QM atom of every MM atom near the QM region, by the compiled kernel (``embedding.cpp``); the
+    centre-image search of :func:`qmlmm.environment._nearest_qm_atoms`, in one pass.
+
+    positions (N, 3) nm float64; mm (M,) the MM atoms' indices into them; centre (3,) nm the QM centre; box
+    (3, 3) rows nm or None; qm_rel (n, 3) nm the QM positions from the centre; ``cutoff`` nm the candidates'
+    radius around the centre. For every candidate m (|minimum image of x_m - centre| < cutoff) writes dmin[m]
+    (nm, its distance to the nearest QM atom), near[m] (that atom's index) and image[m] (its image's position,
+    nm) into the (M,), (M,), (M, 3) arrays given (float64, int64, float64; others untouched). Returns the
+    candidates (C,) (indices into mm, ascending).
+    """
+    mod = _module()
+    assert mod is not None
+    t = torch.from_numpy
+    periodic = box is not None
+    b = np.ascontiguousarray(box if periodic else np.eye(3), dtype=np.float64)
+    ortho = not np.any(b - np.diag(np.diagonal(b)))
+    inv = np.linalg.inv(b) if periodic and not ortho else np.eye(3)
+    cand = np.zeros(len(mm), dtype=np.uint8)
+    mod.nearest_qm_atoms(
+        t(np.ascontiguousarray(positions, dtype=np.float64)),
+        t(np.ascontiguousarray(mm, dtype=np.int64)),
+        t(np.ascontiguousarray(centre, dtype=np.float64)),
+        t(b),
+        t(np.ascontiguousarray(inv)),
+        periodic,
+        bool(ortho),
+        t(np.ascontiguousarray(qm_rel, dtype=np.float64)),
+        float(cutoff) ** 2,
+        t(dmin),
+        t(near),
+        t(image),
+        t(cand),
+    )
+    return np.flatnonzero(cand)

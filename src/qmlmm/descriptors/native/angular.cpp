@@ -707,6 +707,11 @@ std::vector<torch::Tensor> pairs_within(torch::Tensor aptr, torch::Tensor bptr, 
   return {pi, pj};
 }
 
+// embedding.cpp
+void nearest_qm_atoms(torch::Tensor positions, torch::Tensor mm, torch::Tensor centre, torch::Tensor box,
+                      torch::Tensor inv_box, bool periodic, bool orthorhombic, torch::Tensor qm_rel, double cut2,
+                      torch::Tensor dmin, torch::Tensor near, torch::Tensor image, torch::Tensor cand);
+
 // the kernels release Python's lock: a delta model's baseline runs in a second Python thread beside them
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_angular_forward", &mm_angular_forward, "MM angular term (CPU)", py::call_guard<py::gil_scoped_release>());
@@ -717,5 +722,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_radial_backward", &mm_radial_backward, "its first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("field_forward", &field_forward, "potential and field of the MM charges at the QM atoms (CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("field_backward", &field_backward, "their first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("nearest_qm_atoms", &nearest_qm_atoms, "the embedding's nearest QM atom of every MM atom (CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("pairs_within", &pairs_within, "pairs of atoms within a cutoff, frame by frame (CPU)", py::call_guard<py::gil_scoped_release>());
 }
