@@ -45,11 +45,6 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self._stack_cache = StackCache()  # the eval-mode pass's stacked weights (qmlmm.models.fused)
 
-    def train(self, mode: bool = True) -> Ensemble:
-        """Training or eval mode (``eval()`` too); drops the eval pass's stacked weights."""
-        self._cache().clear()
-        return super().train(mode)
-
     def _apply(self, fn: Any, recurse: bool = True) -> Ensemble:
         self._cache().clear()  # .to(dtype/device) may replace the members' tensors
         return super()._apply(fn, recurse)

@@ -118,8 +118,8 @@ class StackCache:
     """The last stacked weights of an ensemble (:class:`_Stacked`) and its atoms' element layout, reused while
     the members, network kinds and elements are the same and none of the tensors they were made from changed
     in place (their version counters only grow, so an unchanged sum means no optimiser step, load_state_dict or
-    in-place edit since). The ensemble clears it on ``train()``/``eval()`` and ``.to()`` (which may replace
-    tensors). Pickles empty."""
+    in-place edit since; switching between train and eval mode changes no tensor). The ensemble clears it on
+    ``.to()``, which may replace tensors. Pickles empty."""
 
     def __init__(self) -> None:
         self.clear()
