@@ -34,10 +34,21 @@ def _item(seed: int = 1, n_waters: int = 6, radius: float = 0.36) -> FrameTensor
     return frame_tensors(fr, EmbeddingSettings(cutoff=0.9))
 
 
-def _model(switch: float = 0.0, seed: int = 0, elec: str = "charges", charge_sum: str = "total") -> HDNNP:
+def _model(
+    switch: float = 0.0,
+    seed: int = 0,
+    elec: str = "charges",
+    charge_sum: str = "total",
+    hidden: list[int] | None = None,
+) -> HDNNP:
     torch.manual_seed(seed)
     cfg = ModelConfig(
-        descriptor=CFG, hidden=[16, 16], cutoff=0.9, switch_width=switch, electrostatics=elec, charge_sum=charge_sum
+        descriptor=CFG,
+        hidden=[16, 16] if hidden is None else hidden,
+        cutoff=0.9,
+        switch_width=switch,
+        electrostatics=elec,
+        charge_sum=charge_sum,
     )
     m = HDNNP(cfg).double()
     with torch.no_grad():  # non-trivial scaling so that every term matters
@@ -509,6 +520,39 @@ def test_fused_ensemble_equals_its_members_one_by_one(elec: str) -> None:
     torch.testing.assert_close(ens.predict(b).energy, e3.mean(0), rtol=0, atol=1e-9)
     ens.train()
     torch.testing.assert_close(ens.member_energies(b), e3, rtol=0, atol=1e-9)  # the training path agrees
+
+
+def test_fused_weights_follow_replaced_tensors_and_inference_mode() -> None:
+    """The eval pass's stacked weights (qmlmm.models.fused.StackCache) are made again when a parameter, a buffer
+    or a whole network is replaced rather than edited in place (``p.data = ...``, ``load_state_dict(assign=True)``,
+    a new module), and a first call under ``torch.inference_mode`` leaves nothing that breaks later force calls.
+    Networks without hidden layers run fused too."""
+    from qmlmm.models.ensemble import Ensemble
+    from qmlmm.models.hdnnp import _element_mlps
+
+    b = _batch([_item(seed=1, n_waters=8), _item(seed=5, n_waters=5, radius=0.3)])
+    members = [_model(seed=s) for s in range(2)]
+    ens = Ensemble(members[0].cfg, members).eval()
+
+    def agrees() -> None:
+        e = torch.stack([energy_and_forces(m, b)[0] for m in members]).mean(0)
+        torch.testing.assert_close(ens.predict(b).energy, e, rtol=0, atol=1e-9)
+
+    with torch.inference_mode():
+        ens.member_energies(b)
+    agrees()  # forces after an inference-mode call
+    w = members[0].nets[0][0].weight  # type: ignore[index]
+    w.data = w.data * 1.3  # same object, new storage, version unchanged
+    agrees()
+    sd = {k: v * 0.9 if v.is_floating_point() else v for k, v in members[1].state_dict().items()}
+    members[1].load_state_dict(sd, assign=True)  # new tensor objects
+    agrees()
+    cfg = members[0].cfg
+    members[0].nets[2] = _element_mlps(1, len(members[0].short_cols), cfg.hidden, cfg.activation)[0].double()
+    agrees()
+    flat = [_model(seed=s, hidden=[], elec="none") for s in range(2)]  # one linear layer per network
+    members, ens = flat, Ensemble(flat[0].cfg, flat).eval()
+    agrees()
 
 
 def test_a_model_predicts_in_eval_mode_made_or_loaded(tmp_path: Path) -> None:

@@ -239,6 +239,31 @@ def test_pair_list_kernel_gives_the_torch_forms_lists(dtype: torch.dtype) -> Non
         assert bool((f_a[i] == f_b[j]).all()) and not (same and bool((i == j).any()))
     with pytest.raises(ValueError, match="sorted"):
         native.pairs_within(qa, fa.flip(0), mb, fb, 4, 0.6)
+    one, one_frame = qa[:1], fa[:1]
+    for a, f_a, b, f_b, same in (
+        (one, one_frame, one, one_frame, True),  # one QM atom: no QM pair
+        (qa, fa, mb[:0], fb[:0], False),  # no MM atoms
+        (qa[12:18], fa[12:18], mb, fb, False),  # frame 1 has QM atoms, no MM atom
+    ):
+        i, j = native.pairs_within(a, f_a, b, f_b, 4, 0.6, exclude_self=same)  # no pair at all: empty lists
+        assert len(i) == 0 and len(j) == 0
+
+
+def test_features_of_a_one_atom_qm_region_without_mm_atoms() -> None:
+    """A QM region of one atom (an ion: no QM pair) in a frame without MM atoms, batched with a frame that has
+    both: the eval-mode descriptor (kernels, empty pair lists) equals the torch form."""
+    it = _items()[0]
+    ion = dataclasses.replace(
+        it, qm_z=it.qm_z[:1], qm_pos=it.qm_pos[:1], mm_pos=it.mm_pos[:0], mm_q=it.mm_q[:0], mm_mol=it.mm_mol[:0]
+    )
+    for items in ([ion], [ion, it]):
+        b = _with_grad(collate(items, dtype=torch.float64))
+        acsf = ACSF(CFG).double()
+        x_torch, g_torch = _features_and_grads(acsf, b, native=False)
+        x_kernel, g_kernel = _features_and_grads(acsf, b, native=True)
+        torch.testing.assert_close(x_kernel, x_torch, rtol=0, atol=1e-11)
+        for a, c in zip(g_kernel, g_torch, strict=True):
+            torch.testing.assert_close(a, c, rtol=0, atol=1e-11)
 
 
 def test_potential_and_field_kernel_equals_the_block_form() -> None:

@@ -72,11 +72,13 @@ def _stacked(layers: list[list[nn.Linear]]) -> tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class _Stacked:
-    """The members' weights for the elements present, stacked once: the first layers of all kinds and all
-    members as one (E', F, K S) product on the raw features, with its bias (E', 1, K S) (S the sum of the
-    kinds' widths, each kind's width in ``widths``; each member's feature scaling folded in); each kind's
-    later layers as (weights, biases) pairs; the activation."""
+    """The members' weights for the elements present, stacked once: the members' mean feature means
+    ``centre`` (E', 1, F); the first layers of all kinds and all members as one (E', F, K S) product on the
+    features minus ``centre``, with its bias (E', 1, K S) (S the sum of the kinds' widths, each kind's width in
+    ``widths``; each member's feature scaling folded in); each kind's later layers as (weights, biases) pairs;
+    the activation (identity where no network has a hidden layer)."""
 
+    centre: torch.Tensor
     first: tuple[torch.Tensor, torch.Tensor]
     widths: list[int]
     later: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
@@ -101,25 +103,33 @@ def _stack_weights(members: Sequence[HDNNP], kinds: list[str], present: list[int
         k: [_stacked([[lin[li] for lin in row] for row in chains[k]]) for li in range(1, len(chains[k][0][0]))]
         for k in kinds
     }
-    act = next(m for m in getattr(m0, kinds[0])[0] if not isinstance(m, nn.Linear))
+    acts = [m for k in kinds for m in getattr(m0, k)[0] if not isinstance(m, nn.Linear)]
+    act = acts[0] if acts else nn.Identity()  # none: no network has a hidden layer, act is never called
     w, b = torch.cat([w for w, _ in firsts], -1), torch.cat([b for _, b in firsts], -1)  # (E', K, F, S), (E', K, 1, S)
-    # ((x - mean) / std) @ w + b = x @ (w / std) + (b - (mean / std) @ w): every member's first layer reads the
-    # same raw features, so all K are one product of width K S (and its backward one product, no sum over K)
-    scaled_w = w * inv_std.transpose(-1, -2)
-    scaled_b = b - (mean * inv_std) @ w
+    # ((x - m) / s) @ w + b = (x - c) @ (w / s) + (b - ((m - c) / s) @ w) with c the members' mean m: every
+    # member's first layer reads the same centred features, so all K are one product of width K S (its
+    # backward one product, no sum over K). Centring by c keeps float32 as exact as before where the members
+    # share their feature means (the common case); the folding itself runs in float64
+    dt = w.dtype
+    w64, m64, inv64 = w.double(), mean.double(), inv_std.double()
+    centre = m64.mean(1, keepdim=True)  # (E', 1, 1, F)
+    scaled_w = w64 * inv64.transpose(-1, -2)
+    scaled_b = b.double() - ((m64 - centre) * inv64) @ w64
     first = (
-        scaled_w.permute(0, 2, 1, 3).flatten(2).contiguous(),  # (E', F, K S), member-major columns
-        scaled_b.permute(0, 2, 1, 3).flatten(2).contiguous(),
+        scaled_w.permute(0, 2, 1, 3).flatten(2).to(dt).contiguous(),  # (E', F, K S), member-major columns
+        scaled_b.permute(0, 2, 1, 3).flatten(2).to(dt).contiguous(),
     )
-    return _Stacked(first, [w.shape[3] for w, _ in firsts], later, act)
+    return _Stacked(centre[:, 0].to(dt), first, [w.shape[3] for w, _ in firsts], later, act)
 
 
 class StackCache:
     """The last stacked weights of an ensemble (:class:`_Stacked`) and its atoms' element layout, reused while
-    the members, network kinds and elements are the same and none of the tensors they were made from changed
-    in place (their version counters only grow, so an unchanged sum means no optimiser step, load_state_dict or
-    in-place edit since; switching between train and eval mode changes no tensor). The ensemble clears it on
-    ``.to()``, which may replace tensors. Pickles empty."""
+    the members, network kinds and elements are the same and every tensor they were made from is the same
+    object, on the same storage, unchanged in place: their version counters only grow, so an unchanged sum
+    means no optimiser step, load_state_dict or in-place edit since; a replaced parameter, buffer or network
+    (``load_state_dict(assign=True)``, ``p.data = ...``, ``vector_to_parameters``) is a different object or
+    storage. Checked on every call (~0.05 ms). Never made under ``torch.inference_mode`` (its tensors could not
+    be used for forces afterwards). Pickles empty."""
 
     def __init__(self) -> None:
         self.clear()
@@ -127,6 +137,7 @@ class StackCache:
     def clear(self) -> None:
         self.key: tuple[object, ...] | None = None
         self.tensors: list[torch.Tensor] = []
+        self.storage: list[int] = []
         self.versions = -1
         self.stacked: _Stacked | None = None
         self.species: torch.Tensor | None = None
@@ -140,12 +151,19 @@ class StackCache:
 
 
 def _tensors_used(members: Sequence[HDNNP], kinds: list[str], present: list[int]) -> list[torch.Tensor]:
-    """Every tensor :func:`_stack_weights` reads."""
-    out = [t for m in members for t in (m.feat_mean, m.feat_std, m.short_cols)]
+    """Every tensor :func:`_stack_weights` reads, as the members hold them now (through the modules'
+    dictionaries: nn.Module attribute access would cost ~0.1 ms a call)."""
+    out: list[torch.Tensor] = []
     for m in members:
+        buf = m._buffers
+        out += [buf["feat_mean"], buf["feat_std"], buf["short_cols"]]  # type: ignore[list-item]
         for k in kinds:
+            nets = m._modules[k]._modules  # type: ignore[union-attr]
             for e in present:
-                out += [t for lin in _linears(getattr(m, k)[e]) for t in (lin.weight, lin.bias)]
+                for layer in nets[str(e)]._modules.values():  # type: ignore[union-attr]
+                    par = layer._parameters  # type: ignore[union-attr]
+                    if par:
+                        out += [par["weight"], par["bias"]]  # type: ignore[list-item]
     return out
 
 
@@ -153,23 +171,32 @@ def _stacked_weights(
     members: Sequence[HDNNP], kinds: list[str], present: list[int], cache: StackCache | None
 ) -> _Stacked:
     """The stacked weights of ``members``, from ``cache`` while they are current (made again otherwise)."""
-    if cache is None:
+    if cache is None or torch.is_inference_mode_enabled():
         return _stack_weights(members, kinds, present)
     key = (tuple(id(m) for m in members), tuple(kinds), tuple(present))
-    if cache.stacked is not None and cache.key == key and sum(t._version for t in cache.tensors) == cache.versions:
+    now = _tensors_used(members, kinds, present)
+    storage = [t.data_ptr() for t in now]
+    if (
+        cache.stacked is not None
+        and cache.key == key
+        and len(now) == len(cache.tensors)
+        and all(a is b for a, b in zip(now, cache.tensors, strict=True))
+        and storage == cache.storage
+        and sum(t._version for t in now) == cache.versions
+    ):
         return cache.stacked
     cache.clear()
     with torch.no_grad():  # a cached copy must not hold a graph to the parameters
         cache.stacked = _stack_weights(members, kinds, present)
-    cache.tensors = _tensors_used(members, kinds, present)
-    cache.versions = sum(t._version for t in cache.tensors)
+    cache.tensors, cache.storage = now, storage
+    cache.versions = sum(t._version for t in now)
     cache.key = key
     return cache.stacked
 
 
 def _cached_rows(sp: torch.Tensor, n_el: int, cache: StackCache | None) -> _ElementRows:
     """:func:`_element_rows`, from ``cache`` while the species are the same (every step of an MD run)."""
-    if cache is None:
+    if cache is None or torch.is_inference_mode_enabled():
         return _element_rows(sp, n_el)
     same = cache.species is not None and cache.species.shape == sp.shape and torch.equal(cache.species, sp)
     if cache.rows is None or not same:
@@ -190,7 +217,7 @@ def _network_outputs(
     lay = _cached_rows(sp, len(members[0].elements), cache)
     st = _stacked_weights(members, kinds, lay.present.tolist(), cache)
     n_members = len(members)
-    h1 = torch.baddbmm(st.first[1], x[lay.rows], st.first[0])  # (E', W, K S)
+    h1 = torch.baddbmm(st.first[1], x[lay.rows] - st.centre, st.first[0])  # (E', W, K S)
     h1 = h1.unflatten(-1, (n_members, -1)).transpose(1, 2)  # (E', K, W, S)
     out = {}
     for k, h in zip(kinds, h1.split(st.widths, -1), strict=True):

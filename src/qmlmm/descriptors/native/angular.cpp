@@ -662,8 +662,8 @@ std::vector<torch::Tensor> field_backward(torch::Tensor gphi, torch::Tensor gfie
 // sorted by i, within an i by j. Two passes over the pairs of each frame: counts per i, then the pairs.
 template <typename T>
 void pairs_within_kernel(const int64_t* aptr, const int64_t* bptr, int64_t n_frames, const T* apos, const T* bpos,
-                         T cutoff, bool same, int64_t* counts, const int64_t* start, int64_t* pi, int64_t* pj) {
-  const bool fill = pi != nullptr;
+                         T cutoff, bool same, bool fill, int64_t* counts, const int64_t* start, int64_t* pi,
+                         int64_t* pj) {
   for (int64_t f = 0; f < n_frames; ++f) {
     const int64_t b0 = bptr[f], b1 = bptr[f + 1];
     at::parallel_for(aptr[f], aptr[f + 1], 1, [&](int64_t i0, int64_t i1) {
@@ -696,13 +696,15 @@ std::vector<torch::Tensor> pairs_within(torch::Tensor aptr, torch::Tensor bptr, 
     const scalar_t* b = bpos.data_ptr<scalar_t>();
     const auto rc = static_cast<scalar_t>(cutoff);
     pairs_within_kernel<scalar_t>(aptr.data_ptr<int64_t>(), bptr.data_ptr<int64_t>(), n_frames, a, b, rc, same,
-                                  counts.data_ptr<int64_t>(), nullptr, nullptr, nullptr);
+                                  false, counts.data_ptr<int64_t>(), nullptr, nullptr, nullptr);
     auto start = counts.cumsum(0) - counts;
     const int64_t total = na ? counts.sum().item<int64_t>() : 0;
     pi = torch::empty({total}, aptr.options());
     pj = torch::empty({total}, aptr.options());
-    pairs_within_kernel<scalar_t>(aptr.data_ptr<int64_t>(), bptr.data_ptr<int64_t>(), n_frames, a, b, rc, same,
-                                  nullptr, start.data_ptr<int64_t>(), pi.data_ptr<int64_t>(), pj.data_ptr<int64_t>());
+    if (total > 0)  // (an empty tensor's data pointer may be null)
+      pairs_within_kernel<scalar_t>(aptr.data_ptr<int64_t>(), bptr.data_ptr<int64_t>(), n_frames, a, b, rc, same,
+                                    true, nullptr, start.data_ptr<int64_t>(), pi.data_ptr<int64_t>(),
+                                    pj.data_ptr<int64_t>());
   });
   return {pi, pj};
 }

@@ -32,7 +32,14 @@ void nearest_qm_atoms(torch::Tensor positions, torch::Tensor mm, torch::Tensor c
                       torch::Tensor inv_box, bool periodic, bool orthorhombic, torch::Tensor qm_rel, double cut2,
                       torch::Tensor dmin, torch::Tensor near, torch::Tensor image, torch::Tensor cand) {
   TORCH_CHECK(positions.scalar_type() == torch::kFloat64 && positions.is_contiguous(), "positions: float64 (N, 3)");
-  TORCH_CHECK(mm.scalar_type() == torch::kInt64 && qm_rel.is_contiguous(), "mm: int64; qm_rel contiguous");
+  TORCH_CHECK(mm.scalar_type() == torch::kInt64 && mm.is_contiguous(), "mm: contiguous int64");
+  for (const auto& t : {centre, box, inv_box, qm_rel, dmin, image})
+    TORCH_CHECK(t.scalar_type() == torch::kFloat64 && t.is_contiguous(), "nearest_qm_atoms: contiguous float64 arrays");
+  TORCH_CHECK(near.scalar_type() == torch::kInt64 && near.is_contiguous(), "near: contiguous int64");
+  TORCH_CHECK(cand.scalar_type() == torch::kUInt8 && cand.is_contiguous(), "cand: contiguous uint8");
+  TORCH_CHECK(dmin.numel() == mm.numel() && near.numel() == mm.numel() && image.numel() == 3 * mm.numel() &&
+                  cand.numel() == mm.numel(),
+              "nearest_qm_atoms: output sizes must match the MM atoms");
   const double* x = positions.data_ptr<double>();
   const int64_t* idx = mm.data_ptr<int64_t>();
   const double* c = centre.data_ptr<double>();
