@@ -343,14 +343,14 @@ def test_fast_selection_equals_brute_force_on_wrapped_and_shifted_frames(seed: i
 
 
 def test_compiled_nearest_atom_search_gives_numpys_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The compiled nearest-QM-atom search (qmlmm.descriptors.native.nearest_qm_atoms, used by default) embeds
+    """The compiled nearest-QM-atom search (qmlmm/kernels/embedding.cpp, used by default) embeds
     the same atoms at the same positions, with the same weights and switching gradients, as numpy's form of
     the same search: in a cubic box (wrapped, and shifted by box vectors), in a triclinic box and without a
     box."""
     import qmlmm.environment as env
-    from qmlmm.descriptors.native import nearest_qm_atoms_kernel_available
+    from qmlmm.compiled import available
 
-    if not nearest_qm_atoms_kernel_available():
+    if not available():
         pytest.skip("compiled kernels not available (QMLMM_NATIVE=0 or no compiler)")
     fr = solvated_frame("methanol", box=3.3, seed=6, center=(0.1, 0.2, 3.2))
     rng = np.random.default_rng(6)

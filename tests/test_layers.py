@@ -21,6 +21,7 @@ CORE = {
     "batch",
     "testing",
     "threads",
+    "compiled",
 }
 
 #: part -> the parts it may import (besides itself and core); the same table as docs/architecture.md

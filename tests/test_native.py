@@ -172,12 +172,12 @@ def test_float32_kernels_agree_with_float64() -> None:
 
 def test_qmlmm_native_0_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """QMLMM_NATIVE=0: no build, the torch form runs."""
-    from qmlmm.descriptors import native
+    from qmlmm import compiled
 
     monkeypatch.setenv("QMLMM_NATIVE", "0")
-    assert native._module.__wrapped__() is None
+    assert compiled.module.__wrapped__() is None
     monkeypatch.setenv("QMLMM_NATIVE", "1")
-    assert native._module.__wrapped__() is not None
+    assert compiled.module.__wrapped__() is not None
 
 
 def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path: Path) -> None:
@@ -186,7 +186,7 @@ def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path: Pat
     import threading
     import time
 
-    from qmlmm.descriptors.native import wait_for_build_lock
+    from qmlmm.compiled import wait_for_build_lock
 
     lock = tmp_path / "lock"
     wait_for_build_lock(tmp_path)  # no lock: returns at once

@@ -363,11 +363,7 @@ def _nearest_qm_atoms(frame: Frame, qm_pos: np.ndarray, rc: float, chunk: int, p
     radius = float(np.sqrt(np.einsum("ij,ij->i", qm_rel, qm_rel).max()))
     centre_image = not pairwise and (box is None or shortest_lattice_vector(box) >= 2.0 * (rc + radius) + 1e-9)
     if centre_image and _selection_kernel():  # the same search in one compiled pass (every MD step)
-        from qmlmm.descriptors.native import nearest_qm_atoms
-
-        near.cand = nearest_qm_atoms(
-            frame.positions, mm_all, centre, box, qm_rel, rc + radius + 1e-9, near.dmin, near.near_qm, near.image_pos
-        )
+        near.cand = _nearest_by_kernel(frame.positions, mm_all, centre, box, qm_rel, rc + radius + 1e-9, near)
         return near
     dc = minimum_image(_rows(frame.positions, mm_all) - centre, box)
     cand = np.flatnonzero(np.einsum("ij,ij->i", dc, dc) < (rc + radius + 1e-9) ** 2)
@@ -403,19 +399,63 @@ def _nearest_qm_atoms(frame: Frame, qm_pos: np.ndarray, rc: float, chunk: int, p
     return near
 
 
-#: the centre-image search by the compiled kernel where it builds (qmlmm.descriptors.native.nearest_qm_atoms);
-#: False: numpy's form always (the tests compare the two)
+#: the centre-image search by the compiled kernel (qmlmm/kernels/embedding.cpp) where it builds; False:
+#: numpy's form always (the tests compare the two)
 USE_SELECTION_KERNEL = True
 
 
 def _selection_kernel() -> bool:
     """Whether the nearest-QM-atom search runs compiled: :data:`USE_SELECTION_KERNEL` and the kernels build
-    (``QMLMM_NATIVE=0`` turns them off)."""
+    (:mod:`qmlmm.compiled`; ``QMLMM_NATIVE=0`` turns them off)."""
     if not USE_SELECTION_KERNEL:
         return False
-    from qmlmm.descriptors.native import nearest_qm_atoms_kernel_available
+    from qmlmm.compiled import available
 
-    return nearest_qm_atoms_kernel_available()
+    return available()
+
+
+def _nearest_by_kernel(
+    positions: np.ndarray,
+    mm: np.ndarray,
+    centre: np.ndarray,
+    box: np.ndarray | None,
+    qm_rel: np.ndarray,
+    radius: float,
+    near: _Nearest,
+) -> np.ndarray:
+    """The centre-image search of :func:`_nearest_qm_atoms` by the compiled kernel, in one pass: positions
+    (N, 3) nm, ``mm`` (M,) the MM atoms' indices into them, ``centre`` (3,) nm the QM centre, ``box`` (3, 3)
+    rows nm or None, ``qm_rel`` (n, 3) nm the QM positions from the centre, ``radius`` nm the candidates'
+    radius around the centre. Fills ``near``'s dmin, near_qm and image_pos for every candidate (|minimum
+    image of x_m - centre| < radius); returns the candidates (C,) (indices into mm, ascending)."""
+    import torch
+
+    from qmlmm.compiled import module
+
+    mod = module()
+    assert mod is not None
+    periodic = box is not None
+    b = np.ascontiguousarray(box if periodic else np.eye(3), dtype=np.float64)
+    ortho = not np.any(b - np.diag(np.diagonal(b)))
+    inv = np.linalg.inv(b) if periodic and not ortho else np.eye(3)
+    cand = np.zeros(len(mm), dtype=np.uint8)
+    t = torch.from_numpy
+    mod.nearest_qm_atoms(
+        t(np.ascontiguousarray(positions, dtype=np.float64)),
+        t(np.ascontiguousarray(mm, dtype=np.int64)),
+        t(np.ascontiguousarray(centre, dtype=np.float64)),
+        t(b),
+        t(np.ascontiguousarray(inv)),
+        periodic,
+        bool(ortho),
+        t(np.ascontiguousarray(qm_rel, dtype=np.float64)),
+        float(radius) ** 2,
+        t(near.dmin),
+        t(near.near_qm),
+        t(near.image_pos),
+        t(cand),
+    )
+    return np.flatnonzero(cand)
 
 
 def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -5,32 +5,18 @@ were the largest part of a model call in MD: in torch's form each is a few dozen
 triples or (pairs x MM neighbours) blocks, forward and backward ~2-4 ms each of a ~15 ms call on retinoic
 acid in water (2 threads); the MM radial term and the exact potential and field of the embedded charges
 (:class:`~qmlmm.descriptors.terms.LongRange`) have kernels too, and so do the QM-QM and QM-MM pair lists
-(without the dense QM-MM distance block that torch's form builds for them). The kernels (``angular.cpp``) compute the
-same sums centre by centre, with analytic first derivatives. They have no second derivative, so models
-use them only in eval mode (MD, prediction, labelling, evaluation); training, whose force loss
-differentiates the forces again, uses the torch form.
-Both forms give the same numbers (tests/test_native.py).
-
-The build (~30-60 s, once per source, compiler flags and torch version) goes to a folder named by their
-hash under torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so
-checkouts and environments with the same source share it and never rebuild each other's. torch's loader
-waits, without a time limit, for a build's lock file to go: a build killed half-way (an out-of-memory
-kill, a job's time limit) would leave one, and every later process would hang at its first model call;
-so qmlmm waits for a lock itself first and removes one unchanged for :data:`STALE_LOCK_SECONDS`, with a
-warning (:func:`wait_for_build_lock`). Where
-the kernels cannot be built (no C++ compiler, no ninja), the torch form runs after one warning; with
-``QMLMM_NATIVE=0`` in the environment (read once per process) it runs without trying.
+(without the dense QM-MM distance block that torch's form builds for them). The kernels
+(``qmlmm/kernels/angular.cpp``, built and loaded by :mod:`qmlmm.compiled`) compute the same sums centre by
+centre, with analytic first derivatives. They have no second derivative, so models use them only in eval
+mode (MD, prediction, labelling, evaluation); training, whose force loss differentiates the forces again,
+uses the torch form. Both forms give the same numbers (tests/test_native.py). Where the kernels cannot be
+built, or with ``QMLMM_NATIVE=0``, the torch form runs.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -39,83 +25,18 @@ __all__ = [
     "mm_angular",
     "mm_radial",
     "native_available",
-    "nearest_qm_atoms",
-    "nearest_qm_atoms_kernel_available",
     "pairs_within",
     "potential_and_field",
     "qm_angular",
     "wait_for_build_lock",
 ]
 
-log = logging.getLogger(__name__)
-
-#: the descriptor's kernels (and the module's bindings), and the embedding's nearest-QM-atom search
-_SOURCES = [Path(__file__).with_name("angular.cpp"), Path(__file__).with_name("embedding.cpp")]
-_CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's own OpenMP runtime (no second one)
-#: a build lock older than this is from a killed build (a build takes ~30-60 s on 2 cores)
-STALE_LOCK_SECONDS = 600.0
-
-
-def build_directory() -> Path:
-    """The kernels' build folder: torch's extension cache / qmlmm_angular_<hash of sources, flags, torch>."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for src in _SOURCES:
-        h.update(src.read_bytes())
-    h.update(" ".join(_CFLAGS).encode())
-    h.update(torch.__version__.encode())
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
-    return Path(root) / f"qmlmm_angular_{h.hexdigest()[:12]}"
-
-
-def wait_for_build_lock(folder: Path, stale_after: float = STALE_LOCK_SECONDS, poll: float = 1.0) -> None:
-    """Wait while another process builds in ``folder`` (its ``lock`` file exists); a lock that has not
-    changed for ``stale_after`` seconds is a killed build's: removed, with a warning. torch's loader itself
-    would wait for such a lock forever."""
-    import time
-
-    lock = folder / "lock"
-    while True:
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age > stale_after:
-            log.warning("removing %s, a build lock %.0f s old (a killed build's); building again", lock, age)
-            lock.unlink(missing_ok=True)
-            return
-        time.sleep(poll)
-
-
-@functools.cache
-def _module() -> Any | None:
-    """The compiled module, or None (QMLMM_NATIVE=0, or the build failed: a warning, once per process)."""
-    if os.environ.get("QMLMM_NATIVE", "1") == "0":
-        log.info("QMLMM_NATIVE=0: the descriptor's torch form runs")
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        folder = build_directory()
-        folder.mkdir(parents=True, exist_ok=True)
-        wait_for_build_lock(folder)
-        if not any(folder.glob("*.so")):
-            log.info("building the descriptor's compiled kernels in %s (once: ~30-60 s)", folder)
-        return load(
-            name="qmlmm_angular",
-            sources=[str(s) for s in _SOURCES],
-            extra_cflags=_CFLAGS,
-            build_directory=str(folder),
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no ninja, a failed build: the torch form is exact, only slower
-        log.warning("the descriptor's compiled kernels could not be built (%s); the torch form runs", exc)
-        return None
+from qmlmm.compiled import STALE_LOCK_SECONDS, build_directory, wait_for_build_lock
+from qmlmm.compiled import module as _module
 
 
 def native_available() -> bool:
-    """Whether the compiled kernels can run (built now if needed)."""
+    """Whether the compiled kernels can run (built now if needed; :mod:`qmlmm.compiled`)."""
     return _module() is not None
 
 
@@ -384,55 +305,3 @@ def pairs_within(
         ptr_a, ptr_b, pos_a.detach().contiguous(), pos_b.detach().to(dt).contiguous(), float(cutoff), exclude_self
     )
     return pi, pj
-
-
-def nearest_qm_atoms_kernel_available() -> bool:
-    """Whether :func:`nearest_qm_atoms` can run (the kernels built; ``QMLMM_NATIVE=0`` turns it off too)."""
-    return _module() is not None
-
-
-def nearest_qm_atoms(
-    positions: np.ndarray,
-    mm: np.ndarray,
-    centre: np.ndarray,
-    box: np.ndarray | None,
-    qm_rel: np.ndarray,
-    cutoff: float,
-    dmin: np.ndarray,
-    near: np.ndarray,
-    image: np.ndarray,
-) -> np.ndarray:
-    """The nearest QM atom of every MM atom near the QM region, by the compiled kernel (``embedding.cpp``); the
-    centre-image search of :func:`qmlmm.environment._nearest_qm_atoms`, in one pass.
-
-    positions (N, 3) nm float64; mm (M,) the MM atoms' indices into them; centre (3,) nm the QM centre; box
-    (3, 3) rows nm or None; qm_rel (n, 3) nm the QM positions from the centre; ``cutoff`` nm the candidates'
-    radius around the centre. For every candidate m (|minimum image of x_m - centre| < cutoff) writes dmin[m]
-    (nm, its distance to the nearest QM atom), near[m] (that atom's index) and image[m] (its image's position,
-    nm) into the (M,), (M,), (M, 3) arrays given (float64, int64, float64; others untouched). Returns the
-    candidates (C,) (indices into mm, ascending).
-    """
-    mod = _module()
-    assert mod is not None
-    t = torch.from_numpy
-    periodic = box is not None
-    b = np.ascontiguousarray(box if periodic else np.eye(3), dtype=np.float64)
-    ortho = not np.any(b - np.diag(np.diagonal(b)))
-    inv = np.linalg.inv(b) if periodic and not ortho else np.eye(3)
-    cand = np.zeros(len(mm), dtype=np.uint8)
-    mod.nearest_qm_atoms(
-        t(np.ascontiguousarray(positions, dtype=np.float64)),
-        t(np.ascontiguousarray(mm, dtype=np.int64)),
-        t(np.ascontiguousarray(centre, dtype=np.float64)),
-        t(b),
-        t(np.ascontiguousarray(inv)),
-        periodic,
-        bool(ortho),
-        t(np.ascontiguousarray(qm_rel, dtype=np.float64)),
-        float(cutoff) ** 2,
-        t(dmin),
-        t(near),
-        t(image),
-        t(cand),
-    )
-    return np.flatnonzero(cand)
