@@ -44,12 +44,20 @@ from md_profile import random_models
 MODES = ("train mode", "eval, torch form", "eval, kernels")
 
 
-def blocks_ms(fns: dict[str, Callable[[], Any]], repeat: int, blocks: int) -> dict[str, dict[str, float]]:
+def blocks_ms(
+    fns: dict[str, Callable[[], Any]],
+    repeat: int,
+    blocks: int,
+    setups: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, dict[str, float]]:
     """Per function: the median of its blocks' median ms and the lowest and highest of its blocks' minima;
-    the functions timed in alternating blocks of ``repeat`` calls (one untimed call first in each)."""
+    the functions timed in alternating blocks of ``repeat`` calls (its ``setups`` entry, untimed, and one
+    untimed call first in each)."""
     per: dict[str, list[list[float]]] = {k: [] for k in fns}
     for _ in range(blocks):
         for k, fn in fns.items():
+            if setups and k in setups:
+                setups[k]()
             fn()
             ts = []
             for _ in range(repeat):
@@ -92,14 +100,15 @@ def model_calls(model: Any, fr: Any, emb: Any, repeat: int, blocks: int) -> dict
     """ms of the engine's call (as in MD) in each mode."""
     eng = model.engine(torch.get_num_threads())
 
-    def call(mode: str) -> Callable[[], Any]:
-        def f() -> Any:
-            _set_mode(model, mode)
-            return eng.compute_frame(fr, emb)
+    def call() -> Any:
+        return eng.compute_frame(fr, emb)
 
-        return f
+    # each block sets its mode once (setting it on every call, over all modules, cost ~1 ms a call)
+    def setter(mode: str) -> Callable[[], Any]:
+        return lambda: _set_mode(model, mode)
 
-    return blocks_ms({m: call(m) for m in MODES}, repeat, blocks)
+    setups = {m: setter(m) for m in MODES}
+    return blocks_ms(dict.fromkeys(MODES, call), repeat, blocks, setups)
 
 
 def term_calls(model: Any, fr: Any, emb: Any, repeat: int, blocks: int) -> dict[str, dict[str, float]]:
