@@ -32,7 +32,7 @@ import numpy as np
 
 from qmlmm.errors import InputError
 from qmlmm.switching import switch_derivative, switch_value
-from qmlmm.system import Frame, minimum_image
+from qmlmm.system import Frame, is_orthorhombic, minimum_image
 from qmlmm.threads import numpy_blas_threads
 
 __all__ = [
@@ -436,7 +436,7 @@ def _nearest_by_kernel(
     assert mod is not None
     periodic = box is not None
     b = np.ascontiguousarray(box if periodic else np.eye(3), dtype=np.float64)
-    ortho = not np.any(b - np.diag(np.diagonal(b)))
+    ortho = is_orthorhombic(b)
     inv = np.linalg.inv(b) if periodic and not ortho else np.eye(3)
     cand = np.zeros(len(mm), dtype=np.uint8)
     t = torch.from_numpy

@@ -17,7 +17,7 @@ import numpy as np
 from qmlmm.elements import check_charge_multiplicity, symbol, to_numbers
 from qmlmm.errors import InputError
 
-__all__ = ["OVERLAP_NM", "Frame", "Label", "minimum_image"]
+__all__ = ["OVERLAP_NM", "Frame", "Label", "is_orthorhombic", "minimum_image"]
 
 #: Two atoms closer than this (nm) are reported as overlapping.
 OVERLAP_NM: float = 0.05
@@ -171,6 +171,11 @@ class Frame:
                 )
 
 
+def is_orthorhombic(box: np.ndarray) -> bool:
+    """Whether box rows (3, 3) are a diagonal matrix (every angle 90 degrees)."""
+    return not np.any(box - np.diag(np.diagonal(box)))
+
+
 def minimum_image(d: np.ndarray, box: np.ndarray | None) -> np.ndarray:
     """Minimum-image displacement vectors, shape (..., 3) in nm, for box rows ``box`` (3, 3).
 
@@ -179,7 +184,7 @@ def minimum_image(d: np.ndarray, box: np.ndarray | None) -> np.ndarray:
     """
     if box is None:
         return d
-    if not np.any(box - np.diag(np.diagonal(box))):  # orthorhombic: per-axis, no matrix products
+    if is_orthorhombic(box):  # per-axis, no matrix products
         lengths = np.diagonal(box)
         return d - lengths * np.round(d / lengths)
     frac = d @ np.linalg.inv(box)

@@ -45,6 +45,7 @@ from qmlmm.descriptors.terms import (
     QMAngular,
     QMRadial,
     Term,
+    use_native,
 )
 
 __all__ = ["DescriptorConfig", "ACSF", "Features", "potential_and_field"]
@@ -162,7 +163,7 @@ class ACSF(nn.Module):
         damped = cfg.long_range and cfg.long_range_damped
         # QM-MM pairs are listed out to the longest short-range MM cutoff (the damped long-range term's too)
         self.mm_pair_cutoff = max(cfg.mm_radial_cutoff, cfg.long_range_cutoff if damped else 0.0, cfg.mm_angular_cutoff)
-        self.native = True  # the pair lists by the compiled kernel where it can run (_pairs_by_kernel)
+        self.native = True  # the pair lists by the compiled kernel where it can run (terms.use_native)
 
     def species(self, z: torch.Tensor) -> torch.Tensor:
         """Element index 0..n_el-1 of atomic numbers z; raises for elements the model does not know."""
@@ -173,16 +174,6 @@ class ACSF(nn.Module):
             raise InputError(f"element(s) {bad} not known to this model (elements {self.elements})")
         return self.zmap[z]
 
-    def _pairs_by_kernel(self, b: FrameBatch) -> bool:
-        """Whether the pair lists come from the compiled kernel (:func:`qmlmm.descriptors.native.pairs_within`):
-        in eval mode on the CPU with ``native`` on (the default), where the kernels build. Index lists carry no
-        gradient, so training could use them too; it keeps torch's form, which runs on any device."""
-        if self.training or not getattr(self, "native", True) or b.qm_pos.device.type != "cpu":
-            return False
-        from qmlmm.descriptors.native import native_available
-
-        return native_available()
-
     def neighbours(
         self, b: FrameBatch, mm_weight: torch.Tensor | None = None, blocks: QMMMBlock | None = None
     ) -> Neighbours:
@@ -190,7 +181,10 @@ class ACSF(nn.Module):
         ``blocks``: the batch's dense QM-MM distances, when the caller has them (else made here only if the
         pair lists need them)."""
         cfg = self.cfg
-        if self._pairs_by_kernel(b):  # the same lists, without the dense QM-MM block (not needed here then)
+        # the pair lists by the compiled kernel (native.pairs_within), as the terms choose theirs (index lists
+        # carry no gradient, so training could use it too; it keeps torch's form, which runs on any device):
+        # the same lists, without the dense QM-MM block (not needed here then)
+        if use_native(self, [], b.qm_pos.device):
             from qmlmm.descriptors import native
 
             qm, mm, nf = (b.qm_pos, b.qm_frame), (b.mm_pos, b.mm_frame), b.n_frames

@@ -100,14 +100,15 @@ def _power(x: torch.Tensor, z: float) -> torch.Tensor:
     return out
 
 
-def _use_native(term: Term, zl: list[tuple[float, float]], device: torch.device) -> bool:
-    """Whether a term takes its compiled kernel (:mod:`qmlmm.descriptors.native`): in eval mode on the CPU
-    (``device``: the batch's), with the term's ``native`` on (the default), zetas >= 1 and sizes within the
-    kernels' limits, where the kernels build. Training keeps torch's form, whose second derivatives the
-    force loss needs."""
+def use_native(term: nn.Module, zl: list[tuple[float, float]], device: torch.device) -> bool:
+    """Whether a term (or the descriptor, for its pair lists) takes its compiled kernel
+    (:mod:`qmlmm.descriptors.native`): in eval mode on the CPU (``device``: the batch's), with the module's
+    ``native`` on (the default), zetas >= 1 and sizes within the kernels' limits, where the kernels build.
+    Training keeps torch's form, whose second derivatives the force loss needs."""
     if term.training or not getattr(term, "native", False) or device.type != "cpu":
         return False
-    n_shifts = len(term.shifts) if hasattr(term, "shifts") else 0
+    shifts = getattr(term, "shifts", None)
+    n_shifts = 0 if shifts is None else len(shifts)
     if min((z for z, _ in zl), default=1.0) < 1 or len(zl) > 16 or n_shifts > 32:  # angular.cpp's limits
         return False
     from qmlmm.descriptors.native import native_available
@@ -177,11 +178,11 @@ class QMAngular(Term):
         self.width, self.cutoff, self.zl = width, cutoff, zl
         self.n_ang = len(zl) * len(shifts)
         self.size = len(self.pairs) * self.n_ang
-        self.native = True  # the compiled kernel where it can run (_use_native); False: torch's form always
+        self.native = True  # the compiled kernel where it can run (use_native); False: torch's form always
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
         ai, aj, ad, ar = nb.ai, nb.aj, nb.ad, nb.ar
-        if _use_native(self, self.zl, nb.b.qm_pos.device):
+        if use_native(self, self.zl, nb.b.qm_pos.device):
             from qmlmm.descriptors.native import qm_angular
 
             if len(ai) == 0:
@@ -245,10 +246,10 @@ class MMRadial(Term):
         self.width, self.cutoff, self.channels = width, cutoff, channels
         self.n_ch = len(_channel_names(channels))
         self.size = self.n_ch * len(shifts)
-        self.native = True  # the compiled kernel where it can run (_use_native); False: torch's form always
+        self.native = True  # the compiled kernel where it can run (use_native); False: torch's form always
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
-        if _use_native(self, [], nb.b.qm_pos.device):
+        if use_native(self, [], nb.b.qm_pos.device):
             from qmlmm.descriptors.native import mm_radial
 
             w = charge_channels(nb.q[nb.mj], self.channels)
@@ -283,14 +284,14 @@ class LongRange(Term):
         self.n_el, self.epsilon = n_el, epsilon
         self.damped, self.damped_cutoff = damped, damped_cutoff
         self.size = 2 + n_el
-        self.native = True  # the exact potential and field by the compiled kernel where it can run (_use_native)
+        self.native = True  # the exact potential and field by the compiled kernel where it can run (use_native)
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
         if self.damped:
             w = cosine_cutoff(nb.mr, self.damped_cutoff) * nb.q[nb.mj]
             phi = nb.zeros(nb.nq).index_add(0, nb.mi, w / nb.mr)
             field = nb.zeros(nb.nq, 3).index_add(0, nb.mi, nb.mvec * (w / nb.mr**3)[:, None])
-        elif _use_native(self, [], nb.b.qm_pos.device):
+        elif use_native(self, [], nb.b.qm_pos.device):
             from qmlmm.descriptors import native
 
             b = nb.b
@@ -342,7 +343,7 @@ class MMAngular(Term):
         self.width, self.cutoff, self.qm_cutoff, self.n_el = width, cutoff, qm_cutoff, n_el
         self.channels, self.n_ch = channels, len(_channel_names(channels))
         self.size = n_el * len(self.zl) * self.n_ch * len(shifts)
-        self.native = True  # the compiled kernel where it can run (_use_native); False: torch's form always
+        self.native = True  # the compiled kernel where it can run (use_native); False: torch's form always
 
     def forward(self, nb: Neighbours) -> torch.Tensor:
         nq = nb.nq
@@ -351,7 +352,7 @@ class MMAngular(Term):
         ai, ar = nb.ai, nb.ar
         if len(ai) == 0 or len(ci) == 0:
             return nb.zeros(nq, self.size)
-        if _use_native(self, self.zl, nb.b.qm_pos.device):
+        if use_native(self, self.zl, nb.b.qm_pos.device):
             from qmlmm.descriptors.native import mm_angular
 
             out = mm_angular(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -44,10 +43,6 @@ class Ensemble(nn.Module):
             members = [HDNNP(cfg) for _ in range(members)]
         self.members = nn.ModuleList(members)
         self._stack_cache = StackCache()  # the eval-mode pass's stacked weights (qmlmm.models.fused)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Ensemble:
-        self._cache().clear()  # .to(dtype/device) may replace the members' tensors
-        return super()._apply(fn, recurse)
 
     def _cache(self) -> StackCache:
         """The stacked-weights cache (made here for ensembles pickled before it existed)."""

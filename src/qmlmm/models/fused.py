@@ -127,9 +127,9 @@ class StackCache:
     the members, network kinds and elements are the same and every tensor they were made from is the same
     object, on the same storage, unchanged in place: their version counters only grow, so an unchanged sum
     means no optimiser step, load_state_dict or in-place edit since; a replaced parameter, buffer or network
-    (``load_state_dict(assign=True)``, ``p.data = ...``, ``vector_to_parameters``) is a different object or
-    storage. Checked on every call (~0.05 ms). Never made under ``torch.inference_mode`` (its tensors could not
-    be used for forces afterwards). Pickles empty."""
+    (``load_state_dict(assign=True)``, ``p.data = ...``, ``vector_to_parameters``, a ``.to()`` that converts
+    them) is a different object or storage. Checked on every call (~0.05 ms). Never made under
+    ``torch.inference_mode`` (its tensors could not be used for forces afterwards). Pickles empty."""
 
     def __init__(self) -> None:
         self.clear()
@@ -176,21 +176,20 @@ def _stacked_weights(
     key = (tuple(id(m) for m in members), tuple(kinds), tuple(present))
     now = _tensors_used(members, kinds, present)
     storage = [t.data_ptr() for t in now]
+    versions = sum(t._version for t in now)
     if (
         cache.stacked is not None
         and cache.key == key
         and len(now) == len(cache.tensors)
         and all(a is b for a, b in zip(now, cache.tensors, strict=True))
         and storage == cache.storage
-        and sum(t._version for t in now) == cache.versions
+        and versions == cache.versions
     ):
         return cache.stacked
     cache.clear()
     with torch.no_grad():  # a cached copy must not hold a graph to the parameters
         cache.stacked = _stack_weights(members, kinds, present)
-    cache.tensors, cache.storage = now, storage
-    cache.versions = sum(t._version for t in now)
-    cache.key = key
+    cache.tensors, cache.storage, cache.versions, cache.key = now, storage, versions, key
     return cache.stacked
 
 

@@ -221,8 +221,13 @@ class HDNNP(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _switches_charges(self, b: FrameBatch) -> bool:
+        """Whether the model switches ``b``'s raw MM charges itself (smooth embedding, and the batch does not
+        say its charges are already the switched ones, as engines receive them)."""
+        return self.cfg.switch_width > 0 and not b.meta.get("switched")
+
     def _mm_weight(self, b: FrameBatch, blocks: QMMMBlock | None = None) -> torch.Tensor | None:
-        if self.cfg.switch_width > 0 and not b.meta.get("switched"):
+        if self._switches_charges(b):
             return switch_weights(b, self.cfg.cutoff, self.cfg.switch_width, blocks)
         return None
 
@@ -232,8 +237,7 @@ class HDNNP(nn.Module):
         charges are already the switched ones (``b.meta["switched"]``, as engines receive them)."""
         # every QM-MM distance once, where the switching weights need them (potential and pair lists share them;
         # with the compiled kernels and already switched charges, as in MD, nothing does)
-        switching = self.cfg.switch_width > 0 and not b.meta.get("switched")
-        blocks = qm_mm_blocks(b) if switching else None
+        blocks = qm_mm_blocks(b) if self._switches_charges(b) else None
         w = self._mm_weight(b, blocks)
         f = self.acsf.features_and_fields(b, mm_weight=w, blocks=blocks)
         phi = f.potential

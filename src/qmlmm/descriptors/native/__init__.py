@@ -19,6 +19,10 @@ from typing import Any
 
 import torch
 
+from qmlmm.compiled import STALE_LOCK_SECONDS, build_directory, wait_for_build_lock
+from qmlmm.compiled import available as native_available
+from qmlmm.compiled import module as _module
+
 __all__ = [
     "STALE_LOCK_SECONDS",
     "build_directory",
@@ -30,14 +34,6 @@ __all__ = [
     "qm_angular",
     "wait_for_build_lock",
 ]
-
-from qmlmm.compiled import STALE_LOCK_SECONDS, build_directory, wait_for_build_lock
-from qmlmm.compiled import module as _module
-
-
-def native_available() -> bool:
-    """Whether the compiled kernels can run (built now if needed; :mod:`qmlmm.compiled`)."""
-    return _module() is not None
 
 
 class _MMAngular(torch.autograd.Function):
