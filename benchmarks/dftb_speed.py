@@ -30,11 +30,13 @@ import torch
 from _results import machine, save_json, save_markdown
 from qmlmm.data import read_extxyz
 from qmlmm.engines import make_engine
+from qmlmm.engines.dftb import compiled_terms
 from qmlmm.environment import EmbeddingSettings, select_embedding
 from qmlmm.system import Frame
 from qmlmm.testing import solute_from_smiles, solvated_frame
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "retinoic_acid_in_water.extxyz"
+TORCH_ROW = "same, torch matrices and potential (the default before 2026-12-07)"
 RETINOIC_ACID = "CC1=C(C(CCC1)(C)C)/C=C/C(=C/C=C/C(=C/C(=O)O)/C)/C"
 
 
@@ -131,16 +133,21 @@ def main() -> None:
     traj = [(qm + steps[k], mm) for k in range(args.repeat + 1)]
     # the same steps with each SCC mixer (newton: the default; anderson: the default before 2026-12-06), in
     # interleaved rounds so that load changes hit both alike
+    # and with the torch forms of the matrices and potential (the default before 2026-12-07: compiled ones)
     dftb_anderson = make_engine(f"dftb3:3ob,device={args.device},mixer=anderson", threads=args.threads)
+    dftb_torch = make_engine(f"dftb3:3ob,device={args.device}", threads=args.threads)
     md_rows = {
-        "qmlmm dftb3:3ob + charges, MD step (previous charges)": dftb_md,
-        "same, Anderson mixer (the default before 2026-12-06)": dftb_anderson,
+        "qmlmm dftb3:3ob + charges, MD step (previous charges)": (dftb_md, True),
+        "same, Anderson mixer (the default before 2026-12-06)": (dftb_anderson, True),
+        TORCH_ROW: (dftb_torch, False),
     }
     times: dict[str, list[float]] = {name: [] for name in md_rows}
     for _ in range(3):
-        for name, eng in md_rows.items():
+        for name, (eng, kernel) in md_rows.items():
             it = iter(traj)
+            compiled_terms.USE_KERNEL = kernel
             med, best = timeit(lambda eng=eng, it=it: eng.compute(z, *next(it), q), args.repeat)  # type: ignore[misc]
+            compiled_terms.USE_KERNEL = True
             times[name] += [med, best]
     for name, ts in times.items():
         med, best = statistics.median(ts[0::2]), min(ts[1::2])
@@ -173,6 +180,8 @@ def main() -> None:
         "ratio_xtb_over_dftb3": t_xtb / t_dftb,
         "md_step_anderson_over_newton": rows["same, Anderson mixer (the default before 2026-12-06)"]["median_ms"]
         / rows["qmlmm dftb3:3ob + charges, MD step (previous charges)"]["median_ms"],
+        "md_step_torch_over_compiled": rows[TORCH_ROW]["median_ms"]
+        / rows["qmlmm dftb3:3ob + charges, MD step (previous charges)"]["median_ms"],
         "md_step_over_sparrow": rows["qmlmm dftb3:3ob + charges, MD step (previous charges)"]["median_ms"]
         / rows["Sparrow DFTB3 vacuum"]["median_ms"]
         if "Sparrow DFTB3 vacuum" in rows
@@ -200,6 +209,8 @@ def main() -> None:
         "starts from the previous step's charges, as `qmlmm md` and labelling of consecutive frames do.",
         f"MD step, Anderson / newton mixer (3 interleaved rounds, medians): "
         f"**{result['md_step_anderson_over_newton']:.2f}**.",
+        f"MD step, torch / compiled matrices and potential (3 interleaved rounds, medians): "
+        f"**{result['md_step_torch_over_compiled']:.2f}**.",
     ]
     if result["md_step_over_sparrow"] is not None:
         md.append(f"MD step / Sparrow's vacuum DFTB3 (target <= 2): **{result['md_step_over_sparrow']:.2f}**.")

@@ -2,7 +2,9 @@
 
 The sources are ``qmlmm/kernels/*.cpp``: the descriptor's terms, their pair lists and the exact potential
 and field (``angular.cpp``, used through :mod:`qmlmm.descriptors.native`) and the embedding's
-nearest-QM-atom search (``embedding.cpp``, used by :func:`qmlmm.environment.select_embedding`). This module
+nearest-QM-atom search (``embedding.cpp``, used by :func:`qmlmm.environment.select_embedding`), DFTB's
+geometry-dependent matrices and point-charge potential (``dftb.cpp``, used through
+:mod:`qmlmm.engines.dftb.compiled_terms`). This module
 only builds and loads them; each user keeps its own pure torch or numpy form as the fallback and the
 reference in its tests.
 
@@ -30,9 +32,10 @@ __all__ = ["STALE_LOCK_SECONDS", "available", "build_directory", "module", "wait
 log = logging.getLogger(__name__)
 
 _KERNELS = Path(__file__).with_name("kernels")
-#: the descriptor's kernels (and the module's bindings), and the embedding's nearest-QM-atom search
-_SOURCES = [_KERNELS / "angular.cpp", _KERNELS / "embedding.cpp"]
-_CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's own OpenMP runtime (no second one)
+#: the descriptor's kernels (and the module's bindings), the embedding's nearest-QM-atom search, DFTB's matrices
+_SOURCES = [_KERNELS / "angular.cpp", _KERNELS / "embedding.cpp", _KERNELS / "dftb.cpp"]
+_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]  # OpenMP: at::parallel_for runs on torch's own OpenMP runtime (no
+# second one); no errno from sqrt, so that loops with it vectorise (the results are the same: IEEE sqrt)
 #: a build lock older than this is from a killed build (a build takes ~30-60 s on 2 cores)
 STALE_LOCK_SECONDS = 600.0
 

@@ -714,6 +714,20 @@ void nearest_qm_atoms(torch::Tensor positions, torch::Tensor mm, torch::Tensor c
                       torch::Tensor inv_box, bool periodic, bool orthorhombic, torch::Tensor qm_rel, double cut2,
                       torch::Tensor dmin, torch::Tensor near, torch::Tensor image, torch::Tensor cand);
 
+// dftb.cpp
+std::vector<torch::Tensor> dftb_matrices_forward(torch::Tensor R, std::vector<torch::Tensor> idx,
+                                                 std::vector<torch::Tensor> ab, std::vector<torch::Tensor> ba,
+                                                 std::vector<torch::Tensor> rep, torch::Tensor onsite, double zeta,
+                                                 double tail_len, bool third);
+torch::Tensor dftb_matrices_backward(torch::Tensor R, torch::Tensor gH0, torch::Tensor gS, torch::Tensor ggam,
+                                     torch::Tensor gG3, torch::Tensor gerep, std::vector<torch::Tensor> idx,
+                                     std::vector<torch::Tensor> ab, std::vector<torch::Tensor> ba,
+                                     std::vector<torch::Tensor> rep, torch::Tensor onsite, double zeta,
+                                     double tail_len, bool third);
+torch::Tensor dftb_potential_forward(torch::Tensor R, torch::Tensor Rm, torch::Tensor Q);
+std::vector<torch::Tensor> dftb_potential_backward(torch::Tensor R, torch::Tensor Rm, torch::Tensor Q,
+                                                   torch::Tensor gphi);
+
 // the kernels release Python's lock: a delta model's baseline runs in a second Python thread beside them
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_angular_forward", &mm_angular_forward, "MM angular term (CPU)", py::call_guard<py::gil_scoped_release>());
@@ -724,6 +738,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm_radial_backward", &mm_radial_backward, "its first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("field_forward", &field_forward, "potential and field of the MM charges at the QM atoms (CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("field_backward", &field_backward, "their first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("dftb_matrices_forward", &dftb_matrices_forward, "DFTB's H0, S, gamma, Gamma, E_rep (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("dftb_matrices_backward", &dftb_matrices_backward, "their first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("dftb_potential_forward", &dftb_potential_forward, "DFTB's point-charge potential at the QM atoms (CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("dftb_potential_backward", &dftb_potential_backward, "its first derivatives (CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("nearest_qm_atoms", &nearest_qm_atoms, "the embedding's nearest QM atom of every MM atom (CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("pairs_within", &pairs_within, "pairs of atoms within a cutoff, frame by frame (CPU)", py::call_guard<py::gil_scoped_release>());
 }

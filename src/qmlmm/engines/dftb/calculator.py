@@ -26,9 +26,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from qmlmm.engines.dftb.compiled_terms import MatrixArgs, compiled_matrices, compiled_potential, kernel_runs
 from qmlmm.engines.dftb.gamma import charge_kernels
 from qmlmm.engines.dftb.slater_koster import real_sh_rotations, sk_blocks
-from qmlmm.engines.dftb.tensors import DFTBParameters, PairTables
+from qmlmm.engines.dftb.tensors import TAIL_BOHR, DFTBParameters, PairTables
 from qmlmm.errors import InputError, SCFNotConvergedError
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class DFTBCalculator:
         self.blocks = self._block_types(ii, jj, [s.lmax for s in sp], offs[:-1])
         self.hpair = (self.is_h[ii] | self.is_h[jj]) & (params.zeta is not None)
         self._last_dq: dict[tuple[int, ...], torch.Tensor] = {}
+        self._args: MatrixArgs | None = None
         self.opts = replace(self.opts, mixer=resolved_mixer(self.opts.mixer, self.opts.kt))
 
     @staticmethod
@@ -184,7 +186,44 @@ class DFTBCalculator:
     def _matrices(
         self, R: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """H0, S (B, N, N), gamma, Gamma (B, n, n) and E_rep (B,) for positions R (B, n, 3) Bohr."""
+        """H0, S (B, N, N), gamma, Gamma (B, n, n) and E_rep (B,) for positions R (B, n, 3) Bohr: compiled on
+        the CPU in float64 (:mod:`~qmlmm.engines.dftb.compiled_terms`), else :meth:`_matrices_torch`."""
+        if kernel_runs(R):
+            return compiled_matrices(R, self._kernel_args())
+        return self._matrices_torch(R)
+
+    def _kernel_args(self) -> MatrixArgs:
+        """The compiled matrices' constant arguments (built once)."""
+        if self._args is None:
+            lmax = [self.p.species(z).lmax for z in self.numbers]
+            offs = [0]
+            for lm in lmax[:-1]:
+                offs.append(offs[-1] + (lm + 1) ** 2)
+            slot = torch.full((len(self.pi),), -1, dtype=torch.long)
+            slot[self.ba_pairs.cpu()] = torch.arange(len(self.ba_pairs))
+
+            def tables(t: PairTables) -> list[torch.Tensor]:
+                return [x.contiguous() for x in (t.coef, t.base, t.dr, t.k_max, t.r_max, t.tail)]
+
+            t = self.tables_ab
+            rep = [t.rep_knots, t.rep_kmax, t.rep_coef, t.rep_base, t.rep_exp, t.rep_cutoff]
+            idx = [self.pi, self.pj, torch.tensor(offs), torch.tensor(lmax), slot, self.hpair, self.U, self.Ud]
+            self._args = MatrixArgs(
+                idx=[x.contiguous() for x in idx],
+                ab=tables(self.tables_ab),
+                ba=tables(self.tables_ba),
+                rep=[x.contiguous() for x in rep],
+                onsite=self.onsite.contiguous(),
+                zeta=-1.0 if self.p.zeta is None else float(self.p.zeta),
+                tail_len=TAIL_BOHR,
+                third=bool(self.p.third_order),
+            )
+        return self._args
+
+    def _matrices_torch(
+        self, R: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """H0, S (B, N, N), gamma, Gamma (B, n, n) and E_rep (B,) for positions R (B, n, 3) Bohr (torch ops)."""
         B, n, N = R.shape[0], self.n, self.n_orb
         d = R[:, self.pj] - R[:, self.pi]  # (B, P, 3), from i to j
         r = torch.linalg.norm(d, dim=-1)
@@ -234,7 +273,17 @@ class DFTBCalculator:
 
     @staticmethod
     def _potential(R: torch.Tensor, Rm: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-        """phi_A = sum_J Q_J / |R_A - R_J| (B, n)."""
+        """phi_A = sum_J Q_J / |R_A - R_J| (B, n): compiled on the CPU in float64, else
+        :meth:`_potential_torch`."""
+        if Rm.shape[1] == 0:
+            return torch.zeros(R.shape[:2], dtype=R.dtype, device=R.device)
+        if kernel_runs(R):
+            return compiled_potential(R, Rm, Q)
+        return DFTBCalculator._potential_torch(R, Rm, Q)
+
+    @staticmethod
+    def _potential_torch(R: torch.Tensor, Rm: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+        """phi_A = sum_J Q_J / |R_A - R_J| (B, n) (torch ops)."""
         if Rm.shape[1] == 0:
             return torch.zeros(R.shape[:2], dtype=R.dtype, device=R.device)
         dist = torch.cdist(R, Rm)
