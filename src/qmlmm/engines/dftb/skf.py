@@ -122,10 +122,13 @@ def read_skf(path: str | Path, homonuclear: bool) -> SKTable:
             occ = (v[9], v[8], v[7])
             i = 2
         i += 1  # mass / polynomial repulsive line (qmlmm uses the spline)
+        j = next(k for k in range(i, len(lines)) if lines[k].strip().startswith("Spline"))
+        # DFTB+ reads n - 1 lines of integrals (oldskdata: nGrid = nGrid - 1); most files hold n, of which
+        # qmlmm has always used all n, but some (3ob-3-1's fluorine pairs) hold only n - 1
+        n = n if j - i >= n else n - 1
         table = np.array([_numbers(lines[i + k])[:20] for k in range(n)], dtype=np.float64)
         if table.shape != (n, 20):
             raise SchemaError(f"{path}: integral table has shape {table.shape}, expected ({n}, 20)")
-        j = next(k for k in range(i + n, len(lines)) if lines[k].strip().startswith("Spline"))
         nint_cut = _numbers(lines[j + 1])
         nint = int(nint_cut[0])
         a1, a2, a3 = _numbers(lines[j + 2])[:3]
