@@ -41,6 +41,8 @@ SETTINGS = [
     ("1e-6", "previous", "anderson"),
     ("1e-5", "previous", "anderson"),
     ("1e-8", "previous", "newton"),
+    ("1e-8", "linear", "newton"),
+    ("1e-8", "quadratic", "newton"),
     ("1e-6", "previous", "newton"),
     ("1e-5", "previous", "newton"),
 ]
@@ -85,7 +87,8 @@ def replay(inputs: list[QMMMInput], tol: str, guess: str, mixer: str) -> dict[st
 
     DFTBCalculator._scc = scc  # type: ignore[method-assign]
     try:
-        eng = make_engine(f"dftb3:3ob,tol={tol},mixer={mixer}", threads=1)
+        # the calculator's own start is the previous call's charges; the replay's extrapolations replace it
+        eng = make_engine(f"dftb3:3ob,tol={tol},mixer={mixer},guess=previous", threads=1)
         results = [eng._compute(inp) for inp in inputs]
     finally:
         DFTBCalculator._scc = original  # type: ignore[method-assign]

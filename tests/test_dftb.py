@@ -301,3 +301,34 @@ def test_charge_kernels_analytic_u_derivatives() -> None:
         one, no = torch.ones_like(r), torch.zeros(r.shape, dtype=torch.bool)
         _, gij1, _ = charge_kernels(r, ua, ub, one, one, no, None, True)
         assert gij1 is not None and torch.allclose(-gij1, dS, atol=1e-9, rtol=0)
+
+
+def test_linear_start_guess(qmmm_system: tuple[np.ndarray, ...]) -> None:
+    """The SCC's start from the last two calls' charges: extrapolated along consecutive steps (fewer
+    iterations, the same converged results), the last call's alone for a frame that jumped."""
+    z, p, mm, q = qmmm_system
+    # a smooth path: every QM atom moves on a straight line by 2e-4 nm a step
+    direction = np.random.default_rng(3).normal(size=p.shape)
+    path = [p + 2e-4 * k * direction / np.linalg.norm(direction, axis=1, keepdims=True) for k in range(8)]
+    runs: dict[str, tuple[list[int], list[float]]] = {}
+    for guess in ("linear", "previous"):
+        eng = make_engine(f"dftb3:3ob,guess={guess}")
+        res = [eng.compute(z, x, mm, q) for x in path]
+        its = [r.info["scc_iterations"] for r in res]
+        runs[guess] = ([int(k) for k in its if isinstance(k, int)], [r.energy for r in res])
+        assert len(runs[guess][0]) == len(path)
+    (it_lin, e_lin), (it_prev, e_prev) = runs["linear"], runs["previous"]
+    assert it_lin[:2] == it_prev[:2]  # no history yet
+    assert sum(it_lin[2:]) < sum(it_prev[2:]), (it_lin, it_prev)
+    assert np.allclose(e_lin, e_prev, atol=1e-6)
+    calc = make_engine("dftb3:3ob").calculator(z, 0)  # type: ignore[attr-defined]
+    last = torch.tensor([[0.10, -0.10], [0.30, -0.30]], dtype=torch.float64)
+    before = torch.tensor([[0.11, -0.11], [0.00, 0.00]], dtype=torch.float64)  # frame 1 jumped by 0.3 e
+    start = calc._start_charges(last, before)
+    assert torch.allclose(start[0], torch.tensor([0.09, -0.09], dtype=torch.float64))
+    assert torch.equal(start[1], last[1])
+    assert torch.equal(calc._start_charges(last, None), last)
+    with pytest.raises(InputError, match="guess"):
+        make_engine("dftb3:3ob,guess=quadratic")
+    with pytest.raises(InputError, match="linear or previous"):
+        SCCOptions(guess="quadratic")

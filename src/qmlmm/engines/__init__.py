@@ -84,6 +84,7 @@ _DFTB_OPTIONS = {
     "reuse": _choice("yes", "no"),
     "device": _any,
     "mixer": _choice("auto", "anderson", "newton"),
+    "guess": _choice("linear", "previous"),
 }
 #: the options of each family and their checks, applied when a spec is parsed (before any engine exists)
 OPTIONS: dict[str, dict[str, Any]] = {

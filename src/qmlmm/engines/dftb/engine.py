@@ -2,11 +2,12 @@
 
 Options: ``tol`` (SCC charge tolerance, e; default 1e-8), ``maxiter`` (200), ``device`` (cpu,
 cuda or auto), ``reuse`` (yes: start the SCC from the previous call's charges, as consecutive MD
-steps and frames allow; no: from neutral atoms), ``etemp`` (electronic temperature in K, default 0:
-integer occupations; > 0: Fermi occupations and the Mermin free energy, for near-degenerate frontier
-orbitals such as bonds being broken), ``mixer`` (the SCC's charge update: auto, the default, is newton
-with integer occupations and anderson with Fermi ones; see ``SCCOptions``). Closed-shell molecules of
-any total charge.
+steps and frames allow; no: from neutral atoms), ``guess`` (linear: extrapolate the last two calls'
+charges where they are consecutive steps; previous: the last call's; see ``SCCOptions``), ``etemp``
+(electronic temperature in K, default 0: integer occupations; > 0: Fermi occupations and the Mermin
+free energy, for near-degenerate frontier orbitals such as bonds being broken), ``mixer`` (the SCC's
+charge update: auto, the default, is newton with integer occupations and anderson with Fermi ones; see
+``SCCOptions``). Closed-shell molecules of any total charge.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class DFTBEngine(Engine):
             mixer=mixer,
             maxiter=int(opts.pop("maxiter", "200")),
             reuse_charges=reuse == "yes",
+            guess=opts.pop("guess", "linear").lower(),
             kt=etemp * 3.166811563e-6,  # k_B in Hartree/K
         )
         dev = opts.pop("device", "cpu")
@@ -76,7 +78,9 @@ class DFTBEngine(Engine):
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("device=cuda asked for, but PyTorch sees no CUDA device")
         if opts:
-            raise InputError(f"unknown dftb option(s) {sorted(opts)}; known: tol, maxiter, device, reuse, etemp, mixer")
+            raise InputError(
+                f"unknown dftb option(s) {sorted(opts)}; known: tol, maxiter, device, reuse, guess, etemp, mixer"
+            )
         self.device = torch.device(dev)
         self.params: DFTBParameters = load_parameters(spec.method, device=self.device)
         if spec.family == "dftb2":
