@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,6 +180,15 @@ def test_added_training_frames_leave_the_split_alone(syn: Path, tmp_path: Path) 
     job_few = replace(job, out=str(tmp_path / "few.pt"), data={"require": ("base",), "add_train": [str(few)]})
     train_jobs([job_few], workers=1, progress=False)
     assert finished(job_few) is not None
+    # the folder moved (the files copied elsewhere): the same files by name, so the model is reused
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in [few, *tmp_path.glob("few.*")]:
+        shutil.copy2(f, moved / f.name)
+    job_moved = replace(
+        job_few, out=str(moved / "few.pt"), data={"require": ("base",), "add_train": [str(moved / "few.h5")]}
+    )
+    assert finished(job_moved) is not None
     merge_datasets([(extra, None)], tmp_path / "all.h5").replace(few)
     assert finished(job_few) is None
 

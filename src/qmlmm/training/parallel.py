@@ -57,9 +57,18 @@ def finished(job: TrainJob) -> dict[str, Any] | None:
 
     want = json.loads(json.dumps(job.cfg.result_settings()))
     # frames added to training (load_training_data's add_train) are part of what was trained on
-    if ((m.get("split") or {}).get("added_train") or {}) != _added_frames(job):
+    if not _same_added(((m.get("split") or {}).get("added_train") or {}), _added_frames(job)):
         return None
     return m if result_settings_of(m.get("config") or {}) == want else None
+
+
+def _same_added(recorded: dict[str, int], now: dict[str, int]) -> bool:
+    """Whether a model's recorded added training files {path: frames} are the job's ``now``: by file name
+    where the names differ (a run folder moved or spelt otherwise keeps its models), else by path."""
+    names = [Path(p).name for p in now]
+    if len(set(names)) < len(names):
+        return recorded == now
+    return {Path(p).name: k for p, k in recorded.items()} == dict(zip(names, now.values(), strict=True))
 
 
 def _added_frames(job: TrainJob) -> dict[str, int]:

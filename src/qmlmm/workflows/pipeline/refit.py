@@ -145,8 +145,8 @@ def refit_models(
         model = folder / "models" / f"{mode}.pt"
         model.parent.mkdir(parents=True, exist_ok=True)
         log.info("[validation refit] %s: %d queued frames labelled, training", mode, q.n_labelled)
-        # absolute paths: the training records its added files by name, and a rerun with the folder spelt
-        # otherwise must find the same names to reuse the model
+        # absolute paths, as the training records its added files (a rerun with the folder spelt otherwise or
+        # moved still reuses the model: training.parallel compares the files by name)
         data = {"require": ("base",), "add_train": [str(p.resolve()) for p in q.labels]}
         jobs.append(TrainJob(str(Path(out) / "labels.h5"), _train_config(cfg, mode), str(model), data))
         rec[mode]["model"] = str(model)
