@@ -8,7 +8,8 @@ linear-response Jacobian, ~2 ms). Iteration counts do not depend on the machine'
 so they say what a setting would save: each iteration costs one eigendecomposition (116 orbitals, ~1.2 ms
 on this machine) plus ~1 ms of small operations. The energies of each setting are compared with the first setting's.
 
-Run: `.venv/bin/python benchmarks/dftb_scc_iterations.py [--system runs/ra_speed/system] [--steps 200]`
+Run: `.venv/bin/python benchmarks/dftb_scc_iterations.py [--system runs/ra_speed/system] [--steps 200]
+[--stride 1] [--only SUBSTRING] [--name dftb_scc_iterations]`
 (build the system with `qmlmm build --smiles <retinoic acid> --out runs/ra_speed/system`).
 Writes benchmarks/results/dftb_scc_iterations.{json,md}.
 """
@@ -43,6 +44,7 @@ SETTINGS = [
     ("1e-8", "previous", "newton"),
     ("1e-8", "linear", "newton"),
     ("1e-8", "quadratic", "newton"),
+    ("1e-8", "engine", "newton"),  # the engine's own start (guess=linear: extrapolated where charges moved little)
     ("1e-6", "previous", "newton"),
     ("1e-5", "previous", "newton"),
 ]
@@ -87,8 +89,10 @@ def replay(inputs: list[QMMMInput], tol: str, guess: str, mixer: str) -> dict[st
 
     DFTBCalculator._scc = scc  # type: ignore[method-assign]
     try:
-        # the calculator's own start is the previous call's charges; the replay's extrapolations replace it
-        eng = make_engine(f"dftb3:3ob,tol={tol},mixer={mixer},guess=previous", threads=1)
+        # guess "engine": the engine's default start (guess=linear); otherwise the calculator's start is the
+        # previous call's charges, which the replay's extrapolations replace
+        start = "linear" if guess == "engine" else "previous"
+        eng = make_engine(f"dftb3:3ob,tol={tol},mixer={mixer},guess={start}", threads=1)
         results = [eng._compute(inp) for inp in inputs]
     finally:
         DFTBCalculator._scc = original  # type: ignore[method-assign]
@@ -104,9 +108,13 @@ def main() -> None:
     ap.add_argument("--system", default="runs/ra_speed/system")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--dt-fs", type=float, default=0.5)
+    ap.add_argument("--stride", type=int, default=1, help="replay every STRIDE-th call (as labelling sampled frames)")
+    ap.add_argument("--only", default="", help="replay only the settings whose name contains this")
+    ap.add_argument("--name", default="dftb_scc_iterations", help="results file name in benchmarks/results/")
     args = ap.parse_args()
-    inputs = recorded_inputs(Path(args.system), args.steps, args.dt_fs)
-    runs = {f"{mixer}, tol {tol}, {guess}": replay(inputs, tol, guess, mixer) for tol, guess, mixer in SETTINGS}
+    inputs = recorded_inputs(Path(args.system), args.steps, args.dt_fs)[:: args.stride]
+    names = {f"{mixer}, tol {tol}, {guess}": (tol, guess, mixer) for tol, guess, mixer in SETTINGS}
+    runs = {name: replay(inputs, *st) for name, st in names.items() if args.only in name}
     first = next(iter(runs.values()))
     ref, ref_f = np.array(first["energies"]), first["forces"]
     rows = {}
@@ -121,16 +129,17 @@ def main() -> None:
             ),
         }
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "system": args.system, "steps": args.steps,
-              "dt_fs": args.dt_fs, "calls": len(inputs), "rows": rows}  # fmt: skip
-    save_json("dftb_scc_iterations", result)
+              "dt_fs": args.dt_fs, "stride": args.stride, "calls": len(inputs), "rows": rows}  # fmt: skip
+    save_json(args.name, result)
     md = [
         f"# DFTB3/MM SCC iterations along an MD trajectory ({result['date']})",
         "",
         f"`python benchmarks/dftb_scc_iterations.py` on {result['machine']}: {args.system}, {len(inputs)} engine calls "
-        f"of a {args.steps}-step Langevin DFTB3/MM run at {args.dt_fs} fs, replayed with each setting. Iterations "
-        "per call after the first three; energy and force (QM and embedded MM atoms) changes against the first "
-        "row (Anderson mixing at tol 1e-8 from the previous charges, the default before 2026-12-06; newton at tol "
-        "1e-8 is the default since).",
+        f"of a {args.steps}-step Langevin DFTB3/MM run at {args.dt_fs} fs (every {args.stride}. call replayed), "
+        "with each setting. Iterations per call after the first three; energy and force (QM and embedded MM atoms) "
+        "changes against the first row. Defaults: Anderson at tol 1e-8 from the previous charges before "
+        "2026-12-06, newton since; the engine's start (`engine`) extrapolates linearly since 2026-12-07 (where "
+        "no charge moved by more than 0.02 e between the two calls before).",
         "",
         "| setting | mean iterations | max | max abs energy change (kJ/mol) | max abs force change (kJ/mol/nm) |",
         "|---|---|---|---|---|",
@@ -138,7 +147,7 @@ def main() -> None:
     for name, r in rows.items():
         md.append(f"| {name} | {r['mean_iterations']:.2f} | {r['max_iterations']} | "
                   f"{r['max_abs_energy_change_kjmol']:.1e} | {r['max_abs_force_change_kjmolnm']:.1e} |")  # fmt: skip
-    save_markdown("dftb_scc_iterations", md)
+    save_markdown(args.name, md)
 
 
 if __name__ == "__main__":
