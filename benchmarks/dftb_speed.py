@@ -99,7 +99,10 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
 
     dftb = make_engine(f"dftb3:3ob,device={args.device},reuse=no", threads=args.threads)
-    dftb_md = make_engine(f"dftb3:3ob,device={args.device}", threads=args.threads)
+    # the MD-like rows start each SCC from the previous step's charges (guess=previous): their steps are a random
+    # walk, along which an extrapolation (the engine's default since 2026-12-07) would only add noise; its gain
+    # on real MD steps is measured by dftb_scc_iterations.py
+    dftb_md = make_engine(f"dftb3:3ob,device={args.device},guess=previous", threads=args.threads)
     xtb = make_engine("xtb:gfn2", threads=args.threads)
     cases: dict[str, Callable[[], object]] = {
         "qmlmm dftb3:3ob + point charges": lambda: dftb.compute(z, qm, mm, q),
@@ -134,8 +137,8 @@ def main() -> None:
     # the same steps with each SCC mixer (newton: the default; anderson: the default before 2026-12-06), in
     # interleaved rounds so that load changes hit both alike
     # and with the torch forms of the matrices and potential (the default before 2026-12-07: compiled ones)
-    dftb_anderson = make_engine(f"dftb3:3ob,device={args.device},mixer=anderson", threads=args.threads)
-    dftb_torch = make_engine(f"dftb3:3ob,device={args.device}", threads=args.threads)
+    dftb_anderson = make_engine(f"dftb3:3ob,device={args.device},mixer=anderson,guess=previous", threads=args.threads)
+    dftb_torch = make_engine(f"dftb3:3ob,device={args.device},guess=previous", threads=args.threads)
     md_rows = {
         "qmlmm dftb3:3ob + charges, MD step (previous charges)": (dftb_md, True),
         "same, Anderson mixer (the default before 2026-12-06)": (dftb_anderson, True),
