@@ -128,6 +128,8 @@ class DFTBCalculator:
         for k in norb:
             offs.append(offs[-1] + k)
         self.n_orb = offs[-1]
+        self._orb_offsets = offs[:-1]  # each atom's first orbital
+        self._lmax = [s.lmax for s in sp]  # each atom's highest shell
         self.atom_of_orb = torch.tensor([a for a in range(n) for _ in range(norb[a])], device=dev)
         # each atom's orbitals (n, max orbitals per atom), padded with N (a zero row appended where used)
         self.orb_slots = torch.tensor(
@@ -164,12 +166,12 @@ class DFTBCalculator:
         tables = [params.pair(*key) for key in keys]
         ab = [tab[(a, b)] for a, b in zip(za, zb, strict=True)]
         self.tables_ab = PairTables(tables, torch.tensor(ab, dtype=torch.long))
-        lmax = torch.tensor([s.lmax for s in sp], device=dev)
+        lmax = torch.tensor(self._lmax, device=dev)
         hetero = torch.tensor([a != b for a, b in zip(za, zb, strict=True)], dtype=torch.bool, device=dev)
         self.ba_pairs = torch.nonzero(hetero & (lmax[ii] > 0)).flatten()  # a shell l1 > l2 = 0 exists
         ba = [tab[(zb[k], za[k])] for k in self.ba_pairs.tolist()]
         self.tables_ba = PairTables(tables, torch.tensor(ba, dtype=torch.long))
-        self.blocks = self._block_types(ii, jj, [s.lmax for s in sp], offs[:-1])
+        self.blocks = self._block_types(ii, jj, self._lmax, self._orb_offsets)
         self.hpair = (self.is_h[ii] | self.is_h[jj]) & (params.zeta is not None)
         self._last_dq: dict[tuple[int, ...], torch.Tensor] = {}  # the last call's converged charges
         self._before_dq: dict[tuple[int, ...], torch.Tensor] = {}  # the call's before that
@@ -209,10 +211,6 @@ class DFTBCalculator:
     def _kernel_args(self) -> MatrixArgs:
         """The compiled matrices' constant arguments (built once)."""
         if self._args is None:
-            lmax = [self.p.species(z).lmax for z in self.numbers]
-            offs = [0]
-            for lm in lmax[:-1]:
-                offs.append(offs[-1] + (lm + 1) ** 2)
             slot = torch.full((len(self.pi),), -1, dtype=torch.long)
             slot[self.ba_pairs.cpu()] = torch.arange(len(self.ba_pairs))
 
@@ -221,7 +219,8 @@ class DFTBCalculator:
 
             t = self.tables_ab
             rep = [t.rep_knots, t.rep_kmax, t.rep_coef, t.rep_base, t.rep_exp, t.rep_cutoff]
-            idx = [self.pi, self.pj, torch.tensor(offs), torch.tensor(lmax), slot, self.hpair, self.U, self.Ud]
+            offsets, lmax = torch.tensor(self._orb_offsets), torch.tensor(self._lmax)
+            idx = [self.pi, self.pj, offsets, lmax, slot, self.hpair, self.U, self.Ud]
             self._args = MatrixArgs(
                 idx=[x.contiguous() for x in idx],
                 ab=tables(self.tables_ab),
@@ -297,9 +296,7 @@ class DFTBCalculator:
 
     @staticmethod
     def _potential_torch(R: torch.Tensor, Rm: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-        """phi_A = sum_J Q_J / |R_A - R_J| (B, n) (torch ops)."""
-        if Rm.shape[1] == 0:
-            return torch.zeros(R.shape[:2], dtype=R.dtype, device=R.device)
+        """phi_A = sum_J Q_J / |R_A - R_J| (B, n) (torch ops; m > 0)."""
         dist = torch.cdist(R, Rm)
         return (Q[:, None, :] / dist).sum(-1)
 
@@ -518,8 +515,10 @@ class DFTBCalculator:
         )
         H0p = Linv @ H0 @ Linv.transpose(-1, -2)
         prev = self._last_dq.get(key) if o.reuse_charges else None
-        dq = self._start_charges(prev, self._before_dq.get(key)) if prev is not None else None
-        dq = dq if dq is not None else torch.zeros(B, self.n, dtype=S.dtype, device=S.device)
+        if prev is not None:
+            dq = self._start_charges(prev, self._before_dq.get(key))
+        else:
+            dq = torch.zeros(B, self.n, dtype=S.dtype, device=S.device)
         mixer: _Anderson | _Broyden
         if o.mixer == "newton":
             mixer = _Broyden(o.mixing, dq)
