@@ -189,6 +189,9 @@ def test_added_training_frames_leave_the_split_alone(syn: Path, tmp_path: Path) 
         job_few, out=str(moved / "few.pt"), data={"require": ("base",), "add_train": [str(moved / "few.h5")]}
     )
     assert finished(job_moved) is not None
+    from qmlmm.training.parallel import _same_added
+
+    assert not _same_added({"/a/x.h5": 5, "/b/x.h5": 5}, {"/c/x.h5": 5})  # two files recorded, one asked for
     merge_datasets([(extra, None)], tmp_path / "all.h5").replace(few)
     assert finished(job_few) is None
 

@@ -64,11 +64,11 @@ def finished(job: TrainJob) -> dict[str, Any] | None:
 
 def _same_added(recorded: dict[str, int], now: dict[str, int]) -> bool:
     """Whether a model's recorded added training files {path: frames} are the job's ``now``: by file name
-    where the names differ (a run folder moved or spelt otherwise keeps its models), else by path."""
-    names = [Path(p).name for p in now]
-    if len(set(names)) < len(names):
+    where the names differ on both sides (a run folder moved or spelt otherwise keeps its models), else by path."""
+    names, was = [Path(p).name for p in now], [Path(p).name for p in recorded]
+    if len(set(names)) < len(names) or len(set(was)) < len(was):
         return recorded == now
-    return {Path(p).name: k for p, k in recorded.items()} == dict(zip(names, now.values(), strict=True))
+    return dict(zip(was, recorded.values(), strict=True)) == dict(zip(names, now.values(), strict=True))
 
 
 def _added_frames(job: TrainJob) -> dict[str, int]:
