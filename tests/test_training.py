@@ -357,12 +357,42 @@ def test_parallel_training_matches_serial_and_is_reused(syn: Path, tmp_path: Pat
     # a split parameter its split kind does not use decides nothing: reused (the pipeline retrained
     # every learning-curve point of a runs-split after the config's unused block_size changed)
     assert cfgs[0].split == "blocks"
-    unused = [TrainJob(str(syn), replace(cfgs[0], split_gap_frames=7), par[0].out)]
+    unused = [TrainJob(str(syn), replace(cfgs[0], split_gap_frames=7), par[0].out, {"require": ("base",)})]
     train_jobs(unused, workers=1, progress=False)
     assert Path(par[0].out).stat().st_mtime == mtime
     changed = [TrainJob(str(syn), TrainConfig(target="ref", ensemble=1, epochs=5, threads=1, **FAST), par[0].out)]  # type: ignore[arg-type]
     train_jobs(changed, workers=1, progress=False)
     assert Path(par[0].out).stat().st_mtime != mtime  # other settings: trained again
+
+
+def test_model_is_trained_again_when_its_dataset_changed(syn: Path, tmp_path: Path) -> None:
+    """A model is reused only while its dataset holds the labels it was trained on: one relabelled energy
+    makes it train again; a change to a level the model does not read does not."""
+    from qmlmm.system import Label
+    from qmlmm.training import TrainJob, train_jobs
+    from qmlmm.training.parallel import finished
+
+    data = tmp_path / "syn.h5"
+    shutil.copy2(syn, data)
+    cfg = TrainConfig(target="ref", ensemble=1, epochs=1, threads=1, **FAST)  # type: ignore[arg-type]
+    job = TrainJob(str(data), cfg, str(tmp_path / "m.pt"))
+    train_jobs([job], workers=1, progress=False)
+    assert finished(job) is not None
+    with Dataset(data, "a") as ds:
+        i = int(np.flatnonzero(ds.labelled_at(["ref"]))[0])
+        lab = ds.label("ref", i)
+        assert lab is not None
+        ds.write_label("ref", i, Label(lab.energy + 1.0, lab.forces, lab.charges))
+    assert finished(job) is None  # one energy changed by 1 kJ/mol
+    mtime = Path(job.out).stat().st_mtime
+    train_jobs([job], workers=1, progress=False)
+    assert Path(job.out).stat().st_mtime != mtime and finished(job) is not None
+    with Dataset(data, "a") as ds:  # the untouched baseline level does not take part in a direct model
+        j = int(np.flatnonzero(ds.labelled_at(["base"]))[0])
+        lab = ds.label("base", j)
+        assert lab is not None
+        ds.write_label("base", j, Label(lab.energy + 1.0, lab.forces, lab.charges))
+    assert finished(job) is not None
 
 
 def test_split_by_runs_keeps_runs_whole_and_falls_back_to_time_with_gaps() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,20 @@ def choose_split(s: SplitSettings, runs: np.ndarray | None, times: np.ndarray | 
     return sp
 
 
+def labels_digest(ds: Dataset, levels: Iterable[str]) -> str:
+    """A 16-hex-digit digest of what a training set reads from ``ds`` at ``levels``: the number of frames,
+    which frames are labelled at every level, each level's method and settings, and the energies of the
+    labelled frames. Frames appended or relabelled, or a level relabelled with another method, change it."""
+    h = hashlib.sha256(str(len(ds)).encode())
+    ok = ds.labelled_at(levels)
+    h.update(np.flatnonzero(ok).astype(np.int64).tobytes())
+    for lvl in levels:
+        info = ds.level_info(lvl)
+        h.update(json.dumps([lvl, info.method, info.settings], sort_keys=True, default=str).encode())
+        h.update(np.ascontiguousarray(ds.energies(lvl)[ok], dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _checked_levels(
     ds: Dataset, path: str | Path, target: str, baseline: str | None, require: tuple[str, ...]
 ) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -304,6 +320,7 @@ def load_training_data(
         levels = _checked_levels(ds, path, target, baseline, require)
         emb = EmbeddingSettings.from_dict(levels[target][1]["embedding"])
         items, runs, times = _prepared(ds, emb, target, baseline, require)
+        digest = labels_digest(ds, (target, *((baseline,) if baseline else ()), *require))
         method = levels[target][0]
         bmethod = levels[baseline][0] if baseline else None
     run_arr = np.array(runs, dtype=np.float64) if runs and all(r is not None for r in runs) else None
@@ -323,6 +340,7 @@ def load_training_data(
         extra.append(np.arange(len(items), len(items) + len(new)))
         items.extend(new)
         added[str(more)] = len(new)
+    sp.info["labels_digest"] = digest
     if add_train:
         sp.info["added_train"] = added
     return TrainingData(

@@ -56,10 +56,33 @@ def finished(job: TrainJob) -> dict[str, Any] | None:
     from qmlmm.training.config import result_settings_of
 
     want = json.loads(json.dumps(job.cfg.result_settings()))
+    split = m.get("split") or {}
     # frames added to training (load_training_data's add_train) are part of what was trained on
-    if not _same_added(((m.get("split") or {}).get("added_train") or {}), _added_frames(job)):
+    if not _same_added(split.get("added_train") or {}, _added_frames(job)):
+        return None
+    if not _same_labels(split.get("labels_digest"), job):
         return None
     return m if result_settings_of(m.get("config") or {}) == want else None
+
+
+def _same_labels(recorded: str | None, job: TrainJob) -> bool:
+    """Whether the job's dataset holds the labels the model was trained on (frames appended or relabelled
+    since change its digest). A model trained before digests were recorded (None) counts as the same."""
+    if recorded is None:
+        log.warning("%s records no digest of its training labels (trained by an older qmlmm); reused as is", job.out)
+        return True
+    from qmlmm.data import Dataset
+    from qmlmm.data.training_set import labels_digest
+
+    c = job.cfg
+    levels = (c.target, *((c.baseline,) if c.baseline else ()), *job.data.get("require", ()))
+    with Dataset(job.path) as ds:
+        if any(lvl not in ds.levels() for lvl in levels):
+            return False
+        now = labels_digest(ds, levels)
+    if now != recorded:
+        log.info("%s: the labels in %s changed since it was trained; training again", job.out, job.path)
+    return now == recorded
 
 
 def _same_added(recorded: dict[str, int], now: dict[str, int]) -> bool:
