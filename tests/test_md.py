@@ -14,6 +14,7 @@ import pytest
 
 from qmlmm.engines import make_engine
 from qmlmm.environment import EmbeddingSettings, embedding_forces_to_frame, select_embedding
+from qmlmm.errors import InputError
 from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
 from qmlmm.md.restraints import DistanceRestraint, RCRestraint, add_restraints, parse_restraint, rc_value
 from qmlmm.md.runner import MDSettings, energy_drift, make_simulation, run_md
@@ -510,6 +511,46 @@ def test_umbrella_windows_continue_their_neighbours(
     mtimes = [(folder / f"window_{w:02d}" / "log.csv").stat().st_mtime_ns for w in range(4)]
     reaction_step(cfg, tmp_path, methanol_system, DFTB3AsModel(), progress=False)
     assert mtimes == [(folder / f"window_{w:02d}" / "log.csv").stat().st_mtime_ns for w in range(4)]
+
+    # windows made by another model (e.g. one retrained since) are neither reused nor analysed under its name
+    class OtherModel(DFTB3AsModel):
+        def engine(self, threads: int) -> object:
+            return make_engine("dftb3:3ob,tol=1e-8", threads=threads)
+
+    for analyze in (False, True):
+        with pytest.raises(InputError, match=r"window_\d\d was run with another engine or model.*delete .*delta_ml"):
+            reaction_step(cfg, tmp_path, methanol_system, OtherModel(), progress=False, analyze_only=analyze)
+    assert mtimes == [(folder / f"window_{w:02d}" / "log.csv").stat().st_mtime_ns for w in range(4)]
+
+
+def test_pipeline_md_of_another_model_is_refused_not_reused(methanol_system: Path, tmp_path: Path) -> None:
+    """The pipeline's free MD: a finished run is reused by the model that made it; for another model (one
+    retrained since), continuing or analysing it is refused with what to delete, and nothing is changed."""
+    from qmlmm.workflows.pipeline import PipelineConfig
+    from qmlmm.workflows.pipeline.steps import md_step
+
+    class AsModel:  # the pipeline's delta model slot, filled by a real DFTB3 engine
+        embedding = EMB
+
+        def __init__(self, spec: str) -> None:
+            self.spec = spec
+
+        def engine(self, threads: int) -> object:
+            return make_engine(self.spec, threads=threads)
+
+    cfg = PipelineConfig(name="methanol", solutes=["CO"], md_steps=4, md_report_every=2, md_compare_baseline=False,
+                         workers=1, threads=1)  # fmt: skip
+    runs = md_step(cfg, tmp_path, methanol_system, AsModel("dftb3:3ob"), progress=False, analyze_only=False)
+    assert runs["delta_ml"]["steps_done"] == 4
+    log = tmp_path / "md" / "delta_ml" / "log.csv"
+    mtime = log.stat().st_mtime_ns
+    md_step(cfg, tmp_path, methanol_system, AsModel("dftb3:3ob"), progress=False, analyze_only=True)
+    md_step(cfg, tmp_path, methanol_system, AsModel("dftb3:3ob"), progress=False, analyze_only=False)
+    longer = dataclasses.replace(cfg, md_steps=6)
+    for c, analyze in ((cfg, False), (cfg, True), (longer, False)):  # reused, analysed, continued
+        with pytest.raises(InputError, match=r"delta_ml was run with another engine or model.*delete"):
+            md_step(c, tmp_path, methanol_system, AsModel("dftb3:3ob,tol=1e-8"), progress=False, analyze_only=analyze)
+    assert log.stat().st_mtime_ns == mtime
 
 
 def test_umbrella_extra_window_starts_from_the_nearest_end(tmp_path: Path) -> None:

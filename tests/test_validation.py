@@ -426,3 +426,16 @@ def test_stopped_runs_are_left_out_and_finished_runs_are_not_rerun(tmp_path: Pat
     monkeypatch.setattr(pv, "validation_start", fail)
     monkeypatch.setattr("qmlmm.md.runner.run_md", fail)
     pv._run_all(cfg, vs, tmp_path, system, tmp_path / "models", progress=False)  # type: ignore[arg-type]
+
+    # analysis only: runs made by another engine than their driver names now are refused, not analysed
+    from qmlmm.engines import make_engine
+    from qmlmm.errors import InputError
+    from qmlmm.md.runner import engine_identity
+
+    pv._check_engines(cfg, vs, tmp_path, tmp_path / "models")  # type: ignore[arg-type]  # nothing recorded
+    made_by = tmp_path / "validation" / "baseline" / "run0" / "run_settings.json"
+    made_by.write_text(json.dumps({"engine": engine_identity(make_engine("dftb3:3ob"))}))
+    pv._check_engines(cfg, vs, tmp_path, tmp_path / "models")  # type: ignore[arg-type]  # the same engine
+    made_by.write_text(json.dumps({"engine": engine_identity(make_engine("dftb3:3ob,tol=1e-8"))}))
+    with pytest.raises(InputError, match=r"baseline/run0 was run with another engine or model.*delete .*baseline"):
+        pv._check_engines(cfg, vs, tmp_path, tmp_path / "models")  # type: ignore[arg-type]

@@ -44,6 +44,7 @@ __all__ = [
     "freeze_qm_and_relax_water",
     "load_final_state",
     "make_simulation",
+    "require_same_engine",
     "run_md",
     "trim_run_to_step",
 ]
@@ -218,6 +219,18 @@ def run_engine_matches(run_dir: str | Path, engine: Engine | None) -> bool:
     folder with no run yet."""
     p = Path(run_dir) / "run_settings.json"
     return not p.exists() or json.loads(p.read_text()).get("engine") == engine_identity(engine)
+
+
+def require_same_engine(run_dir: str | Path, engine: Engine | None, redo: str | Path | None = None) -> None:
+    """Raise InputError when the run in ``run_dir`` was made with another engine or model than ``engine``
+    (e.g. a model retrained since): its frames would be reused or analysed under the wrong name. ``redo``:
+    what the message tells the user to delete (default ``run_dir``)."""
+    if not run_engine_matches(run_dir, engine):
+        raise InputError(
+            f"{run_dir} was run with another engine or model than the one named now "
+            f"({getattr(engine, 'spec', 'mm-only')}; a model retrained since has other weights); "
+            f"delete {redo or run_dir} to run it again with this one"
+        )
 
 
 @dataclass

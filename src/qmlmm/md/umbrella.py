@@ -31,7 +31,7 @@ from qmlmm.engines.base import Engine
 from qmlmm.environment import EmbeddingSettings
 from qmlmm.errors import InputError, QMLMMError
 from qmlmm.md.restraints import DistanceRestraint, RCRestraint, Restraint, rc_value
-from qmlmm.md.runner import MDSettings, StartState, load_final_state, run_md
+from qmlmm.md.runner import MDSettings, StartState, load_final_state, require_same_engine, run_md
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,8 @@ def run_windows(
     msys = MDSystem.load(system_dir)
     xi0 = rc_value(msys.positions, windows[0].restraints[0], msys.box)
     first, order = window_order(windows, xi0)
+    for w in order:  # before any window runs: a window of another engine would fail alone, or be reused
+        require_same_engine(window_folder(out, w), engine, redo=out)
     outcomes: dict[int, WindowOutcome] = {}
     for w in order:
         win = windows[w]

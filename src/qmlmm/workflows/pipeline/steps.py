@@ -191,7 +191,7 @@ def md_step(
     (``md_reference_steps``), each continued from its checkpoint; returns each run's run.json."""
     from qmlmm.engines import make_engine
     from qmlmm.environment import EmbeddingSettings
-    from qmlmm.md.runner import MDSettings, run_md
+    from qmlmm.md.runner import MDSettings, require_same_engine, run_md
 
     emb = EmbeddingSettings(cfg.cutoff, cfg.switch_width)
     threads = cfg.total_threads
@@ -216,6 +216,10 @@ def md_step(
             threads=threads,
             max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,
         )
+        engine = None
+        if (rdir / "run_settings.json").exists():  # a run of a model trained since is not this model's run
+            engine = make()
+            require_same_engine(rdir, engine)
         done = (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= n_steps
         if done:
             log.info("[md %s] done before, reused", name)
@@ -223,6 +227,7 @@ def md_step(
             if not (rdir / "run.json").exists():
                 continue
         else:
-            run_md(system, make(), rdir, s, e_set, restart=(rdir / "checkpoint.chk").exists(), progress=progress)
+            restart = (rdir / "checkpoint.chk").exists()
+            run_md(system, engine or make(), rdir, s, e_set, restart=restart, progress=progress)
         runs[name] = json.loads((rdir / "run.json").read_text())
     return runs

@@ -170,13 +170,9 @@ def _run_dir(out: Path, driver: str, k: int) -> Path:
 def _check_same_engine(rdir: Path, engine: Any) -> None:
     """Raise InputError when the run in ``rdir`` was made by another engine or model (e.g. a model
     retrained since): its frames would be compared under the wrong name."""
-    from qmlmm.md.runner import run_engine_matches
+    from qmlmm.md.runner import require_same_engine
 
-    if not run_engine_matches(rdir, engine):
-        raise InputError(
-            f"{rdir} was run with another engine or model than the one this config names now "
-            f"({engine.spec}); delete {rdir.parent} to rerun that driver's validation runs"
-        )
+    require_same_engine(rdir, engine, redo=rdir.parent)
 
 
 def start_positions(positions: np.ndarray, smiles: str, offset: int, phi: float, psi: float) -> np.ndarray:
@@ -346,6 +342,22 @@ def _run_all(
             )
 
 
+def _check_engines(cfg: PipelineConfig, vs: ValidationSettings, out: Path, models: Path) -> None:
+    """Raise InputError when a validation run on disk was made by another engine or model than its driver
+    names now (an analysis would show it under the wrong name)."""
+    from qmlmm.workflows.pipeline.refit import REFIT_MODES, refit_folder
+
+    refits = [f"{m}_refit" for m in REFIT_MODES if vs.refit and f"{m}_guarded" in vs.drivers]
+    for driver in [*vs.drivers, *refits]:
+        runs = [_run_dir(out, driver, k) for k in range(vs.runs)]
+        if not any((r / "run_settings.json").exists() for r in runs):
+            continue
+        make, _ = _engine_maker(cfg, refit_folder(out) / "models" if driver in refits else models, driver, 1)
+        engine = make()
+        for rdir in runs:
+            _check_same_engine(rdir, engine)
+
+
 def _observables(
     cfg: PipelineConfig, vs: ValidationSettings, out: Path, system: Path, drivers: list[str] | None = None
 ) -> tuple[dict[str, list[Any]], dict[str, list[int]], dict[str, dict[str, str]]]:
@@ -415,6 +427,7 @@ def _runs_and_refit(
     from qmlmm.workflows.pipeline.refit import REFIT_MODES, refit_models, refit_record
 
     if analyze_only:
+        _check_engines(cfg, vs, out, models)
         return refit_record(out) if vs.refit else None
     _run_all(cfg, vs, out, system, models, progress)
     if not vs.refit:
