@@ -395,6 +395,29 @@ def test_model_is_trained_again_when_its_dataset_changed(syn: Path, tmp_path: Pa
     assert finished(job) is not None
 
 
+def test_bootstrap_members_fit_their_own_resamples(syn: Path, tmp_path: Path) -> None:
+    """``bootstrap``: each member fits its own resample of the training frames (as many, with replacement,
+    the same on a rerun, another for each member); off, every member fits them all, and a model trained
+    before the setting existed keeps matching."""
+    from qmlmm.training.config import result_settings_of
+    from qmlmm.training.trainer import _member_items
+
+    items = list(range(40))
+    cfg = TrainConfig(target="ref", bootstrap=True, seed=3)  # type: ignore[arg-type]
+    a, b = _member_items(items, cfg, 0), _member_items(items, cfg, 1)  # type: ignore[arg-type]
+    assert len(a) == len(b) == 40 and a != b and len(set(a)) < 40 and set(a) <= set(items)
+    assert _member_items(items, cfg, 0) == a  # type: ignore[arg-type]
+    assert _member_items(items, replace(cfg, bootstrap=False), 0) == items  # type: ignore[arg-type]
+    old = replace(cfg, bootstrap=False).to_dict()
+    del old["bootstrap"]  # a metrics file from before the setting
+    assert result_settings_of(old) == replace(cfg, bootstrap=False).result_settings() != cfg.result_settings()
+    # a training with it runs, and its metrics record the setting
+    data = load_training_data(syn, "ref", split=TrainConfig(target="ref").split_settings)
+    fast = {**FAST, "epochs": 2, "ensemble": 2}
+    res = train(data, TrainConfig(target="ref", bootstrap=True, **fast), tmp_path / "b.pt", progress=False)  # type: ignore[arg-type]
+    assert res.metrics["config"]["bootstrap"] is True and np.isfinite(res.metrics["test"]["energy"]["mae"])
+
+
 def test_split_by_runs_keeps_runs_whole_and_falls_back_to_time_with_gaps() -> None:
     """Default split: whole sampling runs per part; with fewer than three runs, each run in time order into
     train | gap | valid | gap | test, the gap one statistical inefficiency of the energies."""

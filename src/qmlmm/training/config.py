@@ -48,6 +48,9 @@ class TrainConfig:
     training frames); ``max_train_frames`` limits the training set (learning curves). ``seed`` also
     draws the initial weights and the batches: another ``seed`` with ``split_seed`` kept is the same
     training on the same frames from other random numbers (how much a result owes to chance).
+    ``bootstrap`` [false]: each member trains on its own resample of the training frames (as many, drawn with
+    replacement with ``seed`` and the member's index; bagging), so that the ensemble's spread also carries
+    the scatter that comes from which frames were labelled, not from the initial weights alone.
     """
 
     target: str = "dft"
@@ -78,6 +81,7 @@ class TrainConfig:
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     max_train_frames: int | None = None
+    bootstrap: bool = False
     seed: int = 0
     split_seed: int | None = None
     dtype: str = "float32"
@@ -183,6 +187,8 @@ def result_settings_of(config: dict[str, Any]) -> dict[str, Any]:
     (block_size outside ``blocks``, split_gap_frames with ``blocks``). Stored keys are taken as stored
     (a key a file lacks stays missing, so an older model never matches a newer setting by its default)."""
     d = {k: v for k, v in config.items() if k not in ("threads", "device")}
+    if not d.get("bootstrap", False):  # off: as files from before the setting, which lack it
+        d.pop("bootstrap", None)
     if d.get("split_seed") in (None, d.get("seed", 0)):  # splits with ``seed``, as files from before it did
         d.pop("split_seed", None)
     if d.get("split", "blocks") != "blocks":

@@ -306,6 +306,15 @@ def _training_frames(data: TrainingData, cfg: TrainConfig) -> tuple[np.ndarray, 
     return train_idx, tr_items, data.subset(data.valid) if len(data.valid) else tr_items
 
 
+def _member_items(tr_items: list[FrameTensors], cfg: TrainConfig, k: int) -> list[FrameTensors]:
+    """The frames member ``k`` fits: the training frames, or with ``cfg.bootstrap`` its own resample of them
+    (as many, with replacement; drawn from ``cfg.seed`` and ``k``, so a resumed run redraws the same)."""
+    if not cfg.bootstrap:
+        return tr_items
+    pick = np.random.default_rng([cfg.seed, k]).integers(0, len(tr_items), len(tr_items))
+    return [tr_items[int(i)] for i in pick]
+
+
 def _read_checkpoint(path: Path, fp: str, resume: bool) -> dict[str, Any]:
     """The checkpoint of this run (fingerprint ``fp``), or {} (none, another run's, unreadable)."""
     if not (resume and path.exists()):
@@ -529,7 +538,8 @@ def train(
             state = {"fingerprint": fp, "done": done_states, "history": history, "member": k, "current": m.state()}
             _atomic_save(state, files["ckpt"])
 
-        n_frames_seen += _train_member(m, tr_items, va_items, st, cfg, dtype, device, bar, save)
+        fit_items = _member_items(tr_items, cfg, k)
+        n_frames_seen += _train_member(m, fit_items, va_items, st, cfg, dtype, device, bar, save)
         bar.close()
         assert m.best_state is not None
         done_states.append({kk: v.detach().cpu() for kk, v in m.best_state.items()})
