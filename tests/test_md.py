@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from qmlmm.engines import make_engine
 from qmlmm.environment import EmbeddingSettings, embedding_forces_to_frame, select_embedding
-from qmlmm.errors import InputError
+from qmlmm.errors import InputError, QMLMMError
 from qmlmm.md.build import BuildSettings, SoluteSpec, build_system
 from qmlmm.md.restraints import DistanceRestraint, RCRestraint, add_restraints, parse_restraint, rc_value
 from qmlmm.md.runner import MDSettings, energy_drift, make_simulation, run_md
@@ -515,7 +516,7 @@ def test_umbrella_windows_continue_their_neighbours(
     # windows made by another model (e.g. one retrained since) are neither reused nor analysed under its name
     class OtherModel(DFTB3AsModel):
         def engine(self, threads: int) -> object:
-            return make_engine("dftb3:3ob,tol=1e-8", threads=threads)
+            return make_engine("dftb3:3ob,tol=1e-6", threads=threads)
 
     for analyze in (False, True):
         with pytest.raises(InputError, match=r"window_\d\d was run with another engine or model.*delete .*delta_ml"):
@@ -549,8 +550,25 @@ def test_pipeline_md_of_another_model_is_refused_not_reused(methanol_system: Pat
     longer = dataclasses.replace(cfg, md_steps=6)
     for c, analyze in ((cfg, False), (cfg, True), (longer, False)):  # reused, analysed, continued
         with pytest.raises(InputError, match=r"delta_ml was run with another engine or model.*delete"):
-            md_step(c, tmp_path, methanol_system, AsModel("dftb3:3ob,tol=1e-8"), progress=False, analyze_only=analyze)
+            md_step(c, tmp_path, methanol_system, AsModel("dftb3:3ob,tol=1e-6"), progress=False, analyze_only=analyze)
     assert log.stat().st_mtime_ns == mtime
+    # a folder whose run never reached a log or a checkpoint is not refused (it starts again anyway)
+    from qmlmm.md.runner import engine_of_runs
+
+    empty = tmp_path / "md" / "killed_early"
+    empty.mkdir()
+    shutil.copy2(tmp_path / "md" / "delta_ml" / "run_settings.json", empty)
+    other = AsModel("dftb3:3ob,tol=1e-6")
+    assert engine_of_runs([empty], lambda: other.engine(1)) is not None
+
+    # analysis only, where the engine cannot be built on this machine: the runs are left unchecked, with a
+    # warning; when it would run them, the error stands
+    def unbuildable() -> Any:
+        return make_engine("dftb3:no-such-parameters")
+
+    assert engine_of_runs([tmp_path / "md" / "delta_ml"], unbuildable, analyze_only=True) is None
+    with pytest.raises(QMLMMError):
+        engine_of_runs([tmp_path / "md" / "delta_ml"], unbuildable)
 
 
 def test_umbrella_extra_window_starts_from_the_nearest_end(tmp_path: Path) -> None:
@@ -696,6 +714,16 @@ def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_syste
     for a, b in zip(kept, both, strict=False):
         assert np.array_equal(a.positions, b.positions) and a.info["md_step"] == b.info["md_step"]
     assert all(40 <= int(fr.info["md_step"]) <= 60 for fr in both[len(kept) :])
+    # a hold in progress at the checkpoint goes on in the resumed run (here every call of the first invocation
+    # is above the threshold, none of the second's: its fallbacks are the hold's)
+    hold = replace(s, steps=20, fallback_hold=1000)
+    run_md(methanol_system, eng, tmp_path / "hold", hold, EMB, progress=False)
+    assert json.loads((tmp_path / "hold" / "guard_hold.json").read_text())["step"] == 20
+    run_md(methanol_system, eng, tmp_path / "hold", replace(hold, steps=30, max_uncertainty=1e9), EMB, restart=True,
+           progress=False)  # fmt: skip
+    assert json.loads((tmp_path / "hold" / "run.json").read_text())["fallback_steps"] >= 10
+    run_md(methanol_system, eng, tmp_path / "free", replace(hold, max_uncertainty=1e9), EMB, progress=False)
+    assert json.loads((tmp_path / "free" / "run.json").read_text())["fallback_steps"] == 0  # the control
     # a direct model has no baseline to fall back to
     direct = QMLMMModel(
         Ensemble(ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width), 2), ModelMeta(target="r")

@@ -393,6 +393,14 @@ def test_model_is_trained_again_when_its_dataset_changed(syn: Path, tmp_path: Pa
         assert lab is not None
         ds.write_label("base", j, Label(lab.energy + 1.0, lab.forces, lab.charges))
     assert finished(job) is not None
+    from qmlmm.training.parallel import labels_changed
+
+    assert not labels_changed(job)
+    with Dataset(data, "a") as ds:  # labelled again (e.g. --overwrite to record charges): a new wall time
+        lab = ds.label("ref", i)
+        assert lab is not None
+        ds.write_label("ref", i, Label(lab.energy, lab.forces, lab.charges), time_s=1.5)
+    assert labels_changed(job) and finished(job) is None
 
 
 def test_bootstrap_members_fit_their_own_resamples(syn: Path, tmp_path: Path) -> None:
@@ -403,7 +411,7 @@ def test_bootstrap_members_fit_their_own_resamples(syn: Path, tmp_path: Path) ->
     from qmlmm.training.trainer import _member_items
 
     items = list(range(40))
-    cfg = TrainConfig(target="ref", bootstrap=True, seed=3)  # type: ignore[arg-type]
+    cfg = TrainConfig(target="ref", bootstrap=True, seed=3)
     a, b = _member_items(items, cfg, 0), _member_items(items, cfg, 1)  # type: ignore[arg-type]
     assert len(a) == len(b) == 40 and a != b and len(set(a)) < 40 and set(a) <= set(items)
     assert _member_items(items, cfg, 0) == a  # type: ignore[arg-type]

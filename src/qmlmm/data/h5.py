@@ -369,6 +369,14 @@ class Dataset:
         e[g["status"][()] != STATUS_DONE] = np.nan
         return e
 
+    def label_seconds(self, name: str) -> np.ndarray:
+        """(F,) wall seconds each label of level ``name`` took (NaN where not done or not recorded): a frame
+        labelled again gets a new time."""
+        g = self._level(name)
+        t = g["time_s"][()]
+        t[g["status"][()] != STATUS_DONE] = np.nan
+        return t
+
     def write_label(self, name: str, i: int, label: Label, time_s: float = float("nan"), flush: bool = True) -> None:
         """Record a result: energy and forces first, then status=done; flush."""
         g = self._level(name)

@@ -231,15 +231,19 @@ def choose_split(s: SplitSettings, runs: np.ndarray | None, times: np.ndarray | 
 
 def labels_digest(ds: Dataset, levels: Iterable[str]) -> str:
     """A 16-hex-digit digest of what a training set reads from ``ds`` at ``levels``: the number of frames,
-    which frames are labelled at every level, each level's method and settings, and the energies of the
-    labelled frames. Frames appended or relabelled, or a level relabelled with another method, change it."""
+    which frames are labelled at every level, each level's method, settings and program versions, and the
+    energies and recorded wall times of the labelled frames. Frames appended or labelled since, a label
+    written again (its new wall time, whatever its numbers), or a level relabelled with another method
+    change it; the forces themselves are not read (they cover every atom of every frame)."""
+    levels = tuple(levels)
     h = hashlib.sha256(str(len(ds)).encode())
     ok = ds.labelled_at(levels)
     h.update(np.flatnonzero(ok).astype(np.int64).tobytes())
     for lvl in levels:
         info = ds.level_info(lvl)
-        h.update(json.dumps([lvl, info.method, info.settings], sort_keys=True, default=str).encode())
+        h.update(json.dumps([lvl, info.method, info.settings, info.versions], sort_keys=True, default=str).encode())
         h.update(np.ascontiguousarray(ds.energies(lvl)[ok], dtype=np.float64).tobytes())
+        h.update(np.ascontiguousarray(ds.label_seconds(lvl)[ok], dtype=np.float64).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -319,8 +323,10 @@ def load_training_data(
     with Dataset(path) as ds:
         levels = _checked_levels(ds, path, target, baseline, require)
         emb = EmbeddingSettings.from_dict(levels[target][1]["embedding"])
-        items, runs, times = _prepared(ds, emb, target, baseline, require)
+        # before the frames are read: a label written meanwhile (the file may be labelled while it is read)
+        # then trains the model again next time instead of counting as trained on
         digest = labels_digest(ds, (target, *((baseline,) if baseline else ()), *require))
+        items, runs, times = _prepared(ds, emb, target, baseline, require)
         method = levels[target][0]
         bmethod = levels[baseline][0] if baseline else None
     run_arr = np.array(runs, dtype=np.float64) if runs and all(r is not None for r in runs) else None

@@ -149,7 +149,7 @@ class QMMMCallback:
         if hold < 0:
             raise InputError(f"fallback hold must be >= 0 calls, got {hold}")
         self.hold = int(hold)
-        self._held = 0  # calls still to take from the fallback after the last one above the threshold
+        self.held_calls = 0  # calls still to take from the fallback after the last one above the threshold
         self.calls = 0
         self.step: int | None = None  # the MD step of the force evaluated now (from OpenMM's state)
         self.seconds = 0.0
@@ -187,8 +187,8 @@ class QMMMCallback:
         self.calls += 1
         self.last_uncertainty = float(res.info.get("energy_std", float("nan")))  # type: ignore[arg-type]
         above = self.max_uncertainty is not None and self.last_uncertainty > self.max_uncertainty
-        if above or (self._held > 0 and self.fallback != "stop"):
-            self._held = self.hold if above else self._held - 1
+        if above or (self.held_calls > 0 and self.fallback != "stop"):
+            self.held_calls = self.hold if above else self.held_calls - 1
             if self.queue is not None and above:  # held calls below the threshold are not queued
                 self.queue.offer(fr, self.calls, self.last_uncertainty, self.step)
             if self.fallback == "stop":  # the frame is queued (the runner writes the queue when the run ends)

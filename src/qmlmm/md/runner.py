@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 
 from qmlmm.engines.base import Engine
 from qmlmm.environment import EmbeddingSettings
-from qmlmm.errors import EngineError, InputError
+from qmlmm.errors import EngineError, InputError, QMLMMError
 from qmlmm.md.hmr import H_MASS_RANGE_AMU
 from qmlmm.md.qmforce import QMMMCallback, UncertainFrames, make_python_force
 from qmlmm.md.restraints import Restraint, add_restraints, rc_value
@@ -44,6 +45,7 @@ __all__ = [
     "freeze_qm_and_relax_water",
     "load_final_state",
     "make_simulation",
+    "engine_of_runs",
     "require_same_engine",
     "run_md",
     "trim_run_to_step",
@@ -222,15 +224,38 @@ def run_engine_matches(run_dir: str | Path, engine: Engine | None) -> bool:
 
 
 def require_same_engine(run_dir: str | Path, engine: Engine | None, redo: str | Path | None = None) -> None:
-    """Raise InputError when the run in ``run_dir`` was made with another engine or model than ``engine``
-    (e.g. a model retrained since): its frames would be reused or analysed under the wrong name. ``redo``:
-    what the message tells the user to delete (default ``run_dir``)."""
-    if not run_engine_matches(run_dir, engine):
-        raise InputError(
-            f"{run_dir} was run with another engine or model than the one named now "
-            f"({getattr(engine, 'spec', 'mm-only')}; a model retrained since has other weights); "
-            f"delete {redo or run_dir} to run it again with this one"
-        )
+    """Raise InputError when the run in ``run_dir`` (one with a log or a checkpoint: a run killed before
+    either starts again anyway) was made with another engine or model than ``engine`` (e.g. a model
+    retrained since): its frames would be reused or analysed under the wrong name. ``redo``: what the
+    message tells the user to delete (default ``run_dir``)."""
+    d = Path(run_dir)
+    if not ((d / "run.json").exists() or (d / "checkpoint.chk").exists()) or run_engine_matches(d, engine):
+        return
+    was = json.loads((d / "run_settings.json").read_text()).get("engine")
+    raise InputError(
+        f"{d} was run with another engine or model ({was}) than the one named now ({engine_identity(engine)}); "
+        f"delete {redo or d} to run it again with this one"
+    )
+
+
+def engine_of_runs(
+    run_dirs: list[Path], make: Callable[[], Engine], redo: str | Path | None = None, analyze_only: bool = False
+) -> Engine | None:
+    """``make()`` when one of ``run_dirs`` holds a run, after :func:`require_same_engine` for each; None when
+    none does. ``analyze_only``: an engine that cannot be built here (a CUDA device, parameter files or a
+    program this machine lacks) leaves the runs unchecked, with a warning, instead of failing the analysis."""
+    if not any((d / "run_settings.json").exists() for d in run_dirs):
+        return None
+    try:
+        engine = make()
+    except (QMLMMError, ImportError, OSError) as e:
+        if not analyze_only:
+            raise
+        log.warning("cannot build the engine of %s here (%s): its runs are not checked", run_dirs[0], e)
+        return None
+    for d in run_dirs:
+        require_same_engine(d, engine, redo)
+    return engine
 
 
 @dataclass
@@ -475,6 +500,8 @@ def run_md(
     # no step left does none again: it keeps everything)
     if restart and cb is not None and cb.queue is not None and begin.start_step < s.steps:
         cb.queue.resume(begin.start_step)
+    if restart and cb is not None:
+        _restore_hold(out, begin.start_step, cb)
     phases0 = dict(cb.phase_seconds) if cb is not None else {}
     stretch = _integrate(sim, cb, msys, rs, s, out, begin.start_step, restart, progress)
     steps_done = begin.start_step + stretch.done
@@ -698,11 +725,36 @@ def _integrate(
                 bar.set_postfix_str(f"{nsday:.3f} ns/day T={2 * ke / (dof * KB_KJMOL_PER_K):.0f} K")
                 if step % s.checkpoint_every < n or done >= remaining:
                     sim.saveCheckpoint(str(chk))
+                    _save_hold(out, step, cb)
         finally:
             bar.close()
             if cb is not None and cb.queue is not None:  # a stop's last stretch queued the frames most worth
                 cb.queue.flush()  # labelling: written, not lost with the run
     return _Stretch(done, stopped, last_good, time.perf_counter() - t0)
+
+
+def _save_hold(out: Path, step: int, cb: QMMMCallback | None) -> None:
+    """Record, beside the checkpoint of ``step``, how many more force calls the uncertainty guard holds
+    the fallback for (``guard_hold.json``; only for runs with a hold): a run resumed there goes on holding."""
+    if cb is None or cb.hold <= 0:
+        return
+    p = out / "guard_hold.json"
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "held_calls": cb.held_calls}))
+    tmp.replace(p)
+
+
+def _restore_hold(out: Path, step: int, cb: QMMMCallback) -> None:
+    """Give ``cb`` the hold recorded with the checkpoint of ``step`` (none recorded, or for another step:
+    a checkpoint written before holds were recorded; the run resumes with no hold)."""
+    p = out / "guard_hold.json"
+    if cb.hold <= 0 or not p.exists():
+        return
+    rec = json.loads(p.read_text())
+    if rec.get("step") == step:
+        cb.held_calls = min(int(rec["held_calls"]), cb.hold)
+    else:
+        log.warning("%s is of step %s, not the checkpoint's %d: no hold", p, rec.get("step"), step)
 
 
 def _log_row(

@@ -21,7 +21,7 @@ from qmlmm.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainJob", "finished", "train_jobs"]
+__all__ = ["TrainJob", "finished", "labels_changed", "train_jobs"]
 
 
 @dataclass
@@ -60,29 +60,42 @@ def finished(job: TrainJob) -> dict[str, Any] | None:
     # frames added to training (load_training_data's add_train) are part of what was trained on
     if not _same_added(split.get("added_train") or {}, _added_frames(job)):
         return None
-    if not _same_labels(split.get("labels_digest"), job):
+    if labels_changed(job, m):
         return None
     return m if result_settings_of(m.get("config") or {}) == want else None
 
 
-def _same_labels(recorded: str | None, job: TrainJob) -> bool:
-    """Whether the job's dataset holds the labels the model was trained on (frames appended or relabelled
-    since change its digest). A model trained before digests were recorded (None) counts as the same."""
-    if recorded is None:
-        log.warning("%s records no digest of its training labels (trained by an older qmlmm); reused as is", job.out)
-        return True
+def labels_changed(job: TrainJob, metrics: dict[str, Any] | None = None) -> bool:
+    """Whether the job's dataset no longer holds the labels its model (``metrics``, default read from the
+    model's metrics file) was trained on: frames labelled, relabelled or appended since change their digest
+    (:func:`qmlmm.data.training_set.labels_digest`). A model trained before digests were recorded counts as
+    unchanged (with a warning); an unreadable dataset or metrics file as changed."""
+    import json
+
     from qmlmm.data import Dataset
     from qmlmm.data.training_set import labels_digest
+    from qmlmm.training.trainer import side_files
 
+    try:
+        m = metrics if metrics is not None else json.loads(side_files(Path(job.out))["metrics.json"].read_text())
+    except (OSError, ValueError):
+        return True
+    recorded = (m.get("split") or {}).get("labels_digest")
+    if recorded is None:
+        log.warning("%s records no digest of its training labels (trained by an older qmlmm); reused as is", job.out)
+        return False
     c = job.cfg
     levels = (c.target, *((c.baseline,) if c.baseline else ()), *job.data.get("require", ()))
-    with Dataset(job.path) as ds:
-        if any(lvl not in ds.levels() for lvl in levels):
-            return False
-        now = labels_digest(ds, levels)
+    try:
+        with Dataset(job.path) as ds:
+            if any(lvl not in ds.levels() for lvl in levels):
+                return True
+            now = labels_digest(ds, levels)
+    except OSError:
+        return True  # training will name the problem
     if now != recorded:
         log.info("%s: the labels in %s changed since it was trained; training again", job.out, job.path)
-    return now == recorded
+    return now != recorded
 
 
 def _same_added(recorded: dict[str, int], now: dict[str, int]) -> bool:

@@ -187,7 +187,7 @@ def umbrella_profile(
     """Run (or reuse) the umbrella windows of the reaction for one engine (``make()`` builds it) into
     ``out/umbrella/<name>`` and return its summary entry: windows, samples, the MBAR profile and its checks
     (:func:`_profile_result`). ``analyze_only`` reads what the folder holds."""
-    from qmlmm.md.runner import MDSettings, require_same_engine
+    from qmlmm.md.runner import MDSettings, engine_of_runs
     from qmlmm.md.umbrella import run_windows, window_folder
 
     r = cfg.reaction or {}
@@ -206,10 +206,8 @@ def umbrella_profile(
             max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,  # as in the free MD
         )
         run_windows(system, make(), folder, wins, s, embedding, progress=progress)
-    elif any((window_folder(folder, w.index) / "run_settings.json").exists() for w in wins):
-        engine = make()  # the windows analysed are those of this engine (a model retrained since is another)
-        for w in wins:
-            require_same_engine(window_folder(folder, w.index), engine, redo=folder)
+    else:  # the windows analysed are those of this engine (a model retrained since is another)
+        engine_of_runs([window_folder(folder, w.index) for w in wins], make, redo=folder, analyze_only=True)
     stopped: dict[int, str] = {}
     samples = []
     for w in wins:

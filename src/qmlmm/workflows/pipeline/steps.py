@@ -133,16 +133,19 @@ def train_step(cfg: PipelineConfig, labels: Path, models: Path, progress: bool) 
     single-threaded process each (qmlmm.training.parallel); parity plots. Returns their metrics by mode."""
     from qmlmm.analysis.plots import parity_plot_of_model
     from qmlmm.training import TrainJob, train_jobs
+    from qmlmm.training.parallel import labels_changed
 
     metrics: dict[str, Any] = {}
     jobs = []
     for mode in ("direct", "delta"):
         path = models / f"{mode}.pt"
-        if path.exists():
+        job = TrainJob(str(labels), _train_config(cfg, mode), str(path), {"require": ("base",)})
+        # the settings are the fingerprints' to check; the labels (e.g. failed frames labelled since) here
+        if path.exists() and not labels_changed(job):
             log.info("[train %s] done before, reused", mode)
             metrics[mode] = json.loads((models / f"{mode}.metrics.json").read_text())
             continue
-        jobs.append(TrainJob(str(labels), _train_config(cfg, mode), str(path), {"require": ("base",)}))
+        jobs.append(job)
     for path_s, (m, _) in train_jobs(jobs, workers=min(cfg.workers, 2), progress=progress).items():
         metrics[Path(path_s).stem] = m
     for mode in ("direct", "delta"):
@@ -191,7 +194,7 @@ def md_step(
     (``md_reference_steps``), each continued from its checkpoint; returns each run's run.json."""
     from qmlmm.engines import make_engine
     from qmlmm.environment import EmbeddingSettings
-    from qmlmm.md.runner import MDSettings, require_same_engine, run_md
+    from qmlmm.md.runner import MDSettings, engine_of_runs, run_md
 
     emb = EmbeddingSettings(cfg.cutoff, cfg.switch_width)
     threads = cfg.total_threads
@@ -216,10 +219,7 @@ def md_step(
             threads=threads,
             max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,
         )
-        engine = None
-        if (rdir / "run_settings.json").exists():  # a run of a model trained since is not this model's run
-            engine = make()
-            require_same_engine(rdir, engine)
+        engine = engine_of_runs([rdir], make, analyze_only=analyze_only)  # refuses a run of another model
         done = (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= n_steps
         if done:
             log.info("[md %s] done before, reused", name)

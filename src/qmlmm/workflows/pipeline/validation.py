@@ -345,17 +345,20 @@ def _run_all(
 def _check_engines(cfg: PipelineConfig, vs: ValidationSettings, out: Path, models: Path) -> None:
     """Raise InputError when a validation run on disk was made by another engine or model than its driver
     names now (an analysis would show it under the wrong name)."""
+    from qmlmm.md.runner import engine_of_runs
     from qmlmm.workflows.pipeline.refit import REFIT_MODES, refit_folder
 
     refits = [f"{m}_refit" for m in REFIT_MODES if vs.refit and f"{m}_guarded" in vs.drivers]
     for driver in [*vs.drivers, *refits]:
+        folder = refit_folder(out) / "models" if driver in refits else models
+        if driver not in ("reference", "baseline") and not (folder / f"{_model_of(driver)}.pt").exists():
+            continue  # runs of a model since gone are not analysed
         runs = [_run_dir(out, driver, k) for k in range(vs.runs)]
-        if not any((r / "run_settings.json").exists() for r in runs):
-            continue
-        make, _ = _engine_maker(cfg, refit_folder(out) / "models" if driver in refits else models, driver, 1)
-        engine = make()
-        for rdir in runs:
-            _check_same_engine(rdir, engine)
+
+        def make(driver: str = driver, folder: Path = folder) -> Any:
+            return _engine_maker(cfg, folder, driver, 1)[0]()
+
+        engine_of_runs(runs, make, redo=runs[0].parent, analyze_only=True)
 
 
 def _observables(
