@@ -536,7 +536,7 @@ def test_pipeline_md_of_another_model_is_refused_not_reused(methanol_system: Pat
         def __init__(self, spec: str) -> None:
             self.spec = spec
 
-        def engine(self, threads: int) -> object:
+        def engine(self, threads: int) -> Any:
             return make_engine(self.spec, threads=threads)
 
     cfg = PipelineConfig(name="methanol", solutes=["CO"], md_steps=4, md_report_every=2, md_compare_baseline=False,
