@@ -571,6 +571,33 @@ def test_pipeline_md_of_another_model_is_refused_not_reused(methanol_system: Pat
         engine_of_runs([tmp_path / "md" / "delta_ml"], unbuildable)
 
 
+def test_pipeline_md_falls_back_to_the_baseline_when_asked(methanol_system: Path, tmp_path: Path) -> None:
+    """``md_fallback: baseline`` (with ``max_uncertainty``): the pipeline's delta-ML/MM run takes the steps
+    above the threshold from the model's baseline and goes on; run.json says so and counts them (an ensemble
+    of two untrained networks disagrees everywhere: every call). Bad guard settings are refused at load."""
+    from qmlmm.models import ModelMeta, QMLMMModel
+    from qmlmm.models.ensemble import Ensemble
+    from qmlmm.models.hdnnp import ModelConfig
+    from qmlmm.workflows.pipeline import PipelineConfig
+    from qmlmm.workflows.pipeline.steps import md_step
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    mcfg = ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width, charge_sum="zero")
+    meta = ModelMeta(target="ref", baseline="base", baseline_method="dftb3:3ob", target_method="x")
+    model = QMLMMModel(Ensemble(mcfg, 2), meta)
+    guard = {"max_uncertainty": 1e-9, "md_fallback": "baseline", "md_fallback_hold": 2}
+    cfg = PipelineConfig(name="methanol", solutes=["CO"], md_steps=6, md_report_every=3, md_compare_baseline=False,
+                         workers=1, threads=1, **guard)  # type: ignore[arg-type]  # fmt: skip
+    run = md_step(cfg, tmp_path, methanol_system, model, progress=False, analyze_only=False)["delta_ml"]
+    assert run["stopped"] is None and run["steps_done"] == 6
+    assert run["fallback"] == "baseline" and run["fallback_steps"] >= 6
+    for bad, match in (({"md_fallback": "dftb"}, "md_fallback must be"), ({"md_fallback_hold": -1}, "hold"),
+                       ({"max_uncertainty": None}, "needs max_uncertainty")):  # fmt: skip
+        with pytest.raises(InputError, match=match):
+            dataclasses.replace(cfg, **bad)
+
+
 def test_umbrella_extra_window_starts_from_the_nearest_end(tmp_path: Path) -> None:
     """A window that slid over a barrier has its mean at an extra window's centre and its end far away: the
     extra window starts from the window whose last logged coordinate is nearest its centre."""

@@ -50,6 +50,10 @@ class PipelineConfig:
     md_compare_baseline: bool = True
     md_reference_steps: int = 0  # a short stretch of reference (DFT) QM/MM MD to compare with (0: none)
     max_uncertainty: float | None = None
+    # past max_uncertainty the delta-ML/MM step: "stop" the run, or take it from the model's "baseline" or the
+    # "reference" engine (the frame queued to uncertain.h5), for md_fallback_hold further force calls too
+    md_fallback: str = "stop"
+    md_fallback_hold: int = 0
     # analysis
     dihedral_solute: int | None = 0  # solute index whose conjugated chain dihedrals are analysed
     # solute element - water site ("OW" or "HW") radial distribution functions
@@ -80,6 +84,14 @@ class PipelineConfig:
         for name in ("equil_steps", "md_reference_steps"):
             if getattr(self, name) < 0:
                 raise InputError(f"pipeline setting {name} must be >= 0, got {getattr(self, name)}")
+        if self.md_fallback not in ("stop", "baseline", "reference"):
+            raise InputError(
+                f"pipeline setting md_fallback must be stop, baseline or reference, got {self.md_fallback!r}"
+            )
+        if self.md_fallback_hold < 0:
+            raise InputError(f"pipeline setting md_fallback_hold must be >= 0 calls, got {self.md_fallback_hold}")
+        if self.md_fallback != "stop" and self.max_uncertainty is None:
+            raise InputError(f"pipeline setting md_fallback {self.md_fallback!r} needs max_uncertainty (kJ/mol)")
         if self.sample_steps < self.sample_every:
             raise InputError(f"sample_steps ({self.sample_steps}) must be >= sample_every ({self.sample_every})")
         if not self.solutes:

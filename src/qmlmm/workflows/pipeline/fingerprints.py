@@ -28,7 +28,7 @@ STEP_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "label": (("reference", "baseline"), ("labels.h5",)),
     "train": (("train", "delta_hidden"), ("models",)),
     "learning_curve": (("learning_curve",), ("learning_curve",)),
-    "md": (("md_dt_fs", "max_uncertainty"), ("md",)),
+    "md": (("md_dt_fs", "max_uncertainty", "md_fallback", "md_fallback_hold"), ("md",)),
     "reaction": (("reaction_windows", "reaction_extra_windows", "reaction_extra_k"), ("umbrella",)),
     # more runs or steps extend the validation; another step, masses, temperature or drivers' runs would mix
     "validation": (

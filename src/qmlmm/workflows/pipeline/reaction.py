@@ -189,6 +189,7 @@ def umbrella_profile(
     (:func:`_profile_result`). ``analyze_only`` reads what the folder holds."""
     from qmlmm.md.runner import MDSettings, engine_of_runs
     from qmlmm.md.umbrella import run_windows, window_folder
+    from qmlmm.workflows.pipeline.steps import guard_settings
 
     r = cfg.reaction or {}
     wins = _umbrella_windows(cfg, system)
@@ -203,7 +204,7 @@ def umbrella_profile(
             dcd_every=steps,
             seed=cfg.seed,
             threads=cfg.total_threads,
-            max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,  # as in the free MD
+            **(guard_settings(cfg) if name == "delta_ml" else {}),  # as in the free MD
         )
         run_windows(system, make(), folder, wins, s, embedding, progress=progress)
     else:  # the windows analysed are those of this engine (a model retrained since is another)

@@ -187,6 +187,19 @@ def evaluate_step(labels: Path, models: Path) -> dict[str, Any]:
     }
 
 
+def guard_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The MDSettings of the uncertainty guard of delta-ML/MM runs (threshold, fallback, hold; the reference
+    fallback is the config's reference engine)."""
+    if cfg.max_uncertainty is None:
+        return {}
+    return {
+        "max_uncertainty": cfg.max_uncertainty,
+        "fallback": cfg.md_fallback,
+        "fallback_hold": cfg.md_fallback_hold,
+        **({"reference": cfg.reference} if cfg.md_fallback == "reference" else {}),
+    }
+
+
 def md_step(
     cfg: PipelineConfig, out: Path, system: Path, delta_model: Any, progress: bool, analyze_only: bool
 ) -> dict[str, Any]:
@@ -217,7 +230,7 @@ def md_step(
             checkpoint_every=n_rep if name == "reference" else 100,
             seed=cfg.seed,
             threads=threads,
-            max_uncertainty=cfg.max_uncertainty if name == "delta_ml" else None,
+            **(guard_settings(cfg) if name == "delta_ml" else {}),
         )
         engine = engine_of_runs([rdir], make, analyze_only=analyze_only)  # refuses a run of another model
         done = (rdir / "run.json").exists() and json.loads((rdir / "run.json").read_text())["steps_done"] >= n_steps
