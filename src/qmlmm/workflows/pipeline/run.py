@@ -111,6 +111,9 @@ def _run_pipeline(cfg: PipelineConfig, out: Path, progress: bool, analyze_only: 
             k: {
                 **{kk: v.get(kk) for kk in ("steps_done", "stopped", "qmmm_seconds_per_call")},
                 "ns_per_day": v.get("ns_per_day_all", v.get("ns_per_day")),  # every invocation of a resumed run
+                # the uncertainty guard's fallback and the steps it took over (every invocation)
+                "fallback": v.get("fallback"),
+                "fallback_steps": v.get("fallback_steps_total", v.get("fallback_steps")),
             }
             for k, v in md_runs.items()
         },

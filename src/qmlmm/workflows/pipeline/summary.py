@@ -75,9 +75,10 @@ def summary_markdown(s: dict[str, Any], out: Path) -> str:
 
         lines += ["", "## Learning curve (test set)", ""]
         lines += learning_curve_table(lc["curves"], lc.get("baseline_alone"))
-    lines += ["", "## MD", "", "| run | steps | ns/day | stopped |", "|---|---|---|---|"]
+    lines += ["", "## MD", "", "| run | steps | ns/day | stopped | fallback steps |", "|---|---|---|---|---|"]
     for k, v in s["md"].items():
-        lines.append(f"| {k} | {v['steps_done']} | {v['ns_per_day']:.3f} | {v['stopped'] or '-'} |")
+        fb = f"{v['fallback_steps']} ({v['fallback']})" if v.get("fallback") not in (None, "stop") else "-"
+        lines.append(f"| {k} | {v['steps_done']} | {v['ns_per_day']:.3f} | {v['stopped'] or '-'} | {fb} |")
     an = s.get("analysis") or {}
     if an.get("rdf_peak") or an.get("dihedrals"):
         lines += [
