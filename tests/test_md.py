@@ -593,7 +593,8 @@ def test_pipeline_md_falls_back_to_the_baseline_when_asked(methanol_system: Path
     assert run["stopped"] is None and run["steps_done"] == 6
     assert run["fallback"] == "baseline" and run["fallback_steps"] >= 6
     for bad, match in (({"md_fallback": "dftb"}, "md_fallback must be"), ({"md_fallback_hold": -1}, "hold"),
-                       ({"max_uncertainty": None}, "needs max_uncertainty")):  # fmt: skip
+                       ({"max_uncertainty": None}, "needs max_uncertainty"), ({"max_uncertainty": 0.0}, "positive"),
+                       ({"md_fallback": "stop"}, "hold needs md_fallback")):  # fmt: skip
         with pytest.raises(InputError, match=match):
             dataclasses.replace(cfg, **bad)
 
@@ -703,6 +704,18 @@ def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_syste
     lab, _ = label_frame(make_engine("dftb3:3ob"), msys.frame(), EMB)
     assert cb.fallback_steps == 1 and cb.last_uncertainty > 1e-6
     assert e == pytest.approx(lab.energy, abs=1e-6) and np.allclose(f, lab.forces, atol=1e-6)
+    # the fallback's energy is on the model's scale: the baseline's plus the members' per-element shifts
+    # (trained models carry the two methods' atomisation-energy difference there, ~2e6 kJ/mol for retinoic acid)
+    for k, m in enumerate(model.ensemble.members):
+        m.e_shift.fill_(-1000.0 * (k + 1))  # type: ignore[operator]
+    shifted = model.engine(1)
+    e_s, f_s = QMMMCallback(shifted, msys, EMB, max_uncertainty=1e-9, fallback="baseline").energy_forces(
+        msys.positions, msys.box
+    )
+    n_qm = int(msys.is_qm.sum())
+    assert e_s == pytest.approx(lab.energy - 1500.0 * n_qm, abs=1e-6) and np.allclose(f_s, lab.forces, atol=1e-6)
+    for m in model.ensemble.members:
+        m.e_shift.zero_()  # type: ignore[operator]
     # with a hold of 2, the two calls after one above the threshold fall back below it too, the third not
     held = QMMMCallback(eng, msys, EMB, max_uncertainty=1e-9, fallback="baseline", hold=2)
     held.energy_forces(msys.positions, msys.box)
@@ -751,6 +764,13 @@ def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_syste
     assert json.loads((tmp_path / "hold" / "run.json").read_text())["fallback_steps"] >= 10
     run_md(methanol_system, eng, tmp_path / "free", replace(hold, max_uncertainty=1e9), EMB, progress=False)
     assert json.loads((tmp_path / "free" / "run.json").read_text())["fallback_steps"] == 0  # the control
+    # a new run (with no hold) in a folder that held another run's hold: resumed with one, it starts with none
+    # (it ends at step 30 as the old one's record does)
+    run_md(methanol_system, eng, tmp_path / "hold", replace(hold, steps=30, max_uncertainty=1e9, fallback_hold=0),
+           EMB, progress=False)  # fmt: skip
+    run_md(methanol_system, eng, tmp_path / "hold", replace(hold, steps=40, max_uncertainty=1e9), EMB, restart=True,
+           progress=False)  # fmt: skip
+    assert json.loads((tmp_path / "hold" / "run.json").read_text())["fallback_steps"] == 0
     # a direct model has no baseline to fall back to
     direct = QMLMMModel(
         Ensemble(ModelConfig(cutoff=EMB.cutoff, switch_width=EMB.switch_width), 2), ModelMeta(target="r")

@@ -207,6 +207,18 @@ def test_pipeline_refuses_a_changed_setting_where_results_exist(tmp_path: Path) 
     (old / "system").mkdir(parents=True)
     check_fingerprints(cfg, old)
     assert json.loads((old / "fingerprints.json").read_text())["build"]["padding"] == 1.8
+    # a record from before a setting existed ran with what qmlmm did then: the md step stopped at the guard
+    (tmp_path / "md").mkdir()
+    record_fingerprint(cfg, tmp_path, "md")
+    rec = json.loads((tmp_path / "fingerprints.json").read_text())
+    for key in ("md_fallback", "md_fallback_hold"):
+        del rec["md"][key]
+    (tmp_path / "fingerprints.json").write_text(json.dumps(rec))
+    check_fingerprints(cfg, tmp_path)  # stop, hold 0: as it ran
+    guarded = PipelineConfig(name="x", solutes=["CO"], padding=1.8, sample_steps=200, max_uncertainty=5.0,
+                             md_fallback="baseline")  # fmt: skip
+    with pytest.raises(InputError, match=r"'max_uncertainty' changed|'md_fallback' changed \('stop' -> 'baseline'\)"):
+        check_fingerprints(guarded, tmp_path)
 
 
 def test_bad_data_is_refused_when_read(tmp_path: Path) -> None:

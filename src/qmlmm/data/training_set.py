@@ -229,12 +229,17 @@ def choose_split(s: SplitSettings, runs: np.ndarray | None, times: np.ndarray | 
     return sp
 
 
+#: the prefix of :func:`labels_digest`'s values; another formula gets another one, so that a digest of an older
+#: formula reads as unknown (a model then is reused, as one from before digests) instead of as changed labels
+DIGEST_VERSION = "v2"
+
+
 def labels_digest(ds: Dataset, levels: Iterable[str]) -> str:
-    """A 16-hex-digit digest of what a training set reads from ``ds`` at ``levels``: the number of frames,
-    which frames are labelled at every level, each level's method, settings and program versions, and the
-    energies and recorded wall times of the labelled frames. Frames appended or labelled since, a label
-    written again (its new wall time, whatever its numbers), or a level relabelled with another method
-    change it; the forces themselves are not read (they cover every atom of every frame)."""
+    """``DIGEST_VERSION:`` and a 16-hex-digit digest of what a training set reads from ``ds`` at ``levels``:
+    the number of frames, which frames are labelled at every level, each level's method, settings and program
+    versions, and the energies and recorded wall times of the labelled frames. Frames appended or labelled
+    since, a label written again (its new wall time, whatever its numbers), or a level relabelled with another
+    method change it; the forces themselves are not read (they cover every atom of every frame)."""
     levels = tuple(levels)
     h = hashlib.sha256(str(len(ds)).encode())
     ok = ds.labelled_at(levels)
@@ -244,7 +249,7 @@ def labels_digest(ds: Dataset, levels: Iterable[str]) -> str:
         h.update(json.dumps([lvl, info.method, info.settings, info.versions], sort_keys=True, default=str).encode())
         h.update(np.ascontiguousarray(ds.energies(lvl)[ok], dtype=np.float64).tobytes())
         h.update(np.ascontiguousarray(ds.label_seconds(lvl)[ok], dtype=np.float64).tobytes())
-    return h.hexdigest()[:16]
+    return f"{DIGEST_VERSION}:{h.hexdigest()[:16]}"
 
 
 def _checked_levels(

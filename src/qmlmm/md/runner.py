@@ -633,6 +633,7 @@ def _begin_fresh(sim: Any, msys: MDSystem, run: _Run) -> _Begin:
     import openmm.unit as u
 
     ctx, out, s, start = sim.context, run.out, run.s, run.start
+    (out / "guard_hold.json").unlink(missing_ok=True)  # an earlier run's, in this folder: not this run's hold
     info = _start_info(run.engine, s, start, restart=False)
     if info["mm_relaxation"]:
         # relax and thermalise the water around the (fixed) solute with the MM force field first (QM

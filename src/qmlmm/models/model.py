@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +286,7 @@ class ModelEngine(Engine):
         self.spec = "model" + (f"+{model.meta.baseline_method}" if model.meta.delta else "")
         self.base = model.baseline_engine(threads) if model.meta.delta else None
         self.last_baseline: EngineResult | None = None
+        self._shifts: dict[tuple[int, ...], float] = {}
         #: run the baseline in a second thread beside the network (:meth:`_compute`); the MD runner turns it
         #: on when the cores allow (:func:`qmlmm.md.system.concurrent_baseline_fits`)
         self.concurrent_baseline = concurrent_baseline
@@ -376,7 +377,10 @@ class ModelEngine(Engine):
         )
         if self.base is not None:
             rb = self._baseline(inp) if pending is None else pending.result()
-            self.last_baseline = rb  # the baseline alone, for a step that falls back to it
+            # the baseline alone, for a step that falls back to it: its forces, and its energy on the model's
+            # scale (the members' per-element shifts added, a constant of the QM elements: a run's potential
+            # energy does not jump by the atomisation-energy difference of the two methods where it falls back)
+            self.last_baseline = replace(rb, energy=rb.energy + self.energy_shift(inp.numbers))
             res.info["baseline_energy"] = rb.energy
             res.energy += rb.energy
             res.qm_forces = res.qm_forces + rb.qm_forces
@@ -384,6 +388,17 @@ class ModelEngine(Engine):
             if inp.need_potential and res.mm_potential is not None and rb.mm_potential is not None:
                 res.mm_potential = res.mm_potential + rb.mm_potential
         return res
+
+    def energy_shift(self, numbers: np.ndarray) -> float:
+        """Sum over QM atoms ``numbers`` (Nq,) of the members' mean per-element energy shift (kJ/mol): the part
+        of the model's energy that does not depend on the geometry."""
+        key = tuple(int(z) for z in numbers)
+        if key not in self._shifts:
+            members: list[HDNNP] = list(self.model.ensemble.members)  # type: ignore[arg-type]
+            z = torch.as_tensor(numbers, device=members[0].e_shift.device)
+            per = [float(m.e_shift[m.acsf.species(z)].sum()) for m in members]
+            self._shifts[key] = float(np.mean(per))
+        return self._shifts[key]
 
     def _baseline(self, inp: QMMMInput) -> EngineResult:
         """The baseline engine's result, in whichever thread calls it."""

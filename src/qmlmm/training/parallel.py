@@ -73,7 +73,7 @@ def labels_changed(job: TrainJob, metrics: dict[str, Any] | None = None) -> bool
     import json
 
     from qmlmm.data import Dataset
-    from qmlmm.data.training_set import labels_digest
+    from qmlmm.data.training_set import DIGEST_VERSION, labels_digest
     from qmlmm.training.trainer import side_files
 
     try:
@@ -81,8 +81,8 @@ def labels_changed(job: TrainJob, metrics: dict[str, Any] | None = None) -> bool
     except (OSError, ValueError):
         return True
     recorded = (m.get("split") or {}).get("labels_digest")
-    if recorded is None:
-        log.warning("%s records no digest of its training labels (trained by an older qmlmm); reused as is", job.out)
+    if recorded is None or not str(recorded).startswith(f"{DIGEST_VERSION}:"):
+        log.warning("%s records no digest of its training labels this qmlmm can compare; reused as is", job.out)
         return False
     c = job.cfg
     levels = (c.target, *((c.baseline,) if c.baseline else ()), *job.data.get("require", ()))

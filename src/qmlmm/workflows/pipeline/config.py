@@ -92,6 +92,10 @@ class PipelineConfig:
             raise InputError(f"pipeline setting md_fallback_hold must be >= 0 calls, got {self.md_fallback_hold}")
         if self.md_fallback != "stop" and self.max_uncertainty is None:
             raise InputError(f"pipeline setting md_fallback {self.md_fallback!r} needs max_uncertainty (kJ/mol)")
+        if self.md_fallback_hold > 0 and self.md_fallback == "stop":
+            raise InputError("pipeline setting md_fallback_hold needs md_fallback baseline or reference")
+        if self.max_uncertainty is not None and not (0 < self.max_uncertainty < float("inf")):
+            raise InputError(f"pipeline setting max_uncertainty must be positive (kJ/mol), got {self.max_uncertainty}")
         if self.sample_steps < self.sample_every:
             raise InputError(f"sample_steps ({self.sample_steps}) must be >= sample_every ({self.sample_every})")
         if not self.solutes:

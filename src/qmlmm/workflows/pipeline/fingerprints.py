@@ -29,7 +29,13 @@ STEP_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train": (("train", "delta_hidden"), ("models",)),
     "learning_curve": (("learning_curve",), ("learning_curve",)),
     "md": (("md_dt_fs", "max_uncertainty", "md_fallback", "md_fallback_hold"), ("md",)),
-    "reaction": (("reaction_windows", "reaction_extra_windows", "reaction_extra_k"), ("umbrella",)),
+    "reaction": (
+        (
+            *("reaction_windows", "reaction_extra_windows", "reaction_extra_k"),
+            *("max_uncertainty", "md_fallback", "md_fallback_hold"),  # the delta windows' guard
+        ),
+        ("umbrella",),
+    ),
     # more runs or steps extend the validation; another step, masses, temperature or drivers' runs would mix
     "validation": (
         (
@@ -39,6 +45,11 @@ STEP_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("validation",),
     ),
 }
+
+
+#: the value a step ran with where its recorded fingerprints predate the setting (what qmlmm did then);
+#: a setting missing from a record and not listed here is not compared
+LEGACY_VALUES: dict[str, Any] = {"md_fallback": "stop", "md_fallback_hold": 0}
 
 
 def _setting(cfg: PipelineConfig, key: str) -> Any:
@@ -71,12 +82,15 @@ def check_fingerprints(cfg: PipelineConfig, out: Path) -> None:
             stored[step], changed = now[step], True
             continue
         for key, value in now[step].items():
-            if key in stored[step] and stored[step][key] != value:
+            if key not in stored[step] and key not in LEGACY_VALUES:
+                continue
+            was = stored[step][key] if key in stored[step] else LEGACY_VALUES[key]
+            if was != value:
                 later = [f for s_, (_, fs) in STEP_SETTINGS.items() for f in fs if (out / f).exists()]
                 first = list(STEP_SETTINGS).index(step)
                 redo = [f for f in later if list(STEP_SETTINGS).index(_step_of(f)) >= first]
                 raise InputError(
-                    f"setting {key!r} changed ({stored[step][key]!r} -> {value!r}) since the {step} step ran in "
+                    f"setting {key!r} changed ({was!r} -> {value!r}) since the {step} step ran in "
                     f"{out}: its results were made with the old value. Use a new output folder, or delete "
                     f"{', '.join(str(out / f) for f in redo)} to redo the {step} step and what follows"
                 )

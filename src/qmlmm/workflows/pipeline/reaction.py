@@ -210,11 +210,13 @@ def umbrella_profile(
     else:  # the windows analysed are those of this engine (a model retrained since is another)
         engine_of_runs([window_folder(folder, w.index) for w in wins], make, redo=folder, analyze_only=True)
     stopped: dict[int, str] = {}
+    fallback_calls: list[int] = []  # force calls each window took from the guard's fallback (all invocations)
     samples = []
     for w in wins:
         d = window_folder(folder, w.index)
-        if (d / "run.json").exists():
-            info = json.loads((d / "run.json").read_text())
+        info = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+        fallback_calls.append(int(info.get("fallback_steps_total", info.get("fallback_steps", 0)) or 0))
+        if info:
             if info.get("stopped") or info.get("steps_done", 0) < steps:
                 stopped[w.index] = info.get("stopped") or f"{info.get('steps_done', 0)} of {steps} steps"
         elif not analyze_only:
@@ -227,6 +229,7 @@ def umbrella_profile(
         "window_k": [w.k for w in wins],
         "window_mean_nm": [float(np.mean(sm["x"])) if sm else float("nan") for sm in samples],
         "windows_stopped_early": dict(sorted(stopped.items())),
+        "window_fallback_calls": fallback_calls,
         "samples_per_window": [len(sm.get("x", [])) for sm in samples],  # after dropping the first fifth
         "x_nm": [],
         "f_kjmol": [],

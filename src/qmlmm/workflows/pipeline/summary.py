@@ -75,7 +75,7 @@ def summary_markdown(s: dict[str, Any], out: Path) -> str:
 
         lines += ["", "## Learning curve (test set)", ""]
         lines += learning_curve_table(lc["curves"], lc.get("baseline_alone"))
-    lines += ["", "## MD", "", "| run | steps | ns/day | stopped | fallback steps |", "|---|---|---|---|---|"]
+    lines += ["", "## MD", "", "| run | steps | ns/day | stopped | fallback force calls |", "|---|---|---|---|---|"]
     for k, v in s["md"].items():
         fb = f"{v['fallback_steps']} ({v['fallback']})" if v.get("fallback") not in (None, "stop") else "-"
         lines.append(f"| {k} | {v['steps_done']} | {v['ns_per_day']:.3f} | {v['stopped'] or '-'} | {fb} |")
@@ -106,6 +106,11 @@ def summary_markdown(s: dict[str, Any], out: Path) -> str:
                 f"(top at {v.get('x_top_nm', float('nan')):.3f} nm), barrier above the higher end minimum "
                 f"{v['barrier_kjmol']:.1f} kJ/mol; {v.get('windows', '?')} windows"
                 + (f", {len(early)} stopped early (see summary.json)" if early else "")
+                + (
+                    f", {sum(v['window_fallback_calls'])} force calls from the guard's fallback"
+                    if sum(v.get("window_fallback_calls") or []) > 0
+                    else ""
+                )
                 + (
                     "; from the first / second half of every window's samples: "
                     + " / ".join(
