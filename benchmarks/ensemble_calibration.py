@@ -64,8 +64,6 @@ def config(kind: str, n: int, r: int) -> Any:
 
 def held_out(labels: Path, model_path: Path) -> dict[str, Any]:
     """The model's held-out MAEs and its spread-error rank correlations on its own test runs."""
-    from scipy.stats import spearmanr
-
     from qmlmm.data import Dataset
     from qmlmm.data.training_set import SplitSettings, load_training_data
     from qmlmm.models import QMLMMModel
@@ -76,6 +74,13 @@ def held_out(labels: Path, model_path: Path) -> dict[str, Any]:
     with Dataset(labels) as ds:
         assert len(data.items) == len(ds), "every frame is labelled: item k is frame k"
         frames = [ds.frame(int(i)) for i in data.test]
+    return scores(model, frames)
+
+
+def scores(model: Any, frames: list[Any]) -> dict[str, Any]:
+    """MAEs and spread-error rank correlations of ``model`` on labelled ``frames``."""
+    from scipy.stats import spearmanr
+
     preds = model.predict_frames(frames, force_spread=True)
     e_err = np.array([p.energy - fr.labels["xtb"].energy for p, fr in zip(preds, frames, strict=True)])
     e_spread = np.array([p.energy_std for p in preds])
@@ -110,6 +115,38 @@ def held_out(labels: Path, model_path: Path) -> dict[str, Any]:
     }
 
 
+def candidates(work: Path, system: Path, model_path: Path, seed: int) -> Path:
+    """Candidate frames as ``qmlmm active`` samples them: ML/MM MD with the model itself (2 runs, at 300 and
+    360 K, 400 steps of 0.5 fs, a frame every 20), labelled at both levels; reused when present."""
+    from _solvated import EMB
+    from qmlmm.workflows.label import LevelRequest, label_dataset
+    from qmlmm.workflows.sample import SampleSettings, sample
+
+    folder = work / "candidates" / model_path.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    frames, labels = folder / "frames.h5", folder / "labels.h5"
+    if not frames.exists():
+        ss = SampleSettings(engine=f"model:{model_path}", steps=400, every=20, runs=2, equil_steps=1000,
+                            cutoff=EMB.cutoff, switch_width=EMB.switch_width, seed=1000 + seed, threads=1,
+                            temperatures=[300.0, 360.0], keep_partial=True)  # fmt: skip
+        sample(system, frames, ss, workers=2, progress=False)
+    req = [LevelRequest.from_spec("xtb:gfn2", "xtb"), LevelRequest.from_spec("dftb3:3ob", "dftb3")]
+    label_dataset(frames, labels, req, EMB, workers=2, threads=1, progress=False)
+    return labels
+
+
+def on_candidates(labels: Path, model_path: Path) -> dict[str, Any]:
+    """The model's errors and spread-error rank correlations on its own ML/MM MD candidates."""
+    from qmlmm.data import Dataset
+    from qmlmm.models import QMLMMModel
+
+    model = QMLMMModel.load(model_path)
+    with Dataset(labels) as ds:
+        ok = ds.labelled_at(["xtb", "dftb3"])
+        frames = [ds.frame(int(i)) for i in np.flatnonzero(ok)]
+    return scores(model, frames)
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     v = np.array(values, dtype=float)
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
@@ -121,6 +158,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--candidates", action="store_true", help="also on each model's own ML/MM MD candidates")
     args = ap.parse_args()
 
     from qmlmm.training import TrainJob, train_jobs
@@ -140,6 +178,12 @@ def main() -> None:
     per_model = {f"{k}_n{n}_r{r}": held_out(labels, Path(j.out)) for (k, n, r), j in jobs.items()}
     for (k, n, r), j in jobs.items():
         per_model[f"{k}_n{n}_r{r}"]["train_seconds"] = done[j.out][1]
+    t2 = time.time()
+    if args.candidates:
+        for (k, n, r), j in jobs.items():
+            cand = candidates(args.work, args.work / "system", Path(j.out), r)
+            per_model[f"{k}_n{n}_r{r}"]["candidates"] = on_candidates(cand, Path(j.out))
+    cand_s = time.time() - t2
     table = []
     for n in args.sizes:
         for kind in KINDS:
@@ -160,14 +204,28 @@ def main() -> None:
         for key in RHOS:
             diff[f"rho_{key}"] = mean_se([b["rho"][key] - a["rho"][key] for b, a in pm])
         table.append(diff)
+    cand_table = []
+    if args.candidates:
+        for n in args.sizes:
+            for kind in KINDS:
+                ms = [per_model[f"{kind}_n{n}_r{r}"] for r in range(args.repeats)]
+                crow: dict[str, Any] = {"n_train": n, "kind": kind}
+                for key in ("n_test", "energy_mae_centred", "qm_forces_mae", "mm_forces_mae", "mean_energy_spread",
+                            "mean_qm_force_spread_rms"):  # fmt: skip
+                    crow[key] = mean_se([m["candidates"][key] for m in ms])
+                    crow[f"heldout_{key}"] = mean_se([m[key] for m in ms])
+                for key in RHOS:
+                    crow[f"rho_{key}"] = mean_se([m["candidates"]["rho"][key] for m in ms])
+                cand_table.append(crow)
     result = {
         "machine": machine(),
         "repeats": args.repeats,
         "sizes": args.sizes,
         "sampling": SAMPLING.__dict__,
         "train": TRAIN,
-        "stage_seconds": {**stages, "train": train_s, "total": time.time() - t0},
+        "stage_seconds": {**stages, "train": train_s, "candidates": cand_s, "total": time.time() - t0},
         "table": table,
+        "candidates_table": cand_table,
         "per_model": per_model,
     }
     save_json("ensemble_calibration", result)
@@ -196,6 +254,26 @@ def markdown(res: dict[str, Any]) -> list[str]:
             f"{f(row['rho_energy_centred'])} | {f(row['rho_qm_force_max'])} | {f(row['rho_qm_force_rms'])} | "
             f"{row['train_seconds'][0]:.0f} |"
         )
+    if res.get("candidates_table"):
+        lines += [
+            "",
+            "## On each model's own ML/MM MD candidates (2 runs at 300 and 360 K, a frame every 10 fs)",
+            "",
+            "Held-out values beside (frames of the DFTB3/MM sampler). Candidates: the frames `qmlmm active` picks "
+            "from.",
+            "",
+            "| N | ensemble | frames | E MAE c: cand / held-out | QM F MAE: cand / held-out | E spread: cand / "
+            "held-out | rho E c | rho F max | rho F rms |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in res["candidates_table"]:
+            lines.append(
+                f"| {c['n_train']} | {c['kind']} | {c['n_test'][0]:.0f} | {f(c['energy_mae_centred'])} / "
+                f"{f(c['heldout_energy_mae_centred'])} | {f(c['qm_forces_mae'], 1)} / "
+                f"{f(c['heldout_qm_forces_mae'], 1)} | "
+                f"{f(c['mean_energy_spread'])} / {f(c['heldout_mean_energy_spread'])} | {f(c['rho_energy_centred'])} | "
+                f"{f(c['rho_qm_force_max'])} | {f(c['rho_qm_force_rms'])} |"
+            )
     st = res["stage_seconds"]
     lines += ["", f"Stages of this call (s; what an earlier call made is reused): build {st['build']:.0f}, "
               f"sample {st['sample']:.0f}, label {st['label']:.0f}, train {st['train']:.0f}, total {st['total']:.0f}; "
