@@ -588,8 +588,9 @@ def md(
     fallback_hold: Annotated[
         int,
         typer.Option(
-            help="After a step above --max-uncertainty, take this many more steps from the fallback whatever "
-            "their spread (a model drifting apart slowly dips below the threshold between such steps)."
+            help="After a force call above --max-uncertainty, take this many more force calls (about one a "
+            "step, plus one per report) from the fallback whatever their spread (a model drifting apart slowly "
+            "dips below the threshold between such steps); kept across --restart."
         ),
     ] = 0,
     report_every: Annotated[int, typer.Option(help="Steps between log rows and DCD frames.")] = 10,
