@@ -364,18 +364,19 @@ class Dataset:
 
     def energies(self, name: str) -> np.ndarray:
         """(F,) energies of level ``name`` in kJ/mol (NaN where not done)."""
-        g = self._level(name)
-        e = g["energy"][()]
-        e[g["status"][()] != STATUS_DONE] = np.nan
-        return e
+        return self._per_frame_done(name, "energy")
 
     def label_seconds(self, name: str) -> np.ndarray:
         """(F,) wall seconds each label of level ``name`` took (NaN where not done or not recorded): a frame
         labelled again gets a new time."""
+        return self._per_frame_done(name, "time_s")
+
+    def _per_frame_done(self, name: str, field: str) -> np.ndarray:
+        """(F,) per-frame ``field`` of level ``name``, NaN where the frame is not done."""
         g = self._level(name)
-        t = g["time_s"][()]
-        t[g["status"][()] != STATUS_DONE] = np.nan
-        return t
+        v = g[field][()]
+        v[g["status"][()] != STATUS_DONE] = np.nan
+        return v
 
     def write_label(self, name: str, i: int, label: Label, time_s: float = float("nan"), flush: bool = True) -> None:
         """Record a result: energy and forces first, then status=done; flush."""

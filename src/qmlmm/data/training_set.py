@@ -229,6 +229,11 @@ def choose_split(s: SplitSettings, runs: np.ndarray | None, times: np.ndarray | 
     return sp
 
 
+def levels_read(target: str, baseline: str | None, require: Sequence[str] = ()) -> tuple[str, ...]:
+    """The label levels a training set reads: the target, the baseline (if any) and the required ones."""
+    return (target, *((baseline,) if baseline else ()), *require)
+
+
 #: the prefix of :func:`labels_digest`'s values; another formula gets another one, so that a digest of an older
 #: formula reads as unknown (a model then is reused, as one from before digests) instead of as changed labels
 DIGEST_VERSION = "v2"
@@ -330,7 +335,7 @@ def load_training_data(
         emb = EmbeddingSettings.from_dict(levels[target][1]["embedding"])
         # before the frames are read: a label written meanwhile (the file may be labelled while it is read)
         # then trains the model again next time instead of counting as trained on
-        digest = labels_digest(ds, (target, *((baseline,) if baseline else ()), *require))
+        digest = labels_digest(ds, levels_read(target, baseline, require))
         items, runs, times = _prepared(ds, emb, target, baseline, require)
         method = levels[target][0]
         bmethod = levels[baseline][0] if baseline else None

@@ -216,22 +216,18 @@ def engine_identity(engine: Engine | None) -> str:
     return json.dumps({"spec": engine.spec, "settings": engine.settings()}, sort_keys=True, default=str)
 
 
-def run_engine_matches(run_dir: str | Path, engine: Engine | None) -> bool:
-    """Whether the run in ``run_dir`` was made with ``engine`` (same :func:`engine_identity`); True for a
-    folder with no run yet."""
-    p = Path(run_dir) / "run_settings.json"
-    return not p.exists() or json.loads(p.read_text()).get("engine") == engine_identity(engine)
-
-
 def require_same_engine(run_dir: str | Path, engine: Engine | None, redo: str | Path | None = None) -> None:
     """Raise InputError when the run in ``run_dir`` (one with a log or a checkpoint: a run killed before
     either starts again anyway) was made with another engine or model than ``engine`` (e.g. a model
     retrained since): its frames would be reused or analysed under the wrong name. ``redo``: what the
     message tells the user to delete (default ``run_dir``)."""
     d = Path(run_dir)
-    if not ((d / "run.json").exists() or (d / "checkpoint.chk").exists()) or run_engine_matches(d, engine):
+    settings = d / "run_settings.json"
+    if not settings.exists() or not ((d / "run.json").exists() or (d / "checkpoint.chk").exists()):
         return
-    was = json.loads((d / "run_settings.json").read_text()).get("engine")
+    was = json.loads(settings.read_text()).get("engine")
+    if was == engine_identity(engine):
+        return
     raise InputError(
         f"{d} was run with another engine or model ({was}) than the one named now ({engine_identity(engine)}); "
         f"delete {redo or d} to run it again with this one"

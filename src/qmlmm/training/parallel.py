@@ -38,6 +38,13 @@ class TrainJob:
     out: str
     data: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The label levels the job's training reads."""
+        from qmlmm.data.training_set import levels_read
+
+        return levels_read(self.cfg.target, self.cfg.baseline, self.data.get("require", ()))
+
 
 def finished(job: TrainJob) -> dict[str, Any] | None:
     """The metrics of ``job`` if its model was already trained with the same configuration and added
@@ -84,8 +91,7 @@ def labels_changed(job: TrainJob, metrics: dict[str, Any] | None = None) -> bool
     if recorded is None or not str(recorded).startswith(f"{DIGEST_VERSION}:"):
         log.warning("%s records no digest of its training labels this qmlmm can compare; reused as is", job.out)
         return False
-    c = job.cfg
-    levels = (c.target, *((c.baseline,) if c.baseline else ()), *job.data.get("require", ()))
+    levels = job.levels
     try:
         with Dataset(job.path) as ds:
             if any(lvl not in ds.levels() for lvl in levels):
@@ -112,7 +118,7 @@ def _added_frames(job: TrainJob) -> dict[str, int]:
     ``split.added_train`` records them (a file that gained labels since counts more frames)."""
     from qmlmm.data import Dataset
 
-    levels = [job.cfg.target, *([job.cfg.baseline] if job.cfg.baseline else []), *job.data.get("require", ())]
+    levels = job.levels
     out = {}
     for p in job.data.get("add_train", ()):
         with Dataset(p) as ds:

@@ -167,14 +167,6 @@ def _run_dir(out: Path, driver: str, k: int) -> Path:
     return out / "validation" / driver / f"run{k}"
 
 
-def _check_same_engine(rdir: Path, engine: Any) -> None:
-    """Raise InputError when the run in ``rdir`` was made by another engine or model (e.g. a model
-    retrained since): its frames would be compared under the wrong name."""
-    from qmlmm.md.runner import require_same_engine
-
-    require_same_engine(rdir, engine, redo=rdir.parent)
-
-
 def start_positions(positions: np.ndarray, smiles: str, offset: int, phi: float, psi: float) -> np.ndarray:
     """``positions`` (N, 3) nm with the solute's residue (SMILES, atoms from ``offset`` in RDKit order with
     hydrogens, whole as built) set to ``phi`` and ``psi`` (deg) by rotation about its N-CA and CA-C' bonds
@@ -307,7 +299,7 @@ def _run_all(
     the refit round's folder; runs under ``out/validation``), each resumed from its checkpoint or skipped
     when finished or stopped. Run k of every driver before run k + 1 of any: stopped part-way, the
     validation has the same runs of each."""
-    from qmlmm.md.runner import StartState, run_md
+    from qmlmm.md.runner import StartState, require_same_engine, run_md
     from qmlmm.md.system import MDSystem
     from qmlmm.workflows.pipeline.refit import refit_folder
 
@@ -328,7 +320,7 @@ def _run_all(
             make, emb = makers[driver]
             rdir = _run_dir(out, driver, k)
             if (rdir / "run.json").exists():
-                _check_same_engine(rdir, make())
+                require_same_engine(rdir, make(), redo=rdir.parent)  # not compared under the wrong name
                 rec = json.loads((rdir / "run.json").read_text())
                 _check_same_guard(rdir, rec, _guard(cfg, vs, driver))
                 if rec["steps_done"] >= vs.steps or rec.get("stopped"):
