@@ -482,6 +482,7 @@ def test_umbrella_windows_continue_their_neighbours(
     assert res["windows"] == 4 and res["window_centres_nm"] == pytest.approx([0.03, 0.045, 0.06, 0.05])
     assert res["window_k"] == [5000.0, 5000.0, 5000.0, 40000.0]
     assert res["samples_per_window"] == [4, 4, 4, 4] and not res["windows_stopped_early"]
+    assert res["window_fallback_calls"] == [0, 0, 0, 0]  # DFTB3 has no ensemble: no guard
     assert np.all(np.isfinite(res["f_kjmol"])) and len(res["window_statistical_inefficiency"]) == 4
     assert len(res["df_kjmol"]) == len(res["f_kjmol"]) == len(res["counts"]) and sum(res["counts"]) == 16
     assert len(res["barrier_forward_halves_kjmol"]) == 2
@@ -706,14 +707,17 @@ def test_uncertain_steps_fall_back_to_the_baseline_and_are_queued(methanol_syste
     assert e == pytest.approx(lab.energy, abs=1e-6) and np.allclose(f, lab.forces, atol=1e-6)
     # the fallback's energy is on the model's scale: the baseline's plus the members' per-element shifts
     # (trained models carry the two methods' atomisation-energy difference there, ~2e6 kJ/mol for retinoic acid)
+    # (a shift of its own per element and member: a wrong element-to-index mapping changes the sum)
+    elements: list[int] = list(model.ensemble.elements)
+    per_element = {z: -1000.0 * (1 + i) ** 2 for i, z in enumerate(elements)}
     for k, m in enumerate(model.ensemble.members):
-        m.e_shift.fill_(-1000.0 * (k + 1))  # type: ignore[operator]
+        m.e_shift.copy_(torch.tensor([per_element[z] * (k + 1) for z in elements]))  # type: ignore[operator]
     shifted = model.engine(1)
     e_s, f_s = QMMMCallback(shifted, msys, EMB, max_uncertainty=1e-9, fallback="baseline").energy_forces(
         msys.positions, msys.box
     )
-    n_qm = int(msys.is_qm.sum())
-    assert e_s == pytest.approx(lab.energy - 1500.0 * n_qm, abs=1e-6) and np.allclose(f_s, lab.forces, atol=1e-6)
+    expected = 1.5 * sum(per_element[int(z)] for z in msys.numbers[msys.is_qm])  # members' factors 1 and 2: mean 1.5
+    assert e_s == pytest.approx(lab.energy + expected, abs=1e-6) and np.allclose(f_s, lab.forces, atol=1e-6)
     for m in model.ensemble.members:
         m.e_shift.zero_()  # type: ignore[operator]
     # with a hold of 2, the two calls after one above the threshold fall back below it too, the third not

@@ -307,6 +307,7 @@ class ModelEngine(Engine):
         state.setdefault("_threads", torch.get_num_threads())
         state.setdefault("_pool", None)
         state.setdefault("_pool_pid", 0)
+        state.setdefault("_shifts", {})
         self.__dict__.update(state)
         self._worker_threads = threading.local()
 
